@@ -1,0 +1,523 @@
+//! Configuration: embedded defaults, the optional TOML file, environment-derived paths, and
+//! validation of all of it into a typed [`Config`] before anything is bound.
+//!
+//! `config` must not bind sockets or read secrets (the master key file is only named here).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::providers::{TargetSpec, Targets};
+use crate::units::{parse_duration, parse_size};
+
+/// Whether to lock all process memory or only the pages that hold secrets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMemory {
+    /// `mlockall(MCL_CURRENT | MCL_FUTURE)`.
+    All,
+    /// Only `Secret` allocations are locked.
+    Secrets,
+}
+
+/// How hard the audit writer pushes each commit to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditSync {
+    /// WAL with `synchronous = NORMAL`: survives a process crash, may lose the last commits on
+    /// power loss.
+    Normal,
+    /// `synchronous = FULL`: every commit is fsynced.
+    Full,
+}
+
+/// Resource limits for the data plane.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body accepted (413 above it).
+    pub max_request_body: u64,
+    /// Requests served at once (503 `overloaded` above it).
+    pub max_concurrent_requests: usize,
+    /// Time allowed for the upstream to answer with headers.
+    pub upstream_timeout: Duration,
+    /// Time allowed between two chunks of a streamed response.
+    pub stream_idle_timeout: Duration,
+    /// Largest total size of request or response headers.
+    pub max_header_bytes: usize,
+    /// How long SIGTERM waits for in-flight requests before exiting.
+    pub shutdown_grace: Duration,
+}
+
+/// Key-pool behaviour on upstream failures.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Cooldown after a 429 that carries no usable `Retry-After`.
+    pub default_cooldown: Duration,
+    /// How long a key answered with 401/403 is skipped.
+    pub quarantine: Duration,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from, if any.
+    pub source: Option<PathBuf>,
+    /// Database and generated master key live here.
+    pub state_dir: PathBuf,
+    /// Data socket path.
+    pub socket: PathBuf,
+    /// Group owning the data socket (mode 0660).
+    pub socket_group: Option<String>,
+    /// Admin socket path (mode 0600).
+    pub admin_socket: PathBuf,
+    /// Explicit master key file.
+    pub master_key_file: Option<PathBuf>,
+    /// Refuse to generate a master key.
+    pub require_external_master_key: bool,
+    /// Optional TCP listener (token auth only).
+    pub listen_tcp: Option<SocketAddr>,
+    /// Memory locking mode.
+    pub lock_memory: LockMemory,
+    /// Audit durability.
+    pub audit_sync: AuditSync,
+    /// Audit rows older than this are pruned (None keeps everything).
+    pub audit_retention: Option<Duration>,
+    /// Data-plane limits.
+    pub limits: Limits,
+    /// Pool failure handling.
+    pub pool: PoolSettings,
+    /// Presets merged with config overrides and custom targets.
+    pub targets: Targets,
+}
+
+/// An invalid configuration: names the file, the key and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TOML syntax or an unknown/mistyped key.
+    #[error("invalid config file {path}: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// The parser's message (includes the key and line).
+        message: String,
+    },
+    /// A key has a value that is well-typed but not acceptable.
+    #[error("invalid config {origin}: key `{key}`: {reason}")]
+    Value {
+        /// The file, or "(defaults)".
+        origin: String,
+        /// Dotted key path.
+        key: String,
+        /// What is wrong and what is expected.
+        reason: String,
+    },
+}
+
+/// The TOML file as written; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    socket: Option<PathBuf>,
+    socket_group: Option<String>,
+    admin_socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    master_key_file: Option<PathBuf>,
+    require_external_master_key: Option<bool>,
+    listen_tcp: Option<String>,
+    lock_memory: Option<String>,
+    audit_sync: Option<String>,
+    audit_retention: Option<String>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    pool: RawPool,
+    #[serde(default)]
+    targets: BTreeMap<String, TargetSpec>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_request_body: Option<String>,
+    max_concurrent_requests: Option<i64>,
+    upstream_timeout: Option<String>,
+    stream_idle_timeout: Option<String>,
+    max_header_bytes: Option<String>,
+    shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    default_cooldown: Option<String>,
+    quarantine: Option<String>,
+}
+
+/// Reads the environment; a function so tests can supply their own.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+impl Config {
+    /// Loads the config: `explicit` (the `--config` flag), else `$KEYWARD_CONFIG`, else
+    /// defaults only. Validates everything, including target CA files.
+    pub fn load(explicit: Option<&Path>, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
+        let path = explicit
+            .map(Path::to_path_buf)
+            .or_else(|| env("KEYWARD_CONFIG").map(PathBuf::from));
+        let raw = match &path {
+            Some(p) => read_raw(p)?,
+            None => RawConfig::default(),
+        };
+        build(raw, path, env)
+    }
+
+    /// Parses config text (for tests and `--check` style callers).
+    pub fn from_toml(text: &str, origin: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
+        let raw = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: origin.display().to_string(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        build(raw, Some(origin.to_path_buf()), env)
+    }
+}
+
+fn read_raw(path: &Path) -> Result<RawConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+        path: path.display().to_string(),
+        message: e.to_string().trim().replace('\n', " "),
+    })
+}
+
+/// Default state directory (SPEC §2).
+pub fn default_state_dir(env: EnvLookup<'_>) -> PathBuf {
+    if let Some(home) = env("KEYWARD_HOME") {
+        return PathBuf::from(home);
+    }
+    if let Some(dir) = env("STATE_DIRECTORY") {
+        // systemd may pass several colon-separated directories; the first is ours.
+        return PathBuf::from(dir.split(':').next().unwrap_or(&dir));
+    }
+    if let Some(xdg) = env("XDG_STATE_HOME") {
+        return Path::new(&xdg).join("keyward");
+    }
+    let home = env("HOME").unwrap_or_else(|| "/".to_string());
+    Path::new(&home).join(".local/state/keyward")
+}
+
+/// Default socket directory (SPEC §2), given the state directory in force.
+pub fn default_socket_dir(env: EnvLookup<'_>, state_dir: &Path) -> PathBuf {
+    if let Some(home) = env("KEYWARD_HOME") {
+        return PathBuf::from(home);
+    }
+    if let Some(dir) = env("RUNTIME_DIRECTORY") {
+        return PathBuf::from(dir.split(':').next().unwrap_or(&dir));
+    }
+    if let Some(xdg) = env("XDG_RUNTIME_DIR") {
+        return Path::new(&xdg).join("keyward");
+    }
+    state_dir.to_path_buf()
+}
+
+/// The admin socket a CLI command talks to: `--admin-socket`, `$KEYWARD_ADMIN_SOCKET`, the
+/// `admin_socket` of `$KEYWARD_CONFIG` if that file names one, then the default `serve` uses.
+pub fn admin_socket_for_cli(flag: Option<&Path>, env: EnvLookup<'_>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    if let Some(p) = env("KEYWARD_ADMIN_SOCKET") {
+        return PathBuf::from(p);
+    }
+    let raw = env("KEYWARD_CONFIG")
+        .and_then(|p| read_raw(Path::new(&p)).ok())
+        .unwrap_or_default();
+    if let Some(p) = raw.admin_socket {
+        return p;
+    }
+    let state = raw.state_dir.unwrap_or_else(|| default_state_dir(env));
+    default_socket_dir(env, &state).join("admin.sock")
+}
+
+fn build(
+    raw: RawConfig,
+    source: Option<PathBuf>,
+    env: EnvLookup<'_>,
+) -> Result<Config, ConfigError> {
+    let origin = source
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "(defaults)".into());
+    let value_err = |key: &str, reason: String| ConfigError::Value {
+        origin: origin.clone(),
+        key: key.to_string(),
+        reason,
+    };
+    let duration =
+        |key: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(t) => parse_duration(t).map_err(|e| value_err(key, e.to_string())),
+            }
+        };
+
+    let state_dir = raw.state_dir.unwrap_or_else(|| default_state_dir(env));
+    let socket_dir = default_socket_dir(env, &state_dir);
+    let socket = raw
+        .socket
+        .unwrap_or_else(|| socket_dir.join("keyward.sock"));
+    let admin_socket = raw
+        .admin_socket
+        .unwrap_or_else(|| socket_dir.join("admin.sock"));
+    if socket == admin_socket {
+        return Err(value_err(
+            "admin_socket",
+            "must differ from `socket`".into(),
+        ));
+    }
+    for (key, path) in [("socket", &socket), ("admin_socket", &admin_socket)] {
+        // sockaddr_un holds 108 bytes including the terminating NUL.
+        if path.as_os_str().len() > 107 {
+            return Err(value_err(
+                key,
+                format!(
+                    "{} is longer than the 107 bytes a Unix socket path may have",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    let listen_tcp = match raw.listen_tcp {
+        None => None,
+        Some(t) => Some(t.parse::<SocketAddr>().map_err(|_| {
+            value_err(
+                "listen_tcp",
+                format!("`{t}` is not an address: use host:port, like 127.0.0.1:8787"),
+            )
+        })?),
+    };
+    let lock_memory = match raw.lock_memory.as_deref() {
+        None | Some("all") => LockMemory::All,
+        Some("secrets") => LockMemory::Secrets,
+        Some(other) => {
+            return Err(value_err(
+                "lock_memory",
+                format!("`{other}` is not one of \"all\", \"secrets\""),
+            ));
+        }
+    };
+    let audit_sync = match raw.audit_sync.as_deref() {
+        None | Some("normal") => AuditSync::Normal,
+        Some("full") => AuditSync::Full,
+        Some(other) => {
+            return Err(value_err(
+                "audit_sync",
+                format!("`{other}` is not one of \"normal\", \"full\""),
+            ));
+        }
+    };
+    let audit_retention = match &raw.audit_retention {
+        None => None,
+        Some(t) => {
+            Some(parse_duration(t).map_err(|e| value_err("audit_retention", e.to_string()))?)
+        }
+    };
+    let max_request_body = match &raw.limits.max_request_body {
+        None => 16 << 20,
+        Some(t) => {
+            parse_size(t).map_err(|e| value_err("limits.max_request_body", e.to_string()))?
+        }
+    };
+    let max_header_bytes = match &raw.limits.max_header_bytes {
+        None => 64 << 10,
+        Some(t) => {
+            parse_size(t).map_err(|e| value_err("limits.max_header_bytes", e.to_string()))? as usize
+        }
+    };
+    let max_concurrent_requests = match raw.limits.max_concurrent_requests {
+        None => 4096,
+        Some(n) if n >= 1 => n as usize,
+        Some(n) => {
+            return Err(value_err(
+                "limits.max_concurrent_requests",
+                format!("{n} must be at least 1"),
+            ));
+        }
+    };
+    let limits = Limits {
+        max_request_body,
+        max_concurrent_requests,
+        upstream_timeout: duration(
+            "limits.upstream_timeout",
+            &raw.limits.upstream_timeout,
+            Duration::from_secs(600),
+        )?,
+        stream_idle_timeout: duration(
+            "limits.stream_idle_timeout",
+            &raw.limits.stream_idle_timeout,
+            Duration::from_secs(300),
+        )?,
+        max_header_bytes,
+        shutdown_grace: duration(
+            "limits.shutdown_grace",
+            &raw.limits.shutdown_grace,
+            Duration::from_secs(30),
+        )?,
+    };
+    let pool = PoolSettings {
+        default_cooldown: duration(
+            "pool.default_cooldown",
+            &raw.pool.default_cooldown,
+            Duration::from_secs(30),
+        )?,
+        quarantine: duration(
+            "pool.quarantine",
+            &raw.pool.quarantine,
+            Duration::from_secs(900),
+        )?,
+    };
+    let targets = Targets::resolve(&raw.targets).map_err(|e| ConfigError::Value {
+        origin: origin.clone(),
+        key: e.key,
+        reason: e.reason,
+    })?;
+    Ok(Config {
+        source,
+        state_dir,
+        socket,
+        socket_group: raw.socket_group,
+        admin_socket,
+        master_key_file: raw.master_key_file,
+        require_external_master_key: raw.require_external_master_key.unwrap_or(false),
+        listen_tcp,
+        lock_memory,
+        audit_sync,
+        audit_retention,
+        limits,
+        pool,
+        targets,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn defaults_follow_keyward_home() {
+        let env = env_of(&[
+            ("KEYWARD_HOME", "/tmp/kwh"),
+            ("XDG_RUNTIME_DIR", "/run/user/1"),
+        ]);
+        let c = Config::load(None, &env).unwrap();
+        assert_eq!(c.state_dir, Path::new("/tmp/kwh"));
+        assert_eq!(c.socket, Path::new("/tmp/kwh/keyward.sock"));
+        assert_eq!(c.admin_socket, Path::new("/tmp/kwh/admin.sock"));
+        assert_eq!(c.limits.max_request_body, 16 << 20);
+        assert_eq!(c.lock_memory, LockMemory::All);
+    }
+
+    #[test]
+    fn systemd_and_xdg_directories() {
+        let env = env_of(&[
+            ("STATE_DIRECTORY", "/var/lib/keyward"),
+            ("RUNTIME_DIRECTORY", "/run/keyward"),
+        ]);
+        let c = Config::load(None, &env).unwrap();
+        assert_eq!(c.state_dir, Path::new("/var/lib/keyward"));
+        assert_eq!(c.socket, Path::new("/run/keyward/keyward.sock"));
+        let env = env_of(&[("XDG_STATE_HOME", "/h/.state"), ("HOME", "/h")]);
+        let c = Config::load(None, &env).unwrap();
+        assert_eq!(c.state_dir, Path::new("/h/.state/keyward"));
+        assert_eq!(c.socket, Path::new("/h/.state/keyward/keyward.sock"));
+        let env = env_of(&[("HOME", "/h")]);
+        assert_eq!(
+            Config::load(None, &env).unwrap().state_dir,
+            Path::new("/h/.local/state/keyward")
+        );
+    }
+
+    #[test]
+    fn bad_values_name_file_key_and_reason() {
+        let env = env_of(&[("KEYWARD_HOME", "/tmp/x")]);
+        let f = Path::new("/etc/kw.toml");
+        let e = Config::from_toml("[limits]\nupstream_timeout = \"soon\"", f, &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/etc/kw.toml")
+                && e.contains("limits.upstream_timeout")
+                && e.contains("30s"),
+            "{e}"
+        );
+        let e = Config::from_toml("lock_memory = \"some\"", f, &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lock_memory") && e.contains("\"all\""), "{e}");
+        let e = Config::from_toml("sokcet = \"/x\"", f, &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/etc/kw.toml") && e.contains("sokcet"), "{e}");
+        let e = Config::from_toml("listen_tcp = \"localhost\"", f, &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen_tcp") && e.contains("host:port"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_concurrent_requests = 0", f, &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_concurrent_requests"), "{e}");
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let env = env_of(&[]);
+        let text = r#"
+            socket = "/run/keyward/keyward.sock"
+            socket_group = "keyward-clients"
+            admin_socket = "/run/keyward/admin.sock"
+            state_dir = "/var/lib/keyward"
+            master_key_file = "/etc/keyward/master.key"
+            require_external_master_key = true
+            listen_tcp = "127.0.0.1:8787"
+            lock_memory = "secrets"
+            audit_sync = "full"
+            audit_retention = "400d"
+            [limits]
+            max_request_body = "16MiB"
+            max_concurrent_requests = 4096
+            upstream_timeout = "600s"
+            stream_idle_timeout = "300s"
+        "#;
+        let c = Config::from_toml(text, Path::new("x.toml"), &env).unwrap();
+        assert_eq!(c.audit_sync, AuditSync::Full);
+        assert_eq!(c.lock_memory, LockMemory::Secrets);
+        assert_eq!(c.audit_retention, Some(Duration::from_secs(400 * 86_400)));
+        assert!(c.require_external_master_key);
+        assert_eq!(c.listen_tcp.unwrap().port(), 8787);
+    }
+}

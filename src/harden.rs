@@ -1,0 +1,1 @@
+//! harden (to be written)

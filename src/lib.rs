@@ -1,0 +1,26 @@
+//! keyward: a credential-injecting sidecar. Applications send ordinary HTTP requests to a Unix
+//! socket; keyward authenticates the caller, resolves the provider key its tenant and scope
+//! allow, unseals it into locked memory, injects it, makes the TLS call itself and streams back
+//! only the response. Keys go in; they never come out.
+//!
+//! Data flows one way through a request: `proxy` accepts → `auth` identifies → `scope` selects →
+//! `audit` commits → `seal` unseals → `providers` injects → `proxy` sends and streams back →
+//! `audit` completes.
+
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod audit;
+pub mod auth;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod harden;
+pub mod providers;
+pub mod proxy;
+pub mod scope;
+pub mod seal;
+pub mod store;
+pub mod systemd;
+pub mod units;

@@ -1,0 +1,1 @@
+//! scope (to be written)

@@ -1,0 +1,154 @@
+//! `Secret`: bytes that live only in locked, guard-paged memory and are wiped on drop.
+//!
+//! This is the one place in keyward that allocates memory by hand. Every secret (master key,
+//! tenant keys, data keys, provider keys) is held in a `Secret` while it is in plaintext.
+
+#![allow(unsafe_code)]
+
+use std::fmt;
+use std::ptr::NonNull;
+
+/// Plaintext secret bytes in a memsec allocation: mlock'd, excluded from core dumps
+/// (`MADV_DONTDUMP`), with guard pages on both sides, zeroed before it is freed.
+///
+/// No `Clone`, `Debug` (prints `[REDACTED]`), `Display` or `Serialize`: the bytes are reachable
+/// only through [`Secret::expose_secret`], so every use of them can be found with grep.
+pub struct Secret {
+    /// Start of the user area of the memsec allocation (`len` bytes, at least 1 allocated).
+    ptr: NonNull<u8>,
+    /// Number of secret bytes.
+    len: usize,
+}
+
+// SAFETY: `Secret` owns its allocation exclusively (no aliasing pointers escape except through
+// borrows tied to `&self`/`&mut self`), so moving it or sharing `&Secret` across threads is as
+// safe as for a `Box<[u8]>`.
+unsafe impl Send for Secret {}
+// SAFETY: see `Send`; `&Secret` only allows reading the bytes.
+unsafe impl Sync for Secret {}
+
+impl Secret {
+    /// Allocates `len` zeroed bytes of locked memory.
+    pub fn zeroed(len: usize) -> Secret {
+        // SAFETY: memsec::malloc_sized returns a fresh allocation of at least `len.max(1)`
+        // writable bytes or None; we never read past `len` and free it exactly once in Drop.
+        let raw = unsafe { memsec::malloc_sized(len.max(1)) }
+            .expect("locked allocation failed (out of memory)");
+        let ptr = raw.cast::<u8>();
+        // SAFETY: `ptr` points to at least `len.max(1)` writable bytes we own.
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len.max(1)) };
+        Secret { ptr, len }
+    }
+
+    /// Copies `bytes` into a new locked allocation. The caller remains responsible for wiping
+    /// its own copy.
+    pub fn from_slice(bytes: &[u8]) -> Secret {
+        let mut secret = Secret::zeroed(bytes.len());
+        secret.expose_secret_mut().copy_from_slice(bytes);
+        secret
+    }
+
+    /// Moves the contents of `bytes` into locked memory and wipes the original buffer.
+    pub fn from_vec(mut bytes: Vec<u8>) -> Secret {
+        let secret = Secret::from_slice(&bytes);
+        zeroize::Zeroize::zeroize(&mut bytes);
+        secret
+    }
+
+    /// A fresh random secret of `len` bytes from the system CSPRNG.
+    pub fn random(len: usize) -> Secret {
+        let mut secret = Secret::zeroed(len);
+        super::fill_random(secret.expose_secret_mut());
+        secret
+    }
+
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the secret holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The plaintext. Each caller must need the raw bytes (to encrypt, inject or compare) and
+    /// must not copy them anywhere that outlives the call.
+    pub fn expose_secret(&self) -> &[u8] {
+        // SAFETY: `ptr` is valid for `len` initialised bytes for as long as `self` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Mutable plaintext, for filling a fresh secret in place (decryption, random generation).
+    pub fn expose_secret_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `expose_secret`, and `&mut self` guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Constant-time equality, for comparing secrets without a timing side channel.
+    pub fn ct_eq(&self, other: &[u8]) -> bool {
+        if self.len != other.len() {
+            return false;
+        }
+        let diff = self
+            .expose_secret()
+            .iter()
+            .zip(other)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        std::hint::black_box(diff) == 0
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from memsec::malloc_sized and is freed once; memsec::free zeroes
+        // the pages (munlock path) before releasing them.
+        unsafe {
+            std::ptr::write_bytes(self.ptr.as_ptr(), 0, self.len);
+            memsec::free(self.ptr);
+        }
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_display_print_redacted() {
+        let secret = Secret::from_slice(b"sk-live-very-secret");
+        assert_eq!(format!("{secret:?}"), "[REDACTED]");
+        assert_eq!(format!("{secret}"), "[REDACTED]");
+        assert_eq!(format!("{:#?}", Some(&secret)), "Some(\n    [REDACTED],\n)");
+    }
+
+    #[test]
+    fn holds_and_compares_bytes() {
+        let secret = Secret::from_vec(b"abc".to_vec());
+        assert_eq!(secret.expose_secret(), b"abc");
+        assert!(secret.ct_eq(b"abc"));
+        assert!(!secret.ct_eq(b"abd"));
+        assert!(!secret.ct_eq(b"ab"));
+        assert!(Secret::zeroed(0).is_empty());
+    }
+
+    #[test]
+    fn random_secrets_differ() {
+        let a = Secret::random(32);
+        let b = Secret::random(32);
+        assert_eq!(a.len(), 32);
+        assert_ne!(a.expose_secret(), b.expose_secret());
+    }
+}
