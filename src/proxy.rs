@@ -1,1 +1,0 @@
-//! proxy (to be written)

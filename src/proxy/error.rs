@@ -1,0 +1,1 @@
+//! proxy::error (to be written)

@@ -1,0 +1,9 @@
+//! The data plane: the HTTP server on the data socket, request routing and validation, the
+//! upstream TLS client, response streaming and scrubbing, limits and the error contract.
+//!
+//! `proxy` must not choose credentials (that is `scope`) or know how secrets are sealed.
+
+pub mod error;
+pub mod route;
+pub mod scrub;
+pub mod upstream;

@@ -1,0 +1,1 @@
+//! proxy::route (to be written)

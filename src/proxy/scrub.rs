@@ -1,0 +1,1 @@
+//! proxy::scrub (to be written)

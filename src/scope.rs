@@ -1,1 +1,0 @@
-//! scope (to be written)

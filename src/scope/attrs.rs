@@ -1,0 +1,1 @@
+//! scope::attrs (to be written)

@@ -1,0 +1,3 @@
+//! Request attributes (target, model, capability) and credential selection. Pure: no I/O.
+
+pub mod attrs;
