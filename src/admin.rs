@@ -1,1 +1,1010 @@
-//! admin (to be written)
+//! The admin socket: a local, peer-checked API for managing tenants, clients and credentials
+//! and for querying the audit trail. One JSON request per line, one JSON response per line.
+//!
+//! The peer uid is checked before a byte of the request is read. `admin` must not run raw SQL
+//! (it calls `store` and `audit`) and no response ever carries a secret; a client token is
+//! returned once, by `client.add`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use zeroize::Zeroize;
+
+use crate::audit::{Event, EventKind};
+use crate::catalog::{Catalog, version_state};
+use crate::daemon::State;
+use crate::seal::{Context, CredentialRef, Secret};
+use crate::store::{self, ClientRow, CredentialRow, StoreError, TenantRow, VersionRow};
+use crate::units::{format_duration, now_unix};
+
+/// Largest request line accepted (a payload file for fingerprint lookup can be large).
+pub const MAX_REQUEST_LINE: usize = 64 << 20;
+
+/// A secret in transit from the CLI to the daemon. Deserialized straight into locked memory;
+/// prints as `[REDACTED]`.
+pub struct WireSecret(pub Secret);
+
+impl fmt::Debug for WireSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl Serialize for WireSecret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // The CLI needs the text on the wire to hand it to the daemon; it zeroizes the buffer
+        // it serializes into.
+        let text =
+            std::str::from_utf8(self.0.expose_secret()).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(text)
+    }
+}
+
+impl<'de> Deserialize<'de> for WireSecret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = WireSecret;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a secret string")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<WireSecret, E> {
+                Ok(WireSecret(Secret::from_slice(v.as_bytes())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<WireSecret, E> {
+                Ok(WireSecret(Secret::from_vec(v.into_bytes())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// One admin operation. Durations travel as seconds; the CLI parses the human form.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Daemon status.
+    Status,
+    /// `tenant add`.
+    TenantAdd {
+        /// Tenant name.
+        name: String,
+        /// Key age limit, seconds.
+        max_key_age_s: Option<u64>,
+        /// "deny" or "warn".
+        on_expiry: Option<String>,
+        /// Default rotation overlap, seconds.
+        rotation_overlap_s: Option<u64>,
+    },
+    /// `tenant list`.
+    TenantList,
+    /// `cred add`.
+    CredAdd {
+        /// Tenant name.
+        tenant: String,
+        /// Target name.
+        target: String,
+        /// Credential name.
+        name: String,
+        /// Model globs.
+        models: Vec<String>,
+        /// Capabilities.
+        capabilities: Vec<String>,
+        /// Teams.
+        teams: Vec<String>,
+        /// Workflows.
+        workflows: Vec<String>,
+        /// Priority (lower wins).
+        priority: Option<i64>,
+        /// The provider key.
+        secret: WireSecret,
+    },
+    /// `cred list`.
+    CredList {
+        /// Only this tenant.
+        tenant: Option<String>,
+    },
+    /// `cred rotate`.
+    CredRotate {
+        /// Credential id.
+        id: String,
+        /// Overlap, seconds.
+        overlap_s: Option<u64>,
+        /// The new provider key.
+        secret: WireSecret,
+    },
+    /// `cred revoke`.
+    CredRevoke {
+        /// Credential id.
+        id: String,
+        /// Only this version.
+        version: Option<u32>,
+    },
+    /// `cred delete`.
+    CredDelete {
+        /// Credential id.
+        id: String,
+    },
+    /// `client add`.
+    ClientAdd {
+        /// Tenant name.
+        tenant: String,
+        /// Client name.
+        name: String,
+        /// Team.
+        team: Option<String>,
+        /// Bound uid.
+        uid: Option<u32>,
+        /// Allowed workflows.
+        workflows: Vec<String>,
+    },
+    /// `client list`.
+    ClientList {
+        /// Only this tenant.
+        tenant: Option<String>,
+    },
+    /// `client revoke`.
+    ClientRevoke {
+        /// Client id.
+        id: String,
+    },
+    /// `audit query`.
+    AuditQuery {
+        /// Filters.
+        #[serde(flatten)]
+        filter: AuditQueryArgs,
+    },
+    /// `audit verify`.
+    AuditVerify,
+    /// `audit lifecycle`.
+    AuditLifecycle {
+        /// Credential id.
+        id: String,
+    },
+}
+
+/// Filters of `audit query`, as sent by the CLI.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct AuditQueryArgs {
+    /// Tenant name.
+    pub tenant: Option<String>,
+    /// Credential id.
+    pub credential: Option<String>,
+    /// Client id.
+    pub client: Option<String>,
+    /// Call id.
+    pub call_id: Option<String>,
+    /// Event name.
+    pub event: Option<String>,
+    /// Unix seconds.
+    pub since: Option<i64>,
+    /// Unix seconds.
+    pub until: Option<i64>,
+    /// Max rows.
+    pub limit: Option<usize>,
+    /// Hex of a payload whose fingerprint to look for (needs `tenant`).
+    pub payload_hex: Option<String>,
+}
+
+/// A refusal, shown to the operator as one line.
+#[derive(Debug)]
+pub struct AdminError(pub String);
+
+impl<E: std::error::Error> From<E> for AdminError {
+    fn from(e: E) -> Self {
+        AdminError(e.to_string())
+    }
+}
+
+type Reply = Result<Value, AdminError>;
+
+/// Serves the admin socket until `shutdown` resolves.
+pub async fn serve(
+    listener: UnixListener,
+    state: Arc<State>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let state = state.clone();
+                    tokio::spawn(async move { handle_connection(stream, state).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin socket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Root and the daemon's own uid may administer it.
+fn peer_allowed(stream: &UnixStream) -> Result<u32, String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot read peer credentials: {e}"))?;
+    let uid = cred.uid();
+    let own = nix::unistd::geteuid().as_raw();
+    if uid == 0 || uid == own {
+        Ok(uid)
+    } else {
+        Err(format!(
+            "uid {uid} may not use the admin socket (allowed: root and uid {own})"
+        ))
+    }
+}
+
+async fn handle_connection(mut stream: UnixStream, state: Arc<State>) {
+    if let Err(refusal) = peer_allowed(&stream) {
+        tracing::warn!(reason = %refusal, "admin connection refused");
+        let line = json!({"ok": false, "error": refusal}).to_string() + "\n";
+        let _ = stream.write_all(line.as_bytes()).await;
+        return;
+    }
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    loop {
+        let mut line = match read_line_capped(&mut reader, MAX_REQUEST_LINE).await {
+            Ok(Some(line)) => line,
+            Ok(None) => return,
+            Err(e) => {
+                let out = json!({"ok": false, "error": e.to_string()}).to_string() + "\n";
+                let _ = write.write_all(out.as_bytes()).await;
+                return;
+            }
+        };
+        let parsed = serde_json::from_slice::<Request>(&line);
+        line.zeroize();
+        let reply = match parsed {
+            Ok(request) => dispatch(&state, request).await,
+            Err(e) => Err(AdminError(format!("malformed admin request: {e}"))),
+        };
+        let body = match reply {
+            Ok(data) => json!({"ok": true, "data": data}),
+            Err(AdminError(message)) => json!({"ok": false, "error": message}),
+        };
+        let out = body.to_string() + "\n";
+        if write.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads one line (without the newline), refusing lines over `max` bytes. `None` at EOF.
+async fn read_line_capped<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(if line.is_empty() { None } else { Some(line) });
+        }
+        let (used, done) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (available.len(), false),
+        };
+        line.extend_from_slice(&available[..used]);
+        reader.consume(used);
+        if line.len() > max {
+            line.zeroize();
+            return Err(std::io::Error::other(format!(
+                "request larger than {max} bytes"
+            )));
+        }
+        if done {
+            line.pop();
+            return Ok(Some(line));
+        }
+    }
+}
+
+async fn dispatch(state: &Arc<State>, request: Request) -> Reply {
+    let state = state.clone();
+    match request {
+        Request::Status => Ok(status(&state)),
+        Request::AuditQuery { filter } => blocking(move || audit_query(&state, filter)).await,
+        Request::AuditVerify => blocking(move || audit_verify(&state)).await,
+        Request::AuditLifecycle { id } => blocking(move || audit_lifecycle(&state, &id)).await,
+        other => blocking(move || mutate(&state, other)).await,
+    }
+}
+
+async fn blocking(f: impl FnOnce() -> Reply + Send + 'static) -> Reply {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(AdminError(format!("internal error: {e}"))))
+}
+
+fn status(state: &State) -> Value {
+    let cat = state.catalog.load();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "uptime_s": state.started.elapsed().as_secs(),
+        "state_dir": state.config.state_dir,
+        "socket": state.config.socket,
+        "admin_socket": state.config.admin_socket,
+        "listen_tcp": state.config.listen_tcp.map(|a| a.to_string()),
+        "tenants": cat.tenants.len(),
+        "clients": cat.clients_by_token.len(),
+        "credentials": cat.credentials_by_tenant.values().map(Vec::len).sum::<usize>(),
+        "memory_lock": state.memory_lock.clone(),
+        "master_key_source": state.master_key_source.clone(),
+        "in_flight": state.in_flight(),
+    })
+}
+
+/// Every change: validate, change the store and commit its audit event in one store
+/// transaction (the audit commit happens first; if it fails the change rolls back), then
+/// refresh the catalog.
+fn mutate(state: &State, request: Request) -> Reply {
+    let reply = match request {
+        Request::TenantAdd {
+            name,
+            max_key_age_s,
+            on_expiry,
+            rotation_overlap_s,
+        } => tenant_add(state, name, max_key_age_s, on_expiry, rotation_overlap_s),
+        Request::TenantList => return Ok(tenant_list(state)),
+        Request::CredAdd {
+            tenant,
+            target,
+            name,
+            models,
+            capabilities,
+            teams,
+            workflows,
+            priority,
+            secret,
+        } => cred_add(
+            state,
+            &tenant,
+            target,
+            name,
+            models,
+            capabilities,
+            teams,
+            workflows,
+            priority,
+            secret.0,
+        ),
+        Request::CredList { tenant } => return cred_list(state, tenant.as_deref()),
+        Request::CredRotate {
+            id,
+            overlap_s,
+            secret,
+        } => cred_rotate(state, &id, overlap_s, secret.0),
+        Request::CredRevoke { id, version } => cred_revoke(state, &id, version),
+        Request::CredDelete { id } => cred_delete(state, &id),
+        Request::ClientAdd {
+            tenant,
+            name,
+            team,
+            uid,
+            workflows,
+        } => client_add(state, &tenant, name, team, uid, workflows),
+        Request::ClientList { tenant } => return client_list(state, tenant.as_deref()),
+        Request::ClientRevoke { id } => client_revoke(state, &id),
+        Request::Status
+        | Request::AuditQuery { .. }
+        | Request::AuditVerify
+        | Request::AuditLifecycle { .. } => {
+            unreachable!("dispatched elsewhere")
+        }
+    }?;
+    state.reload_catalog()?;
+    Ok(reply)
+}
+
+/// Names of tenants, clients, credentials, teams and workflows: short, printable, no spaces.
+fn check_name(kind: &str, name: &str) -> Result<(), AdminError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AdminError(format!(
+            "{kind} name `{}` is invalid: use 1-64 characters from a-z, A-Z, 0-9, '-', '_', '.'",
+            name.escape_debug()
+        )))
+    }
+}
+
+/// Provider keys go into an HTTP header: printable ASCII only. The message never shows the key.
+fn check_secret(secret: &Secret) -> Result<(), AdminError> {
+    if secret.is_empty() {
+        return Err(AdminError(
+            "the secret is empty: pipe the provider key on standard input".into(),
+        ));
+    }
+    if secret.len() > 8192 {
+        return Err(AdminError(
+            "the secret is longer than 8192 bytes; is this the right input?".into(),
+        ));
+    }
+    if let Some(pos) = secret
+        .expose_secret()
+        .iter()
+        .position(|b| !(0x21..=0x7e).contains(b))
+    {
+        return Err(AdminError(format!(
+            "the secret has a space, control or non-ASCII byte at position {pos}; provider keys are \
+             printable ASCII (did a trailing newline or \\r sneak in?)"
+        )));
+    }
+    Ok(())
+}
+
+fn audit_now(state: &State, event: Event) -> Result<u64, StoreError> {
+    let handle = state.runtime.clone();
+    handle.block_on(state.audit.commit(event)).map_err(|e| {
+        StoreError::Conflict(format!(
+            "not applied: the audit record could not be written ({e})"
+        ))
+    })
+}
+
+fn tenant_add(
+    state: &State,
+    name: String,
+    max_key_age_s: Option<u64>,
+    on_expiry: Option<String>,
+    rotation_overlap_s: Option<u64>,
+) -> Reply {
+    check_name("tenant", &name)?;
+    let on_expiry = on_expiry.unwrap_or_else(|| "deny".into());
+    if on_expiry != "deny" && on_expiry != "warn" {
+        return Err(AdminError(format!(
+            "--on-expiry must be deny or warn, not `{on_expiry}`"
+        )));
+    }
+    let id = store::new_id("ten");
+    let row = TenantRow {
+        wrapped_key: state
+            .master
+            .new_wrapped_key(Context::TenantKey { tenant: &id }),
+        wrapped_fp_key: state.master.new_wrapped_key(Context::AuxKey {
+            purpose: &fingerprint_purpose(&id),
+        }),
+        id,
+        name,
+        max_key_age_s: max_key_age_s.map(|s| s as i64),
+        on_expiry,
+        rotation_overlap_s: rotation_overlap_s.map(|s| s as i64),
+        created_at: now_unix(),
+    };
+    state.store.write(|tx| {
+        store::insert_tenant(tx, &row)?;
+        audit_now(
+            state,
+            Event {
+                tenant: Some(row.name.clone()),
+                detail: Some(tenant_policy_text(&row)),
+                ..Event::new(EventKind::TenantCreated)
+            },
+        )
+    })?;
+    Ok(tenant_json(&row))
+}
+
+/// The aux-key purpose of a tenant's fingerprint key.
+pub fn fingerprint_purpose(tenant_id: &str) -> String {
+    format!("fingerprint:{tenant_id}")
+}
+
+fn tenant_policy_text(t: &TenantRow) -> String {
+    let age = t
+        .max_key_age_s
+        .map(|s| format_duration(std::time::Duration::from_secs(s as u64)));
+    let overlap = t
+        .rotation_overlap_s
+        .map(|s| format_duration(std::time::Duration::from_secs(s as u64)));
+    format!(
+        "max_key_age={} on_expiry={} rotation_overlap={}",
+        age.as_deref().unwrap_or("none"),
+        t.on_expiry,
+        overlap.as_deref().unwrap_or("24h")
+    )
+}
+
+fn tenant_json(t: &TenantRow) -> Value {
+    json!({
+        "id": t.id,
+        "name": t.name,
+        "max_key_age": t.max_key_age_s.map(|s| format_duration(std::time::Duration::from_secs(s as u64))),
+        "on_expiry": t.on_expiry,
+        "rotation_overlap": format_duration(std::time::Duration::from_secs(t.rotation_overlap_s.unwrap_or(86_400) as u64)),
+        "created_at": crate::units::format_time(t.created_at),
+    })
+}
+
+fn tenant_list(state: &State) -> Value {
+    let cat = state.catalog.load();
+    let mut tenants: Vec<&TenantRow> = cat.tenants.values().map(|t| t.as_ref()).collect();
+    tenants.sort_by(|a, b| a.name.cmp(&b.name));
+    Value::Array(tenants.into_iter().map(tenant_json).collect())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cred_add(
+    state: &State,
+    tenant: &str,
+    target: String,
+    name: String,
+    models: Vec<String>,
+    capabilities: Vec<String>,
+    teams: Vec<String>,
+    workflows: Vec<String>,
+    priority: Option<i64>,
+    secret: Secret,
+) -> Reply {
+    check_name("credential", &name)?;
+    check_secret(&secret)?;
+    if state.config.targets.get(&target).is_none() {
+        return Err(AdminError(format!(
+            "unknown target `{target}`: use one of {} (or define it under [targets.{target}] in the config)",
+            state
+                .config
+                .targets
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    for m in &models {
+        if m.is_empty() || m.len() > 128 || m.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(AdminError(format!(
+                "--model `{}` is not a valid model glob",
+                m.escape_debug()
+            )));
+        }
+    }
+    for c in &capabilities {
+        c.parse::<crate::scope::attrs::Capability>()
+            .map_err(|e| AdminError(e.to_string()))?;
+    }
+    for t in &teams {
+        check_name("team", t)?;
+    }
+    for w in &workflows {
+        check_name("workflow", w)?;
+    }
+    let now = now_unix();
+    let preview = crate::seal::preview(&secret);
+    let reply = state.store.write(|tx| {
+        let t = store::tenant_by_name(tx, tenant)?;
+        let id = store::new_id("cred");
+        let cred = CredentialRow {
+            id: id.clone(),
+            tenant_id: t.id.clone(),
+            target: target.clone(),
+            name: name.clone(),
+            models: models.clone(),
+            capabilities: capabilities.clone(),
+            teams: teams.clone(),
+            workflows: workflows.clone(),
+            priority: priority.unwrap_or(100),
+            created_at: now,
+            revoked_at: None,
+            versions: vec![],
+        };
+        store::insert_credential(tx, &cred, &t.name)?;
+        let sealed = state
+            .master
+            .seal_credential(&t.wrapped_key, CredentialRef { tenant: &t.id, credential: &id, version: 1 }, &secret)
+            .map_err(|e| StoreError::Conflict(format!("cannot seal: {e}")))?;
+        store::insert_version(
+            tx,
+            &id,
+            &VersionRow {
+                version: 1,
+                wrapped_data_key: sealed.wrapped_data_key,
+                ciphertext: sealed.ciphertext,
+                preview: preview.clone(),
+                created_at: now,
+                overlap_until: None,
+                retired_at: None,
+                revoked_at: None,
+            },
+        )?;
+        audit_now(
+            state,
+            Event {
+                tenant: Some(t.name.clone()),
+                target: Some(target.clone()),
+                credential_id: Some(id.clone()),
+                credential_version: Some(1),
+                detail: Some(format!("name={name} {}", scope_text(&cred))),
+                ..Event::new(EventKind::CredentialCreated)
+            },
+        )?;
+        Ok(json!({"id": id, "version": 1, "preview": preview, "tenant": t.name, "target": target, "name": name}))
+    })?;
+    Ok(reply)
+}
+
+fn scope_text(c: &CredentialRow) -> String {
+    let part = |label: &str, list: &[String]| {
+        if list.is_empty() {
+            None
+        } else {
+            Some(format!("{label}={}", list.join(",")))
+        }
+    };
+    let parts: Vec<String> = [
+        part("models", &c.models),
+        part("capabilities", &c.capabilities),
+        part("teams", &c.teams),
+        part("workflows", &c.workflows),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if parts.is_empty() {
+        "any".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+fn cred_rotate(state: &State, id: &str, overlap_s: Option<u64>, secret: Secret) -> Reply {
+    check_secret(&secret)?;
+    let now = now_unix();
+    let preview = crate::seal::preview(&secret);
+    let reply = state.store.write(|tx| {
+        let cred = store::credential(tx, id)?;
+        if cred.revoked_at.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "credential {id} is revoked and cannot be rotated; add a new credential with `keyward cred add`"
+            )));
+        }
+        let tenant = state
+            .catalog
+            .load()
+            .tenant(&cred.tenant_id)
+            .cloned()
+            .ok_or_else(|| StoreError::Conflict(format!("tenant of credential {id} is missing")))?;
+        let version = store::latest_version(tx, id)? + 1;
+        let overlap = overlap_s.map(|s| s as i64).or(tenant.rotation_overlap_s).unwrap_or(86_400);
+        let superseded = store::start_overlap(tx, id, version, now + overlap)?;
+        let sealed = state
+            .master
+            .seal_credential(&tenant.wrapped_key, CredentialRef { tenant: &tenant.id, credential: id, version }, &secret)
+            .map_err(|e| StoreError::Conflict(format!("cannot seal: {e}")))?;
+        store::insert_version(
+            tx,
+            id,
+            &VersionRow {
+                version,
+                wrapped_data_key: sealed.wrapped_data_key,
+                ciphertext: sealed.ciphertext,
+                preview: preview.clone(),
+                created_at: now,
+                overlap_until: None,
+                retired_at: None,
+                revoked_at: None,
+            },
+        )?;
+        let until = crate::units::format_time(now + overlap);
+        audit_now(
+            state,
+            Event {
+                tenant: Some(tenant.name.clone()),
+                target: Some(cred.target.clone()),
+                credential_id: Some(id.to_string()),
+                credential_version: Some(version),
+                detail: Some(format!("previous versions {superseded:?} overlap until {until}")),
+                ..Event::new(EventKind::CredentialRotated)
+            },
+        )?;
+        Ok(json!({"id": id, "version": version, "preview": preview, "overlap_until": until}))
+    })?;
+    Ok(reply)
+}
+
+fn cred_revoke(state: &State, id: &str, version: Option<u32>) -> Reply {
+    let now = now_unix();
+    let reply = state.store.write(|tx| {
+        let cred = store::credential(tx, id)?;
+        let versions = store::revoke_credential(tx, id, version, now)?;
+        let tenant = tenant_name(&state.catalog.load(), &cred.tenant_id);
+        for v in &versions {
+            audit_now(
+                state,
+                Event {
+                    tenant: Some(tenant.clone()),
+                    target: Some(cred.target.clone()),
+                    credential_id: Some(id.to_string()),
+                    credential_version: Some(*v),
+                    ..Event::new(EventKind::CredentialRevoked)
+                },
+            )?;
+        }
+        Ok(json!({"id": id, "revoked_versions": versions}))
+    })?;
+    Ok(reply)
+}
+
+fn cred_delete(state: &State, id: &str) -> Reply {
+    let reply = state.store.write(|tx| {
+        let cred = store::delete_credential(tx, id)?;
+        audit_now(
+            state,
+            Event {
+                tenant: Some(tenant_name(&state.catalog.load(), &cred.tenant_id)),
+                target: Some(cred.target.clone()),
+                credential_id: Some(id.to_string()),
+                detail: Some("wrapped data keys destroyed".into()),
+                ..Event::new(EventKind::CredentialDeleted)
+            },
+        )?;
+        Ok(json!({"id": id, "deleted": true}))
+    })?;
+    state.store.checkpoint()?;
+    Ok(reply)
+}
+
+fn tenant_name(cat: &Catalog, tenant_id: &str) -> String {
+    cat.tenant(tenant_id)
+        .map(|t| t.name.clone())
+        .unwrap_or_else(|| tenant_id.to_string())
+}
+
+fn cred_list(state: &State, tenant: Option<&str>) -> Reply {
+    let cat = state.catalog.load();
+    let tenant_id = match tenant {
+        Some(name) => Some(cat.tenant_ids.get(name).cloned().ok_or_else(|| {
+            AdminError(format!(
+                "tenant `{name}` does not exist (see `keyward tenant list`)"
+            ))
+        })?),
+        None => None,
+    };
+    let now = now_unix();
+    let mut lines = Vec::new();
+    let mut creds: Vec<_> = cat
+        .credentials_by_tenant
+        .iter()
+        .filter(|(t, _)| tenant_id.as_ref().is_none_or(|id| id == *t))
+        .flat_map(|(_, list)| list.iter())
+        .collect();
+    creds.sort_by(|a, b| {
+        (tenant_name(&cat, &a.tenant_id), &a.name).cmp(&(tenant_name(&cat, &b.tenant_id), &b.name))
+    });
+    for c in creds {
+        let t = cat.tenant(&c.tenant_id);
+        for v in c.versions.iter().rev() {
+            let state_name = version_state(c, v, now);
+            let expired = t
+                .and_then(|t| t.max_key_age_s)
+                .is_some_and(|max| now - v.created_at > max);
+            lines.push(json!({
+                "id": c.id,
+                "tenant": tenant_name(&cat, &c.tenant_id),
+                "target": c.target,
+                "name": c.name,
+                "version": v.version,
+                "preview": v.preview,
+                "state": state_name.as_str(),
+                "overlap_until": v.overlap_until.filter(|_| state_name == crate::catalog::VersionState::Overlapping).map(crate::units::format_time),
+                "expired": expired,
+                "priority": c.priority,
+                "created_at": crate::units::format_time(v.created_at),
+                "age": format_duration(std::time::Duration::from_secs((now - v.created_at).max(0) as u64)),
+                "scope": scope_text(c),
+            }));
+        }
+    }
+    Ok(Value::Array(lines))
+}
+
+fn client_add(
+    state: &State,
+    tenant: &str,
+    name: String,
+    team: Option<String>,
+    uid: Option<u32>,
+    workflows: Vec<String>,
+) -> Reply {
+    check_name("client", &name)?;
+    if let Some(t) = &team {
+        check_name("team", t)?;
+    }
+    for w in &workflows {
+        check_name("workflow", w)?;
+    }
+    let (token, token_hash) = crate::auth::new_token();
+    let reply = state.store.write(|tx| {
+        let t = store::tenant_by_name(tx, tenant)?;
+        let row = ClientRow {
+            id: store::new_id("cli"),
+            tenant_id: t.id.clone(),
+            name: name.clone(),
+            team: team.clone(),
+            uid,
+            workflows: workflows.clone(),
+            token_hash: token_hash.clone(),
+            created_at: now_unix(),
+            revoked_at: None,
+        };
+        store::insert_client(tx, &row, &t.name)?;
+        audit_now(
+            state,
+            Event {
+                tenant: Some(t.name.clone()),
+                client_id: Some(row.id.clone()),
+                team: team.clone(),
+                peer_uid: uid,
+                detail: Some(format!("name={name}")),
+                ..Event::new(EventKind::ClientCreated)
+            },
+        )?;
+        Ok(json!({"id": row.id, "tenant": t.name, "name": name, "team": team, "uid": uid, "token": token}))
+    })?;
+    Ok(reply)
+}
+
+fn client_list(state: &State, tenant: Option<&str>) -> Reply {
+    let snapshot = state.store.snapshot()?;
+    let names: std::collections::HashMap<&str, &str> = snapshot
+        .tenants
+        .iter()
+        .map(|t| (t.id.as_str(), t.name.as_str()))
+        .collect();
+    if let Some(name) = tenant
+        && !names.values().any(|n| *n == name)
+    {
+        return Err(AdminError(format!(
+            "tenant `{name}` does not exist (see `keyward tenant list`)"
+        )));
+    }
+    let lines = snapshot
+        .clients
+        .iter()
+        .filter(|c| tenant.is_none_or(|n| names.get(c.tenant_id.as_str()) == Some(&n)))
+        .map(|c| {
+            json!({
+                "id": c.id,
+                "tenant": names.get(c.tenant_id.as_str()),
+                "name": c.name,
+                "team": c.team,
+                "uid": c.uid,
+                "workflows": c.workflows,
+                "state": if c.revoked_at.is_some() { "revoked" } else { "active" },
+                "created_at": crate::units::format_time(c.created_at),
+            })
+        })
+        .collect();
+    Ok(Value::Array(lines))
+}
+
+fn client_revoke(state: &State, id: &str) -> Reply {
+    state
+        .store
+        .write(|tx| {
+            let (_, tenant) = store::revoke_client(tx, id, now_unix())?;
+            audit_now(
+                state,
+                Event {
+                    tenant: Some(tenant),
+                    client_id: Some(id.to_string()),
+                    ..Event::new(EventKind::ClientRevoked)
+                },
+            )?;
+            Ok(json!({"id": id, "revoked": true}))
+        })
+        .map_err(Into::into)
+}
+
+// === audit ===
+
+fn audit_query(state: &State, args: AuditQueryArgs) -> Reply {
+    let cat = state.catalog.load();
+    let event = match &args.event {
+        Some(e) => Some(
+            e.parse::<EventKind>()
+                .map_err(|e| AdminError(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let fingerprint = match &args.payload_hex {
+        None => None,
+        Some(hex) => {
+            let tenant = args.tenant.as_deref().ok_or_else(|| {
+                AdminError(
+                    "--payload-file needs --tenant: fingerprints are keyed per tenant".into(),
+                )
+            })?;
+            let tenant_id = cat.tenant_ids.get(tenant).ok_or_else(|| {
+                AdminError(format!(
+                    "tenant `{tenant}` does not exist (see `keyward tenant list`)"
+                ))
+            })?;
+            let t = cat.tenant(tenant_id).expect("indexed tenant");
+            let payload =
+                decode_hex(hex).ok_or_else(|| AdminError("payload_hex is not hex".into()))?;
+            Some(crate::audit::fingerprint(
+                &fingerprint_key(state, t)?,
+                &payload,
+            ))
+        }
+    };
+    let filter = crate::audit::Filter {
+        tenant: args.tenant,
+        credential_id: args.credential,
+        client_id: args.client,
+        call_id: args.call_id,
+        event,
+        since_ms: args.since.map(|s| s * 1000),
+        until_ms: args.until.map(|s| s * 1000),
+        fingerprint,
+        limit: Some(args.limit.unwrap_or(100)),
+    };
+    let rows = state.audit.query(&filter)?;
+    Ok(serde_json::to_value(rows)?)
+}
+
+fn audit_verify(state: &State) -> Reply {
+    let report = state.audit.verify()?;
+    Ok(serde_json::to_value(report)?)
+}
+
+fn audit_lifecycle(state: &State, id: &str) -> Reply {
+    let rows = state.audit.lifecycle(id)?;
+    if rows.is_empty() {
+        return Err(AdminError(format!(
+            "no audit history for credential `{id}` (see `keyward cred list` for ids)"
+        )));
+    }
+    Ok(serde_json::to_value(rows)?)
+}
+
+/// Unwraps a tenant's fingerprint key.
+pub fn fingerprint_key(state: &State, tenant: &TenantRow) -> Result<Secret, AdminError> {
+    let purpose = fingerprint_purpose(&tenant.id);
+    state
+        .master
+        .unwrap_key(
+            Context::AuxKey { purpose: &purpose },
+            &tenant.wrapped_fp_key,
+        )
+        .map_err(|e| AdminError(format!("tenant `{}` fingerprint key: {e}", tenant.name)))
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+// === dev mode ===
+
+/// `serve --dev`: ensures tenant `dev` exists and adds a fresh client; returns its token.
+pub fn dev_client(state: &State) -> Result<String, AdminError> {
+    if !state.catalog.load().tenant_ids.contains_key("dev") {
+        tenant_add(state, "dev".into(), None, None, None)?;
+        state.reload_catalog()?;
+    }
+    let name = format!("dev-{}", &store::new_id("x")[2..10]);
+    let reply = client_add(state, "dev", name, None, None, vec![])?;
+    state.reload_catalog()?;
+    Ok(reply["token"].as_str().unwrap_or_default().to_string())
+}

@@ -1,1 +1,136 @@
-//! catalog (to be written)
+//! The in-memory catalog: an immutable snapshot of tenants, clients and credentials, indexed
+//! for the data plane, swapped whole after every admin change.
+//!
+//! The data plane reads only this (no SQLite read per request). `catalog` must not decrypt.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::store::{ClientRow, CredentialRow, Snapshot, TenantRow, VersionRow};
+
+/// How a credential version stands at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionState {
+    /// The newest live version.
+    Current,
+    /// Superseded by a rotation but still a fallback until the overlap ends.
+    Overlapping,
+    /// The overlap ended.
+    Retired,
+    /// Revoked (the version or the whole credential).
+    Revoked,
+}
+
+impl VersionState {
+    /// Lower-case name used in listings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionState::Current => "current",
+            VersionState::Overlapping => "overlapping",
+            VersionState::Retired => "retired",
+            VersionState::Revoked => "revoked",
+        }
+    }
+}
+
+/// The state of `version` of `cred` at Unix time `now`.
+pub fn version_state(cred: &CredentialRow, version: &VersionRow, now: i64) -> VersionState {
+    if cred.revoked_at.is_some() || version.revoked_at.is_some() {
+        return VersionState::Revoked;
+    }
+    if version.retired_at.is_some() {
+        return VersionState::Retired;
+    }
+    match version.overlap_until {
+        Some(until) if until <= now => VersionState::Retired,
+        Some(_) => VersionState::Overlapping,
+        None => VersionState::Current,
+    }
+}
+
+/// An indexed, immutable view of the store.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    /// Tenants by id.
+    pub tenants: HashMap<String, Arc<TenantRow>>,
+    /// Tenant ids by name.
+    pub tenant_ids: HashMap<String, String>,
+    /// Active clients by SHA-256 of their token.
+    pub clients_by_token: HashMap<Vec<u8>, Arc<ClientRow>>,
+    /// Active clients by bound uid.
+    pub clients_by_uid: HashMap<u32, Arc<ClientRow>>,
+    /// Credentials by tenant id, in creation order.
+    pub credentials_by_tenant: HashMap<String, Vec<Arc<CredentialRow>>>,
+}
+
+impl Catalog {
+    /// Indexes a snapshot.
+    pub fn build(snapshot: Snapshot) -> Catalog {
+        let mut cat = Catalog::default();
+        for t in snapshot.tenants {
+            cat.tenant_ids.insert(t.name.clone(), t.id.clone());
+            cat.tenants.insert(t.id.clone(), Arc::new(t));
+        }
+        for c in snapshot
+            .clients
+            .into_iter()
+            .filter(|c| c.revoked_at.is_none())
+        {
+            let c = Arc::new(c);
+            if let Some(uid) = c.uid {
+                cat.clients_by_uid.insert(uid, c.clone());
+            }
+            cat.clients_by_token.insert(c.token_hash.clone(), c);
+        }
+        for c in snapshot.credentials {
+            cat.credentials_by_tenant
+                .entry(c.tenant_id.clone())
+                .or_default()
+                .push(Arc::new(c));
+        }
+        cat
+    }
+
+    /// The tenant with this id.
+    pub fn tenant(&self, id: &str) -> Option<&Arc<TenantRow>> {
+        self.tenants.get(id)
+    }
+
+    /// The credentials of a tenant.
+    pub fn credentials(&self, tenant_id: &str) -> &[Arc<CredentialRow>] {
+        self.credentials_by_tenant
+            .get(tenant_id)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+}
+
+/// The current catalog, replaced atomically. Readers clone an `Arc` and never wait on a
+/// writer for longer than that clone.
+#[derive(Debug, Default)]
+pub struct CatalogHandle {
+    /// The snapshot in force.
+    current: RwLock<Arc<Catalog>>,
+}
+
+impl CatalogHandle {
+    /// Starts with `catalog`.
+    pub fn new(catalog: Catalog) -> CatalogHandle {
+        CatalogHandle {
+            current: RwLock::new(Arc::new(catalog)),
+        }
+    }
+
+    /// The snapshot in force now.
+    pub fn load(&self) -> Arc<Catalog> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the snapshot.
+    pub fn replace(&self, catalog: Catalog) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(catalog);
+    }
+}

@@ -1,1 +1,648 @@
-//! cli (to be written)
+//! The command line: `serve` starts the daemon; every other command is a thin client of the
+//! running daemon's admin socket and prints its answer as a table or JSON lines.
+//!
+//! `cli` must not open the database or any key file. Secrets are read from standard input only.
+
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+use zeroize::Zeroizing;
+
+use crate::admin::{AuditQueryArgs, Request, WireSecret};
+use crate::config::{admin_socket_for_cli, process_env};
+use crate::seal::Secret;
+use crate::units::{now_unix, parse_duration, parse_time};
+
+/// Exit code: the daemon is not reachable (EX_UNAVAILABLE).
+pub const EXIT_UNREACHABLE: u8 = 69;
+
+/// keyward: keeps provider API keys away from applications.
+#[derive(Debug, Parser)]
+#[command(name = "keyward", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Admin socket of the running daemon (default: $KEYWARD_ADMIN_SOCKET, then serve's default).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    /// Print one JSON object per line instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (no config needed: embedded defaults).
+    Serve {
+        /// TOML config file (default: $KEYWARD_CONFIG, else none).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Master key file (64 hex characters).
+        #[arg(long, value_name = "FILE")]
+        master_key_file: Option<PathBuf>,
+        /// Print a ready-to-use client token and a sample request.
+        #[arg(long)]
+        dev: bool,
+    },
+    /// Show the running daemon's status.
+    Status,
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Manage provider credentials (secrets are read from standard input).
+    #[command(subcommand)]
+    Cred(CredCommand),
+    /// Manage clients (applications) and their tokens.
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// Query and verify the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `keyward tenant …`
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Add a tenant.
+    Add {
+        /// Tenant name.
+        name: String,
+        /// Refuse or flag keys older than this (e.g. 90d).
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        max_key_age: Option<Duration>,
+        /// What to do with keys past --max-key-age.
+        #[arg(long, value_parser = ["deny", "warn"])]
+        on_expiry: Option<String>,
+        /// Default overlap after `cred rotate` (default 24h).
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        rotation_overlap: Option<Duration>,
+    },
+    /// List tenants.
+    List,
+}
+
+/// `keyward cred …`
+#[derive(Debug, Subcommand)]
+pub enum CredCommand {
+    /// Add a credential; the provider key is read from standard input.
+    Add(CredAdd),
+    /// List credentials and their versions.
+    List {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Add a new version (new secret on standard input); the old one overlaps, then retires.
+    Rotate {
+        /// Credential id.
+        id: String,
+        /// How long the previous version stays valid as a fallback.
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        overlap: Option<Duration>,
+    },
+    /// Revoke a credential (all versions) or one version, immediately.
+    Revoke {
+        /// Credential id.
+        id: String,
+        /// Only this version.
+        #[arg(long)]
+        version: Option<u32>,
+    },
+    /// Delete a credential and destroy its wrapped keys.
+    Delete {
+        /// Credential id.
+        id: String,
+    },
+}
+
+/// Arguments of `cred add`.
+#[derive(Debug, Args)]
+pub struct CredAdd {
+    /// Tenant name.
+    #[arg(long)]
+    pub tenant: String,
+    /// Target (openai, anthropic, gemini, … or a custom target).
+    #[arg(long)]
+    pub target: String,
+    /// Credential name, unique in the tenant.
+    #[arg(long)]
+    pub name: String,
+    /// Allowed model glob (repeatable; default any).
+    #[arg(long = "model", value_name = "GLOB")]
+    pub models: Vec<String>,
+    /// Allowed capability (repeatable; default any).
+    #[arg(long = "capability", value_name = "CAP")]
+    pub capabilities: Vec<String>,
+    /// Allowed team (repeatable; default any).
+    #[arg(long = "team")]
+    pub teams: Vec<String>,
+    /// Allowed workflow (repeatable; default any).
+    #[arg(long = "workflow", value_name = "WF")]
+    pub workflows: Vec<String>,
+    /// Lower wins; equal priorities share load round-robin.
+    #[arg(long)]
+    pub priority: Option<i64>,
+}
+
+/// `keyward client …`
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Add a client; prints its token once.
+    Add {
+        /// Tenant name.
+        #[arg(long)]
+        tenant: String,
+        /// Client name, unique in the tenant.
+        #[arg(long)]
+        name: String,
+        /// Team.
+        #[arg(long)]
+        team: Option<String>,
+        /// Bind to this socket peer uid.
+        #[arg(long)]
+        uid: Option<u32>,
+        /// Allowed workflow (repeatable; default any).
+        #[arg(long = "workflow", value_name = "WF")]
+        workflows: Vec<String>,
+    },
+    /// List clients.
+    List {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Revoke a client's token.
+    Revoke {
+        /// Client id.
+        id: String,
+    },
+}
+
+/// `keyward audit …`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Show audit rows, newest first.
+    Query(AuditQuery),
+    /// Recompute the chain; exit 1 if any row fails.
+    Verify,
+    /// Replay a credential's history.
+    Lifecycle {
+        /// Credential id.
+        credential_id: String,
+    },
+}
+
+/// Filters of `audit query`.
+#[derive(Debug, Args)]
+pub struct AuditQuery {
+    /// Tenant name.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Credential id.
+    #[arg(long)]
+    pub credential: Option<String>,
+    /// Client id.
+    #[arg(long)]
+    pub client: Option<String>,
+    /// Call id.
+    #[arg(long)]
+    pub call_id: Option<String>,
+    /// Event name (e.g. request.resolved).
+    #[arg(long)]
+    pub event: Option<String>,
+    /// RFC 3339 time or a duration ago (e.g. 1h).
+    #[arg(long, value_name = "TIME", value_parser = parse_cli_time)]
+    pub since: Option<i64>,
+    /// RFC 3339 time or a duration ago.
+    #[arg(long, value_name = "TIME", value_parser = parse_cli_time)]
+    pub until: Option<i64>,
+    /// Maximum rows (default 100).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Find the calls that sent exactly this payload (needs --tenant).
+    #[arg(long, value_name = "FILE")]
+    pub payload_file: Option<PathBuf>,
+}
+
+fn parse_cli_time(text: &str) -> Result<i64, crate::units::UnitError> {
+    parse_time(text, now_unix())
+}
+
+/// A failed command: its exit code and one line for stderr.
+struct Failure(u8, String);
+
+/// Runs a parsed client command (everything except `serve`).
+pub fn run(cli: Cli) -> ExitCode {
+    let socket = admin_socket_for_cli(cli.admin_socket.as_deref(), &process_env);
+    match execute(&cli.command, &socket, cli.json) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, message)) => {
+            eprintln!("keyward: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn execute(command: &Command, socket: &std::path::Path, json: bool) -> Result<(), Failure> {
+    let request = build_request(command)?;
+    let data = call(socket, &request)?;
+    print(command, &data, json)
+}
+
+fn build_request(command: &Command) -> Result<Request, Failure> {
+    let secs = |d: &Option<Duration>| d.map(|d| d.as_secs());
+    Ok(match command {
+        Command::Serve { .. } => unreachable!("serve is handled by main"),
+        Command::Status => Request::Status,
+        Command::Tenant(TenantCommand::Add {
+            name,
+            max_key_age,
+            on_expiry,
+            rotation_overlap,
+        }) => Request::TenantAdd {
+            name: name.clone(),
+            max_key_age_s: secs(max_key_age),
+            on_expiry: on_expiry.clone(),
+            rotation_overlap_s: secs(rotation_overlap),
+        },
+        Command::Tenant(TenantCommand::List) => Request::TenantList,
+        Command::Cred(CredCommand::Add(a)) => Request::CredAdd {
+            tenant: a.tenant.clone(),
+            target: a.target.clone(),
+            name: a.name.clone(),
+            models: a.models.clone(),
+            capabilities: a.capabilities.clone(),
+            teams: a.teams.clone(),
+            workflows: a.workflows.clone(),
+            priority: a.priority,
+            secret: WireSecret(read_secret(&format!("provider key for {}", a.name))?),
+        },
+        Command::Cred(CredCommand::List { tenant }) => Request::CredList {
+            tenant: tenant.clone(),
+        },
+        Command::Cred(CredCommand::Rotate { id, overlap }) => Request::CredRotate {
+            id: id.clone(),
+            overlap_s: secs(overlap),
+            secret: WireSecret(read_secret(&format!("new provider key for {id}"))?),
+        },
+        Command::Cred(CredCommand::Revoke { id, version }) => Request::CredRevoke {
+            id: id.clone(),
+            version: *version,
+        },
+        Command::Cred(CredCommand::Delete { id }) => Request::CredDelete { id: id.clone() },
+        Command::Client(ClientCommand::Add {
+            tenant,
+            name,
+            team,
+            uid,
+            workflows,
+        }) => Request::ClientAdd {
+            tenant: tenant.clone(),
+            name: name.clone(),
+            team: team.clone(),
+            uid: *uid,
+            workflows: workflows.clone(),
+        },
+        Command::Client(ClientCommand::List { tenant }) => Request::ClientList {
+            tenant: tenant.clone(),
+        },
+        Command::Client(ClientCommand::Revoke { id }) => Request::ClientRevoke { id: id.clone() },
+        Command::Audit(AuditCommand::Query(q)) => {
+            let payload_hex = match &q.payload_file {
+                None => None,
+                Some(path) => {
+                    let bytes = std::fs::read(path).map_err(|e| {
+                        Failure(
+                            1,
+                            format!("cannot read --payload-file {}: {e}", path.display()),
+                        )
+                    })?;
+                    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
+                }
+            };
+            Request::AuditQuery {
+                filter: AuditQueryArgs {
+                    tenant: q.tenant.clone(),
+                    credential: q.credential.clone(),
+                    client: q.client.clone(),
+                    call_id: q.call_id.clone(),
+                    event: q.event.clone(),
+                    since: q.since,
+                    until: q.until,
+                    limit: q.limit,
+                    payload_hex,
+                },
+            }
+        }
+        Command::Audit(AuditCommand::Verify) => Request::AuditVerify,
+        Command::Audit(AuditCommand::Lifecycle { credential_id }) => Request::AuditLifecycle {
+            id: credential_id.clone(),
+        },
+    })
+}
+
+/// Reads a secret: all of stdin with one trailing newline trimmed, or a no-echo prompt on a
+/// terminal. Never from argv or the environment.
+fn read_secret(what: &str) -> Result<Secret, Failure> {
+    let stdin = std::io::stdin();
+    let mut buf = Zeroizing::new(Vec::new());
+    if stdin.is_terminal() {
+        eprint!("{what} (input hidden): ");
+        let _ = std::io::stderr().flush();
+        let restore = disable_echo();
+        let mut line = Zeroizing::new(String::new());
+        let read = stdin.lock().read_line(&mut line);
+        if let Some(saved) = restore {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                &saved,
+            );
+        }
+        eprintln!();
+        read.map_err(|e| Failure(1, format!("cannot read the secret: {e}")))?;
+        buf.extend_from_slice(line.as_bytes());
+    } else {
+        stdin
+            .lock()
+            .read_to_end(&mut buf)
+            .map_err(|e| Failure(1, format!("cannot read the secret from stdin: {e}")))?;
+    }
+    if buf.ends_with(b"\n") {
+        buf.pop();
+        if buf.ends_with(b"\r") {
+            buf.pop();
+        }
+    }
+    if buf.is_empty() {
+        return Err(Failure(
+            1,
+            "the secret is empty: pipe the provider key on standard input, e.g. printf %s \"$KEY\" | keyward cred add …".into(),
+        ));
+    }
+    if std::str::from_utf8(&buf).is_err() {
+        return Err(Failure(
+            1,
+            "the secret is not valid UTF-8 text; provider keys are printable ASCII".into(),
+        ));
+    }
+    Ok(Secret::from_slice(&buf))
+}
+
+fn disable_echo() -> Option<nix::sys::termios::Termios> {
+    use nix::sys::termios::{LocalFlags, SetArg, tcgetattr, tcsetattr};
+    let saved = tcgetattr(std::io::stdin()).ok()?;
+    let mut quiet = saved.clone();
+    quiet.local_flags.remove(LocalFlags::ECHO);
+    tcsetattr(std::io::stdin(), SetArg::TCSANOW, &quiet).ok()?;
+    Some(saved)
+}
+
+/// Sends one request and returns the `data` of a successful answer.
+fn call(socket: &std::path::Path, request: &Request) -> Result<Value, Failure> {
+    let unreachable = |reason: String| {
+        Failure(
+            EXIT_UNREACHABLE,
+            format!(
+                "cannot reach the keyward daemon at {}: {reason} (is `keyward serve` running? \
+                 point --admin-socket or $KEYWARD_ADMIN_SOCKET at its admin socket)",
+                socket.display()
+            ),
+        )
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|e| unreachable(e.to_string()))?;
+    let mut line =
+        Zeroizing::new(serde_json::to_vec(request).map_err(|e| Failure(1, e.to_string()))?);
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .map_err(|e| unreachable(e.to_string()))?;
+    drop(line);
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    reader
+        .read_line(&mut answer)
+        .map_err(|e| unreachable(e.to_string()))?;
+    if answer.is_empty() {
+        return Err(unreachable(
+            "the daemon closed the connection without answering".into(),
+        ));
+    }
+    let value: Value = serde_json::from_str(&answer)
+        .map_err(|e| Failure(1, format!("unreadable answer from the daemon: {e}")))?;
+    if value["ok"].as_bool() == Some(true) {
+        Ok(value["data"].clone())
+    } else {
+        Err(Failure(
+            1,
+            value["error"]
+                .as_str()
+                .unwrap_or("the daemon refused the request")
+                .to_string(),
+        ))
+    }
+}
+
+// === output ===
+
+fn print(command: &Command, data: &Value, json: bool) -> Result<(), Failure> {
+    let rows = |v: &Value| v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]);
+    if json {
+        for row in rows(data) {
+            println!("{row}");
+        }
+        if let Command::Audit(AuditCommand::Verify) = command {
+            return verify_outcome(data).map(|_| ());
+        }
+        return Ok(());
+    }
+    match command {
+        Command::Serve { .. } => {}
+        Command::Status => {
+            if let Some(map) = data.as_object() {
+                for (k, v) in map {
+                    println!("{k:<18} {}", plain(v));
+                }
+            }
+        }
+        Command::Tenant(TenantCommand::Add { .. }) => println!(
+            "tenant {} created ({})",
+            plain(&data["name"]),
+            plain(&data["id"])
+        ),
+        Command::Tenant(TenantCommand::List) => table(
+            &rows(data),
+            &[
+                ("NAME", "name"),
+                ("ID", "id"),
+                ("MAX_KEY_AGE", "max_key_age"),
+                ("ON_EXPIRY", "on_expiry"),
+                ("OVERLAP", "rotation_overlap"),
+                ("CREATED", "created_at"),
+            ],
+        ),
+        Command::Cred(CredCommand::Add(_)) | Command::Cred(CredCommand::Rotate { .. }) => {
+            println!("id       {}", plain(&data["id"]));
+            println!("version  {}", plain(&data["version"]));
+            println!("preview  {}", plain(&data["preview"]));
+            if !data["overlap_until"].is_null() {
+                println!(
+                    "previous versions stay valid until {}",
+                    plain(&data["overlap_until"])
+                );
+            }
+        }
+        Command::Cred(CredCommand::List { .. }) => table(
+            &rows(data)
+                .into_iter()
+                .map(|mut r| {
+                    let mut state = plain(&r["state"]);
+                    if !r["overlap_until"].is_null() {
+                        state = format!("{state} until {}", plain(&r["overlap_until"]));
+                    }
+                    if r["expired"].as_bool() == Some(true) {
+                        state.push_str(" (expired)");
+                    }
+                    r["state"] = Value::String(state);
+                    r
+                })
+                .collect::<Vec<_>>(),
+            &[
+                ("ID", "id"),
+                ("TENANT", "tenant"),
+                ("TARGET", "target"),
+                ("NAME", "name"),
+                ("VER", "version"),
+                ("PREVIEW", "preview"),
+                ("STATE", "state"),
+                ("PRIO", "priority"),
+                ("AGE", "age"),
+                ("SCOPE", "scope"),
+            ],
+        ),
+        Command::Cred(CredCommand::Revoke { id, .. }) => {
+            println!("revoked {id} versions {}", plain(&data["revoked_versions"]))
+        }
+        Command::Cred(CredCommand::Delete { id }) => {
+            println!("deleted {id}; its wrapped data keys are destroyed")
+        }
+        Command::Client(ClientCommand::Add { .. }) => {
+            println!("id     {}", plain(&data["id"]));
+            println!("token  {}", plain(&data["token"]));
+            println!("store the token now: it is not shown again (only its hash is kept)");
+        }
+        Command::Client(ClientCommand::List { .. }) => table(
+            &rows(data),
+            &[
+                ("ID", "id"),
+                ("TENANT", "tenant"),
+                ("NAME", "name"),
+                ("TEAM", "team"),
+                ("UID", "uid"),
+                ("STATE", "state"),
+                ("WORKFLOWS", "workflows"),
+                ("CREATED", "created_at"),
+            ],
+        ),
+        Command::Client(ClientCommand::Revoke { id }) => println!("revoked client {id}"),
+        Command::Audit(AuditCommand::Query(_)) | Command::Audit(AuditCommand::Lifecycle { .. }) => {
+            table(
+                &rows(data),
+                &[
+                    ("SEQ", "seq"),
+                    ("TIME", "time"),
+                    ("EVENT", "event"),
+                    ("CALL_ID", "call_id"),
+                    ("TENANT", "tenant"),
+                    ("CLIENT", "client_id"),
+                    ("TARGET", "target"),
+                    ("MODEL", "model"),
+                    ("CREDENTIAL", "credential_id"),
+                    ("VER", "credential_version"),
+                    ("STATUS", "upstream_status"),
+                    ("DETAIL", "detail"),
+                ],
+            )
+        }
+        Command::Audit(AuditCommand::Verify) => {
+            let (ok, text) = verify_outcome(data)?;
+            if ok {
+                println!("{text}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads a verify report; a broken chain is a failure (exit 1).
+fn verify_outcome(data: &Value) -> Result<(bool, String), Failure> {
+    let rows = plain(&data["rows_checked"]);
+    if data["ok"].as_bool() == Some(true) {
+        Ok((true, format!("audit trail ok: {rows} rows checked")))
+    } else {
+        Err(Failure(
+            1,
+            format!(
+                "audit trail FAILED verification at seq {}: {} ({rows} rows checked)",
+                plain(&data["first_bad_seq"]),
+                plain(&data["reason"])
+            ),
+        ))
+    }
+}
+
+fn plain(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) => {
+            if items.is_empty() {
+                "-".into()
+            } else {
+                items.iter().map(plain).collect::<Vec<_>>().join(",")
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+fn table(rows: &[Value], columns: &[(&str, &str)]) {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| columns.iter().map(|(_, key)| plain(&r[*key])).collect())
+        .collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (title, _))| {
+            cells
+                .iter()
+                .map(|row| row[i].chars().count())
+                .max()
+                .unwrap_or(0)
+                .max(title.len())
+        })
+        .collect();
+    let line = |items: Vec<&str>| {
+        let mut out = String::new();
+        for (i, item) in items.iter().enumerate() {
+            if i + 1 == items.len() {
+                out.push_str(item);
+            } else {
+                out.push_str(&format!("{item:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(columns.iter().map(|(t, _)| *t).collect());
+    for row in &cells {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

@@ -1,1 +1,480 @@
-//! daemon (to be written)
+//! `keyward serve`: validate the config, harden the process, load the master key, open the
+//! store and the audit trail, take or bind the sockets, serve, and drain on SIGTERM.
+//!
+//! Everything that can fail because of the operator's input fails here, before any socket is
+//! bound. `daemon` wires modules together and holds no request logic.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::audit::{Audit, Event, EventKind};
+use crate::catalog::{Catalog, CatalogHandle};
+use crate::config::{Config, process_env};
+use crate::harden::{MemoryLock, harden};
+use crate::proxy::upstream::Upstream;
+use crate::seal::{MasterKey, MasterKeySource, load_master_key};
+use crate::store::{self, Store, StoreError};
+
+/// Options of `keyward serve`.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// `--config FILE`.
+    pub config: Option<PathBuf>,
+    /// `--master-key-file FILE`.
+    pub master_key_file: Option<PathBuf>,
+    /// `--dev`: print a ready-to-use client token and a sample request.
+    pub dev: bool,
+}
+
+/// Why `serve` could not start. Each message names what to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The master key could not be loaded.
+    #[error(transparent)]
+    MasterKey(#[from] crate::seal::SealError),
+    /// The store could not be opened (including a wrong master key).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The audit trail could not be opened.
+    #[error("audit trail: {0}")]
+    Audit(#[from] crate::audit::AuditError),
+    /// The upstream TLS setup failed.
+    #[error("upstream TLS setup: {0}")]
+    Upstream(String),
+    /// A socket could not be bound.
+    #[error("cannot listen on {path}: {reason}")]
+    Bind {
+        /// The socket path or address.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Socket activation was malformed.
+    #[error("socket activation: {0}")]
+    Activation(#[from] crate::systemd::SystemdError),
+    /// The async runtime could not start.
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Everything a running daemon shares between its data plane and admin socket.
+pub struct State {
+    /// The validated configuration.
+    pub config: Config,
+    /// The master key, in locked memory.
+    pub master: MasterKey,
+    /// Where the master key came from (printed by `status`).
+    pub master_key_source: String,
+    /// What memory locking achieved (printed by `status`).
+    pub memory_lock: String,
+    /// The credential store.
+    pub store: Store,
+    /// The in-memory catalog the data plane reads.
+    pub catalog: CatalogHandle,
+    /// The audit trail.
+    pub audit: Audit,
+    /// Pooled upstream TLS clients.
+    pub upstream: Upstream,
+    /// Start time.
+    pub started: Instant,
+    /// The runtime, for blocking admin work that must await the audit writer.
+    pub runtime: tokio::runtime::Handle,
+    /// Data-plane requests being served now.
+    in_flight: AtomicUsize,
+    /// Permits for `limits.max_concurrent_requests`; a request without one gets 503.
+    pub limiter: tokio::sync::Semaphore,
+    /// Round-robin counter for pools of equal priority.
+    pub rotation: AtomicUsize,
+}
+
+impl State {
+    /// Rebuilds the catalog from the store after a change.
+    pub fn reload_catalog(&self) -> Result<(), StoreError> {
+        self.catalog.replace(Catalog::build(self.store.snapshot()?));
+        Ok(())
+    }
+
+    /// Requests being served now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request in flight until the guard drops.
+    pub fn track_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+}
+
+/// Decrements the in-flight count on drop.
+pub struct InFlight(Arc<State>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Sockets taken over from systemd or bound by us, still synchronous.
+struct Listeners {
+    data: std::os::unix::net::UnixListener,
+    admin: std::os::unix::net::UnixListener,
+    tcp: Option<std::net::TcpListener>,
+    activated: bool,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Returns after a drain.
+pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
+    let mut config = Config::load(options.config.as_deref(), &process_env)?;
+    if options.master_key_file.is_some() {
+        config.master_key_file = options.master_key_file.clone();
+    }
+    check_socket_group(&config)?;
+    crate::logging::init();
+    // Before any secret is read: no core dumps, no ptrace by same-uid processes, locked memory.
+    let hardening = harden(config.lock_memory);
+    let memory_lock = match &hardening.memory {
+        MemoryLock::All => "all (mlockall)".to_string(),
+        MemoryLock::SecretsOnly => "secret pages".to_string(),
+        MemoryLock::FellBackToSecrets(why) => {
+            eprintln!(
+                "warning: lock_memory = \"all\" is not available: {why}; locking secret pages only"
+            );
+            "secret pages (fallback)".to_string()
+        }
+    };
+    std::fs::create_dir_all(&config.state_dir).map_err(|e| StoreError::Io {
+        path: config.state_dir.display().to_string(),
+        source: e,
+    })?;
+    let _ = std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700));
+    let (master, source) = load_master_key(
+        config.master_key_file.as_deref(),
+        &config.state_dir,
+        config.require_external_master_key,
+    )?;
+    if let MasterKeySource::Generated(path) = &source {
+        eprintln!(
+            "\n*** WARNING: generated a new master key at {} ***\n\
+             Anyone who can read this file and the database can decrypt every stored key.\n\
+             For production, keep the master key outside the state directory (master_key_file,\n\
+             systemd LoadCredential=master-key:..., or $KEYWARD_MASTER_KEY) and set\n\
+             require_external_master_key = true.\n",
+            path.display()
+        );
+    }
+    let store = Store::open(&config.state_dir, &master)?;
+    let audit = Audit::open(
+        &config.state_dir,
+        &master,
+        config.audit_sync,
+        config.audit_retention,
+    )?;
+    let listeners = take_or_bind(&config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("keyward")
+        .build()
+        .map_err(ServeError::Runtime)?;
+    let catalog = CatalogHandle::new(Catalog::build(store.snapshot()?));
+    let upstream = {
+        let _guard = runtime.enter();
+        Upstream::new(&config.targets, &config.limits)
+            .map_err(|e| ServeError::Upstream(e.to_string()))?
+    };
+    let state = Arc::new(State {
+        master_key_source: source.to_string(),
+        memory_lock,
+        master,
+        store,
+        catalog,
+        audit,
+        upstream,
+        started: Instant::now(),
+        runtime: runtime.handle().clone(),
+        in_flight: AtomicUsize::new(0),
+        limiter: tokio::sync::Semaphore::new(config.limits.max_concurrent_requests),
+        rotation: AtomicUsize::new(0),
+        config,
+    });
+    print_banner(&state, &hardening, listeners.activated);
+    if options.dev {
+        runtime.block_on(dev_mode(&state));
+    }
+    runtime.block_on(run(state, listeners))
+}
+
+fn check_socket_group(config: &Config) -> Result<(), ServeError> {
+    if let Some(group) = &config.socket_group {
+        match nix::unistd::Group::from_name(group) {
+            Ok(Some(_)) => {}
+            _ => {
+                return Err(crate::config::ConfigError::Value {
+                    origin: config.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                    key: "socket_group".into(),
+                    reason: format!("group `{group}` does not exist (create it with groupadd, or remove the key)"),
+                }
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn take_or_bind(config: &Config) -> Result<Listeners, ServeError> {
+    let activated = crate::systemd::listen_fds()?;
+    let tcp = match config.listen_tcp {
+        None => None,
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|_| l))
+                .map_err(|e| ServeError::Bind {
+                    path: addr.to_string(),
+                    reason: e.to_string(),
+                })?,
+        ),
+    };
+    let was_activated = !activated.is_empty();
+    let data = match activated.data {
+        Some(l) => l,
+        None => bind_unix(&config.socket, 0o660, config.socket_group.as_deref())?,
+    };
+    let admin = match activated.admin {
+        Some(l) => l,
+        None => bind_unix(&config.admin_socket, 0o600, None)?,
+    };
+    Ok(Listeners {
+        data,
+        admin,
+        tcp,
+        activated: was_activated,
+    })
+}
+
+/// Binds a Unix socket with `mode` from the first instant (umask), replacing a stale socket
+/// file but refusing to steal one a live daemon is serving.
+fn bind_unix(
+    path: &Path,
+    mode: u32,
+    group: Option<&str>,
+) -> Result<std::os::unix::net::UnixListener, ServeError> {
+    let bind_err = |reason: String| ServeError::Bind {
+        path: path.display().to_string(),
+        reason,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| bind_err(format!("cannot create {}: {e}", parent.display())))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(bind_err(
+                "another process is serving on it (is keyward already running?)".into(),
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| bind_err(format!("cannot remove the stale socket file: {e}")))?;
+    }
+    let mask = nix::sys::stat::Mode::from_bits_truncate(0o777 & !mode);
+    let previous = nix::sys::stat::umask(mask);
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    nix::sys::stat::umask(previous);
+    let listener = bound.map_err(|e| bind_err(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| bind_err(e.to_string()))?;
+    if let Some(group) = group
+        && let Ok(Some(g)) = nix::unistd::Group::from_name(group)
+    {
+        nix::unistd::chown(path, None, Some(g.gid))
+            .map_err(|e| bind_err(format!("chown to group {group}: {e}")))?;
+    }
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| bind_err(e.to_string()))?;
+    Ok(listener)
+}
+
+fn print_banner(state: &State, hardening: &crate::harden::Hardening, activated: bool) {
+    let c = &state.config;
+    let how = if activated { " (socket-activated)" } else { "" };
+    println!("keyward {} serving{how}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "  config        {}",
+        c.source
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or("(none: embedded defaults)".into())
+    );
+    println!("  state dir     {}", c.state_dir.display());
+    println!("  database      {}", state.store.path().display());
+    println!("  audit         {}", c.state_dir.join("audit.db").display());
+    println!("  data socket   {} (0660)", c.socket.display());
+    println!("  admin socket  {} (0600)", c.admin_socket.display());
+    if let Some(addr) = c.listen_tcp {
+        println!("  tcp           {addr} (client tokens only)");
+    }
+    println!("  master key    {}", state.master_key_source);
+    println!(
+        "  hardening     core dumps {}, memory locked: {}",
+        if hardening.not_dumpable && hardening.no_core {
+            "off"
+        } else {
+            "NOT fully off"
+        },
+        state.memory_lock
+    );
+}
+
+/// `--dev`: a tenant `dev` and a fresh client, with its token and a sample request printed.
+async fn dev_mode(state: &Arc<State>) {
+    let st = state.clone();
+    let made = tokio::task::spawn_blocking(move || crate::admin::dev_client(&st)).await;
+    match made {
+        Ok(Ok(token)) => {
+            println!("\ndev mode: a client of tenant `dev` (token shown once):\n  {token}");
+            println!(
+                "add a provider key for it:\n  printf %s \"$OPENAI_API_KEY\" | keyward cred add --tenant dev --target openai --name dev"
+            );
+            println!(
+                "then call through keyward:\n  curl --unix-socket {} http://keyward/openai/v1/chat/completions \\\n    -H 'Authorization: Bearer {token}' -H 'content-type: application/json' \\\n    -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'\n",
+                state.config.socket.display()
+            );
+        }
+        Ok(Err(e)) => eprintln!("dev mode: could not create a client: {}", e.0),
+        Err(e) => eprintln!("dev mode: {e}"),
+    }
+}
+
+async fn run(state: Arc<State>, listeners: Listeners) -> Result<(), ServeError> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let admin =
+        tokio::net::UnixListener::from_std(listeners.admin).map_err(|e| ServeError::Bind {
+            path: "admin socket".into(),
+            reason: e.to_string(),
+        })?;
+    let data =
+        tokio::net::UnixListener::from_std(listeners.data).map_err(|e| ServeError::Bind {
+            path: "data socket".into(),
+            reason: e.to_string(),
+        })?;
+    let admin_task = tokio::spawn(crate::admin::serve(
+        admin,
+        state.clone(),
+        wait_stop(stop_rx.clone()),
+    ));
+    let data_task = tokio::spawn(crate::proxy::server::serve_unix(
+        data,
+        state.clone(),
+        stop_rx.clone(),
+    ));
+    let tcp_task = match listeners.tcp {
+        Some(l) => {
+            let l = tokio::net::TcpListener::from_std(l).map_err(|e| ServeError::Bind {
+                path: "tcp".into(),
+                reason: e.to_string(),
+            })?;
+            Some(tokio::spawn(crate::proxy::server::serve_tcp(
+                l,
+                state.clone(),
+                stop_rx.clone(),
+            )))
+        }
+        None => None,
+    };
+    let retire_task = tokio::spawn(retire_loop(state.clone(), stop_rx.clone()));
+    let _ = crate::systemd::notify("READY=1");
+
+    let signal = shutdown_signal().await;
+    tracing::info!(
+        signal,
+        "shutting down: no new connections, draining in-flight requests"
+    );
+    let _ = crate::systemd::notify("STOPPING=1");
+    let _ = stop_tx.send(true);
+    let grace = state.config.limits.shutdown_grace;
+    let drained = tokio::time::timeout(grace, async {
+        let _ = data_task.await;
+        if let Some(t) = tcp_task {
+            let _ = t.await;
+        }
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("drained: every in-flight request finished"),
+        Err(_) => tracing::warn!(
+            in_flight = state.in_flight(),
+            ?grace,
+            "grace period over: exiting with requests in flight"
+        ),
+    }
+    let _ = admin_task.await;
+    let _ = retire_task.await;
+    state.audit.flush().await;
+    Ok(())
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Retires versions whose rotation overlap has ended, on time even without traffic.
+async fn retire_loop(state: Arc<State>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = crate::proxy::server::stopped(&mut stop) => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let st = state.clone();
+        let result = tokio::task::spawn_blocking(move || retire_due(&st)).await;
+        if let Ok(Err(e)) = result {
+            tracing::warn!(error = %e, "retiring overlapped credential versions failed; will retry");
+        }
+    }
+}
+
+fn retire_due(state: &State) -> Result<(), StoreError> {
+    let now = crate::units::now_unix();
+    let retired = state.store.write(|tx| {
+        let retired = store::retire_due(tx, now)?;
+        for (cred_id, version) in &retired {
+            let cred = store::credential(tx, cred_id)?;
+            let tenant = state
+                .catalog
+                .load()
+                .tenant(&cred.tenant_id)
+                .map(|t| t.name.clone());
+            state
+                .runtime
+                .block_on(state.audit.commit(Event {
+                    tenant,
+                    target: Some(cred.target.clone()),
+                    credential_id: Some(cred_id.clone()),
+                    credential_version: Some(*version),
+                    detail: Some("rotation overlap ended".into()),
+                    ..Event::new(EventKind::CredentialRetired)
+                }))
+                .map_err(|e| StoreError::Conflict(format!("audit unavailable: {e}")))?;
+        }
+        Ok(retired)
+    })?;
+    if !retired.is_empty() {
+        state.reload_catalog()?;
+    }
+    Ok(())
+}

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod harden;
+pub mod logging;
 pub mod providers;
 pub mod proxy;
 pub mod scope;

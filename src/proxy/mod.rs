@@ -6,4 +6,5 @@
 pub mod error;
 pub mod route;
 pub mod scrub;
+pub mod server;
 pub mod upstream;

@@ -1,3 +1,419 @@
-//! Request attributes (target, model, capability) and credential selection. Pure: no I/O.
+//! Request attributes (target, model, capability) and credential selection: which keys of the
+//! caller's tenant may serve this request, in the order to try them. Pure: no I/O, no secrets.
 
 pub mod attrs;
+
+use std::sync::Arc;
+
+use crate::auth::Principal;
+use crate::catalog::{Catalog, VersionState, version_state};
+use crate::store::{CredentialRow, TenantRow, VersionRow};
+use attrs::Capability;
+
+/// What a request asks for, as far as scope is concerned.
+#[derive(Debug, Clone)]
+pub struct RequestAttrs {
+    /// Target name.
+    pub target: String,
+    /// Model, when the family names one.
+    pub model: Option<String>,
+    /// Capability read from the path.
+    pub capability: Capability,
+}
+
+/// One credential version that may serve the request.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// The credential.
+    pub credential: Arc<CredentialRow>,
+    /// Index into `credential.versions`.
+    pub version_index: usize,
+    /// Past the tenant's max key age, served because the policy is `warn`.
+    pub expired_warn: bool,
+    /// A superseded version inside its rotation overlap (fallback only).
+    pub overlapping: bool,
+}
+
+impl Candidate {
+    /// The version row.
+    pub fn version(&self) -> &VersionRow {
+        &self.credential.versions[self.version_index]
+    }
+}
+
+/// Why no credential may serve the request; decided before anything goes upstream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Denial {
+    /// No credential allows this attribute value.
+    #[error("{message}")]
+    Scope {
+        /// target, model, capability, team, workflow or state.
+        attribute: &'static str,
+        /// What failed, naming the attribute and value.
+        message: String,
+    },
+    /// The only matching keys are past the tenant's max key age and the policy is `deny`.
+    #[error("{0}")]
+    Policy(String),
+}
+
+/// Matches `*` (any run) and `?` (one character) globs, case-sensitively.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+fn allows(list: &[String], value: Option<&str>, matches: impl Fn(&str, &str) -> bool) -> bool {
+    list.is_empty() || value.is_some_and(|v| list.iter().any(|item| matches(item, v)))
+}
+
+/// The candidates for a request, best first: live current versions ordered by priority (equal
+/// priorities rotated by `rotation` for round-robin), then overlapping versions as fallback.
+pub fn select(
+    catalog: &Catalog,
+    principal: &Principal,
+    attrs: &RequestAttrs,
+    now: i64,
+    rotation: usize,
+) -> Result<Vec<Candidate>, Denial> {
+    let tenant = catalog.tenant(&principal.tenant_id);
+    let mut creds: Vec<&Arc<CredentialRow>> = catalog
+        .credentials(&principal.tenant_id)
+        .iter()
+        .filter(|c| c.target == attrs.target && c.revoked_at.is_none())
+        .collect();
+    let deny = |attribute: &'static str, message: String| Denial::Scope { attribute, message };
+    if creds.is_empty() {
+        return Err(deny(
+            "target",
+            format!(
+                "tenant `{}` has no credential for target `{}`",
+                principal.tenant_name, attrs.target
+            ),
+        ));
+    }
+    let model = attrs.model.as_deref();
+    creds.retain(|c| allows(&c.models, model, glob_match));
+    if creds.is_empty() {
+        return Err(deny(
+            "model",
+            match model {
+                Some(m) => format!(
+                    "model `{m}` is not allowed by any credential of this tenant for target `{}`",
+                    attrs.target
+                ),
+                None => format!(
+                    "the request names no model, and every credential for target `{}` is limited to certain models",
+                    attrs.target
+                ),
+            },
+        ));
+    }
+    let cap = attrs.capability.as_str();
+    creds.retain(|c| allows(&c.capabilities, Some(cap), |a, b| a == b));
+    if creds.is_empty() {
+        return Err(deny(
+            "capability",
+            format!(
+                "capability `{cap}` is not allowed by any credential for target `{}`",
+                attrs.target
+            ),
+        ));
+    }
+    let team = principal.team.as_deref();
+    creds.retain(|c| allows(&c.teams, team, |a, b| a == b));
+    if creds.is_empty() {
+        return Err(deny(
+            "team",
+            match team {
+                Some(t) => format!(
+                    "team `{t}` may not use the credentials for target `{}`",
+                    attrs.target
+                ),
+                None => format!(
+                    "the credentials for target `{}` are limited to teams and this client has none",
+                    attrs.target
+                ),
+            },
+        ));
+    }
+    let workflow = principal.workflow.as_deref();
+    creds.retain(|c| allows(&c.workflows, workflow, |a, b| a == b));
+    if creds.is_empty() {
+        return Err(deny(
+            "workflow",
+            match workflow {
+                Some(w) => format!(
+                    "workflow `{w}` may not use the credentials for target `{}`",
+                    attrs.target
+                ),
+                None => format!(
+                    "the credentials for target `{}` are limited to workflows: send header keyward-workflow",
+                    attrs.target
+                ),
+            },
+        ));
+    }
+    let candidates = live_versions(&creds, tenant.map(Arc::as_ref), now)?;
+    Ok(order(candidates, rotation))
+}
+
+fn live_versions(
+    creds: &[&Arc<CredentialRow>],
+    tenant: Option<&TenantRow>,
+    now: i64,
+) -> Result<Vec<Candidate>, Denial> {
+    let max_age = tenant.and_then(|t| t.max_key_age_s);
+    let warn = tenant.is_some_and(|t| t.on_expiry == "warn");
+    let mut live = Vec::new();
+    let mut expired_only = false;
+    for cred in creds {
+        for (i, v) in cred.versions.iter().enumerate() {
+            let state = version_state(cred, v, now);
+            if !matches!(state, VersionState::Current | VersionState::Overlapping) {
+                continue;
+            }
+            let expired = max_age.is_some_and(|max| now - v.created_at > max);
+            if expired && !warn {
+                expired_only = true;
+                continue;
+            }
+            live.push(Candidate {
+                credential: (*cred).clone(),
+                version_index: i,
+                expired_warn: expired,
+                overlapping: state == VersionState::Overlapping,
+            });
+        }
+    }
+    if live.is_empty() {
+        if expired_only {
+            return Err(Denial::Policy(
+                "every credential that matches is older than the tenant's max key age (policy: deny); rotate it with `keyward cred rotate`".into(),
+            ));
+        }
+        return Err(Denial::Scope {
+            attribute: "state",
+            message: "no active credential version matches (all are revoked or retired)".into(),
+        });
+    }
+    Ok(live)
+}
+
+/// Current before overlapping; within each, by priority; equal priorities rotated.
+fn order(mut candidates: Vec<Candidate>, rotation: usize) -> Vec<Candidate> {
+    candidates.sort_by(|a, b| {
+        (
+            a.overlapping,
+            a.credential.priority,
+            &a.credential.id,
+            a.version().version,
+        )
+            .cmp(&(
+                b.overlapping,
+                b.credential.priority,
+                &b.credential.id,
+                b.version().version,
+            ))
+    });
+    let mut out = Vec::with_capacity(candidates.len());
+    let mut start = 0;
+    while start < candidates.len() {
+        let key = (
+            candidates[start].overlapping,
+            candidates[start].credential.priority,
+        );
+        let end = candidates[start..]
+            .iter()
+            .position(|c| (c.overlapping, c.credential.priority) != key)
+            .map_or(candidates.len(), |n| start + n);
+        let group = &mut candidates[start..end];
+        let len = group.len();
+        group.rotate_left(rotation % len);
+        out.extend_from_slice(group);
+        start = end;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Snapshot, TenantRow};
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("gpt-4o*", "gpt-4o-mini"));
+        assert!(glob_match("gpt-4o*", "gpt-4o"));
+        assert!(!glob_match("gpt-4o*", "gpt-4"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("claude-?-*", "claude-3-opus"));
+        assert!(!glob_match("gpt-4o", "gpt-4o-mini"));
+        assert!(glob_match("*mini", "gpt-4o-mini"));
+        assert!(glob_match("a*b*c", "aXXbYYc"));
+        assert!(!glob_match("a*b*c", "aXXbYY"));
+    }
+
+    fn version(v: u32, created_at: i64, overlap_until: Option<i64>) -> VersionRow {
+        VersionRow {
+            version: v,
+            wrapped_data_key: vec![],
+            ciphertext: vec![],
+            preview: String::new(),
+            created_at,
+            overlap_until,
+            retired_at: None,
+            revoked_at: None,
+        }
+    }
+
+    fn cred(id: &str, priority: i64, models: &[&str], versions: Vec<VersionRow>) -> CredentialRow {
+        CredentialRow {
+            id: id.into(),
+            tenant_id: "t".into(),
+            target: "openai".into(),
+            name: id.into(),
+            models: models.iter().map(|s| s.to_string()).collect(),
+            capabilities: vec![],
+            teams: vec![],
+            workflows: vec![],
+            priority,
+            created_at: 0,
+            revoked_at: None,
+            versions,
+        }
+    }
+
+    fn setup(creds: Vec<CredentialRow>, max_age: Option<i64>, on_expiry: &str) -> Catalog {
+        Catalog::build(Snapshot {
+            tenants: vec![TenantRow {
+                id: "t".into(),
+                name: "acme".into(),
+                wrapped_key: vec![],
+                wrapped_fp_key: vec![],
+                max_key_age_s: max_age,
+                on_expiry: on_expiry.into(),
+                rotation_overlap_s: None,
+                created_at: 0,
+            }],
+            clients: vec![],
+            credentials: creds,
+        })
+    }
+
+    fn principal() -> Principal {
+        Principal {
+            client_id: "c".into(),
+            tenant_id: "t".into(),
+            tenant_name: "acme".into(),
+            team: None,
+            workflow: None,
+            peer: None,
+        }
+    }
+
+    fn attrs(model: Option<&str>) -> RequestAttrs {
+        RequestAttrs {
+            target: "openai".into(),
+            model: model.map(String::from),
+            capability: Capability::Chat,
+        }
+    }
+
+    #[test]
+    fn denial_names_the_failing_attribute() {
+        let cat = setup(
+            vec![cred("a", 1, &["gpt-4o*"], vec![version(1, 0, None)])],
+            None,
+            "deny",
+        );
+        let err = select(&cat, &principal(), &attrs(Some("o1")), 10, 0).unwrap_err();
+        assert!(
+            matches!(&err, Denial::Scope { attribute: "model", message } if message.contains("`o1`")),
+            "{err:?}"
+        );
+        let mut other = attrs(Some("gpt-4o"));
+        other.target = "anthropic".into();
+        assert!(matches!(
+            select(&cat, &principal(), &other, 10, 0),
+            Err(Denial::Scope {
+                attribute: "target",
+                ..
+            })
+        ));
+        assert_eq!(
+            select(&cat, &principal(), &attrs(Some("gpt-4o")), 10, 0)
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn priority_then_round_robin_then_overlap() {
+        let cat = setup(
+            vec![
+                cred("a", 1, &[], vec![version(1, 0, None)]),
+                cred(
+                    "b",
+                    1,
+                    &[],
+                    vec![version(1, 0, Some(100)), version(2, 0, None)],
+                ),
+                cred("c", 2, &[], vec![version(1, 0, None)]),
+            ],
+            None,
+            "deny",
+        );
+        let ids = |r: usize| {
+            select(&cat, &principal(), &attrs(None), 10, r)
+                .unwrap()
+                .iter()
+                .map(|c| format!("{}/v{}", c.credential.id, c.version().version))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(0), ["a/v1", "b/v2", "c/v1", "b/v1"]);
+        assert_eq!(ids(1), ["b/v2", "a/v1", "c/v1", "b/v1"]);
+        // After the overlap ends, the old version is no longer offered.
+        let later = select(&cat, &principal(), &attrs(None), 100, 0).unwrap();
+        assert_eq!(later.len(), 3);
+    }
+
+    #[test]
+    fn max_key_age_deny_and_warn() {
+        let creds = || vec![cred("a", 1, &[], vec![version(1, 0, None)])];
+        let deny = setup(creds(), Some(50), "deny");
+        assert!(matches!(
+            select(&deny, &principal(), &attrs(None), 100, 0),
+            Err(Denial::Policy(_))
+        ));
+        assert_eq!(
+            select(&deny, &principal(), &attrs(None), 10, 0)
+                .unwrap()
+                .len(),
+            1
+        );
+        let warn = setup(creds(), Some(50), "warn");
+        let c = select(&warn, &principal(), &attrs(None), 100, 0).unwrap();
+        assert!(c[0].expired_warn);
+    }
+}
