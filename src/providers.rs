@@ -1,7 +1,22 @@
-//! Provider targets: the built-in presets, config overrides and custom targets, and one pure
-//! injection function per auth scheme. No I/O here.
+//! Provider targets: the built-in presets of SPEC §4, config overrides and custom targets, their
+//! validation, and the one pure function that prepares upstream request headers and injects a
+//! key (pingora's `upstream_request_filter`, without the I/O).
+//!
+//! `providers` must not do I/O beyond reading a target's `ca_file` while the config is
+//! validated, must not choose credentials, and must never put key bytes in an error, a log line
+//! or a `Debug` string.
 
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme, Uri};
+use zeroize::Zeroizing;
+
+use crate::seal::Secret;
 
 /// A `[targets.NAME]` table from the config file: overrides a preset, or defines a target.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
@@ -19,12 +34,128 @@ pub struct TargetSpec {
     pub ca_file: Option<PathBuf>,
 }
 
+/// How a target's requests are read for model and capability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// OpenAI-compatible: model in the JSON body.
+    OpenAi,
+    /// Anthropic Messages API: model in the JSON body.
+    Anthropic,
+    /// Google Gemini: model in the path (`/v1beta/models/{model}:{method}`).
+    Gemini,
+    /// Azure OpenAI: deployment in the path (`/openai/deployments/{deployment}/...`).
+    Azure,
+    /// Opaque upstream: no model, capability `other`.
+    None,
+}
+
+impl Family {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::OpenAi => "openai",
+            Family::Anthropic => "anthropic",
+            Family::Gemini => "gemini",
+            Family::Azure => "azure",
+            Family::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A family name that is not one of openai|anthropic|gemini|azure|none.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("unknown family `{0}`: use one of openai, anthropic, gemini, azure, none")]
+pub struct UnknownFamily(pub String);
+
+impl FromStr for Family {
+    type Err = UnknownFamily;
+
+    fn from_str(s: &str) -> Result<Family, UnknownFamily> {
+        Ok(match s {
+            "openai" => Family::OpenAi,
+            "anthropic" => Family::Anthropic,
+            "gemini" => Family::Gemini,
+            "azure" => Family::Azure,
+            "none" => Family::None,
+            other => return Err(UnknownFamily(other.to_string())),
+        })
+    }
+}
+
+/// Where a target's requests go. Only these parts ever decide the upstream scheme, host and
+/// port; the request contributes nothing but a validated path and query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `http` (loopback only) or `https`.
+    pub scheme: Scheme,
+    /// `host[:port]` exactly as configured (the port is omitted when it is the default).
+    pub authority: Authority,
+    /// Host name or IP address without IPv6 brackets, for TLS server name checks.
+    pub host: String,
+    /// Port to connect to (the scheme default when the URL gives none).
+    pub port: u16,
+    /// Path prefix without a trailing slash (`""` or `/openai`, `/api`, ...).
+    pub path_prefix: String,
+}
+
+impl Upstream {
+    /// Whether the connection uses TLS.
+    pub fn is_https(&self) -> bool {
+        self.scheme == Scheme::HTTPS
+    }
+}
+
+/// How the key is presented to the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthScheme {
+    /// The key goes into `header` as `prefix{key}suffix`.
+    Header {
+        /// Header name (lowercase).
+        header: HeaderName,
+        /// Template text before `{key}`.
+        prefix: String,
+        /// Template text after `{key}`.
+        suffix: String,
+    },
+    /// The upstream takes no key (e.g. a local ollama).
+    None,
+}
+
+/// One upstream keyward can reach, fully validated.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The name used in request paths (`/{name}/...`) and credentials.
+    pub name: String,
+    /// Scheme, authority and path prefix of the upstream.
+    pub upstream: Upstream,
+    /// How the key is injected.
+    pub auth: AuthScheme,
+    /// How model and capability are read.
+    pub family: Family,
+    /// Extra PEM CA bundle trusted for this target, besides the web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    /// Headers added when the app did not send them.
+    pub default_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
 /// Every target keyward can reach: presets merged with the config's `[targets.*]`.
 #[derive(Debug, Clone, Default)]
-pub struct Targets {}
+pub struct Targets {
+    /// Usable targets by name.
+    by_name: BTreeMap<String, Target>,
+    /// Presets that exist but need configuration before use, with the reason.
+    unconfigured: BTreeMap<String, String>,
+}
 
 /// A `[targets.*]` entry that cannot be used; `key` is the dotted config key.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{key}: {reason}")]
 pub struct TargetConfigError {
     /// Dotted config key, e.g. `targets.azure-openai.base_url`.
     pub key: String,
@@ -32,11 +163,1116 @@ pub struct TargetConfigError {
     pub reason: String,
 }
 
+/// Why a request's target name cannot be served.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum TargetLookupError {
+    /// No preset or configured target has this name.
+    #[error(
+        "unknown target `{name}`: use a preset ({presets}) or define [targets.{name}] in the config"
+    )]
+    Unknown {
+        /// The requested name.
+        name: String,
+        /// The preset names, comma-separated.
+        presets: String,
+    },
+    /// A preset that cannot be used until the config completes it.
+    #[error("target `{name}` is not configured: {reason}")]
+    NotConfigured {
+        /// The requested name.
+        name: String,
+        /// What the operator must add.
+        reason: String,
+    },
+}
+
+/// The key could not be injected. Never carries key bytes.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum InjectError {
+    /// The stored key contains bytes that cannot appear in an HTTP header value.
+    #[error(
+        "the credential for target `{target}` contains bytes that are not allowed in the \
+         `{header}` header (control characters or newlines); rotate it with the exact key text"
+    )]
+    InvalidKeyBytes {
+        /// The target name.
+        target: String,
+        /// The auth header name.
+        header: String,
+    },
+}
+
+// === impl Targets ===
+
+/// `(name, base_url, auth header, auth format, family)`; `None` base URL means it must be
+/// configured.
+type Preset = (
+    &'static str,
+    Option<&'static str>,
+    Option<(&'static str, &'static str)>,
+    Family,
+);
+
+const BEARER: Option<(&str, &str)> = Some(("authorization", "Bearer {key}"));
+
+/// SPEC §4 presets.
+const PRESETS: &[Preset] = &[
+    (
+        "openai",
+        Some("https://api.openai.com"),
+        BEARER,
+        Family::OpenAi,
+    ),
+    (
+        "anthropic",
+        Some("https://api.anthropic.com"),
+        Some(("x-api-key", "{key}")),
+        Family::Anthropic,
+    ),
+    (
+        "gemini",
+        Some("https://generativelanguage.googleapis.com"),
+        Some(("x-goog-api-key", "{key}")),
+        Family::Gemini,
+    ),
+    (
+        "azure-openai",
+        None,
+        Some(("api-key", "{key}")),
+        Family::Azure,
+    ),
+    (
+        "mistral",
+        Some("https://api.mistral.ai"),
+        BEARER,
+        Family::OpenAi,
+    ),
+    (
+        "cohere",
+        Some("https://api.cohere.com"),
+        BEARER,
+        Family::OpenAi,
+    ),
+    (
+        "groq",
+        Some("https://api.groq.com/openai"),
+        BEARER,
+        Family::OpenAi,
+    ),
+    (
+        "openrouter",
+        Some("https://openrouter.ai/api"),
+        BEARER,
+        Family::OpenAi,
+    ),
+    (
+        "deepseek",
+        Some("https://api.deepseek.com"),
+        BEARER,
+        Family::OpenAi,
+    ),
+    ("xai", Some("https://api.x.ai"), BEARER, Family::OpenAi),
+    (
+        "together",
+        Some("https://api.together.xyz"),
+        BEARER,
+        Family::OpenAi,
+    ),
+    (
+        "ollama",
+        Some("http://127.0.0.1:11434"),
+        None,
+        Family::OpenAi,
+    ),
+];
+
+const AZURE_HINT: &str = "set it to https://YOUR-RESOURCE.openai.azure.com";
+
 impl Targets {
     /// Merges presets with config overrides and custom targets, validating each.
-    pub fn resolve(
-        _specs: &std::collections::BTreeMap<String, TargetSpec>,
-    ) -> Result<Targets, TargetConfigError> {
-        Ok(Targets {})
+    pub fn resolve(specs: &BTreeMap<String, TargetSpec>) -> Result<Targets, TargetConfigError> {
+        let mut targets = Targets::default();
+        for &(name, base, auth, family) in PRESETS {
+            let spec = specs.get(name);
+            let base_url = spec.and_then(|s| s.base_url.as_deref()).or(base);
+            let Some(base_url) = base_url else {
+                if spec.is_some() {
+                    return Err(err(
+                        name,
+                        "base_url",
+                        format!("target `{name}` has no default base URL; {AZURE_HINT}"),
+                    ));
+                }
+                targets.unconfigured.insert(
+                    name.to_string(),
+                    format!("add [targets.{name}] with base_url; {AZURE_HINT}"),
+                );
+                continue;
+            };
+            let spec = spec.cloned().unwrap_or_default();
+            let auth = match (
+                spec.auth_header.as_deref(),
+                spec.auth_format.as_deref(),
+                auth,
+            ) {
+                (None, None, preset) => preset.map(|(h, f)| (h.to_string(), f.to_string())),
+                (Some(h), Some(f), _) => Some((h.to_string(), f.to_string())),
+                (Some(h), None, Some((_, f))) => Some((h.to_string(), f.to_string())),
+                (None, Some(f), Some((h, _))) => Some((h.to_string(), f.to_string())),
+                (Some(_), None, None) | (None, Some(_), None) => {
+                    return Err(err(
+                        name,
+                        "auth_header",
+                        format!(
+                            "target `{name}` sends no key by default; give both auth_header \
+                             and auth_format to add one"
+                        ),
+                    ));
+                }
+            };
+            let family = match &spec.family {
+                None => family,
+                Some(f) => parse_family(name, f)?,
+            };
+            let target = build(name, base_url, auth, family, spec.ca_file.clone())?;
+            targets.by_name.insert(name.to_string(), target);
+        }
+        for (name, spec) in specs {
+            if is_preset(name) {
+                continue;
+            }
+            validate_name(name)?;
+            let Some(base_url) = spec.base_url.as_deref() else {
+                return Err(err(
+                    name,
+                    "base_url",
+                    format!(
+                        "custom target `{name}` needs base_url, like \
+                         \"https://llm.internal.example/v1\""
+                    ),
+                ));
+            };
+            let auth = match (spec.auth_header.as_deref(), spec.auth_format.as_deref()) {
+                (None, None) => None,
+                (Some(h), Some(f)) => Some((h.to_string(), f.to_string())),
+                (Some(_), None) => {
+                    return Err(err(
+                        name,
+                        "auth_format",
+                        "auth_header is set but auth_format is missing; add e.g. \
+                         auth_format = \"Bearer {key}\" (or remove both for no key)"
+                            .into(),
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(err(
+                        name,
+                        "auth_header",
+                        "auth_format is set but auth_header is missing; add e.g. \
+                         auth_header = \"Authorization\" (or remove both for no key)"
+                            .into(),
+                    ));
+                }
+            };
+            let family = match &spec.family {
+                None => Family::None,
+                Some(f) => parse_family(name, f)?,
+            };
+            let target = build(name, base_url, auth, family, spec.ca_file.clone())?;
+            targets.by_name.insert(name.clone(), target);
+        }
+        Ok(targets)
+    }
+
+    /// The target called `name`, if it is usable.
+    pub fn get(&self, name: &str) -> Option<&Target> {
+        self.by_name.get(name)
+    }
+
+    /// The target called `name`, or an error that tells the app (or operator) what is wrong.
+    pub fn lookup(&self, name: &str) -> Result<&Target, TargetLookupError> {
+        if let Some(t) = self.by_name.get(name) {
+            return Ok(t);
+        }
+        if let Some(reason) = self.unconfigured.get(name) {
+            return Err(TargetLookupError::NotConfigured {
+                name: name.to_string(),
+                reason: reason.clone(),
+            });
+        }
+        Err(TargetLookupError::Unknown {
+            name: name.chars().take(64).collect(),
+            presets: PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// Every usable target, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Target> {
+        self.by_name.values()
+    }
+}
+
+/// Whether `name` is a built-in preset (usable or not).
+pub fn is_preset(name: &str) -> bool {
+    PRESETS.iter().any(|p| p.0 == name)
+}
+
+fn err(name: &str, field: &str, reason: String) -> TargetConfigError {
+    TargetConfigError {
+        key: format!("targets.{name}.{field}"),
+        reason,
+    }
+}
+
+fn parse_family(name: &str, family: &str) -> Result<Family, TargetConfigError> {
+    family
+        .parse()
+        .map_err(|e: UnknownFamily| err(name, "family", e.to_string()))
+}
+
+fn validate_name(name: &str) -> Result<(), TargetConfigError> {
+    let ok = name.len() <= 64
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(TargetConfigError {
+            key: format!("targets.{name}"),
+            reason: format!(
+                "target name `{name}` must be 1-64 characters of a-z, 0-9, '.', '_', '-' and \
+                 start with a letter or digit"
+            ),
+        })
+    }
+}
+
+fn build(
+    name: &str,
+    base_url: &str,
+    auth: Option<(String, String)>,
+    family: Family,
+    ca_file: Option<PathBuf>,
+) -> Result<Target, TargetConfigError> {
+    let upstream = parse_base_url(base_url).map_err(|reason| err(name, "base_url", reason))?;
+    let auth = match auth {
+        None => AuthScheme::None,
+        Some((header, format)) => {
+            let header = parse_auth_header(&header).map_err(|r| err(name, "auth_header", r))?;
+            let (prefix, suffix) =
+                parse_auth_format(&format).map_err(|r| err(name, "auth_format", r))?;
+            AuthScheme::Header {
+                header,
+                prefix,
+                suffix,
+            }
+        }
+    };
+    if let Some(path) = &ca_file {
+        check_ca_file(path).map_err(|r| err(name, "ca_file", r))?;
+    }
+    let mut default_headers = Vec::new();
+    if family == Family::Anthropic {
+        default_headers.push((
+            HeaderName::from_static("anthropic-version"),
+            HeaderValue::from_static("2023-06-01"),
+        ));
+    }
+    Ok(Target {
+        name: name.to_string(),
+        upstream,
+        auth,
+        family,
+        ca_file,
+        default_headers,
+    })
+}
+
+/// Parses and checks a base URL; the error is the reason, for `targets.NAME.base_url`.
+fn parse_base_url(text: &str) -> Result<Upstream, String> {
+    let example = "write it like https://host[:port][/path]";
+    if text.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err(format!(
+            "`{text}` contains spaces or control characters; {example}"
+        ));
+    }
+    if text.contains('?') || text.contains('#') {
+        return Err(format!(
+            "`{text}` has a query or fragment; a base URL may only have scheme, host, port and \
+             path"
+        ));
+    }
+    let uri: Uri = text
+        .parse()
+        .map_err(|e| format!("`{text}` is not a URL ({e}); {example}"))?;
+    let scheme = match uri.scheme_str() {
+        Some("https") => Scheme::HTTPS,
+        Some("http") => Scheme::HTTP,
+        Some(other) => {
+            return Err(format!(
+                "scheme `{other}` is not supported; use https (or http for a loopback host)"
+            ));
+        }
+        None => return Err(format!("`{text}` has no scheme; {example}")),
+    };
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("`{text}` has no host; {example}"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "`{text}` contains user information (`user@`); put credentials in keyward, not in \
+             the URL"
+        ));
+    }
+    let host_raw = authority.host();
+    if host_raw.is_empty() {
+        return Err(format!("`{text}` has no host; {example}"));
+    }
+    let host = host_raw
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host_raw)
+        .to_string();
+    let port = match authority.port_u16() {
+        Some(p) => p,
+        None if authority.as_str().ends_with(':') => {
+            return Err(format!("`{text}` has an empty port; {example}"));
+        }
+        None if scheme == Scheme::HTTPS => 443,
+        None => 80,
+    };
+    if port == 0 {
+        return Err(format!("`{text}` has port 0; give a real port"));
+    }
+    if scheme == Scheme::HTTP && !is_loopback_host(&host) {
+        return Err(format!(
+            "http is only allowed for loopback hosts (127.0.0.0/8, ::1, localhost), so a key \
+             never crosses the network in cleartext; use https://{}",
+            authority.as_str()
+        ));
+    }
+    if scheme == Scheme::HTTPS && rustls_pki_types::ServerName::try_from(host.as_str()).is_err() {
+        return Err(format!(
+            "`{host}` is not a valid host name or IP address for TLS"
+        ));
+    }
+    let path = uri.path();
+    let prefix = path.trim_end_matches('/');
+    if !prefix.is_empty() {
+        for seg in prefix[1..].split('/') {
+            if seg.is_empty() || seg.bytes().all(|b| b == b'.') {
+                return Err(format!(
+                    "path `{path}` has an empty, `.` or `..` segment; write the path plainly"
+                ));
+            }
+            if seg.contains(['%', '\\']) {
+                return Err(format!(
+                    "path `{path}` contains `%` or `\\`; write the path without encoding"
+                ));
+            }
+        }
+    }
+    Ok(Upstream {
+        scheme,
+        authority,
+        host,
+        port,
+        path_prefix: prefix.to_string(),
+    })
+}
+
+/// Loopback hosts are the only ones a key may reach over cleartext http.
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Headers the data plane strips or owns: the key must not be injected into any of them.
+fn is_reserved_header(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+        || matches!(name.as_str(), "host" | "content-length" | "accept-encoding")
+        || name.as_str().starts_with("keyward-")
+}
+
+fn parse_auth_header(text: &str) -> Result<HeaderName, String> {
+    let header = HeaderName::from_bytes(text.as_bytes()).map_err(|_| {
+        format!("`{text}` is not a valid HTTP header name (letters, digits and -, no spaces)")
+    })?;
+    if is_reserved_header(&header) {
+        return Err(format!(
+            "`{text}` is a connection-level or keyward header and cannot carry a key; use e.g. \
+             Authorization"
+        ));
+    }
+    Ok(header)
+}
+
+fn parse_auth_format(text: &str) -> Result<(String, String), String> {
+    let mut parts = text.split("{key}");
+    let (Some(prefix), Some(suffix), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!(
+            "`{text}` must contain `{{key}}` exactly once, like \"Bearer {{key}}\""
+        ));
+    };
+    if HeaderValue::from_str(&format!("{prefix}x{suffix}")).is_err() {
+        return Err(format!(
+            "`{text}` contains characters not allowed in a header value (control characters \
+             or non-ASCII)"
+        ));
+    }
+    Ok((prefix.to_string(), suffix.to_string()))
+}
+
+fn check_ca_file(path: &std::path::Path) -> Result<(), String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let shown = path.display();
+    let iter = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read CA file {shown}: {e}"))?;
+    let mut count = 0usize;
+    for cert in iter {
+        cert.map_err(|e| format!("CA file {shown} is not valid PEM: {e}"))?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(format!(
+            "CA file {shown} holds no certificate; it must contain at least one \
+             -----BEGIN CERTIFICATE----- block"
+        ));
+    }
+    Ok(())
+}
+
+// === injection ===
+
+/// Headers that describe one connection, not the request (RFC 9110 §7.6.1).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
+];
+
+/// Every header an SDK may carry its own credential in.
+const CLIENT_CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+];
+
+/// Makes `headers` fit to send upstream: removes app credentials, hop-by-hop headers, `Host`,
+/// `Accept-Encoding` and `keyward-*` headers, adds the target's default headers when absent,
+/// and puts `key` into the target's auth header marked sensitive.
+///
+/// This is the one place the key is exposed on the request path: it has to become header bytes.
+pub fn prepare_upstream_headers(
+    target: &Target,
+    headers: &mut HeaderMap,
+    key: &Secret,
+) -> Result<(), InjectError> {
+    strip_client_headers(headers);
+    for (name, value) in &target.default_headers {
+        if !headers.contains_key(name) {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+    if let AuthScheme::Header {
+        header,
+        prefix,
+        suffix,
+    } = &target.auth
+    {
+        let raw = key.expose_secret();
+        let mut buf = Zeroizing::new(Vec::with_capacity(prefix.len() + raw.len() + suffix.len()));
+        buf.extend_from_slice(prefix.as_bytes());
+        buf.extend_from_slice(raw);
+        buf.extend_from_slice(suffix.as_bytes());
+        // The error from `http` holds no bytes, but build ours anyway so nothing of the key can
+        // ever travel with it.
+        let mut value =
+            HeaderValue::from_bytes(&buf).map_err(|_| InjectError::InvalidKeyBytes {
+                target: target.name.clone(),
+                header: header.as_str().to_string(),
+            })?;
+        value.set_sensitive(true);
+        headers.insert(header.clone(), value);
+    }
+    Ok(())
+}
+
+/// Removes everything an app must not pass through to an upstream (step 2 of SPEC §4).
+fn strip_client_headers(headers: &mut HeaderMap) {
+    let named_by_connection: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named_by_connection {
+        headers.remove(name);
+    }
+    let keyward: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("keyward-"))
+        .cloned()
+        .collect();
+    for name in keyward {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP
+        .iter()
+        .chain(CLIENT_CREDENTIAL_HEADERS)
+        .chain(&["host", "accept-encoding"])
+    {
+        headers.remove(*name);
+    }
+}
+
+/// Query parameter names (compared case-insensitively, after percent-decoding) that carry
+/// credentials in some provider API.
+const QUERY_CREDENTIALS: &[&str] = &[
+    "key",
+    "api_key",
+    "api-key",
+    "apikey",
+    "x-goog-api-key",
+    "access_token",
+    "oauth_token",
+];
+
+/// Returns `query` without credential parameters (Gemini's `key` and the like); other
+/// parameters are kept byte for byte and in order.
+pub fn strip_query_credentials(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
+            let name = percent_decode_lossy(name).to_ascii_lowercase();
+            !QUERY_CREDENTIALS.contains(&name.as_str())
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Decodes `%XX` (and `+` as space, as form decoders do) until nothing changes, so `%6Bey` and
+/// `%256Bey` are both recognised as `key` whatever number of times an upstream decodes.
+fn percent_decode_lossy(s: &str) -> String {
+    let mut cur = s.as_bytes().to_vec();
+    loop {
+        let next = decode_once(&cur);
+        if next == cur {
+            return String::from_utf8_lossy(&cur).into_owned();
+        }
+        cur = next;
+    }
+}
+
+fn decode_once(b: &[u8]) -> Vec<u8> {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push((h << 4) | l);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &[u8] = b"sk-test-SECRETVALUE-1234";
+
+    fn presets() -> Targets {
+        Targets::resolve(&BTreeMap::new()).unwrap()
+    }
+
+    fn specs(text: &str) -> BTreeMap<String, TargetSpec> {
+        #[derive(serde::Deserialize)]
+        struct File {
+            targets: BTreeMap<String, TargetSpec>,
+        }
+        toml::from_str::<File>(text).unwrap().targets
+    }
+
+    fn resolve_err(text: &str) -> TargetConfigError {
+        Targets::resolve(&specs(text)).unwrap_err()
+    }
+
+    fn hostile_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("authorization", "Bearer kw_clienttoken"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("x-api-key", "kw_clienttoken"),
+            ("api-key", "kw_clienttoken"),
+            ("x-goog-api-key", "kw_clienttoken"),
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("trailer", "x-t"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "keep-alive"),
+            ("host", "evil.example"),
+            ("accept-encoding", "gzip"),
+            ("keyward-workflow", "wf"),
+            ("keyward-anything", "x"),
+            ("content-type", "application/json"),
+            ("openai-organization", "org-1"),
+        ] {
+            h.append(n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    fn inject(target: &str, headers: &mut HeaderMap) {
+        let t = presets();
+        let key = Secret::from_slice(KEY);
+        prepare_upstream_headers(t.get(target).unwrap(), headers, &key).unwrap();
+    }
+
+    #[test]
+    fn every_preset_injects_its_header_and_format() {
+        let want = [
+            (
+                "openai",
+                Some(("authorization", "Bearer sk-test-SECRETVALUE-1234")),
+            ),
+            ("anthropic", Some(("x-api-key", "sk-test-SECRETVALUE-1234"))),
+            (
+                "gemini",
+                Some(("x-goog-api-key", "sk-test-SECRETVALUE-1234")),
+            ),
+            (
+                "mistral",
+                Some(("authorization", "Bearer sk-test-SECRETVALUE-1234")),
+            ),
+            (
+                "cohere",
+                Some(("authorization", "Bearer sk-test-SECRETVALUE-1234")),
+            ),
+            (
+                "groq",
+                Some(("authorization", "Bearer sk-test-SECRETVALUE-1234")),
+            ),
+            (
+                "openrouter",
+                Some(("authorization", "Bearer sk-test-SECRETVALUE-1234")),
+            ),
+            (
+                "deepseek",
+                Some(("authorization", "Bearer sk-test-SECRETVALUE-1234")),
+            ),
+            (
+                "xai",
+                Some(("authorization", "Bearer sk-test-SECRETVALUE-1234")),
+            ),
+            (
+                "together",
+                Some(("authorization", "Bearer sk-test-SECRETVALUE-1234")),
+            ),
+            ("ollama", None),
+        ];
+        for (name, expect) in want {
+            let mut h = hostile_headers();
+            inject(name, &mut h);
+            let auth_names = ["authorization", "x-api-key", "x-goog-api-key", "api-key"];
+            match expect {
+                Some((header, value)) => {
+                    let got = h.get_all(header).iter().collect::<Vec<_>>();
+                    assert_eq!(got.len(), 1, "{name}");
+                    assert_eq!(got[0].as_bytes(), value.as_bytes(), "{name}");
+                    assert!(got[0].is_sensitive(), "{name}");
+                    for other in auth_names.iter().filter(|n| **n != header) {
+                        assert!(h.get(*other).is_none(), "{name} kept {other}");
+                    }
+                }
+                None => {
+                    for other in auth_names {
+                        assert!(h.get(other).is_none(), "{name} kept {other}");
+                    }
+                }
+            }
+        }
+        let t = presets();
+        assert!(t.get("azure-openai").is_none());
+        let gemini = t.get("gemini").unwrap();
+        assert_eq!(
+            gemini.upstream.authority.as_str(),
+            "generativelanguage.googleapis.com"
+        );
+        assert_eq!(t.get("groq").unwrap().upstream.path_prefix, "/openai");
+        assert_eq!(t.get("openrouter").unwrap().upstream.path_prefix, "/api");
+        let ollama = t.get("ollama").unwrap();
+        assert_eq!(
+            (ollama.upstream.host.as_str(), ollama.upstream.port),
+            ("127.0.0.1", 11434)
+        );
+        assert!(!ollama.upstream.is_https());
+        assert_eq!(t.get("openai").unwrap().upstream.port, 443);
+        assert_eq!(t.iter().count(), PRESETS.len() - 1);
+    }
+
+    #[test]
+    fn azure_with_base_url_uses_api_key_header() {
+        let t = Targets::resolve(&specs(
+            "[targets.azure-openai]\nbase_url = \"https://res.openai.azure.com\"",
+        ))
+        .unwrap();
+        let azure = t.get("azure-openai").unwrap();
+        assert_eq!(azure.family, Family::Azure);
+        let mut h = hostile_headers();
+        prepare_upstream_headers(azure, &mut h, &Secret::from_slice(KEY)).unwrap();
+        assert_eq!(h.get("api-key").unwrap().as_bytes(), KEY);
+        assert!(h.get("authorization").is_none());
+    }
+
+    #[test]
+    fn client_credentials_hop_by_hop_and_keyward_headers_are_removed() {
+        let mut h = hostile_headers();
+        inject("openai", &mut h);
+        for gone in [
+            "proxy-authorization",
+            "x-api-key",
+            "api-key",
+            "x-goog-api-key",
+            "connection",
+            "x-secret-hop",
+            "keep-alive",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-connection",
+            "host",
+            "accept-encoding",
+            "keyward-workflow",
+            "keyward-anything",
+        ] {
+            assert!(h.get(gone).is_none(), "{gone} survived");
+        }
+        assert_eq!(h.get("content-type").unwrap(), "application/json");
+        assert_eq!(h.get("openai-organization").unwrap(), "org-1");
+        assert!(
+            !h.iter()
+                .any(|(_, v)| v.as_bytes().windows(5).any(|w| w == b"kw_cl"))
+        );
+    }
+
+    #[test]
+    fn anthropic_version_is_added_only_when_absent() {
+        let mut h = HeaderMap::new();
+        inject("anthropic", &mut h);
+        assert_eq!(h.get("anthropic-version").unwrap(), "2023-06-01");
+        let mut h = HeaderMap::new();
+        h.insert("anthropic-version", HeaderValue::from_static("2024-01-01"));
+        inject("anthropic", &mut h);
+        assert_eq!(h.get_all("anthropic-version").iter().count(), 1);
+        assert_eq!(h.get("anthropic-version").unwrap(), "2024-01-01");
+        let mut h = HeaderMap::new();
+        inject("openai", &mut h);
+        assert!(h.get("anthropic-version").is_none());
+    }
+
+    #[test]
+    fn debug_of_injected_headers_does_not_show_the_key() {
+        let mut h = hostile_headers();
+        inject("openai", &mut h);
+        let shown = format!("{h:?}");
+        assert!(shown.contains("Sensitive"), "{shown}");
+        assert!(!shown.contains("SECRETVALUE"), "{shown}");
+    }
+
+    #[test]
+    fn key_that_is_not_a_header_value_is_an_error_without_the_key() {
+        let t = presets();
+        for bad in [&b"sk-abc\r\nX-Evil: 1"[..], b"sk-\0nul", b"sk-\x7fdel"] {
+            let mut h = HeaderMap::new();
+            let e = prepare_upstream_headers(
+                t.get("openai").unwrap(),
+                &mut h,
+                &Secret::from_slice(bad),
+            )
+            .unwrap_err();
+            let text = format!("{e} {e:?}");
+            assert!(!text.contains("sk-"), "{text}");
+            assert!(
+                text.contains("openai") && text.contains("authorization"),
+                "{text}"
+            );
+            assert!(h.get("authorization").is_none());
+        }
+    }
+
+    #[test]
+    fn query_credentials_are_stripped_and_the_rest_kept_in_order() {
+        assert_eq!(strip_query_credentials("key=AIza123&alt=sse"), "alt=sse");
+        assert_eq!(strip_query_credentials("alt=sse&KEY=x&b=2"), "alt=sse&b=2");
+        assert_eq!(strip_query_credentials("%6Bey=x&%256bey=y&a=1"), "a=1");
+        assert_eq!(
+            strip_query_credentials("api-version=2024-06-01&api-key=x&api_key=y&apikey=z"),
+            "api-version=2024-06-01"
+        );
+        assert_eq!(
+            strip_query_credentials("access_token=t&oauth_token=u&key"),
+            ""
+        );
+        assert_eq!(
+            strip_query_credentials("keys=1&monkey=2&&x=%zz"),
+            "keys=1&monkey=2&x=%zz"
+        );
+        assert_eq!(strip_query_credentials(""), "");
+    }
+
+    #[test]
+    fn preset_override_changes_only_the_given_keys() {
+        let t = Targets::resolve(&specs(
+            "[targets.openai]\nbase_url = \"https://openai-proxy.internal.example/v1/\"\n\
+             [targets.anthropic]\nauth_header = \"X-Other-Key\"",
+        ))
+        .unwrap();
+        let openai = t.get("openai").unwrap();
+        assert_eq!(
+            openai.upstream.authority.as_str(),
+            "openai-proxy.internal.example"
+        );
+        assert_eq!(openai.upstream.path_prefix, "/v1");
+        assert_eq!(openai.family, Family::OpenAi);
+        assert!(
+            matches!(&openai.auth, AuthScheme::Header { header, prefix, .. }
+            if header == "authorization" && prefix == "Bearer ")
+        );
+        let anthropic = t.get("anthropic").unwrap();
+        assert!(
+            matches!(&anthropic.auth, AuthScheme::Header { header, prefix, suffix }
+            if header == "x-other-key" && prefix.is_empty() && suffix.is_empty())
+        );
+        assert_eq!(anthropic.upstream.authority.as_str(), "api.anthropic.com");
+    }
+
+    #[test]
+    fn custom_target_with_and_without_auth() {
+        let t = Targets::resolve(&specs(
+            "[targets.local-llm]\nbase_url = \"https://llm.internal.example:8443/v1\"\n\
+             auth_header = \"Authorization\"\nauth_format = \"Token {key}!\"\nfamily = \"openai\"\n\
+             [targets.vllm]\nbase_url = \"http://[::1]:8000\"",
+        ))
+        .unwrap();
+        let local = t.get("local-llm").unwrap();
+        assert_eq!(local.upstream.port, 8443);
+        assert_eq!(
+            local.upstream.authority.as_str(),
+            "llm.internal.example:8443"
+        );
+        let mut h = HeaderMap::new();
+        prepare_upstream_headers(local, &mut h, &Secret::from_slice(b"abc")).unwrap();
+        assert_eq!(h.get("authorization").unwrap(), "Token abc!");
+        let vllm = t.get("vllm").unwrap();
+        assert_eq!(
+            (vllm.upstream.host.as_str(), vllm.upstream.port),
+            ("::1", 8000)
+        );
+        assert_eq!(vllm.family, Family::None);
+        assert_eq!(vllm.auth, AuthScheme::None);
+    }
+
+    #[test]
+    fn azure_without_base_url_is_a_config_error_or_a_clear_lookup_error() {
+        let e = resolve_err("[targets.azure-openai]\nca_file = \"/nonexistent\"");
+        assert_eq!(e.key, "targets.azure-openai.base_url");
+        assert!(
+            e.reason.contains("https://YOUR-RESOURCE.openai.azure.com"),
+            "{e}"
+        );
+        let e = presets().lookup("azure-openai").unwrap_err().to_string();
+        assert!(e.contains("base_url") && e.contains("YOUR-RESOURCE"), "{e}");
+        let e = presets().lookup("nope").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown target `nope`") && e.contains("openai"),
+            "{e}"
+        );
+        assert_eq!(presets().lookup("gemini").unwrap().name, "gemini");
+    }
+
+    #[test]
+    fn base_url_validation() {
+        let cases = [
+            ("ftp://x.example", "scheme `ftp`"),
+            ("api.example.com", "no scheme"),
+            ("https://user:pw@x.example", "user information"),
+            ("https://x.example/v1?a=b", "query or fragment"),
+            ("https://x.example/v1#frag", "query or fragment"),
+            ("http://api.example.com", "loopback"),
+            ("http://10.0.0.1:8000", "loopback"),
+            ("http://localhost.evil.example", "loopback"),
+            ("https://x.example/a/../b", "`..`"),
+            ("https://x.example/a//b", "empty"),
+            ("https://x.example/a%2fb", "`%`"),
+            ("https://x.example:0", "port 0"),
+            ("https://x.example:", "empty port"),
+            ("https://x .example", "spaces"),
+            ("https://", "not a URL"),
+        ];
+        for (url, want) in cases {
+            let e = resolve_err(&format!("[targets.t1]\nbase_url = \"{url}\""));
+            assert_eq!(e.key, "targets.t1.base_url", "{url}");
+            assert!(e.reason.contains(want), "{url}: {}", e.reason);
+        }
+        for ok in [
+            "http://localhost:1234",
+            "http://LOCALHOST",
+            "http://127.8.9.10",
+            "http://[::1]:80/x",
+            "https://10.0.0.1",
+        ] {
+            Targets::resolve(&specs(&format!("[targets.t1]\nbase_url = \"{ok}\""))).unwrap();
+        }
+        let e = resolve_err("[targets.openai]\nbase_url = \"http://api.openai.com\"");
+        assert_eq!(e.key, "targets.openai.base_url");
+    }
+
+    #[test]
+    fn auth_family_and_name_validation() {
+        let base = "base_url = \"https://x.example\"";
+        let cases = [
+            (
+                format!("[targets.t]\n{base}\nauth_header = \"A\""),
+                "targets.t.auth_format",
+                "auth_format",
+            ),
+            (
+                format!("[targets.t]\n{base}\nauth_format = \"{{key}}\""),
+                "targets.t.auth_header",
+                "auth_header",
+            ),
+            (
+                format!("[targets.t]\n{base}\nauth_header = \"A B\"\nauth_format = \"{{key}}\""),
+                "targets.t.auth_header",
+                "not a valid HTTP header name",
+            ),
+            (
+                format!("[targets.t]\n{base}\nauth_header = \"Host\"\nauth_format = \"{{key}}\""),
+                "targets.t.auth_header",
+                "cannot carry a key",
+            ),
+            (
+                format!(
+                    "[targets.t]\n{base}\nauth_header = \"keyward-x\"\nauth_format = \"{{key}}\""
+                ),
+                "targets.t.auth_header",
+                "cannot carry a key",
+            ),
+            (
+                format!("[targets.t]\n{base}\nauth_header = \"A\"\nauth_format = \"Bearer\""),
+                "targets.t.auth_format",
+                "exactly once",
+            ),
+            (
+                format!(
+                    "[targets.t]\n{base}\nauth_header = \"A\"\nauth_format = \"{{key}}{{key}}\""
+                ),
+                "targets.t.auth_format",
+                "exactly once",
+            ),
+            (
+                format!("[targets.t]\n{base}\nauth_header = \"A\"\nauth_format = \"B\\n{{key}}\""),
+                "targets.t.auth_format",
+                "not allowed",
+            ),
+            (
+                format!("[targets.t]\n{base}\nfamily = \"vertex\""),
+                "targets.t.family",
+                "openai, anthropic, gemini, azure, none",
+            ),
+            (format!("[targets.Big]\n{base}"), "targets.Big", "a-z"),
+            (format!("[targets._x]\n{base}"), "targets._x", "start with"),
+            (
+                "[targets.t]\nfamily = \"openai\"".to_string(),
+                "targets.t.base_url",
+                "needs base_url",
+            ),
+            (
+                "[targets.ollama]\nauth_header = \"A\"".to_string(),
+                "targets.ollama.auth_header",
+                "both",
+            ),
+        ];
+        for (text, key, want) in cases {
+            let e = resolve_err(&text);
+            assert_eq!(e.key, key, "{text}");
+            assert!(e.reason.contains(want), "{text}: {}", e.reason);
+        }
+        let e = resolve_err("[targets.gemini]\nfamily = \"x\"");
+        assert_eq!(e.key, "targets.gemini.family");
+    }
+
+    #[test]
+    fn ca_file_must_be_pem_with_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["ca.example".into()]).unwrap();
+        std::fs::write(&good, cert.cert.pem()).unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let key_only = dir.path().join("key.pem");
+        std::fs::write(&key_only, cert.signing_key.serialize_pem()).unwrap();
+        let missing = dir.path().join("missing.pem");
+        let spec = |p: &std::path::Path| {
+            specs(&format!("[targets.openai]\nca_file = \"{}\"", p.display()))
+        };
+        let t = Targets::resolve(&spec(&good)).unwrap();
+        assert_eq!(
+            t.get("openai").unwrap().ca_file.as_deref(),
+            Some(good.as_path())
+        );
+        for (path, want) in [
+            (&empty, "no certificate"),
+            (&key_only, "no certificate"),
+            (&missing, "cannot read"),
+        ] {
+            let e = Targets::resolve(&spec(path)).unwrap_err();
+            assert_eq!(e.key, "targets.openai.ca_file");
+            assert!(e.reason.contains(want), "{}", e.reason);
+        }
+    }
+
+    #[test]
+    fn family_round_trips() {
+        for f in [
+            Family::OpenAi,
+            Family::Anthropic,
+            Family::Gemini,
+            Family::Azure,
+            Family::None,
+        ] {
+            assert_eq!(f.as_str().parse::<Family>().unwrap(), f);
+        }
+        assert!("OpenAI".parse::<Family>().is_err());
     }
 }

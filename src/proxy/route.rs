@@ -1,1 +1,653 @@
-//! proxy::route (to be written)
+//! Request routing: turns the request target an app sent (`/{target}/{provider path}?query`)
+//! into a validated [`Route`], and a route plus a [`Target`] into the upstream URI.
+//!
+//! This is where SPEC §4 "the app cannot steer the key anywhere else" is enforced: anything
+//! that could make an upstream — or a proxy in front of it that decodes again — see a URL other
+//! than `{base_url}{provider path}` is rejected here, before credentials are even looked at.
+//! `route` must not look up targets, credentials or bodies, and does no I/O.
+
+use http::uri::{PathAndQuery, Uri};
+use http::{Method, Version};
+
+use crate::providers::{Target, strip_query_credentials};
+
+/// A validated request target. Only [`Route::parse`] builds one, so its parts always satisfy
+/// the checks below.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Target name (`[a-z0-9][a-z0-9._-]*`).
+    target: String,
+    /// Provider path, starting with `/`.
+    path: String,
+    /// Query as sent (credential parameters are removed only in [`upstream_uri`]).
+    query: Option<String>,
+}
+
+/// Why a request target was refused; the message goes back to the app as 400 `bad_request`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouteError {
+    /// `CONNECT` cannot be proxied.
+    #[error("CONNECT is not supported: send POST /{{target}}/{{provider path}} instead")]
+    Connect,
+    /// `http://host/...` or `host:port` instead of a path.
+    #[error(
+        "absolute-form and authority-form request targets are refused: send only the path, \
+         /{{target}}/{{provider path}}"
+    )]
+    NotOriginForm,
+    /// `OPTIONS *` or anything else that does not start with `/`.
+    #[error("the request target must start with '/': send /{{target}}/{{provider path}}")]
+    NoLeadingSlash,
+    /// `/` or `//...`.
+    #[error(
+        "the request path has no target name: send /{{target}}/{{provider path}}, like /openai/v1/models"
+    )]
+    EmptyTarget,
+    /// The first segment is not a valid target name.
+    #[error(
+        "the target name (first path segment) may only contain a-z, 0-9, '.', '_' and '-' and \
+         must start with a letter or digit, unencoded"
+    )]
+    BadTargetName,
+    /// `/openai` with nothing after it.
+    #[error("no provider path after the target name: send /{{target}}/{{provider path}}")]
+    NoProviderPath,
+    /// A byte that is not printable ASCII.
+    #[error("the request target contains a control, space or non-ASCII byte; percent-encode data")]
+    ControlOrNonAscii,
+    /// `%` not followed by two hex digits.
+    #[error(
+        "the request target contains a malformed percent-escape ('%' must be followed by two hex digits)"
+    )]
+    BadPercentEscape,
+    /// A percent-escape that decodes (possibly after several rounds) to a control character.
+    #[error("the request target contains an encoded control character (%00-%1F or %7F)")]
+    EncodedControl,
+    /// Percent-escapes that decode to bytes that are not UTF-8 (e.g. overlong `%C0%AE` for `.`).
+    #[error(
+        "the request target contains percent-escapes that do not decode to UTF-8 (like %C0%AE)"
+    )]
+    NotUtf8,
+    /// `\` raw or encoded.
+    #[error("the request path contains a backslash (raw or encoded as %5C)")]
+    Backslash,
+    /// `%2F` (possibly double-encoded).
+    #[error("the request path contains an encoded slash (%2F); send path separators unencoded")]
+    EncodedSlash,
+    /// `%3F` or `%23` (possibly double-encoded): could turn into a query or fragment upstream.
+    #[error("the request path contains an encoded '?' or '#' (%3F, %23)")]
+    EncodedDelimiter,
+    /// `.` or `..` (or `.%2e`, `..;x`, `..%20`, ...).
+    #[error(
+        "the request path contains a '.' or '..' segment (raw or percent-encoded); send a normalised path"
+    )]
+    DotSegment,
+    /// `//` inside the path.
+    #[error("the request path contains an empty segment ('//'); remove the doubled slash")]
+    EmptySegment,
+}
+
+// === impl Route ===
+
+impl Route {
+    /// Validates a request as received. `version` matters because HTTP/2 requests always carry
+    /// scheme and authority (from `:scheme`/`:authority`), which are then ignored, while on
+    /// HTTP/1 they mean absolute-form and are refused.
+    pub fn parse(method: &Method, version: Version, uri: &Uri) -> Result<Route, RouteError> {
+        if method == Method::CONNECT {
+            return Err(RouteError::Connect);
+        }
+        let is_h2 = matches!(version, Version::HTTP_2 | Version::HTTP_3);
+        if !is_h2 && (uri.scheme().is_some() || uri.authority().is_some()) {
+            return Err(RouteError::NotOriginForm);
+        }
+        let path = uri.path();
+        let query = uri.query();
+        check_bytes(path)?;
+        if let Some(q) = query {
+            check_bytes(q)?;
+        }
+        let Some(rest) = path.strip_prefix('/') else {
+            return Err(RouteError::NoLeadingSlash);
+        };
+        let (target, provider) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if target.is_empty() {
+            return Err(RouteError::EmptyTarget);
+        }
+        if !is_target_name(target) {
+            return Err(RouteError::BadTargetName);
+        }
+        if provider.is_empty() {
+            return Err(RouteError::NoProviderPath);
+        }
+        check_path(provider)?;
+        if let Some(q) = query {
+            check_query(q)?;
+        }
+        Ok(Route {
+            target: target.to_string(),
+            path: provider.to_string(),
+            query: query.map(str::to_string),
+        })
+    }
+
+    /// Validates `req`'s method, version and URI (see [`Route::parse`]).
+    pub fn from_request<B>(req: &http::Request<B>) -> Result<Route, RouteError> {
+        Route::parse(req.method(), req.version(), req.uri())
+    }
+
+    /// The target name (first path segment).
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The provider path, starting with `/`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The query as the app sent it (before credential parameters are removed).
+    pub fn query(&self) -> Option<&str> {
+        self.query.as_deref()
+    }
+}
+
+/// The upstream URI for `route`: scheme and authority only ever come from `target`; the path is
+/// the target's prefix followed by the route's provider path; the query loses its credential
+/// parameters.
+pub fn upstream_uri(target: &Target, route: &Route) -> Uri {
+    let mut pq = String::with_capacity(
+        target.upstream.path_prefix.len()
+            + route.path.len()
+            + route.query.as_ref().map_or(0, |q| q.len() + 1),
+    );
+    pq.push_str(&target.upstream.path_prefix);
+    pq.push_str(&route.path);
+    if let Some(q) = &route.query {
+        let q = strip_query_credentials(q);
+        if !q.is_empty() {
+            pq.push('?');
+            pq.push_str(&q);
+        }
+    }
+    // Both halves were validated (the prefix by config, the route by `Route::parse`, which is the
+    // only constructor) to printable ASCII without '#', so this cannot fail.
+    let pq = PathAndQuery::try_from(pq).expect("validated path and query form a valid URI part");
+    Uri::builder()
+        .scheme(target.upstream.scheme.clone())
+        .authority(target.upstream.authority.clone())
+        .path_and_query(pq)
+        .build()
+        .expect("scheme, authority and path come from validated parts")
+}
+
+/// Target names as `providers` accepts them.
+fn is_target_name(s: &str) -> bool {
+    s.bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+/// Only printable ASCII without spaces may appear raw; `http` already refuses most of the rest
+/// but the check must not depend on which parser built the `Uri`.
+fn check_bytes(s: &str) -> Result<(), RouteError> {
+    if s.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+        return Err(RouteError::ControlOrNonAscii);
+    }
+    if s.contains('#') {
+        return Err(RouteError::EncodedDelimiter);
+    }
+    Ok(())
+}
+
+/// Every form the string takes as an upstream decodes it 0, 1, 2, ... times, until decoding
+/// changes nothing. Checking each form means no number of decoding passes downstream can turn
+/// an accepted path into a dangerous one.
+fn decoded_forms(s: &str) -> Result<Vec<Vec<u8>>, RouteError> {
+    let mut forms = vec![s.as_bytes().to_vec()];
+    loop {
+        let cur = forms.last().expect("at least the raw form");
+        if !cur.contains(&b'%') {
+            return Ok(forms);
+        }
+        let next = decode_once(cur, forms.len() == 1)?;
+        if next == *cur {
+            return Ok(forms);
+        }
+        forms.push(next);
+    }
+}
+
+/// One percent-decoding pass. A `%` without two hex digits is refused in the raw form (upstreams
+/// disagree on what it means); in later forms it is left alone, as a lenient decoder would.
+fn decode_once(b: &[u8], strict: bool) -> Result<Vec<u8>, RouteError> {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            match (
+                b.get(i + 1).and_then(|&c| hex(c)),
+                b.get(i + 2).and_then(|&c| hex(c)),
+            ) {
+                (Some(h), Some(l)) => {
+                    out.push((h << 4) | l);
+                    i += 3;
+                    continue;
+                }
+                _ if strict => return Err(RouteError::BadPercentEscape),
+                _ => {}
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    Ok(out)
+}
+
+fn is_control(b: u8) -> bool {
+    b < 0x20 || b == 0x7f
+}
+
+fn check_path(provider: &str) -> Result<(), RouteError> {
+    let forms = decoded_forms(provider)?;
+    for (level, form) in forms.iter().enumerate() {
+        if form.iter().any(|&b| is_control(b)) {
+            return Err(RouteError::EncodedControl);
+        }
+        if std::str::from_utf8(form).is_err() {
+            return Err(RouteError::NotUtf8);
+        }
+        if form.contains(&b'\\') {
+            return Err(RouteError::Backslash);
+        }
+        if level > 0
+            && form.iter().filter(|&&b| b == b'/').count()
+                != forms[0].iter().filter(|&&b| b == b'/').count()
+        {
+            return Err(RouteError::EncodedSlash);
+        }
+        if level > 0 && (form.contains(&b'?') || form.contains(&b'#')) {
+            return Err(RouteError::EncodedDelimiter);
+        }
+        // `provider` starts with '/', so the first split piece is the empty string before it.
+        let segments: Vec<&[u8]> = form.split(|&b| b == b'/').skip(1).collect();
+        let last = segments.len() - 1;
+        for (i, seg) in segments.iter().enumerate() {
+            // A single trailing slash is a real resource name on some APIs; only an empty
+            // segment in the middle can be collapsed by a normalising hop.
+            if seg.is_empty() && i != last {
+                return Err(RouteError::EmptySegment);
+            }
+            if is_dot_segment(seg) {
+                return Err(RouteError::DotSegment);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `.`/`..` and what some servers treat as such: `..;param` (Tomcat), `.. ` and `...`
+/// (Windows trims trailing dots and spaces).
+fn is_dot_segment(seg: &[u8]) -> bool {
+    let before_param = seg.split(|&b| b == b';').next().unwrap_or(seg);
+    let trimmed: &[u8] = {
+        let mut end = before_param.len();
+        while end > 0 && matches!(before_param[end - 1], b'.' | b' ') {
+            end -= 1;
+        }
+        &before_param[..end]
+    };
+    !before_param.is_empty() && trimmed.is_empty() && before_param.contains(&b'.')
+}
+
+fn check_query(query: &str) -> Result<(), RouteError> {
+    for form in decoded_forms(query)? {
+        if form.iter().any(|&b| is_control(b)) {
+            return Err(RouteError::EncodedControl);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::{TargetSpec, Targets};
+    use std::collections::BTreeMap;
+
+    fn parse(target: &str) -> Result<Route, RouteError> {
+        parse_as(Method::POST, Version::HTTP_11, target)
+    }
+
+    fn parse_as(method: Method, version: Version, target: &str) -> Result<Route, RouteError> {
+        let uri: Uri = target.parse().map_err(|_| RouteError::ControlOrNonAscii)?;
+        Route::parse(&method, version, &uri)
+    }
+
+    fn targets() -> Targets {
+        let mut specs = BTreeMap::new();
+        specs.insert(
+            "azure-openai".to_string(),
+            TargetSpec {
+                base_url: Some("https://res.openai.azure.com".into()),
+                ..TargetSpec::default()
+            },
+        );
+        specs.insert(
+            "local".to_string(),
+            TargetSpec {
+                base_url: Some("https://llm.internal.example:8443/v1".into()),
+                ..TargetSpec::default()
+            },
+        );
+        Targets::resolve(&specs).unwrap()
+    }
+
+    fn upstream(target: &str) -> String {
+        let route = parse(target).unwrap();
+        let t = targets();
+        upstream_uri(t.get(route.target()).unwrap(), &route).to_string()
+    }
+
+    #[test]
+    fn normal_provider_paths_map_to_base_url_plus_path() {
+        let cases = [
+            (
+                "/openai/v1/chat/completions",
+                "https://api.openai.com/v1/chat/completions",
+            ),
+            (
+                "/openai/v1/models?limit=5&after=m1",
+                "https://api.openai.com/v1/models?limit=5&after=m1",
+            ),
+            (
+                "/anthropic/v1/messages",
+                "https://api.anthropic.com/v1/messages",
+            ),
+            (
+                "/gemini/v1beta/models/gemini-1.5-pro:streamGenerateContent?alt=sse&key=AIzaLEAK",
+                "https://generativelanguage.googleapis.com/v1beta/models/gemini-1.5-pro:streamGenerateContent?alt=sse",
+            ),
+            (
+                "/azure-openai/openai/deployments/gpt4o/chat/completions?api-version=2024-06-01",
+                "https://res.openai.azure.com/openai/deployments/gpt4o/chat/completions?api-version=2024-06-01",
+            ),
+            (
+                "/groq/v1/chat/completions",
+                "https://api.groq.com/openai/v1/chat/completions",
+            ),
+            (
+                "/openrouter/v1/models/",
+                "https://openrouter.ai/api/v1/models/",
+            ),
+            ("/ollama/api/chat", "http://127.0.0.1:11434/api/chat"),
+            (
+                "/local/chat/completions?key=x",
+                "https://llm.internal.example:8443/v1/chat/completions",
+            ),
+            (
+                "/openai/v1/files/file-abc%20x/content",
+                "https://api.openai.com/v1/files/file-abc%20x/content",
+            ),
+            (
+                "/anthropic/v1/models/claude@2024",
+                "https://api.anthropic.com/v1/models/claude@2024",
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(upstream(input), want, "{input}");
+        }
+        let r = parse("/gemini/v1beta/models/m:generateContent?key=k").unwrap();
+        assert_eq!(
+            (r.target(), r.path(), r.query()),
+            ("gemini", "/v1beta/models/m:generateContent", Some("key=k"))
+        );
+        assert_eq!(parse("/openai/").unwrap().path(), "/");
+    }
+
+    #[test]
+    fn http2_scheme_and_authority_are_ignored_not_used() {
+        let r = parse_as(
+            Method::POST,
+            Version::HTTP_2,
+            "http://evil.example/openai/v1/models",
+        )
+        .unwrap();
+        assert_eq!((r.target(), r.path()), ("openai", "/v1/models"));
+        let t = targets();
+        let u = upstream_uri(t.get("openai").unwrap(), &r);
+        assert_eq!(u.authority().unwrap().as_str(), "api.openai.com");
+    }
+
+    #[test]
+    fn refused_request_targets() {
+        use RouteError::*;
+        let cases: &[(&str, RouteError)] = &[
+            ("http://evil.example/openai/v1/models", NotOriginForm),
+            ("https://api.openai.com/openai/v1/models", NotOriginForm),
+            ("evil.example:443", NotOriginForm),
+            ("*", NoLeadingSlash),
+            ("/", EmptyTarget),
+            ("//openai/v1", EmptyTarget),
+            ("//evil.example/v1", EmptyTarget),
+            ("/openai", NoProviderPath),
+            ("/OpenAI/v1/models", BadTargetName),
+            ("/open%61i/v1/models", BadTargetName),
+            ("/user@evil.example/v1", BadTargetName),
+            ("/evil.example:443/v1", BadTargetName),
+            ("/_x/v1", BadTargetName),
+            ("/openai/v1/../../admin", DotSegment),
+            ("/openai/./v1/models", DotSegment),
+            ("/openai/v1/..", DotSegment),
+            ("/openai/v1/%2e%2e/x", DotSegment),
+            ("/openai/v1/%2E%2e/x", DotSegment),
+            ("/openai/v1/.%2E/x", DotSegment),
+            ("/openai/v1/%2e/x", DotSegment),
+            ("/openai/v1/%252e%252e/x", DotSegment),
+            ("/openai/v1/%25252e%25252E/x", DotSegment),
+            ("/openai/v1/..;jsessionid=1/x", DotSegment),
+            ("/openai/v1/..%20/x", DotSegment),
+            ("/openai/v1/.../x", DotSegment),
+            ("/openai/v1/%2f..%2fadmin", EncodedSlash),
+            ("/openai/v1%2Fmodels", EncodedSlash),
+            ("/openai/v1%252fmodels", EncodedSlash),
+            ("/openai/v1%5cmodels", Backslash),
+            ("/openai/v1%5Cmodels", Backslash),
+            ("/openai/v1%255cmodels", Backslash),
+            ("/openai/v1/models%00", EncodedControl),
+            ("/openai/v1/models%0d%0aHost:%20evil", EncodedControl),
+            ("/openai/v1/models%1F", EncodedControl),
+            ("/openai/v1/models%7f", EncodedControl),
+            ("/openai/v1/models%2500", EncodedControl),
+            ("/openai/v1/models?x=%0a", EncodedControl),
+            ("/openai/v1/models?x=%250a", EncodedControl),
+            ("/openai/v1/models%3fkey=x", EncodedDelimiter),
+            ("/openai/v1/models%23frag", EncodedDelimiter),
+            ("/openai/v1/models%253F", EncodedDelimiter),
+            ("/openai/v1//models", EmptySegment),
+            ("/openai//v1/models", EmptySegment),
+            ("/openai/v1/%zz", BadPercentEscape),
+            ("/openai/v1/%2", BadPercentEscape),
+            ("/openai/v1/models?x=%g1", BadPercentEscape),
+            ("/openai/v1/%c0%ae%c0%ae/x", NotUtf8),
+            ("/openai/v1/%ff", NotUtf8),
+        ];
+        for (input, want) in cases {
+            assert_eq!(parse(input).as_ref(), Err(want), "{input}");
+        }
+        assert_eq!(
+            parse_as(Method::CONNECT, Version::HTTP_11, "api.openai.com:443"),
+            Err(Connect)
+        );
+        assert_eq!(
+            parse_as(Method::OPTIONS, Version::HTTP_11, "*"),
+            Err(NoLeadingSlash)
+        );
+    }
+
+    #[test]
+    fn raw_bytes_the_uri_parser_may_let_through_are_refused() {
+        // `http` accepts some of these in paths; the check must not rely on it.
+        let mut parsed = 0;
+        for raw in [
+            "/openai/v1\\models",
+            "/openai/v1/mo\"dels",
+            "/openai/v1/{x}",
+            "/openai/v1/m|x",
+            "/openai/v1/m^x",
+            "/openai/v1/m`x",
+        ] {
+            match raw.parse::<Uri>() {
+                Err(_) => {}
+                Ok(uri) => {
+                    parsed += 1;
+                    let r = Route::parse(&Method::GET, Version::HTTP_11, &uri);
+                    if raw.contains('\\') {
+                        assert_eq!(r, Err(RouteError::Backslash), "{raw}");
+                    } else {
+                        // Printable ASCII that is merely unusual cannot redirect anything.
+                        assert!(r.is_ok(), "{raw}: {r:?}");
+                    }
+                }
+            }
+        }
+        assert!(parsed > 0, "no input reached Route::parse");
+        let uri = Uri::builder()
+            .path_and_query("/openai/v1/caf\u{e9}")
+            .build();
+        if let Ok(uri) = uri {
+            assert_eq!(
+                Route::parse(&Method::GET, Version::HTTP_11, &uri),
+                Err(RouteError::ControlOrNonAscii)
+            );
+        }
+    }
+
+    #[test]
+    fn error_messages_say_what_to_send_instead() {
+        let e = parse("/openai/v1/../x").unwrap_err().to_string();
+        assert!(e.contains("'..'"), "{e}");
+        let e = parse("http://x/openai/v1").unwrap_err().to_string();
+        assert!(e.contains("/{target}/{provider path}"), "{e}");
+    }
+
+    /// Every accepted hostile-looking input still yields the target's own authority and a path
+    /// under the target's prefix.
+    #[test]
+    fn upstream_authority_is_always_the_targets() {
+        let t = targets();
+        let pieces = [
+            "",
+            "/",
+            "//",
+            ".",
+            "..",
+            "%2e",
+            "%2E",
+            "%252e",
+            "%2f",
+            "%2F",
+            "%5c",
+            "%255c",
+            "@",
+            "evil.example",
+            ":443",
+            "%40",
+            "%3a",
+            "?",
+            "&",
+            "=",
+            "key=",
+            "%00",
+            "%0a",
+            "%25",
+            "%",
+            "#",
+            "\\",
+            ";",
+            "..;",
+            "%20",
+            "~",
+            "http:",
+            "//evil.example",
+            "a",
+            "v1",
+            "models",
+            "%ff",
+            "%c0%ae",
+            "+",
+            "%2B",
+        ];
+        let names = [
+            "openai",
+            "anthropic",
+            "gemini",
+            "azure-openai",
+            "groq",
+            "ollama",
+            "local",
+        ];
+        let mut accepted = 0usize;
+        let mut n = 0u64;
+        for name in names {
+            let target = t.get(name).unwrap();
+            for a in pieces {
+                for b in pieces {
+                    for c in pieces {
+                        n += 1;
+                        let input = format!("/{name}/{a}{b}/x{c}?q={c}{a}");
+                        let Ok(uri) = input.parse::<Uri>() else {
+                            continue;
+                        };
+                        let version = if n.is_multiple_of(3) {
+                            Version::HTTP_2
+                        } else {
+                            Version::HTTP_11
+                        };
+                        let Ok(route) = Route::parse(&Method::POST, version, &uri) else {
+                            continue;
+                        };
+                        accepted += 1;
+                        assert_eq!(route.target(), name, "{input}");
+                        let up = upstream_uri(target, &route);
+                        assert_eq!(up.scheme(), Some(&target.upstream.scheme), "{input}");
+                        assert_eq!(up.authority(), Some(&target.upstream.authority), "{input}");
+                        assert!(
+                            up.path()
+                                .starts_with(&format!("{}/", target.upstream.path_prefix)),
+                            "{input}"
+                        );
+                        let reparsed: Uri = up.to_string().parse().unwrap();
+                        assert_eq!(
+                            reparsed.authority(),
+                            Some(&target.upstream.authority),
+                            "{input}"
+                        );
+                        assert!(
+                            !up.path().split('/').any(|s| s == "." || s == ".."),
+                            "{input}"
+                        );
+                        assert!(
+                            !up.query()
+                                .unwrap_or("")
+                                .split('&')
+                                .any(|p| p.to_ascii_lowercase().starts_with("key=")),
+                            "{input}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(
+            accepted > 1000,
+            "only {accepted} inputs accepted; the loop tests too little"
+        );
+    }
+}
