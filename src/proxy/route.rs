@@ -13,7 +13,7 @@ use crate::providers::{Target, strip_query_credentials};
 
 /// A validated request target. Only [`Route::parse`] builds one, so its parts always satisfy
 /// the checks below.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Route {
     /// Target name (`[a-z0-9][a-z0-9._-]*`).
     target: String,
@@ -89,6 +89,17 @@ pub enum RouteError {
 }
 
 // === impl Route ===
+
+/// The query may carry a credential the app sent (`?key=`); `Debug` shows it without.
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("target", &self.target)
+            .field("path", &self.path)
+            .field("query", &self.query.as_deref().map(strip_query_credentials))
+            .finish()
+    }
+}
 
 impl Route {
     /// Validates a request as received. `version` matters because HTTP/2 requests always carry
@@ -528,6 +539,16 @@ mod tests {
                 Err(RouteError::ControlOrNonAscii)
             );
         }
+    }
+
+    #[test]
+    fn debug_does_not_show_a_query_credential() {
+        let r = parse("/gemini/v1beta/models?key=AIzaAPPKEY&pageSize=5").unwrap();
+        let shown = format!("{r:?}");
+        assert!(
+            !shown.contains("AIzaAPPKEY") && shown.contains("pageSize=5"),
+            "{shown}"
+        );
     }
 
     #[test]
