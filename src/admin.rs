@@ -553,18 +553,11 @@ fn cred_add(
 ) -> Reply {
     check_name("credential", &name)?;
     check_secret(&secret)?;
-    if state.config.targets.get(&target).is_none() {
-        return Err(AdminError(format!(
-            "unknown target `{target}`: use one of {} (or define it under [targets.{target}] in the config)",
-            state
-                .config
-                .targets
-                .iter()
-                .map(|t| t.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
+    state
+        .config
+        .targets
+        .lookup(&target)
+        .map_err(|e| AdminError(e.to_string()))?;
     for m in &models {
         if m.is_empty() || m.len() > 128 || m.chars().any(|c| c.is_control() || c == ' ') {
             return Err(AdminError(format!(

@@ -23,7 +23,7 @@ pub const EXIT_UNREACHABLE: u8 = 69;
 
 /// keyward: keeps provider API keys away from applications.
 #[derive(Debug, Parser)]
-#[command(name = "keyward", version, about, propagate_version = true)]
+#[command(name = "keyward", version, about)]
 pub struct Cli {
     /// Admin socket of the running daemon (default: $KEYWARD_ADMIN_SOCKET, then serve's default).
     #[arg(long, global = true, value_name = "PATH")]
@@ -112,7 +112,7 @@ pub enum CredCommand {
         /// Credential id.
         id: String,
         /// Only this version.
-        #[arg(long)]
+        #[arg(long = "version", id = "only_version", value_name = "N")]
         version: Option<u32>,
     },
     /// Delete a credential and destroy its wrapped keys.
@@ -421,19 +421,19 @@ fn call(socket: &std::path::Path, request: &Request) -> Result<Value, Failure> {
     let mut line =
         Zeroizing::new(serde_json::to_vec(request).map_err(|e| Failure(1, e.to_string()))?);
     line.push(b'\n');
-    stream
-        .write_all(&line)
-        .map_err(|e| unreachable(e.to_string()))?;
+    // A daemon that refuses this peer answers and closes without reading, so a failed write
+    // is only "unreachable" when no answer can be read either.
+    let written = stream.write_all(&line);
     drop(line);
     let mut reader = BufReader::new(stream);
     let mut answer = String::new();
-    reader
-        .read_line(&mut answer)
-        .map_err(|e| unreachable(e.to_string()))?;
+    let read = reader.read_line(&mut answer);
     if answer.is_empty() {
-        return Err(unreachable(
-            "the daemon closed the connection without answering".into(),
-        ));
+        let reason = match (written, read) {
+            (Err(e), _) | (_, Err(e)) => e.to_string(),
+            _ => "the daemon closed the connection without answering".into(),
+        };
+        return Err(unreachable(reason));
     }
     let value: Value = serde_json::from_str(&answer)
         .map_err(|e| Failure(1, format!("unreadable answer from the daemon: {e}")))?;
@@ -644,5 +644,29 @@ fn table(rows: &[Value], columns: &[(&str, &str)]) {
     line(columns.iter().map(|(t, _)| *t).collect());
     for row in &cells {
         line(row.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn revoke_takes_a_version() {
+        let cli =
+            Cli::try_parse_from(["keyward", "cred", "revoke", "cred_x", "--version", "2"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Cred(CredCommand::Revoke {
+                version: Some(2),
+                ..
+            })
+        ));
     }
 }

@@ -67,10 +67,8 @@ pub fn load_master_key(
         }
     }
     if let Some(value) = std::env::var_os("KEYWARD_MASTER_KEY") {
-        // SAFETY: called from `serve` before the async runtime or any other thread exists, so
-        // no other thread can be reading the environment concurrently.
-        unsafe { std::env::remove_var("KEYWARD_MASTER_KEY") };
         let text = Zeroizing::new(value.into_string().unwrap_or_default());
+        scrub_environment_variable("KEYWARD_MASTER_KEY");
         return Ok((
             parse_hex_key(&text, "$KEYWARD_MASTER_KEY")?,
             MasterKeySource::Environment,
@@ -86,6 +84,31 @@ pub fn load_master_key(
     let key = MasterKey::generate();
     write_new_key_file(&path, &key)?;
     Ok((key, MasterKeySource::Generated(path)))
+}
+
+/// Overwrites the value of `name` in the process's original environment block (which
+/// `/proc/self/environ` and a memory dump would still show after `remove_var`), then removes the
+/// variable.
+fn scrub_environment_variable(name: &str) {
+    let prefix = format!("{name}=");
+    // SAFETY: called from `serve` before the async runtime or any other thread exists, so no
+    // other thread reads or writes the environment concurrently. `environ` is a NULL-terminated
+    // array of NUL-terminated strings owned by the C runtime; we only overwrite bytes of one
+    // string in place, up to (not including) its terminating NUL, and never change its length.
+    unsafe {
+        let mut entry = nix::libc::environ;
+        while !entry.is_null() && !(*entry).is_null() {
+            let text = std::ffi::CStr::from_ptr(*entry);
+            if text.to_bytes().starts_with(prefix.as_bytes()) {
+                let value = (*entry as *mut u8).add(prefix.len());
+                for i in 0..text.to_bytes().len() - prefix.len() {
+                    std::ptr::write_volatile(value.add(i), b'0');
+                }
+            }
+            entry = entry.add(1);
+        }
+        std::env::remove_var(name);
+    }
 }
 
 fn read_key_file(path: &Path) -> Result<MasterKey, SealError> {

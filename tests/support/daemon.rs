@@ -1,0 +1,327 @@
+//! A real `keyward serve` process in a temporary home, driven through its CLI and sockets.
+//! Killed (and reaped) on drop, so a failing test leaves no daemon behind.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const KEYWARD: &str = env!("CARGO_BIN_EXE_keyward");
+
+/// A random provider-style key, different in every test, so greps for it are meaningful.
+pub fn random_key(prefix: &str) -> String {
+    let mut bytes = [0u8; 24];
+    getrandom_fill(&mut bytes);
+    let body: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}{body}")
+}
+
+fn getrandom_fill(buf: &mut [u8]) {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(buf)
+        .unwrap();
+}
+
+/// How to start a daemon.
+#[derive(Default)]
+pub struct DaemonBuilder {
+    config: Option<String>,
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+    home: Option<PathBuf>,
+}
+
+impl DaemonBuilder {
+    /// Writes `toml` to `<home>/keyward.toml` and passes `--config`.
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config = Some(toml.to_string());
+        self
+    }
+
+    /// Sets an environment variable for the daemon.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Extra `serve` arguments.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Reuses an existing home (to restart over the same store).
+    pub fn home(mut self, home: &Path) -> Self {
+        self.home = Some(home.to_path_buf());
+        self
+    }
+
+    /// The `serve` command this builder describes, with a fresh or given home.
+    pub fn command(&self, home: &Path) -> Command {
+        let mut cmd = Command::new(KEYWARD);
+        cmd.arg("serve").args(&self.args);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("KEYWARD_HOME", home)
+            .env("KEYWARD_LOG", "info");
+        if let Some(toml) = &self.config {
+            let path = home.join("keyward.toml");
+            std::fs::write(&path, toml).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Starts the daemon and waits until its admin socket answers.
+    pub fn start(self) -> Daemon {
+        self.try_start().unwrap_or_else(|(out, err)| {
+            panic!("daemon did not start\nstdout:\n{out}\nstderr:\n{err}")
+        })
+    }
+
+    /// Starts the daemon; on failure returns its stdout and stderr.
+    pub fn try_start(self) -> Result<Daemon, (String, String)> {
+        let (tmp, home) = match &self.home {
+            Some(h) => (None, h.clone()),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("kw")
+                    .tempdir_in("/tmp")
+                    .unwrap();
+                let h = t.path().to_path_buf();
+                (Some(t), h)
+            }
+        };
+        let out = home.join(format!("serve-{}.out", std::process::id()));
+        let err = home.join(format!("serve-{}.err", std::process::id()));
+        let mut cmd = self.command(&home);
+        cmd.stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap());
+        let child = cmd.spawn().expect("spawn keyward serve");
+        let mut daemon = Daemon {
+            child: Some(child),
+            _tmp: tmp,
+            home,
+            out,
+            err,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = daemon.child.as_mut().unwrap().try_wait().unwrap() {
+                let _ = status;
+                return Err((daemon.stdout(), daemon.stderr()));
+            }
+            if UnixStream::connect(daemon.admin_socket()).is_ok()
+                && daemon.cli(&["status"]).status.success()
+            {
+                return Ok(daemon);
+            }
+            if Instant::now() > deadline {
+                return Err((daemon.stdout(), daemon.stderr()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    child: Option<Child>,
+    _tmp: Option<tempfile::TempDir>,
+    /// `KEYWARD_HOME`.
+    pub home: PathBuf,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Daemon {
+    /// A builder with embedded defaults.
+    pub fn builder() -> DaemonBuilder {
+        DaemonBuilder::default()
+    }
+
+    /// Data socket path.
+    pub fn socket(&self) -> PathBuf {
+        self.home.join("keyward.sock")
+    }
+
+    /// Admin socket path.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.home.join("admin.sock")
+    }
+
+    /// Runs a CLI command against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_stdin(args, None)
+    }
+
+    /// Runs a CLI command with `stdin` piped in.
+    pub fn cli_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut cmd = Command::new(KEYWARD);
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("KEYWARD_ADMIN_SOCKET", self.admin_socket())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn keyward");
+        {
+            let mut pipe = child.stdin.take().unwrap();
+            if let Some(data) = stdin {
+                pipe.write_all(data).unwrap();
+            }
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs a CLI command and returns stdout, panicking with stderr on failure.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "keyward {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Like [`Daemon::ok`] with stdin.
+    pub fn ok_stdin(&self, args: &[&str], stdin: &[u8]) -> String {
+        let out = self.cli_stdin(args, Some(stdin));
+        assert!(
+            out.status.success(),
+            "keyward {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs a `--json` listing and parses each line.
+    pub fn json_lines(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        self.ok(&all)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Adds tenant, client and credential; returns (client token, credential id).
+    pub fn provision(
+        &self,
+        tenant: &str,
+        target: &str,
+        key: &str,
+        extra: &[&str],
+    ) -> (String, String) {
+        let tenants = self.json_lines(&["tenant", "list"]);
+        if !tenants.iter().any(|t| t["name"] == tenant) {
+            self.ok(&["tenant", "add", tenant]);
+        }
+        let client: serde_json::Value = serde_json::from_str(
+            self.ok(&[
+                "client",
+                "add",
+                "--tenant",
+                tenant,
+                "--name",
+                &format!("app-{}", random_key("")[..8].to_string()),
+                "--json",
+            ])
+            .trim(),
+        )
+        .unwrap();
+        let mut args = vec![
+            "cred", "add", "--tenant", tenant, "--target", target, "--name",
+        ];
+        let name = format!("key-{}", &random_key("")[..8]);
+        args.push(&name);
+        args.extend_from_slice(extra);
+        args.push("--json");
+        let cred: serde_json::Value =
+            serde_json::from_str(self.ok_stdin(&args, key.as_bytes()).trim()).unwrap();
+        (
+            client["token"].as_str().unwrap().to_string(),
+            cred["id"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// What the daemon printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// What the daemon printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends SIGTERM and waits for exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, no drain.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Every file in the state directory, concatenated (database, WAL, audit, logs...).
+    pub fn all_state_bytes(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(&self.home).unwrap().flatten() {
+            if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                all.extend(std::fs::read(entry.path()).unwrap_or_default());
+            }
+        }
+        all
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// True when `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
