@@ -1,1 +1,930 @@
-//! proxy::scrub (to be written)
+//! Response scrubbing: replaces every occurrence of the injected key in upstream response
+//! headers, body and trailers with `[REDACTED]` (SPEC §4), so a provider that echoes the key
+//! (an "incorrect API key" error, an echo endpoint, a debug header) cannot hand it to the app.
+//!
+//! The body is scrubbed as a stream. [`Scrubber`] emits every byte the moment it is known not
+//! to start an occurrence and holds back only the longest suffix of what it has seen that is a
+//! proper prefix of a needle, so an SSE event is never delayed unless its tail could be the start
+//! of the key. Matching is Knuth–Morris–Pratt: linear time, no allocation per byte.
+//!
+//! Which forms of the key are found (each only as a whole; a partial key such as a 4-character
+//! preview is deliberately left alone):
+//! - the raw bytes;
+//! - the JSON string form when it differs from the raw bytes: `"` and `\` escaped as `\"` and
+//!   `\\`, and, when the key contains `/`, both with `/` left as is and escaped as `\/` (PHP and
+//!   some Java encoders do the latter). Typical provider keys (`[A-Za-z0-9_-]`) have one form.
+//!
+//! Not handled: percent-encoding, base64, `\uXXXX` escapes of printable characters, control
+//! characters (a key cannot hold them: it travels in a header), and case changes, except in
+//! header *names*, which HTTP lowercases and which are compared case-insensitively.
+//!
+//! This module must not log, return or store the key anywhere but locked memory ([`Secret`]),
+//! and must not decide which responses are scrubbed: the proxy scrubs every upstream response.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue};
+use hyper::body::{Body, Frame, SizeHint};
+
+use crate::seal::Secret;
+
+/// What every occurrence of the key is replaced with.
+pub const REDACTED: &[u8] = b"[REDACTED]";
+
+// === impl Needle ===
+
+/// One byte string to find, with its KMP failure function. Both live in locked memory: the
+/// bytes are (an encoding of) the key, and the failure function describes its self-overlaps.
+struct Needle {
+    /// The bytes to find; never empty.
+    bytes: Secret,
+    /// `fail[i]` (u32 little-endian) is the length of the longest proper prefix of
+    /// `bytes[..=i]` that is also a suffix of it.
+    fail: Secret,
+}
+
+impl Needle {
+    /// Builds the failure function for `bytes` (which must not be empty).
+    fn new(bytes: Secret) -> Needle {
+        let len = bytes.len();
+        assert!(
+            len > 0 && u32::try_from(len).is_ok(),
+            "needle length out of range"
+        );
+        let mut fail = Secret::zeroed(len * 4);
+        {
+            let pat = bytes.expose_secret();
+            let table = fail.expose_secret_mut();
+            let mut k = 0usize;
+            for i in 1..len {
+                while k > 0 && pat[i] != pat[k] {
+                    k = read_u32(table, k - 1);
+                }
+                if pat[i] == pat[k] {
+                    k += 1;
+                }
+                table[i * 4..i * 4 + 4].copy_from_slice(&(k as u32).to_le_bytes());
+            }
+        }
+        Needle { bytes, fail }
+    }
+}
+
+fn read_u32(table: &[u8], i: usize) -> usize {
+    let raw: [u8; 4] = table[i * 4..i * 4 + 4].try_into().expect("4-byte slot");
+    u32::from_le_bytes(raw) as usize
+}
+
+/// The KMP transition: the state after reading `b` in state `q` (`q < pat.len()`).
+#[inline(always)]
+fn step(pat: &[u8], fail: &[u8], mut q: usize, b: u8) -> usize {
+    loop {
+        if pat[q] == b {
+            return q + 1;
+        }
+        if q == 0 {
+            return 0;
+        }
+        q = read_u32(fail, q - 1);
+    }
+}
+
+/// The forms of `secret` a response may carry (see the module doc), deduplicated, each in
+/// locked memory. Empty when the secret is empty: there is nothing to find.
+fn needles_for(secret: &Secret) -> Vec<Needle> {
+    let raw = secret.expose_secret();
+    if raw.is_empty() {
+        return Vec::new();
+    }
+    let mut needles = vec![Needle::new(Secret::from_slice(raw))];
+    let quotes = raw.iter().any(|&b| b == b'"' || b == b'\\');
+    let slash = raw.contains(&b'/');
+    if quotes {
+        needles.push(Needle::new(json_escaped(raw, false)));
+    }
+    if slash {
+        needles.push(Needle::new(json_escaped(raw, true)));
+    }
+    needles
+}
+
+/// `raw` with `"` and `\` (and `/` when `escape_slash`) backslash-escaped, written straight into
+/// locked memory so no copy of the key lands on the ordinary heap.
+fn json_escaped(raw: &[u8], escape_slash: bool) -> Secret {
+    let escapes = |b: u8| b == b'"' || b == b'\\' || (escape_slash && b == b'/');
+    let len = raw.len() + raw.iter().filter(|&&b| escapes(b)).count();
+    let mut out = Secret::zeroed(len);
+    let buf = out.expose_secret_mut();
+    let mut at = 0;
+    for &b in raw {
+        if escapes(b) {
+            buf[at] = b'\\';
+            at += 1;
+        }
+        buf[at] = b;
+        at += 1;
+    }
+    out
+}
+
+// === impl Scrubber ===
+
+/// A piece of scrubbed output, in order.
+enum Piece<'a> {
+    /// Bytes held back from earlier chunks (a prefix of a needle that did not complete).
+    Held(&'a [u8]),
+    /// A range of the current chunk.
+    Chunk(std::ops::Range<usize>),
+    /// One replaced occurrence.
+    Redacted,
+}
+
+/// A streaming redactor for one secret: feed it the response bytes in order with
+/// [`push`](Scrubber::push), then call [`finish`](Scrubber::finish) once at the end.
+///
+/// When needles overlap in the input, the occurrence that ends first is replaced (the longest
+/// one among those ending at the same byte) and matching restarts after it; for a single needle
+/// this is exactly `str::replace`.
+pub struct Scrubber {
+    /// The forms of the secret to find; empty for an empty secret.
+    needles: Vec<Needle>,
+    /// Per needle, how many bytes of it the unemitted tail of the input currently matches.
+    states: Vec<usize>,
+}
+
+impl fmt::Debug for Scrubber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scrubber")
+            .field("needles", &self.needles.len())
+            .field("held_back", &self.held_back())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Scrubber {
+    /// A scrubber for `secret`, copying it (and its encoded forms) into locked memory.
+    pub fn new(secret: &Secret) -> Scrubber {
+        let needles = needles_for(secret);
+        let states = vec![0; needles.len()];
+        Scrubber { needles, states }
+    }
+
+    /// How many bytes are currently held back (at most the longest needle's length minus one).
+    pub fn held_back(&self) -> usize {
+        self.states.iter().copied().max().unwrap_or(0)
+    }
+
+    /// Scrubs the next chunk of the stream, appending everything that is now known to be safe
+    /// to `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut BytesMut) {
+        self.scan(chunk, |piece| match piece {
+            Piece::Held(bytes) => out.extend_from_slice(bytes),
+            Piece::Chunk(range) => out.extend_from_slice(&chunk[range]),
+            Piece::Redacted => out.extend_from_slice(REDACTED),
+        });
+    }
+
+    /// Like [`push`](Scrubber::push) for an owned chunk; when nothing was held back and nothing
+    /// is replaced, the result is a slice of `chunk` (no copy), which is the common case.
+    pub fn push_bytes(&mut self, chunk: Bytes) -> Bytes {
+        let mut first: Option<std::ops::Range<usize>> = None;
+        let mut copied: Option<BytesMut> = None;
+        self.scan(&chunk, |piece| {
+            if copied.is_none() {
+                if let (None, Piece::Chunk(range)) = (&first, &piece) {
+                    first = Some(range.clone());
+                    return;
+                }
+                let mut buf = BytesMut::with_capacity(chunk.len() + REDACTED.len());
+                if let Some(range) = first.take() {
+                    buf.extend_from_slice(&chunk[range]);
+                }
+                copied = Some(buf);
+            }
+            let buf = copied.as_mut().expect("set above");
+            match piece {
+                Piece::Held(bytes) => buf.extend_from_slice(bytes),
+                Piece::Chunk(range) => buf.extend_from_slice(&chunk[range]),
+                Piece::Redacted => buf.extend_from_slice(REDACTED),
+            }
+        });
+        match (copied, first) {
+            (Some(buf), _) => buf.freeze(),
+            (None, Some(range)) => chunk.slice(range),
+            (None, None) => Bytes::new(),
+        }
+    }
+
+    /// Ends the stream: returns the held-back bytes (which turned out not to be the secret)
+    /// and resets the scrubber for reuse.
+    pub fn finish(&mut self) -> Bytes {
+        let mut out = BytesMut::new();
+        self.finish_into(&mut out);
+        out.freeze()
+    }
+
+    /// Like [`finish`](Scrubber::finish), appending to `out`.
+    pub fn finish_into(&mut self, out: &mut BytesMut) {
+        if let Some((k, q)) = self.longest_state() {
+            out.extend_from_slice(&self.needles[k].bytes.expose_secret()[..q]);
+        }
+        self.states.iter_mut().for_each(|q| *q = 0);
+    }
+
+    /// The needle whose partial match is longest, and its length, if any bytes are held.
+    fn longest_state(&self) -> Option<(usize, usize)> {
+        self.states
+            .iter()
+            .copied()
+            .enumerate()
+            .max_by_key(|&(_, q)| q)
+            .filter(|&(_, q)| q > 0)
+    }
+
+    /// Runs the matcher over `chunk`, handing the output to `sink` in order.
+    ///
+    /// Positions are counted in `held ++ chunk`, where `held` is the held-back prefix: because
+    /// it is always a prefix of the needle with the longest partial match, it is re-read from
+    /// that needle instead of being buffered.
+    fn scan(&mut self, chunk: &[u8], mut sink: impl FnMut(Piece<'_>)) {
+        let (held_needle, held) = self.longest_state().unwrap_or((0, 0));
+        let Scrubber { needles, states } = self;
+        let emit = |from: usize, to: usize, sink: &mut dyn FnMut(Piece<'_>)| {
+            if from < held.min(to) {
+                sink(Piece::Held(
+                    &needles[held_needle].bytes.expose_secret()[from..held.min(to)],
+                ));
+            }
+            if to > held.max(from) {
+                sink(Piece::Chunk(from.max(held) - held..to - held));
+            }
+        };
+        let mut emitted = 0;
+        if let [needle] = needles.as_slice() {
+            // One needle is the usual case; keep its loop free of the per-needle bookkeeping.
+            let pat = needle.bytes.expose_secret();
+            let fail = needle.fail.expose_secret();
+            let mut q = states[0];
+            let mut i = 0;
+            while i < chunk.len() {
+                if q == 0 {
+                    // Outside a partial match only the first byte of the key matters; finding
+                    // it with a tight scan is several times faster than stepping the automaton.
+                    match chunk[i..].iter().position(|&b| b == pat[0]) {
+                        Some(skip) => i += skip,
+                        None => break,
+                    }
+                }
+                q = step(pat, fail, q, chunk[i]);
+                i += 1;
+                if q == pat.len() {
+                    let end = held + i;
+                    emit(emitted, end - pat.len(), &mut sink);
+                    sink(Piece::Redacted);
+                    emitted = end;
+                    q = 0;
+                }
+            }
+            states[0] = q;
+        } else {
+            for (i, &b) in chunk.iter().enumerate() {
+                let mut matched = 0;
+                for (needle, q) in needles.iter().zip(states.iter_mut()) {
+                    let pat = needle.bytes.expose_secret();
+                    *q = step(pat, needle.fail.expose_secret(), *q, b);
+                    if *q == pat.len() {
+                        matched = matched.max(*q);
+                    }
+                }
+                if matched > 0 {
+                    let end = held + i + 1;
+                    emit(emitted, end - matched, &mut sink);
+                    sink(Piece::Redacted);
+                    emitted = end;
+                    states.iter_mut().for_each(|q| *q = 0);
+                }
+            }
+        }
+        let keep = states.iter().copied().max().unwrap_or(0);
+        emit(emitted, held + chunk.len() - keep, &mut sink);
+    }
+
+    /// Scrubs one complete byte string; `None` when it contains no occurrence.
+    fn scrub_whole(&mut self, input: &[u8]) -> Option<BytesMut> {
+        let mut out = BytesMut::new();
+        let mut replaced = false;
+        self.scan(input, |piece| match piece {
+            Piece::Held(bytes) => out.extend_from_slice(bytes),
+            Piece::Chunk(range) => out.extend_from_slice(&input[range]),
+            Piece::Redacted => {
+                replaced = true;
+                out.extend_from_slice(REDACTED);
+            }
+        });
+        self.finish_into(&mut out);
+        replaced.then_some(out)
+    }
+}
+
+// === headers ===
+
+/// Replaces every occurrence of `secret` inside any header value with `[REDACTED]`, keeping
+/// the header, and removes any header whose *name* contains the secret (names cannot hold
+/// `[REDACTED]`; compared case-insensitively because HTTP lowercases names).
+pub fn scrub_headers(headers: &mut HeaderMap, secret: &Secret) {
+    let mut scrubber = Scrubber::new(secret);
+    if scrubber.needles.is_empty() {
+        return;
+    }
+    let mut lowered = Secret::from_slice(secret.expose_secret());
+    lowered.expose_secret_mut().make_ascii_lowercase();
+    let mut name_scrubber = Scrubber::new(&lowered);
+    let leaking_names: Vec<_> = headers
+        .keys()
+        .filter(|name| {
+            name_scrubber
+                .scrub_whole(name.as_str().as_bytes())
+                .is_some()
+        })
+        .cloned()
+        .collect();
+    for name in leaking_names {
+        headers.remove(&name);
+    }
+    for value in headers.values_mut() {
+        if let Some(scrubbed) = scrubber.scrub_whole(value.as_bytes()) {
+            let sensitive = value.is_sensitive();
+            // Removing bytes from a valid value and inserting visible ASCII keeps it valid.
+            let mut new = HeaderValue::from_maybe_shared(scrubbed.freeze())
+                .expect("a scrubbed header value stays valid");
+            new.set_sensitive(sensitive);
+            *value = new;
+        }
+    }
+}
+
+// === impl ScrubBody ===
+
+/// A response body whose data frames pass through a [`Scrubber`] and whose trailers are
+/// scrubbed like headers. At the end of the stream the held-back bytes are sent before the
+/// trailers. Errors of the inner body pass through unchanged (held-back bytes are dropped).
+///
+/// Replacement changes the length, so [`size_hint`](Body::size_hint) never claims an exact
+/// size, and the proxy must drop `Content-Length` from scrubbed responses.
+///
+/// The inner body must be `Unpin` (as `hyper::body::Incoming` is); pin others with `Box::pin`.
+pub struct ScrubBody<B> {
+    /// The upstream body.
+    inner: B,
+    /// The body scrubber, holding its copy of the secret in locked memory.
+    scrubber: Scrubber,
+    /// The raw secret again, for scrubbing trailers like headers.
+    secret: Secret,
+    /// Trailers received while bytes were still held back; sent after those bytes.
+    pending_trailers: Option<HeaderMap>,
+    /// The inner body has ended (or sent trailers); only the flush and the trailers remain.
+    inner_done: bool,
+    /// Everything, including trailers, has been returned.
+    done: bool,
+}
+
+impl<B> fmt::Debug for ScrubBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScrubBody")
+            .field("scrubber", &self.scrubber)
+            .field("inner_done", &self.inner_done)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> ScrubBody<B> {
+    /// Wraps `inner`, scrubbing `secret` out of its data and trailers.
+    pub fn new(inner: B, secret: &Secret) -> ScrubBody<B> {
+        ScrubBody {
+            inner,
+            scrubber: Scrubber::new(secret),
+            secret: Secret::from_slice(secret.expose_secret()),
+            pending_trailers: None,
+            inner_done: false,
+            done: false,
+        }
+    }
+
+    /// The end-of-stream sequence: held-back bytes, then trailers, then `None`.
+    fn drain(&mut self) -> Option<Frame<Bytes>> {
+        if self.scrubber.held_back() > 0 {
+            return Some(Frame::data(self.scrubber.finish()));
+        }
+        if let Some(trailers) = self.pending_trailers.take() {
+            self.done = true;
+            let mut trailers = trailers;
+            scrub_headers(&mut trailers, &self.secret);
+            return Some(Frame::trailers(trailers));
+        }
+        self.done = true;
+        None
+    }
+}
+
+impl<B> Body for ScrubBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if this.inner_done {
+                return Poll::Ready(this.drain().map(Ok));
+            }
+            let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                None => {
+                    this.inner_done = true;
+                    continue;
+                }
+                Some(Err(err)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(err)));
+                }
+                Some(Ok(frame)) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    let out = this.scrubber.push_bytes(data);
+                    // An empty data frame would be wasted work for hyper; wait for more input.
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                }
+                Err(frame) => match frame.into_trailers() {
+                    Ok(trailers) => {
+                        this.pending_trailers = Some(trailers);
+                        this.inner_done = true;
+                    }
+                    // A frame kind this code does not know carries no data to scrub.
+                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+            || (self.inner.is_end_stream()
+                && self.scrubber.held_back() == 0
+                && self.pending_trailers.is_none())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Replacing a key with `[REDACTED]` can shrink or grow the body: no exact size.
+        SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+
+    use futures_util::stream;
+    use http::HeaderName;
+    use http_body_util::{BodyExt, StreamBody};
+
+    use super::*;
+
+    fn secret(s: &str) -> Secret {
+        Secret::from_slice(s.as_bytes())
+    }
+
+    /// Feeds `chunks` through a fresh scrubber, returning the output of each push and of finish.
+    fn run_chunks(secret_text: &str, chunks: &[&[u8]]) -> (Vec<Vec<u8>>, Vec<u8>) {
+        let mut scrubber = Scrubber::new(&secret(secret_text));
+        let longest = scrubber
+            .needles
+            .iter()
+            .map(|n| n.bytes.len())
+            .max()
+            .unwrap_or(1);
+        let mut outs = Vec::new();
+        for chunk in chunks {
+            let mut out = BytesMut::new();
+            scrubber.push(chunk, &mut out);
+            assert!(scrubber.held_back() < longest);
+            outs.push(out.to_vec());
+        }
+        (outs, scrubber.finish().to_vec())
+    }
+
+    fn scrub_all(secret_text: &str, chunks: &[&[u8]]) -> Vec<u8> {
+        let (outs, tail) = run_chunks(secret_text, chunks);
+        let mut all = outs.concat();
+        all.extend_from_slice(&tail);
+        all
+    }
+
+    const KEY: &str = "sk-proj-Abc123_xyz-789";
+
+    #[test]
+    fn whole_secret_in_one_chunk_is_replaced() {
+        let text = format!("before {KEY} after");
+        assert_eq!(
+            scrub_all(KEY, &[text.as_bytes()]),
+            b"before [REDACTED] after"
+        );
+    }
+
+    #[test]
+    fn secret_split_across_two_chunks_at_every_offset_is_replaced() {
+        let text = format!("x{KEY}y");
+        for cut in 0..=text.len() {
+            let (a, b) = text.as_bytes().split_at(cut);
+            assert_eq!(scrub_all(KEY, &[a, b]), b"x[REDACTED]y", "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn secret_in_one_byte_chunks_is_replaced() {
+        let text = format!("a{KEY}b{KEY}{KEY}c");
+        let chunks: Vec<&[u8]> = text.as_bytes().chunks(1).collect();
+        assert_eq!(
+            scrub_all(KEY, &chunks),
+            b"a[REDACTED]b[REDACTED][REDACTED]c"
+        );
+    }
+
+    #[test]
+    fn self_overlapping_patterns_match_like_replace() {
+        assert_eq!(scrub_all("aaab", &[b"aaaab"]), b"a[REDACTED]");
+        assert_eq!(scrub_all("abab", &[b"ababab"]), b"[REDACTED]ab");
+        assert_eq!(scrub_all("abab", &[b"abababab"]), b"[REDACTED][REDACTED]");
+        assert_eq!(scrub_all("aa", &[b"aaaaa"]), b"[REDACTED][REDACTED]a");
+        for chunks in [&[&b"aa"[..], b"aab"][..], &[b"a", b"a", b"a", b"a", b"b"]] {
+            assert_eq!(scrub_all("aaab", chunks), b"a[REDACTED]");
+        }
+    }
+
+    #[test]
+    fn openai_style_error_body_is_scrubbed() {
+        let body = format!(
+            "{{\n    \"error\": {{\n        \"message\": \"Incorrect API key provided: {KEY}. You \
+             can find your API key at https://platform.openai.com/account/api-keys.\",\n        \
+             \"type\": \"invalid_request_error\",\n        \"param\": null,\n        \"code\": \
+             \"invalid_api_key\"\n    }}\n}}\n"
+        );
+        let expected = body.replace(KEY, "[REDACTED]");
+        for chunk_len in [1, 7, 64, body.len()] {
+            let chunks: Vec<&[u8]> = body.as_bytes().chunks(chunk_len).collect();
+            let out = scrub_all(KEY, &chunks);
+            assert_eq!(String::from_utf8(out).unwrap(), expected);
+        }
+    }
+
+    #[test]
+    fn prefix_that_does_not_complete_is_released_exactly_in_order() {
+        // "sk-proj-Ab" is a prefix of KEY, then the text diverges.
+        let (outs, tail) = run_chunks(KEY, &[b"one sk-proj-Ab", b"X two", b" sk-pr"]);
+        assert_eq!(outs[0], b"one ");
+        assert_eq!(outs[1], b"sk-proj-AbX two");
+        assert_eq!(outs[2], b" ");
+        assert_eq!(tail, b"sk-pr");
+    }
+
+    #[test]
+    fn divergence_that_starts_a_new_prefix_keeps_only_the_new_prefix() {
+        // After "sk-sk-" only the second "sk-" can still start the key.
+        let (outs, tail) = run_chunks(KEY, &[b"sk-", b"sk-"]);
+        assert_eq!(outs, vec![b"".to_vec(), b"sk-".to_vec()]);
+        assert_eq!(tail, b"sk-");
+    }
+
+    #[test]
+    fn bytes_that_cannot_start_the_secret_are_emitted_immediately() {
+        let mut scrubber = Scrubber::new(&secret("sk-.."));
+        let mut out = BytesMut::new();
+        scrubber.push(b"hello ", &mut out);
+        assert_eq!(&out[..], b"hello ");
+        assert_eq!(scrubber.held_back(), 0);
+        scrubber.push(b"world s", &mut out);
+        assert_eq!(&out[..], b"hello world ");
+        assert_eq!(scrubber.held_back(), 1);
+    }
+
+    #[test]
+    fn push_bytes_returns_the_input_without_copy_when_clean() {
+        let mut scrubber = Scrubber::new(&secret(KEY));
+        let chunk = Bytes::from_static(b"data: {\"delta\":\"hi\"}\n\n");
+        let out = scrubber.push_bytes(chunk.clone());
+        assert_eq!(out, chunk);
+        assert_eq!(out.as_ptr(), chunk.as_ptr(), "clean chunk is not copied");
+        let held = scrubber.push_bytes(Bytes::from_static(b"tail sk-proj"));
+        assert_eq!(held, Bytes::from_static(b"tail "));
+        let out = scrubber.push_bytes(Bytes::from_static(b"-Abc123_xyz-789!"));
+        assert_eq!(out, Bytes::from_static(b"[REDACTED]!"));
+        assert!(scrubber.finish().is_empty());
+    }
+
+    #[test]
+    fn empty_secret_scrubs_nothing() {
+        assert_eq!(scrub_all("", &[b"abc", b""]), b"abc");
+    }
+
+    #[test]
+    fn json_escaped_slash_form_is_scrubbed_too() {
+        let key = "ab/cd/ef";
+        let out = scrub_all(key, &[br#"{"raw":"ab/cd/ef","php":"ab\/cd\/ef"}"#]);
+        assert_eq!(out, br#"{"raw":"[REDACTED]","php":"[REDACTED]"}"#);
+        let chunks: Vec<&[u8]> = br#"x ab\/cd\/ef y"#.chunks(1).collect();
+        assert_eq!(scrub_all(key, &chunks), b"x [REDACTED] y");
+    }
+
+    #[test]
+    fn json_escaped_quote_and_backslash_forms_are_scrubbed_too() {
+        let key = r#"k"e\y/z"#;
+        let inputs: [&[u8]; 3] = [br#"k"e\y/z"#, br#"k\"e\\y/z"#, br#"k\"e\\y\/z"#];
+        for input in inputs {
+            for cut in 0..=input.len() {
+                let (a, b) = input.split_at(cut);
+                assert_eq!(scrub_all(key, &[b"<", a, b, b">"]), b"<[REDACTED]>");
+            }
+        }
+    }
+
+    #[test]
+    fn partial_key_preview_is_left_alone() {
+        let text = b"key sk-p...-789 is invalid";
+        assert_eq!(scrub_all(KEY, &[text]), text);
+    }
+
+    /// xorshift64*: deterministic, good enough to pick lengths and bytes.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Splits `text` at random points (including empty chunks).
+    fn random_chunks<'a>(rng: &mut Rng, text: &'a [u8]) -> Vec<&'a [u8]> {
+        let mut chunks = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            let n = rng.below(rest.len().min(9) + 1);
+            let (a, b) = rest.split_at(n);
+            chunks.push(a);
+            rest = b;
+        }
+        chunks
+    }
+
+    #[test]
+    fn random_streams_match_replace_on_the_whole_text() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for round in 0..4000 {
+            // A small alphabet makes overlaps and near misses frequent.
+            let alphabet = &b"ab-k"[..2 + rng.below(3)];
+            let key: String = (0..1 + rng.below(7))
+                .map(|_| alphabet[rng.below(alphabet.len())] as char)
+                .collect();
+            let mut text = String::new();
+            for _ in 0..rng.below(60) {
+                if rng.below(8) == 0 {
+                    text.push_str(&key);
+                } else {
+                    text.push(alphabet[rng.below(alphabet.len())] as char);
+                }
+            }
+            let chunks = random_chunks(&mut rng, text.as_bytes());
+            let mut scrubber = Scrubber::new(&secret(&key));
+            let mut out = BytesMut::new();
+            let mut seen = 0;
+            for chunk in &chunks {
+                scrubber.push(chunk, &mut out);
+                seen += chunk.len();
+                // Only a proper prefix of the key is ever held, and it is exactly the unsent tail.
+                let held = scrubber.held_back();
+                assert!(held < key.len(), "round {round}");
+                assert!(
+                    key.as_bytes()
+                        .starts_with(&text.as_bytes()[seen - held..seen])
+                );
+            }
+            let mut via_bytes = Vec::new();
+            let mut scrubber2 = Scrubber::new(&secret(&key));
+            for chunk in &chunks {
+                via_bytes.extend_from_slice(&scrubber2.push_bytes(Bytes::copy_from_slice(chunk)));
+            }
+            via_bytes.extend_from_slice(&scrubber2.finish());
+            out.extend_from_slice(&scrubber.finish());
+            let expected = text.replace(&key, "[REDACTED]");
+            assert_eq!(
+                String::from_utf8(out.to_vec()).unwrap(),
+                expected,
+                "round {round}: key {key:?} text {text:?} chunks {chunks:?}"
+            );
+            assert_eq!(String::from_utf8(via_bytes).unwrap(), expected);
+        }
+    }
+
+    /// Reference for several needles: replace the occurrence that ends first (longest on a
+    /// tie), restart after it.
+    fn reference_multi(needles: &[Vec<u8>], text: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let mut end = 0;
+        while end < text.len() {
+            end += 1;
+            let hit = needles
+                .iter()
+                .filter(|n| end - start >= n.len() && text[..end].ends_with(n))
+                .map(|n| n.len())
+                .max();
+            if let Some(len) = hit {
+                out.extend_from_slice(&text[start..end - len]);
+                out.extend_from_slice(REDACTED);
+                start = end;
+            }
+        }
+        out.extend_from_slice(&text[start..]);
+        out
+    }
+
+    #[test]
+    fn random_streams_with_escaped_forms_match_the_reference() {
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        let alphabet = br#"a/\""#;
+        for round in 0..3000 {
+            let key: Vec<u8> = (0..1 + rng.below(5))
+                .map(|_| alphabet[rng.below(alphabet.len())])
+                .collect();
+            let needles: Vec<Vec<u8>> = needles_for(&Secret::from_slice(&key))
+                .iter()
+                .map(|n| n.bytes.expose_secret().to_vec())
+                .collect();
+            let mut text = Vec::new();
+            for _ in 0..rng.below(50) {
+                if rng.below(6) == 0 {
+                    text.extend_from_slice(&needles[rng.below(needles.len())]);
+                } else {
+                    text.push(alphabet[rng.below(alphabet.len())]);
+                }
+            }
+            let chunks = random_chunks(&mut rng, &text);
+            let mut scrubber = Scrubber::new(&Secret::from_slice(&key));
+            let mut out = BytesMut::new();
+            for chunk in &chunks {
+                scrubber.push(chunk, &mut out);
+            }
+            scrubber.finish_into(&mut out);
+            assert_eq!(
+                out.to_vec(),
+                reference_multi(&needles, &text),
+                "round {round}: key {:?} text {:?}",
+                String::from_utf8_lossy(&key),
+                String::from_utf8_lossy(&text)
+            );
+        }
+    }
+
+    #[test]
+    fn header_values_are_scrubbed_and_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-debug-auth", format!("Bearer {KEY}").parse().unwrap());
+        headers.append("x-echo", format!("{KEY},{KEY}").parse().unwrap());
+        headers.append("x-echo", "clean".parse().unwrap());
+        headers.insert("content-type", "application/json".parse().unwrap());
+        scrub_headers(&mut headers, &secret(KEY));
+        assert_eq!(headers["x-debug-auth"], "Bearer [REDACTED]");
+        let echoes: Vec<_> = headers.get_all("x-echo").iter().collect();
+        assert_eq!(echoes, ["[REDACTED],[REDACTED]", "clean"]);
+        assert_eq!(headers["content-type"], "application/json");
+    }
+
+    #[test]
+    fn header_named_after_the_secret_is_removed() {
+        let key = "AbCdEf0123456789";
+        let mut headers = HeaderMap::new();
+        let name = HeaderName::from_bytes(format!("x-{key}").as_bytes()).unwrap();
+        headers.insert(name, "1".parse().unwrap());
+        headers.insert("x-other", "2".parse().unwrap());
+        scrub_headers(&mut headers, &secret(key));
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers["x-other"], "2");
+    }
+
+    #[test]
+    fn debug_output_shows_no_secret() {
+        let scrubber = Scrubber::new(&secret(KEY));
+        let shown = format!("{scrubber:?}");
+        assert!(!shown.contains("sk-"), "{shown}");
+        let body = ScrubBody::new(http_body_util::Empty::<Bytes>::new(), &secret(KEY));
+        let shown = format!("{body:?}");
+        assert!(!shown.contains("sk-"), "{shown}");
+    }
+
+    type Frames = VecDeque<Result<Frame<Bytes>, Infallible>>;
+
+    fn body_of(frames: Frames) -> impl Body<Data = Bytes, Error = Infallible> + Unpin {
+        ScrubBody::new(StreamBody::new(stream::iter(frames)), &secret(KEY))
+    }
+
+    async fn collect_frames<B>(mut body: B) -> (Vec<Bytes>, Option<HeaderMap>)
+    where
+        B: Body<Data = Bytes, Error = Infallible> + Unpin,
+    {
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.unwrap();
+            assert!(trailers.is_none(), "nothing may follow trailers");
+            match frame.into_data() {
+                Ok(bytes) => data.push(bytes),
+                Err(frame) => trailers = Some(frame.into_trailers().unwrap()),
+            }
+        }
+        assert!(body.is_end_stream());
+        (data, trailers)
+    }
+
+    #[tokio::test]
+    async fn body_scrubs_across_frames_and_flushes_before_trailers() {
+        let (a, b) = KEY.split_at(9);
+        let mut trailer = HeaderMap::new();
+        trailer.insert("x-echo", format!("key={KEY}").parse().unwrap());
+        let frames: Frames = [
+            Frame::data(Bytes::from("data: hello\n\n")),
+            Frame::data(Bytes::from(format!("data: {a}"))),
+            Frame::data(Bytes::from(format!("{b}\n\nsk-p"))),
+            Frame::trailers(trailer),
+        ]
+        .into_iter()
+        .map(Ok)
+        .collect();
+        let (data, trailers) = collect_frames(body_of(frames)).await;
+        assert_eq!(
+            data,
+            [
+                Bytes::from("data: hello\n\n"),
+                Bytes::from("data: "),
+                Bytes::from("[REDACTED]\n\n"),
+                Bytes::from("sk-p"),
+            ]
+        );
+        assert_eq!(trailers.unwrap()["x-echo"], "key=[REDACTED]");
+    }
+
+    #[tokio::test]
+    async fn body_without_trailers_flushes_held_bytes_at_end() {
+        let frames: Frames = [
+            Frame::data(Bytes::from("abc sk-proj")),
+            Frame::data(Bytes::from("")),
+            Frame::data(Bytes::from("-A")),
+        ]
+        .into_iter()
+        .map(Ok)
+        .collect();
+        let body = body_of(frames);
+        assert!(body.size_hint().exact().is_none());
+        let (data, trailers) = collect_frames(body).await;
+        assert_eq!(data, [Bytes::from("abc "), Bytes::from("sk-proj-A")]);
+        assert!(trailers.is_none());
+    }
+
+    #[tokio::test]
+    async fn body_delivers_each_clean_frame_as_it_arrives() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let mut body = ScrubBody::new(StreamBody::new(Box::pin(stream)), &secret(KEY));
+        tx.send(Ok(Frame::data(Bytes::from("data: 1\n\n"))))
+            .await
+            .unwrap();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "data: 1\n\n");
+        tx.send(Ok(Frame::data(Bytes::from(format!("data: {KEY}\n\n")))))
+            .await
+            .unwrap();
+        let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(second, "data: [REDACTED]\n\n");
+        drop(tx);
+        assert!(body.frame().await.is_none());
+    }
+}
