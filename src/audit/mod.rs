@@ -1,1 +1,556 @@
-//! Audit trail (to be written)
+//! The tamper-evident, fail-closed audit trail: event types, the MAC chain, the single writer,
+//! verification, queries and retention. It must never record a header value, token, body or
+//! secret, and it does not decide anything about requests: callers commit, and must not
+//! proceed when a commit fails.
+//!
+//! # Storage
+//! `<state_dir>/audit.db` is its own SQLite file (WAL; `synchronous` per [`AuditSync`]; a 200 ms
+//! busy timeout so a locked database fails the request instead of hanging it). Its `audit_meta`
+//! table holds the audit MAC key, random per store and wrapped by the master key
+//! (`Context::AuxKey { purpose: "audit-mac" }`), and the retention checkpoint.
+//!
+//! # Chain
+//! Row `n` stores `mac_n = HMAC-SHA256(audit key, mac_{n-1} ‖ canonical(row_n))`, where the
+//! canonical encoding (defined only in `event.rs`) covers every column including seq and time,
+//! and `mac_0` is 32 zero bytes (the per-store key already binds the chain to its store).
+//! Editing, deleting, inserting or reordering rows breaks the MAC of the first affected row.
+//!
+//! # Truncation anchor
+//! Deleting the newest rows leaves a valid chain, so the head (last seq and MAC, itself MACed
+//! under a separate domain) is anchored outside the database in `<state_dir>/audit.head`,
+//! replaced atomically (temp + rename, fsynced with `full`) after every committed batch. If the
+//! process dies between the database commit and the anchor write, the database is ahead of the
+//! anchor; those rows chain from the anchored row, so they verify, and the next open moves the
+//! anchor forward. An anchor *ahead* of the database means rows were removed: `verify` reports
+//! it, and `open` refuses to start ([`AuditError::Truncated`]) rather than overwrite the
+//! evidence. With `audit_sync = "normal"`, a power loss (not a process crash) can lose the
+//! newest commits of both files in either order and trip this check; use `full` where that
+//! matters.
+//!
+//! # Retention
+//! Pruning deletes a prefix of rows, after checking they still verify, and stores the last
+//! deleted row's seq and MAC as a MACed checkpoint in the same transaction; verification starts
+//! from there.
+//!
+//! # Writer
+//! One thread owns the write connection. Callers hand it events over a bounded queue; it takes
+//! everything queued (up to 4096) into one transaction, computes the MACs, commits, moves the
+//! anchor and only then answers each waiter with its seq. When a batch fails (lock held by
+//! another process, disk full, I/O error) every waiter gets [`AuditError::Unavailable`] and
+//! the chain head does not move; later batches retry from the same head.
+
+mod chain;
+mod db;
+mod event;
+mod fingerprint;
+pub mod usage;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+pub use event::{Event, EventKind, MAX_DETAIL_LEN, MAX_FIELD_LEN, Row, UnknownEventKind};
+pub use fingerprint::{Fingerprinter, fingerprint};
+
+use crate::config::AuditSync;
+use crate::seal::{Context, MasterKey};
+use chain::{Anchor, MacKey, Position};
+use writer::{Msg, Writer};
+
+/// Events that can wait in the queue; beyond this `commit` fails fast and `enqueue` drops.
+const QUEUE_CAPACITY: usize = 8192;
+/// Longest a caller waits for its commit; the writer's own waits are bounded by the busy
+/// timeout, so this only fires on a stalled disk.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The purpose string the audit MAC key is wrapped under.
+const KEY_PURPOSE: &str = "audit-mac";
+
+/// Why the audit trail refused an operation. Nothing here carries key material or payloads.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// The event could not be made durable; the caller must not proceed.
+    #[error("audit trail unavailable, refusing to proceed: {reason}")]
+    Unavailable {
+        /// What failed and what to do about it.
+        reason: String,
+    },
+    /// The audit MAC key does not unwrap under this master key.
+    #[error(
+        "master key does not match this store: the audit key in {path} cannot be unwrapped; \
+         start with the master key this state directory was created with"
+    )]
+    WrongMasterKey {
+        /// The audit database.
+        path: String,
+    },
+    /// `audit.head` records rows the database no longer has.
+    #[error(
+        "audit trail truncated: {dir}/audit.head records seq {anchored_seq} but audit.db ends \
+         at seq {db_seq}, so the newest rows were deleted; keep both files for investigation, \
+         then move audit.db* and audit.head aside to start a new trail"
+    )]
+    Truncated {
+        /// The seq the anchor records.
+        anchored_seq: u64,
+        /// The last seq in the database.
+        db_seq: u64,
+        /// The state directory.
+        dir: String,
+    },
+    /// The trail failed an integrity check that must hold before writing can continue.
+    #[error(
+        "audit trail in {dir} failed its integrity check: {reason}; keep the files for \
+         investigation, then move audit.db* and audit.head aside to start a new trail"
+    )]
+    Tampered {
+        /// What did not verify.
+        reason: String,
+        /// The state directory.
+        dir: String,
+    },
+    /// An event a caller built is not storable (a programming error, not a runtime one).
+    #[error("audit event rejected: {0}")]
+    InvalidEvent(String),
+    /// Opening or reading the audit database failed.
+    #[error(
+        "audit database {path}: {source}; check that the file is a keyward audit database and is readable"
+    )]
+    Database {
+        /// The database file.
+        path: String,
+        /// The SQLite error.
+        source: rusqlite::Error,
+    },
+    /// A file next to the database could not be read or written.
+    #[error("audit file {path}: {source}; check the state directory's permissions and free space")]
+    Io {
+        /// The file or directory.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// What `query` selects; every field narrows, `None` means any.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Filter {
+    /// Tenant name.
+    pub tenant: Option<String>,
+    /// Credential id.
+    pub credential_id: Option<String>,
+    /// Client id.
+    pub client_id: Option<String>,
+    /// Call id.
+    pub call_id: Option<String>,
+    /// Event kind.
+    pub event: Option<EventKind>,
+    /// Rows at or after this time (ms since the epoch).
+    pub since_ms: Option<i64>,
+    /// Rows at or before this time (ms since the epoch).
+    pub until_ms: Option<i64>,
+    /// Request fingerprint (hex).
+    pub fingerprint: Option<String>,
+    /// At most this many rows (newest first); `None` returns every match, so interactive
+    /// callers should set one.
+    pub limit: Option<usize>,
+}
+
+/// The result of walking the chain.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// Rows read and checked.
+    pub rows_checked: u64,
+    /// The first row that failed (a missing row's own seq); `None` when no row is to blame
+    /// or everything verified.
+    pub first_bad_seq: Option<u64>,
+    /// Why verification failed; `None` means the trail verified.
+    pub reason: Option<String>,
+    /// The last seq in the database.
+    pub last_seq: u64,
+    /// Rows up to this seq were pruned by retention (0 if none).
+    pub checkpoint_seq: u64,
+    /// The seq recorded in `audit.head`.
+    pub anchored_seq: u64,
+}
+
+impl VerifyReport {
+    /// True when every row verified and the anchor matches.
+    pub fn ok(&self) -> bool {
+        self.reason.is_none()
+    }
+}
+
+/// Handle to the audit trail; cheap to clone, all clones share one writer.
+#[derive(Clone)]
+pub struct Audit {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Queue into the writer thread.
+    tx: SyncSender<Msg>,
+    /// The state directory.
+    dir: PathBuf,
+    /// For verification on read connections.
+    key: Arc<MacKey>,
+    /// Idle read-only connections.
+    readers: Mutex<Vec<Connection>>,
+    /// Fire-and-forget events dropped because the queue was full.
+    dropped: AtomicU64,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Audit {
+    /// Opens or creates `<state_dir>/audit.db`, checks its head against `audit.head`, and
+    /// starts the writer thread. Fails on a wrong master key, on truncation, or when the head
+    /// does not match the anchor.
+    pub fn open(
+        state_dir: &Path,
+        master: &MasterKey,
+        sync: AuditSync,
+        retention: Option<Duration>,
+    ) -> Result<Audit, AuditError> {
+        let dir = state_dir.to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|source| AuditError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let mut conn = db::open_writer(&dir, sync)?;
+        let key = Arc::new(load_key(&mut conn, &dir, master, true)?);
+        let tampered = |reason: String| AuditError::Tampered {
+            reason,
+            dir: dir.display().to_string(),
+        };
+        let tip = db::tip(&conn, &key).map_err(tampered)?;
+        let anchor = chain::read_anchor(&key, &dir).map_err(|source| AuditError::Io {
+            path: dir.join(chain::HEAD_FILE).display().to_string(),
+            source,
+        })?;
+        check_anchor(&conn, &key, &dir, anchor, tip)?;
+        chain::write_anchor(&key, &dir, &tip, sync == AuditSync::Full).map_err(|source| {
+            AuditError::Io {
+                path: dir.join(chain::HEAD_FILE).display().to_string(),
+                source,
+            }
+        })?;
+        let last_time: i64 = conn
+            .query_row(
+                "SELECT coalesce(max(time_ms), 0) FROM audit_events",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|source| AuditError::Database {
+                path: dir.join(db::DB_FILE).display().to_string(),
+                source,
+            })?;
+        let (tx, rx) = sync_channel(QUEUE_CAPACITY);
+        let w = Writer {
+            conn,
+            key: key.clone(),
+            dir: dir.clone(),
+            durable: sync == AuditSync::Full,
+            head: tip,
+            last_time,
+            retention,
+        };
+        std::thread::Builder::new()
+            .name("keyward-audit".into())
+            .spawn(move || w.run(rx))
+            .map_err(|source| AuditError::Io {
+                path: "audit writer thread".into(),
+                source,
+            })?;
+        Ok(Audit {
+            inner: Arc::new(Inner {
+                tx,
+                dir,
+                key,
+                readers: Mutex::new(Vec::new()),
+                dropped: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Records `event` and returns its seq once it is committed and anchored; any error means
+    /// it was not recorded and the caller must not proceed.
+    pub async fn commit(&self, mut event: Event) -> Result<u64, AuditError> {
+        event.sanitize().map_err(AuditError::InvalidEvent)?;
+        let (reply, rx) = oneshot::channel();
+        match self.inner.tx.try_send(Msg::Event(event, Some(reply))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(AuditError::Unavailable {
+                    reason: format!(
+                        "the audit queue is full ({QUEUE_CAPACITY} events waiting); the disk \
+                         is too slow for the request rate"
+                    ),
+                });
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(stopped()),
+        }
+        match tokio::time::timeout(COMMIT_TIMEOUT, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(stopped()),
+            Err(_) => Err(AuditError::Unavailable {
+                reason: format!(
+                    "the audit writer did not confirm within {COMMIT_TIMEOUT:?}; check the disk \
+                     holding {}",
+                    self.inner.dir.display()
+                ),
+            }),
+        }
+    }
+
+    /// Queues `event` without waiting (for events nobody waits on, such as
+    /// `request.completed`). Never blocks; a full queue drops the event, counts it and logs.
+    pub fn enqueue(&self, mut event: Event) {
+        if let Err(why) = event.sanitize() {
+            tracing::warn!("audit event {} dropped: {why}", event.kind);
+            return;
+        }
+        let kind = event.kind;
+        match self.inner.tx.try_send(Msg::Event(event, None)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                let n = self.inner.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                // Logging every drop under overload would add to the overload.
+                if n.is_power_of_two() {
+                    tracing::warn!(dropped_total = n, "audit queue full: {kind} event dropped");
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::warn!("audit writer stopped: {kind} event dropped");
+            }
+        }
+    }
+
+    /// How many `enqueue`d events were dropped because the queue was full.
+    pub fn dropped_events(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Rows matching `filter`, newest first. Blocking (SQLite): call from `spawn_blocking` in
+    /// async code.
+    pub fn query(&self, filter: &Filter) -> Result<Vec<Row>, AuditError> {
+        self.with_reader(|conn| db::query(conn, filter))
+    }
+
+    /// Every row naming `credential_id`, oldest first. Blocking, like [`Audit::query`].
+    pub fn lifecycle(&self, credential_id: &str) -> Result<Vec<Row>, AuditError> {
+        self.with_reader(|conn| db::lifecycle(conn, credential_id))
+    }
+
+    /// Recomputes the whole chain and checks it against the checkpoint and `audit.head`.
+    /// Blocking, like [`Audit::query`].
+    pub fn verify(&self) -> Result<VerifyReport, AuditError> {
+        let anchor = chain::read_anchor(&self.inner.key, &self.inner.dir).map_err(|source| {
+            AuditError::Io {
+                path: self.inner.dir.join(chain::HEAD_FILE).display().to_string(),
+                source,
+            }
+        })?;
+        let key = self.inner.key.clone();
+        self.with_reader(move |conn| db::verify(conn, &key, anchor))
+    }
+
+    /// Deletes rows older than `older_than` (after checking they verify) and moves the
+    /// checkpoint; returns how many rows were deleted.
+    pub async fn prune(&self, older_than: Duration) -> Result<u64, AuditError> {
+        let cutoff =
+            writer::now_ms().saturating_sub(older_than.as_millis().min(i64::MAX as u128) as i64);
+        let (reply, rx) = oneshot::channel();
+        self.send_control(Msg::Prune(cutoff, reply)).await?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Waits until everything queued before this call is committed (or has failed).
+    pub async fn flush(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.send_control(Msg::Flush(done)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Commits everything queued and stops the writer (SIGTERM drain); later commits fail with
+    /// `Unavailable`.
+    pub async fn shutdown(self) {
+        let (done, rx) = oneshot::channel();
+        if self.send_control(Msg::Shutdown(done)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Queues a control message, waiting for room (off the async threads) since these are
+    /// rare and must not be dropped.
+    async fn send_control(&self, msg: Msg) -> Result<(), AuditError> {
+        let tx = self.inner.tx.clone();
+        tokio::task::spawn_blocking(move || tx.send(msg).map_err(|_| stopped()))
+            .await
+            .map_err(|_| stopped())?
+    }
+
+    fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, AuditError> {
+        let pooled = self.inner.readers.lock().expect("reader pool").pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => db::open_reader(&self.inner.dir)?,
+        };
+        let result = f(&mut conn).map_err(|source| AuditError::Database {
+            path: self.inner.dir.join(db::DB_FILE).display().to_string(),
+            source,
+        });
+        self.inner.readers.lock().expect("reader pool").push(conn);
+        result
+    }
+}
+
+fn stopped() -> AuditError {
+    AuditError::Unavailable {
+        reason: "the audit writer has shut down".into(),
+    }
+}
+
+/// Verifies the trail in `state_dir` without a running writer (offline checks, forensics).
+pub fn verify_dir(state_dir: &Path, master: &MasterKey) -> Result<VerifyReport, AuditError> {
+    let mut conn = db::open_reader(state_dir)?;
+    let key = load_key(&mut conn, state_dir, master, false)?;
+    let anchor = chain::read_anchor(&key, state_dir).map_err(|source| AuditError::Io {
+        path: state_dir.join(chain::HEAD_FILE).display().to_string(),
+        source,
+    })?;
+    db::verify(&mut conn, &key, anchor).map_err(|source| AuditError::Database {
+        path: state_dir.join(db::DB_FILE).display().to_string(),
+        source,
+    })
+}
+
+/// Reads (or, with `create` on an empty store, creates) the wrapped audit key and unwraps it.
+fn load_key(
+    conn: &mut Connection,
+    dir: &Path,
+    master: &MasterKey,
+    create: bool,
+) -> Result<MacKey, AuditError> {
+    let path = dir.join(db::DB_FILE).display().to_string();
+    let db_err = |source| AuditError::Database {
+        path: path.clone(),
+        source,
+    };
+    let context = Context::AuxKey {
+        purpose: KEY_PURPOSE,
+    };
+    let mut wrapped = db::get_meta(conn, db::META_MAC_KEY).map_err(db_err)?;
+    if wrapped.is_none() && create {
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        let rows: i64 = tx
+            .query_row("SELECT count(*) FROM audit_events", [], |r| r.get(0))
+            .map_err(db_err)?;
+        if rows > 0 {
+            return Err(AuditError::Tampered {
+                reason: "audit.db has rows but no audit key".into(),
+                dir: dir.display().to_string(),
+            });
+        }
+        // OR IGNORE: another process may have created it first; its key wins.
+        tx.execute(
+            "INSERT OR IGNORE INTO audit_meta (key, value) VALUES (?1, ?2)",
+            rusqlite::params![db::META_MAC_KEY, master.new_wrapped_key(context)],
+        )
+        .map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        wrapped = db::get_meta(conn, db::META_MAC_KEY).map_err(db_err)?;
+    }
+    let Some(wrapped) = wrapped else {
+        return Err(AuditError::Tampered {
+            reason: "audit.db has no audit key".into(),
+            dir: dir.display().to_string(),
+        });
+    };
+    let secret = master
+        .unwrap_key(context, &wrapped)
+        .map_err(|_| AuditError::WrongMasterKey { path: path.clone() })?;
+    Ok(MacKey::new(&secret))
+}
+
+/// Refuses to continue a chain whose anchor is ahead of, or disagrees with, the database.
+fn check_anchor(
+    conn: &Connection,
+    key: &MacKey,
+    dir: &Path,
+    anchor: Anchor,
+    tip: Position,
+) -> Result<(), AuditError> {
+    let tampered = |reason: String| AuditError::Tampered {
+        reason,
+        dir: dir.display().to_string(),
+    };
+    let a = match anchor {
+        Anchor::At(a) => a,
+        Anchor::Missing if tip.seq == 0 => return Ok(()),
+        Anchor::Missing => {
+            return Err(tampered(format!(
+                "{} is missing while audit.db holds rows up to seq {}, so truncation cannot be \
+                 ruled out",
+                chain::HEAD_FILE,
+                tip.seq
+            )));
+        }
+        Anchor::Invalid(why) => {
+            return Err(tampered(format!(
+                "{} is not valid: {why}",
+                chain::HEAD_FILE
+            )));
+        }
+    };
+    if a.seq > tip.seq {
+        return Err(AuditError::Truncated {
+            anchored_seq: a.seq,
+            db_seq: tip.seq,
+            dir: dir.display().to_string(),
+        });
+    }
+    let checkpoint = db::checkpoint(conn, key).map_err(tampered)?;
+    let stored: Option<Vec<u8>> = if a.seq == checkpoint.seq {
+        Some(checkpoint.mac.to_vec())
+    } else if a.seq < checkpoint.seq {
+        // Pruned past the anchor: nothing left to compare with.
+        return Ok(());
+    } else {
+        use rusqlite::OptionalExtension;
+        conn.query_row(
+            "SELECT mac FROM audit_events WHERE seq = ?1",
+            [a.seq as i64],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| tampered(e.to_string()))?
+    };
+    if stored.as_deref() != Some(&a.mac[..]) {
+        return Err(tampered(format!(
+            "row {} does not match the MAC recorded in {}",
+            a.seq,
+            chain::HEAD_FILE
+        )));
+    }
+    Ok(())
+}

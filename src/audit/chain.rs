@@ -1,0 +1,262 @@
+//! The MAC chain: the audit key, per-row MACs, the head anchor file and the retention
+//! checkpoint. Pure computation plus the one small file outside the database.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use ring::hmac;
+
+use super::event::{Event, canonical};
+use crate::seal::Secret;
+
+/// Length of every MAC in the chain.
+pub(crate) const MAC_LEN: usize = 32;
+/// `prev_mac` of row 1: a fixed zero block. The chain is already bound to its store by the
+/// store's own random audit key, so a random genesis would add nothing.
+pub(crate) const GENESIS: [u8; MAC_LEN] = [0; MAC_LEN];
+
+/// The audit MAC key, built once from the unwrapped `Secret`.
+pub(crate) struct MacKey(hmac::Key);
+
+impl MacKey {
+    pub(crate) fn new(secret: &Secret) -> MacKey {
+        MacKey(hmac::Key::new(hmac::HMAC_SHA256, secret.expose_secret()))
+    }
+
+    /// `HMAC(key, prev_mac ‖ canonical row)`.
+    pub(crate) fn row_mac(
+        &self,
+        prev: &[u8; MAC_LEN],
+        seq: u64,
+        time_ms: i64,
+        e: &Event,
+    ) -> [u8; MAC_LEN] {
+        let mut ctx = hmac::Context::with_key(&self.0);
+        ctx.update(prev);
+        ctx.update(&canonical(seq, time_ms, e));
+        to_mac(ctx.sign().as_ref())
+    }
+
+    /// Tag over a (seq, mac) position, domain-separated by `what` so an anchor cannot be
+    /// passed off as a checkpoint or the reverse.
+    fn position_tag(&self, what: &[u8], pos: &Position) -> [u8; MAC_LEN] {
+        let mut ctx = hmac::Context::with_key(&self.0);
+        ctx.update(b"keyward/audit-");
+        ctx.update(what);
+        ctx.update(b"/v1");
+        ctx.update(&pos.seq.to_be_bytes());
+        ctx.update(&pos.mac);
+        to_mac(ctx.sign().as_ref())
+    }
+}
+
+fn to_mac(b: &[u8]) -> [u8; MAC_LEN] {
+    let mut m = [0; MAC_LEN];
+    m.copy_from_slice(b);
+    m
+}
+
+/// A point in the chain: the last row's seq and MAC (seq 0 + genesis for an empty chain).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Position {
+    pub seq: u64,
+    pub mac: [u8; MAC_LEN],
+}
+
+impl Position {
+    pub(crate) const START: Position = Position {
+        seq: 0,
+        mac: GENESIS,
+    };
+}
+
+// === checkpoint (stored in the audit db's meta table) ===
+
+/// Encodes the retention checkpoint: `seq (8) ‖ mac (32) ‖ tag (32)`.
+pub(crate) fn encode_checkpoint(key: &MacKey, pos: &Position) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 2 * MAC_LEN);
+    out.extend_from_slice(&pos.seq.to_be_bytes());
+    out.extend_from_slice(&pos.mac);
+    out.extend_from_slice(&key.position_tag(b"checkpoint", pos));
+    out
+}
+
+/// Decodes and authenticates a checkpoint; `None` when it is malformed or forged.
+pub(crate) fn decode_checkpoint(key: &MacKey, blob: &[u8]) -> Option<Position> {
+    if blob.len() != 8 + 2 * MAC_LEN {
+        return None;
+    }
+    let pos = Position {
+        seq: u64::from_be_bytes(blob[..8].try_into().ok()?),
+        mac: to_mac(&blob[8..8 + MAC_LEN]),
+    };
+    let tag = &blob[8 + MAC_LEN..];
+    ct_eq(&key.position_tag(b"checkpoint", &pos), tag).then_some(pos)
+}
+
+// === head anchor (a file beside audit.db) ===
+
+/// The anchor file's name inside the state directory.
+pub(crate) const HEAD_FILE: &str = "audit.head";
+
+/// What the anchor file says, before and after authentication.
+pub(crate) enum Anchor {
+    /// No anchor file.
+    Missing,
+    /// Present but unreadable or its tag does not verify.
+    Invalid(String),
+    /// An authentic position.
+    At(Position),
+}
+
+/// Reads `<dir>/audit.head`.
+pub(crate) fn read_anchor(key: &MacKey, dir: &Path) -> std::io::Result<Anchor> {
+    let text = match fs::read_to_string(dir.join(HEAD_FILE)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Anchor::Missing),
+        Err(e) => return Err(e),
+    };
+    let mut seq = None;
+    let mut mac = None;
+    let mut tag = None;
+    let mut lines = text.lines();
+    if lines.next() != Some("keyward-audit-head v1") {
+        return Ok(Anchor::Invalid("unknown header line".into()));
+    }
+    for line in lines {
+        match line.split_once('=') {
+            Some(("seq", v)) => seq = v.parse::<u64>().ok(),
+            Some(("mac", v)) => mac = hex_decode(v).filter(|m| m.len() == MAC_LEN),
+            Some(("tag", v)) => tag = hex_decode(v).filter(|m| m.len() == MAC_LEN),
+            _ => {}
+        }
+    }
+    let (Some(seq), Some(mac), Some(tag)) = (seq, mac, tag) else {
+        return Ok(Anchor::Invalid("missing or malformed seq/mac/tag".into()));
+    };
+    let pos = Position {
+        seq,
+        mac: to_mac(&mac),
+    };
+    if !ct_eq(&key.position_tag(b"head", &pos), &tag) {
+        return Ok(Anchor::Invalid(
+            "its MAC does not verify (edited, or from another store)".into(),
+        ));
+    }
+    Ok(Anchor::At(pos))
+}
+
+/// Replaces `<dir>/audit.head` atomically (temp file + rename); with `durable`, the file and
+/// the directory are fsynced so the anchor survives power loss along with the rows.
+pub(crate) fn write_anchor(
+    key: &MacKey,
+    dir: &Path,
+    pos: &Position,
+    durable: bool,
+) -> std::io::Result<()> {
+    let text = format!(
+        "keyward-audit-head v1\nseq={}\nmac={}\ntag={}\n",
+        pos.seq,
+        hex(&pos.mac),
+        hex(&key.position_tag(b"head", pos))
+    );
+    let tmp = dir.join(".audit.head.tmp");
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        if durable {
+            f.sync_all()?;
+        }
+        drop(f);
+        fs::rename(&tmp, dir.join(HEAD_FILE))?;
+        if durable {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Equality that takes the same time wherever the first difference is.
+pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Lowercase hex.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// Parses lowercase or uppercase hex.
+pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_round_trips_and_rejects_forgery() {
+        let key = MacKey::new(&Secret::random(32));
+        let pos = Position {
+            seq: 42,
+            mac: [7; MAC_LEN],
+        };
+        let blob = encode_checkpoint(&key, &pos);
+        assert_eq!(decode_checkpoint(&key, &blob), Some(pos));
+        let mut moved = blob.clone();
+        moved[7] = 43;
+        assert_eq!(decode_checkpoint(&key, &moved), None);
+        let other = MacKey::new(&Secret::random(32));
+        assert_eq!(decode_checkpoint(&other, &blob), None);
+    }
+
+    #[test]
+    fn anchor_round_trips_and_rejects_edits() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = MacKey::new(&Secret::random(32));
+        assert!(matches!(
+            read_anchor(&key, dir.path()).unwrap(),
+            Anchor::Missing
+        ));
+        let pos = Position {
+            seq: 9,
+            mac: [3; MAC_LEN],
+        };
+        write_anchor(&key, dir.path(), &pos, true).unwrap();
+        assert!(matches!(read_anchor(&key, dir.path()).unwrap(), Anchor::At(p) if p == pos));
+        let path = dir.path().join(HEAD_FILE);
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(&path, text.replace("seq=9", "seq=8")).unwrap();
+        assert!(matches!(
+            read_anchor(&key, dir.path()).unwrap(),
+            Anchor::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        let b = [0u8, 1, 0xab, 0xff];
+        assert_eq!(hex(&b), "0001abff");
+        assert_eq!(hex_decode("0001abff").unwrap(), b);
+        assert_eq!(hex_decode("0g"), None);
+        assert_eq!(hex_decode("abc"), None);
+    }
+}

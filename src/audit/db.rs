@@ -1,0 +1,546 @@
+//! The audit database file: schema, connections, the insert statement, decoding rows, the
+//! query filter, and the chain verification walk.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::types::Value;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params_from_iter};
+
+use super::chain::{self, Anchor, MAC_LEN, MacKey, Position};
+use super::event::{Event, EventKind, Row, rfc3339_ms};
+use super::{AuditError, Filter, VerifyReport};
+use crate::config::AuditSync;
+
+/// The database file's name inside the state directory.
+pub(crate) const DB_FILE: &str = "audit.db";
+
+/// How long a statement waits for another process's lock before failing; short, because a
+/// request waiting on the audit is a request the caller is holding open.
+const BUSY_TIMEOUT: Duration = Duration::from_millis(200);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS audit_meta (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS audit_events (
+    seq                INTEGER PRIMARY KEY,
+    time_ms            INTEGER NOT NULL,
+    event              TEXT NOT NULL,
+    call_id            TEXT,
+    tenant             TEXT,
+    client_id          TEXT,
+    peer_uid           INTEGER,
+    peer_pid           INTEGER,
+    target             TEXT,
+    model              TEXT,
+    capability         TEXT,
+    team               TEXT,
+    workflow           TEXT,
+    credential_id      TEXT,
+    credential_version INTEGER,
+    fingerprint        TEXT,
+    upstream_status    INTEGER,
+    latency_ms         INTEGER,
+    bytes_in           INTEGER,
+    bytes_out          INTEGER,
+    input_tokens       INTEGER,
+    output_tokens      INTEGER,
+    total_tokens       INTEGER,
+    detail             TEXT,
+    flags              TEXT,
+    mac                BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_events_time ON audit_events(time_ms);
+CREATE INDEX IF NOT EXISTS audit_events_credential ON audit_events(credential_id)
+    WHERE credential_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS audit_events_call ON audit_events(call_id) WHERE call_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS audit_events_tenant ON audit_events(tenant, seq)
+    WHERE tenant IS NOT NULL;
+";
+
+const COLUMNS: &str = "seq, time_ms, event, call_id, tenant, client_id, peer_uid, peer_pid, \
+     target, model, capability, team, workflow, credential_id, credential_version, fingerprint, \
+     upstream_status, latency_ms, bytes_in, bytes_out, input_tokens, output_tokens, \
+     total_tokens, detail, flags, mac";
+
+pub(crate) const INSERT: &str = "INSERT INTO audit_events (seq, time_ms, event, call_id, \
+     tenant, client_id, peer_uid, peer_pid, target, model, capability, team, workflow, \
+     credential_id, credential_version, fingerprint, upstream_status, latency_ms, bytes_in, \
+     bytes_out, input_tokens, output_tokens, total_tokens, detail, flags, mac) VALUES (?1, ?2, \
+     ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, \
+     ?22, ?23, ?24, ?25, ?26)";
+
+pub(crate) const META_MAC_KEY: &str = "mac_key";
+pub(crate) const META_CHECKPOINT: &str = "checkpoint";
+
+fn db_err(path: &Path, source: rusqlite::Error) -> AuditError {
+    AuditError::Database {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Opens (creating if needed) the writer's connection with WAL and the configured sync level.
+pub(crate) fn open_writer(dir: &Path, sync: AuditSync) -> Result<Connection, AuditError> {
+    let path = dir.join(DB_FILE);
+    let conn = Connection::open(&path).map_err(|e| db_err(&path, e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| db_err(&path, e))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(|e| db_err(&path, e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(AuditError::Database {
+            path: path.display().to_string(),
+            source: rusqlite::Error::InvalidQuery,
+        });
+    }
+    let level = match sync {
+        AuditSync::Normal => "NORMAL",
+        AuditSync::Full => "FULL",
+    };
+    conn.pragma_update(None, "synchronous", level)
+        .map_err(|e| db_err(&path, e))?;
+    conn.execute_batch(SCHEMA).map_err(|e| db_err(&path, e))?;
+    Ok(conn)
+}
+
+/// Opens a read-only connection for queries and verification (WAL readers never block the
+/// writer).
+pub(crate) fn open_reader(dir: &Path) -> Result<Connection, AuditError> {
+    let path = dir.join(DB_FILE);
+    let conn = Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| db_err(&path, e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| db_err(&path, e))?;
+    Ok(conn)
+}
+
+pub(crate) fn get_meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<Vec<u8>>> {
+    conn.query_row("SELECT value FROM audit_meta WHERE key = ?1", [key], |r| {
+        r.get(0)
+    })
+    .optional()
+}
+
+/// The last row's position, the checkpoint's when every row was pruned, else the start.
+pub(crate) fn tip(conn: &Connection, key: &MacKey) -> Result<Position, String> {
+    let last: Option<(i64, Vec<u8>)> = conn
+        .query_row(
+            "SELECT seq, mac FROM audit_events ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(|e| e.to_string())?;
+    if let Some((seq, mac)) = last {
+        if mac.len() != MAC_LEN || seq < 1 {
+            return Err(format!("the newest row (seq {seq}) is malformed"));
+        }
+        return Ok(Position {
+            seq: seq as u64,
+            mac: mac.try_into().expect("length checked"),
+        });
+    }
+    checkpoint(conn, key)
+}
+
+/// The retention checkpoint, or the start when nothing was ever pruned.
+pub(crate) fn checkpoint(conn: &Connection, key: &MacKey) -> Result<Position, String> {
+    match get_meta(conn, META_CHECKPOINT).map_err(|e| e.to_string())? {
+        None => Ok(Position::START),
+        Some(blob) => chain::decode_checkpoint(key, &blob)
+            .ok_or_else(|| "the retention checkpoint's MAC does not verify".to_owned()),
+    }
+}
+
+/// Runs the prepared [`INSERT`] for one row.
+pub(crate) fn insert(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    seq: u64,
+    time_ms: i64,
+    e: &Event,
+    mac: &[u8; MAC_LEN],
+) -> rusqlite::Result<()> {
+    use rusqlite::ToSql;
+    let seq = seq as i64;
+    let flags = e.flags_column();
+    let mac = &mac[..];
+    // Sanitized events hold no value above i64::MAX; the clamp only keeps this total.
+    let n = |v: Option<u64>| v.map(|n| n.min(i64::MAX as u64) as i64);
+    let (latency, bytes_in, bytes_out) = (n(e.latency_ms), n(e.bytes_in), n(e.bytes_out));
+    let (input, output, total) = (n(e.input_tokens), n(e.output_tokens), n(e.total_tokens));
+    let params: [&dyn ToSql; 26] = [
+        &seq,
+        &time_ms,
+        &e.kind.as_str(),
+        &e.call_id,
+        &e.tenant,
+        &e.client_id,
+        &e.peer_uid,
+        &e.peer_pid,
+        &e.target,
+        &e.model,
+        &e.capability,
+        &e.team,
+        &e.workflow,
+        &e.credential_id,
+        &e.credential_version,
+        &e.fingerprint,
+        &e.upstream_status,
+        &latency,
+        &bytes_in,
+        &bytes_out,
+        &input,
+        &output,
+        &total,
+        &e.detail,
+        &flags,
+        &mac,
+    ];
+    stmt.execute(&params[..]).map(|_| ())
+}
+
+/// A row exactly as stored, before its MAC is checked.
+pub(crate) struct RawRow {
+    pub seq: i64,
+    pub time_ms: i64,
+    pub event: Event,
+    pub mac: Vec<u8>,
+}
+
+/// Decodes one `SELECT {COLUMNS}` row. Any column of the wrong type or range is an error
+/// string rather than a failure of the whole read, since verify must report such a row.
+fn decode(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<RawRow, (i64, String)>> {
+    let seq: Value = r.get(0)?;
+    let Value::Integer(seq) = seq else {
+        return Ok(Err((0, "seq is not an integer".into())));
+    };
+    let mut cols = Vec::with_capacity(26);
+    for i in 0..26 {
+        cols.push(r.get::<_, Value>(i)?);
+    }
+    Ok(decode_values(cols).map_err(|m| (seq, m)))
+}
+
+fn decode_values(cols: Vec<Value>) -> Result<RawRow, String> {
+    let mut it = cols.into_iter();
+    let mut next = || it.next().unwrap_or(Value::Null);
+    fn int(v: Value, name: &str) -> Result<i64, String> {
+        match v {
+            Value::Integer(i) => Ok(i),
+            _ => Err(format!("{name} is not an integer")),
+        }
+    }
+    fn opt_s(v: Value, name: &str) -> Result<Option<String>, String> {
+        match v {
+            Value::Null => Ok(None),
+            Value::Text(s) => Ok(Some(s)),
+            _ => Err(format!("{name} is not text")),
+        }
+    }
+    fn opt_n<T: TryFrom<i64>>(v: Value, name: &str) -> Result<Option<T>, String> {
+        match v {
+            Value::Null => Ok(None),
+            Value::Integer(i) => T::try_from(i)
+                .map(Some)
+                .map_err(|_| format!("{name} is out of range")),
+            _ => Err(format!("{name} is not an integer")),
+        }
+    }
+    let seq = int(next(), "seq")?;
+    let time_ms = int(next(), "time_ms")?;
+    let kind = match next() {
+        Value::Text(s) => s.parse::<EventKind>().map_err(|e| e.to_string())?,
+        _ => return Err("event is not text".into()),
+    };
+    let event = Event {
+        kind,
+        call_id: opt_s(next(), "call_id")?,
+        tenant: opt_s(next(), "tenant")?,
+        client_id: opt_s(next(), "client_id")?,
+        peer_uid: opt_n(next(), "peer_uid")?,
+        peer_pid: opt_n(next(), "peer_pid")?,
+        target: opt_s(next(), "target")?,
+        model: opt_s(next(), "model")?,
+        capability: opt_s(next(), "capability")?,
+        team: opt_s(next(), "team")?,
+        workflow: opt_s(next(), "workflow")?,
+        credential_id: opt_s(next(), "credential_id")?,
+        credential_version: opt_n(next(), "credential_version")?,
+        fingerprint: opt_s(next(), "fingerprint")?,
+        upstream_status: opt_n(next(), "upstream_status")?,
+        latency_ms: opt_n(next(), "latency_ms")?,
+        bytes_in: opt_n(next(), "bytes_in")?,
+        bytes_out: opt_n(next(), "bytes_out")?,
+        input_tokens: opt_n(next(), "input_tokens")?,
+        output_tokens: opt_n(next(), "output_tokens")?,
+        total_tokens: opt_n(next(), "total_tokens")?,
+        detail: opt_s(next(), "detail")?,
+        flags: opt_s(next(), "flags")?
+            .map(|f| f.split(',').map(str::to_owned).collect())
+            .unwrap_or_default(),
+    };
+    let mac = match next() {
+        Value::Blob(b) => b,
+        _ => return Err("mac is not a blob".into()),
+    };
+    Ok(RawRow {
+        seq,
+        time_ms,
+        event,
+        mac,
+    })
+}
+
+fn to_row(raw: RawRow) -> Row {
+    Row {
+        seq: raw.seq.max(0) as u64,
+        time: rfc3339_ms(raw.time_ms),
+        time_ms: raw.time_ms,
+        event: raw.event,
+        mac: chain::hex(&raw.mac),
+    }
+}
+
+/// Rows matching `filter`, newest first.
+pub(crate) fn query(conn: &Connection, filter: &Filter) -> rusqlite::Result<Vec<Row>> {
+    let mut sql = format!("SELECT {COLUMNS} FROM audit_events WHERE 1=1");
+    let mut args: Vec<Value> = Vec::new();
+    let mut eq = |col: &str, v: &Option<String>, sql: &mut String| {
+        if let Some(v) = v {
+            args.push(Value::Text(v.clone()));
+            sql.push_str(&format!(" AND {col} = ?{}", args.len()));
+        }
+    };
+    eq("tenant", &filter.tenant, &mut sql);
+    eq("credential_id", &filter.credential_id, &mut sql);
+    eq("client_id", &filter.client_id, &mut sql);
+    eq("call_id", &filter.call_id, &mut sql);
+    eq("fingerprint", &filter.fingerprint, &mut sql);
+    eq(
+        "event",
+        &filter.event.map(|k| k.as_str().to_owned()),
+        &mut sql,
+    );
+    if let Some(t) = filter.since_ms {
+        args.push(Value::Integer(t));
+        sql.push_str(&format!(" AND time_ms >= ?{}", args.len()));
+    }
+    if let Some(t) = filter.until_ms {
+        args.push(Value::Integer(t));
+        sql.push_str(&format!(" AND time_ms <= ?{}", args.len()));
+    }
+    sql.push_str(" ORDER BY seq DESC");
+    if let Some(limit) = filter.limit {
+        sql.push_str(&format!(" LIMIT {}", limit.min(i64::MAX as usize)));
+    }
+    collect(conn, &sql, args)
+}
+
+/// One credential's rows, oldest first.
+pub(crate) fn lifecycle(conn: &Connection, credential_id: &str) -> rusqlite::Result<Vec<Row>> {
+    let sql =
+        format!("SELECT {COLUMNS} FROM audit_events WHERE credential_id = ?1 ORDER BY seq ASC");
+    collect(conn, &sql, vec![Value::Text(credential_id.to_owned())])
+}
+
+fn collect(conn: &Connection, sql: &str, args: Vec<Value>) -> rusqlite::Result<Vec<Row>> {
+    let mut stmt = conn.prepare(sql)?;
+    let mut rows = stmt.query(params_from_iter(args))?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        // A row that no longer decodes (someone edited the file) is left to `verify`; the
+        // query still shows everything else.
+        if let Ok(raw) = decode(r)? {
+            out.push(to_row(raw));
+        }
+    }
+    Ok(out)
+}
+
+// === verification ===
+
+/// Checks rows `start.seq + 1 ..= last` against the chain and returns the position at `last`.
+pub(crate) fn verify_prefix(
+    conn: &Connection,
+    key: &MacKey,
+    start: Position,
+    last: u64,
+) -> Result<Position, String> {
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT {COLUMNS} FROM audit_events WHERE seq <= ?1 ORDER BY seq ASC"
+        ))
+        .map_err(|e| e.to_string())?;
+    let mut rows = stmt.query([last as i64]).map_err(|e| e.to_string())?;
+    let mut prev = start;
+    while let Some(r) = rows.next().map_err(|e| e.to_string())? {
+        let raw = decode(r)
+            .map_err(|e| e.to_string())?
+            .map_err(|(seq, why)| format!("row {seq} is malformed: {why}"))?;
+        let seq = raw.seq.max(0) as u64;
+        if seq != prev.seq + 1 {
+            return Err(format!("row {} is missing", prev.seq + 1));
+        }
+        let want = key.row_mac(&prev.mac, seq, raw.time_ms, &raw.event);
+        if !chain::ct_eq(&raw.mac, &want) {
+            return Err(format!("row {seq} fails its MAC"));
+        }
+        prev = Position { seq, mac: want };
+    }
+    if prev.seq != last {
+        return Err(format!("rows after {} are missing", prev.seq));
+    }
+    Ok(prev)
+}
+
+/// Walks the whole chain in one read snapshot and checks it against the checkpoint and the
+/// head anchor. `anchor` must be read before the snapshot starts: the writer moves the anchor
+/// only after its rows are committed, so an anchor read first can never be ahead of an honest
+/// snapshot.
+pub(crate) fn verify(
+    conn: &mut Connection,
+    key: &MacKey,
+    anchor: Anchor,
+) -> rusqlite::Result<VerifyReport> {
+    let tx = conn.transaction()?;
+    let mut report = VerifyReport::default();
+    let fail = |report: &mut VerifyReport, seq: Option<u64>, reason: String| {
+        if report.reason.is_none() {
+            report.first_bad_seq = seq;
+            report.reason = Some(reason);
+        }
+    };
+    let start = match checkpoint(&tx, key) {
+        Ok(p) => p,
+        Err(reason) => {
+            fail(&mut report, None, reason);
+            Position::START
+        }
+    };
+    report.checkpoint_seq = start.seq;
+    let mut prev = start;
+    // The MAC of the anchored seq as found in the db, to compare with the anchor's.
+    let anchor_pos = match &anchor {
+        Anchor::At(p) => Some(*p),
+        _ => None,
+    };
+    let mut anchored_mac_seen = anchor_pos.filter(|a| a.seq == start.seq).map(|_| start.mac);
+    {
+        let mut stmt = tx.prepare(&format!(
+            "SELECT {COLUMNS} FROM audit_events ORDER BY seq ASC"
+        ))?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            report.rows_checked += 1;
+            let expected = prev.seq + 1;
+            let raw = match decode(r)? {
+                Ok(raw) => raw,
+                Err((seq, why)) => {
+                    fail(
+                        &mut report,
+                        Some(seq.max(0) as u64),
+                        format!("row {seq} is malformed: {why}"),
+                    );
+                    // Without a decodable row the chain cannot continue from it.
+                    prev = Position {
+                        seq: seq.max(0) as u64,
+                        mac: [0; MAC_LEN],
+                    };
+                    continue;
+                }
+            };
+            let seq = raw.seq.max(0) as u64;
+            if seq != expected {
+                let reason = if seq > expected {
+                    if expected == seq - 1 {
+                        format!("row {expected} is missing (deleted)")
+                    } else {
+                        format!("rows {expected}..={} are missing (deleted)", seq - 1)
+                    }
+                } else {
+                    format!("row {seq} is out of sequence")
+                };
+                fail(&mut report, Some(expected.min(seq)), reason);
+            }
+            let stored: Option<[u8; MAC_LEN]> = raw.mac.as_slice().try_into().ok();
+            let want = key.row_mac(&prev.mac, seq, raw.time_ms, &raw.event);
+            let ok = stored.is_some_and(|m| chain::ct_eq(&m, &want));
+            if !ok && seq == expected {
+                fail(
+                    &mut report,
+                    Some(seq),
+                    format!(
+                        "row {seq} fails its MAC: it was edited, inserted or moved, or the row \
+                         before it was"
+                    ),
+                );
+            }
+            // Continue from what is stored so one bad row does not hide the rest of the walk.
+            prev = Position {
+                seq,
+                mac: stored.unwrap_or([0; MAC_LEN]),
+            };
+            if anchor_pos.is_some_and(|a| a.seq == seq) {
+                anchored_mac_seen = Some(prev.mac);
+            }
+        }
+    }
+    tx.finish()?;
+    report.last_seq = prev.seq;
+    match anchor {
+        Anchor::Missing => {
+            if prev.seq > 0 {
+                fail(
+                    &mut report,
+                    None,
+                    format!(
+                        "{} is missing, so truncation of the newest rows cannot be ruled out",
+                        chain::HEAD_FILE
+                    ),
+                );
+            }
+        }
+        Anchor::Invalid(why) => fail(
+            &mut report,
+            None,
+            format!("{} is not valid: {why}", chain::HEAD_FILE),
+        ),
+        Anchor::At(a) => {
+            report.anchored_seq = a.seq;
+            if a.seq > prev.seq {
+                fail(
+                    &mut report,
+                    Some(prev.seq + 1),
+                    format!(
+                        "the newest rows were truncated: {} records seq {} but the database ends \
+                         at seq {}",
+                        chain::HEAD_FILE,
+                        a.seq,
+                        prev.seq
+                    ),
+                );
+            } else if a.seq >= start.seq {
+                match anchored_mac_seen {
+                    Some(m) if m == a.mac => {}
+                    _ => fail(
+                        &mut report,
+                        Some(a.seq),
+                        format!(
+                            "row {} does not match the MAC recorded in {}",
+                            a.seq,
+                            chain::HEAD_FILE
+                        ),
+                    ),
+                }
+            }
+        }
+    }
+    Ok(report)
+}
