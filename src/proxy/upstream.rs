@@ -498,6 +498,39 @@ mod tests {
         );
     }
 
+    /// Stands in for hyper-util's private connect error, which is recognised by its message.
+    #[derive(Debug)]
+    struct Wrapped(&'static str, std::io::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.1)
+        }
+    }
+
+    #[test]
+    fn dns_failure_is_named() {
+        let err = Wrapped(
+            "dns error",
+            std::io::Error::other("failed to lookup address information"),
+        );
+        assert_eq!(
+            reason_from_chain(&err, "nowhere.invalid:443"),
+            "DNS lookup failed: failed to lookup address information"
+        );
+        let tcp = Wrapped(
+            "tcp connect error",
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        );
+        assert_eq!(reason_from_chain(&tcp, "h:1"), "connection refused");
+    }
+
     #[test]
     fn refused_connection_is_named() {
         let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
