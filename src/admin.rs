@@ -953,7 +953,9 @@ fn audit_query(state: &State, args: AuditQueryArgs) -> Reply {
 
 fn audit_verify(state: &State) -> Reply {
     let report = state.audit.verify()?;
-    Ok(serde_json::to_value(report)?)
+    let mut value = serde_json::to_value(&report)?;
+    value["ok"] = Value::Bool(report.ok());
+    Ok(value)
 }
 
 fn audit_lifecycle(state: &State, id: &str) -> Reply {

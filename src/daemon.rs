@@ -92,6 +92,10 @@ pub struct State {
     pub limiter: tokio::sync::Semaphore,
     /// Round-robin counter for pools of equal priority.
     pub rotation: AtomicUsize,
+    /// Cooldowns and quarantines of credential versions (process lifetime).
+    pub pool: crate::pool::Pool,
+    /// Versions already announced as expiring within a week.
+    pub expiry_watch: crate::pool::ExpiryWatch,
 }
 
 impl State {
@@ -170,45 +174,91 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
             path.display()
         );
     }
-    let store = Store::open(&config.state_dir, &master)?;
-    let audit = Audit::open(
-        &config.state_dir,
-        &master,
-        config.audit_sync,
-        config.audit_retention,
-    )?;
-    let listeners = take_or_bind(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("keyward")
         .build()
         .map_err(ServeError::Runtime)?;
-    let catalog = CatalogHandle::new(Catalog::build(store.snapshot()?));
-    let upstream = {
-        let _guard = runtime.enter();
-        Upstream::new(&config.targets, &config.limits)
-            .map_err(|e| ServeError::Upstream(e.to_string()))?
-    };
-    let state = Arc::new(State {
-        master_key_source: source.to_string(),
-        memory_lock,
-        master,
-        store,
-        catalog,
-        audit,
-        upstream,
-        started: Instant::now(),
-        runtime: runtime.handle().clone(),
-        in_flight: AtomicUsize::new(0),
-        limiter: tokio::sync::Semaphore::new(config.limits.max_concurrent_requests),
-        rotation: AtomicUsize::new(0),
+    let server = Server::open(
         config,
-    });
-    print_banner(&state, &hardening, listeners.activated);
+        master,
+        source.to_string(),
+        memory_lock,
+        runtime.handle().clone(),
+    )?;
+    print_banner(server.state(), &hardening, &server.listeners);
     if options.dev {
-        runtime.block_on(dev_mode(&state));
+        runtime.block_on(dev_mode(server.state()));
     }
-    runtime.block_on(run(state, listeners))
+    runtime.block_on(server.run(shutdown_signal()))
+}
+
+/// A daemon with its store, audit trail, upstream clients and sockets open, ready to serve.
+/// `serve` builds one after hardening the process; the offline demo builds one in-process.
+pub struct Server {
+    /// Shared state for the data plane and the admin socket.
+    state: Arc<State>,
+    /// Sockets taken from systemd or bound here.
+    listeners: Listeners,
+}
+
+impl Server {
+    /// Opens the store (checking `master` against it), the audit trail and the upstream
+    /// clients, then takes or binds the sockets. Must be called with `runtime` available.
+    pub fn open(
+        config: Config,
+        master: MasterKey,
+        master_key_source: String,
+        memory_lock: String,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Server, ServeError> {
+        let store = Store::open(&config.state_dir, &master)?;
+        let audit = Audit::open(
+            &config.state_dir,
+            &master,
+            config.audit_sync,
+            config.audit_retention,
+        )?;
+        let listeners = take_or_bind(&config)?;
+        let catalog = CatalogHandle::new(Catalog::build(store.snapshot()?));
+        let upstream = {
+            let _guard = runtime.enter();
+            Upstream::new(&config.targets, &config.limits)
+                .map_err(|e| ServeError::Upstream(e.to_string()))?
+        };
+        let state = Arc::new(State {
+            master_key_source,
+            memory_lock,
+            master,
+            store,
+            catalog,
+            audit,
+            upstream,
+            started: Instant::now(),
+            runtime,
+            in_flight: AtomicUsize::new(0),
+            limiter: tokio::sync::Semaphore::new(config.limits.max_concurrent_requests),
+            rotation: AtomicUsize::new(0),
+            pool: crate::pool::Pool::new(&config.pool),
+            expiry_watch: crate::pool::ExpiryWatch::default(),
+            config,
+        });
+        Ok(Server { state, listeners })
+    }
+
+    /// The shared state (for in-process callers such as the demo).
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests (bounded by
+    /// `limits.shutdown_grace`) and flushes the audit trail.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = &'static str>,
+    ) -> Result<(), ServeError> {
+        run(self.state, self.listeners, shutdown).await
+    }
 }
 
 fn check_socket_group(config: &Config) -> Result<(), ServeError> {
@@ -301,9 +351,20 @@ fn bind_unix(
     Ok(listener)
 }
 
-fn print_banner(state: &State, hardening: &crate::harden::Hardening, activated: bool) {
+fn print_banner(state: &State, hardening: &crate::harden::Hardening, listeners: &Listeners) {
     let c = &state.config;
-    let how = if activated { " (socket-activated)" } else { "" };
+    let how = if listeners.activated {
+        " (socket-activated)"
+    } else {
+        ""
+    };
+    // Socket-activated listeners may live elsewhere than the config says: print where they are.
+    let path_of = |l: &std::os::unix::net::UnixListener, fallback: &Path| {
+        l.local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            .unwrap_or_else(|| fallback.to_path_buf())
+    };
     println!("keyward {} serving{how}", env!("CARGO_PKG_VERSION"));
     println!(
         "  config        {}",
@@ -315,8 +376,14 @@ fn print_banner(state: &State, hardening: &crate::harden::Hardening, activated: 
     println!("  state dir     {}", c.state_dir.display());
     println!("  database      {}", state.store.path().display());
     println!("  audit         {}", c.state_dir.join("audit.db").display());
-    println!("  data socket   {} (0660)", c.socket.display());
-    println!("  admin socket  {} (0600)", c.admin_socket.display());
+    println!(
+        "  data socket   {} (0660)",
+        path_of(&listeners.data, &c.socket).display()
+    );
+    println!(
+        "  admin socket  {} (0600)",
+        path_of(&listeners.admin, &c.admin_socket).display()
+    );
     if let Some(addr) = c.listen_tcp {
         println!("  tcp           {addr} (client tokens only)");
     }
@@ -352,7 +419,11 @@ async fn dev_mode(state: &Arc<State>) {
     }
 }
 
-async fn run(state: Arc<State>, listeners: Listeners) -> Result<(), ServeError> {
+async fn run(
+    state: Arc<State>,
+    listeners: Listeners,
+    shutdown: impl std::future::Future<Output = &'static str>,
+) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -392,14 +463,14 @@ async fn run(state: Arc<State>, listeners: Listeners) -> Result<(), ServeError> 
         None => None,
     };
     let retire_task = tokio::spawn(retire_loop(state.clone(), stop_rx.clone()));
-    let _ = crate::systemd::notify("READY=1");
+    notify("READY=1");
 
-    let signal = shutdown_signal().await;
+    let signal = shutdown.await;
     tracing::info!(
         signal,
         "shutting down: no new connections, draining in-flight requests"
     );
-    let _ = crate::systemd::notify("STOPPING=1");
+    notify("STOPPING=1");
     let _ = stop_tx.send(true);
     let grace = state.config.limits.shutdown_grace;
     let drained = tokio::time::timeout(grace, async {
@@ -423,7 +494,15 @@ async fn run(state: Arc<State>, listeners: Listeners) -> Result<(), ServeError> 
     Ok(())
 }
 
-async fn shutdown_signal() -> &'static str {
+/// Tells the service manager our state; a failure is logged, never fatal.
+fn notify(state: &str) {
+    if let Err(e) = crate::systemd::notify(state) {
+        tracing::warn!(error = %e, state, "sd_notify failed");
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT, naming which.
+pub async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
