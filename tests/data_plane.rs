@@ -40,6 +40,9 @@ fn config_for(mock: &MockUpstream, dir: &std::path::Path, extra: &str) -> String
     toml
 }
 
+/// A request that scope must refuse: path, model, extra headers, expected message part.
+type DenialCase<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+
 struct Setup {
     mock: MockUpstream,
     daemon: Daemon,
@@ -231,7 +234,8 @@ async fn scope_is_enforced_before_the_upstream_is_contacted() {
         ],
         random_key("sk-").as_bytes(),
     );
-    let cases: &[(&str, &str, &[(&str, &str)], &str)] = &[
+    // (path, model, extra headers, what the 403 must say)
+    let cases: &[DenialCase] = &[
         ("/openai/v1/chat/completions", "o1-preview", &[], "model"),
         (
             "/openai/v1/embeddings",

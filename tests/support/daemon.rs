@@ -236,7 +236,7 @@ impl Daemon {
                 "--tenant",
                 tenant,
                 "--name",
-                &format!("app-{}", random_key("")[..8].to_string()),
+                &format!("app-{}", &random_key("")[..8]),
                 "--json",
             ])
             .trim(),
