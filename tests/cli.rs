@@ -224,7 +224,6 @@ fn restart_keeps_data_and_a_wrong_master_key_is_refused_at_start() {
     let mut d = Daemon::builder().start();
     d.ok(&["tenant", "add", "persist"]);
     let home = d.home.clone();
-    let _keep = tempfile::TempDir::new(); // the first daemon's TempDir is dropped below
     assert_eq!(d.terminate(), Some(0));
     // Same home (and its generated master key): everything is still there.
     let d2 = Daemon::builder().home(&home).start();
