@@ -923,3 +923,82 @@ async fn dev_mode_prints_a_working_token_and_curl_line() {
     assert_eq!(status, 200, "{body}");
     assert!(!contains(out.as_bytes(), &key));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_with_prior_knowledge_is_served_on_the_socket() {
+    let s = setup("").await;
+    let (token, _) = s
+        .daemon
+        .provision("acme", "openai", &random_key("sk-"), &[]);
+    let stream = tokio::net::UnixStream::connect(s.daemon.socket())
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = http::Request::post("http://keyward/openai/v1/chat/completions")
+            .header("authorization", bearer(&token))
+            .body(http_body_util::Full::new(bytes::Bytes::from(chat_body(
+                "gpt-4o", false,
+            ))))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_connections_are_pooled_and_use_http2_when_offered() {
+    let s = setup("").await;
+    let (token, _) = s
+        .daemon
+        .provision("acme", "openai", &random_key("sk-"), &[]);
+    for _ in 0..20 {
+        let (status, _, _) = call(
+            &s.daemon.socket(),
+            post(
+                "/openai/v1/chat/completions",
+                &[("authorization", &bearer(&token))],
+                &chat_body("gpt-4o", false),
+            ),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(
+        s.mock.connection_count(),
+        1,
+        "20 sequential calls should reuse one upstream connection"
+    );
+    assert!(
+        s.mock
+            .requests()
+            .iter()
+            .all(|r| r.version == http::Version::HTTP_2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_request_headers_are_refused() {
+    let s = setup("[limits]\nmax_header_bytes = \"16KiB\"\n").await;
+    let (token, _) = s
+        .daemon
+        .provision("acme", "openai", &random_key("sk-"), &[]);
+    let huge = "a".repeat(64 * 1024);
+    let req = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer {token}\r\nX-Big: {huge}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    let answer = raw(&s.daemon.socket(), req.as_bytes()).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    assert_eq!(s.mock.request_count(), 0);
+}
