@@ -1002,3 +1002,38 @@ async fn oversized_request_headers_are_refused() {
     );
     assert_eq!(s.mock.request_count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_upstream_response_headers_are_refused() {
+    let key = random_key("sk-");
+    let huge = "b".repeat(100 * 1024);
+    let mock = MockUpstream::builder()
+        .http1_only()
+        .on_key(
+            &key,
+            support::mock_upstream::Reply::status(200).header("x-huge", &huge),
+        )
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::builder()
+        .config(&config_for(
+            &mock,
+            dir.path(),
+            "[limits]\nmax_header_bytes = \"16KiB\"\n",
+        ))
+        .start();
+    let (token, _) = d.provision("acme", "openai", &key, &[]);
+    let (status, h, body) = call(
+        &d.socket(),
+        post(
+            "/openai/v1/chat/completions",
+            &[("authorization", &bearer(&token))],
+            &chat_body("gpt-4o", false),
+        ),
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(error_code(&h), "upstream_unreachable");
+    assert!(!body.contains(&huge[..100]));
+}

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -112,7 +112,8 @@ type HttpsClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 pub struct Upstream {
     /// Keyed by the target's `ca_file` (None = web PKI roots only); targets with the same
     /// trust share a client and therefore a connection pool.
-    clients: Mutex<HashMap<Option<PathBuf>, HttpsClient>>,
+    /// Built once at start: the request path only reads it, so no lock is taken per request.
+    clients: HashMap<Option<PathBuf>, HttpsClient>,
     /// Deadline for response headers.
     upstream_timeout: Duration,
     /// Deadline between two frames of a response body.
@@ -131,16 +132,24 @@ impl std::fmt::Debug for Upstream {
 impl Upstream {
     /// Builds the clients for every target up front, so an unusable `ca_file` fails at start.
     pub fn new(targets: &Targets, limits: &Limits) -> Result<Upstream, UpstreamError> {
-        let upstream = Upstream {
-            clients: Mutex::new(HashMap::new()),
+        let mut clients = HashMap::new();
+        let trust_sets = std::iter::once((None, "(default)")).chain(
+            targets
+                .iter()
+                .map(|t| (t.ca_file.as_deref(), t.name.as_str())),
+        );
+        for (ca_file, target_name) in trust_sets {
+            let key = ca_file.map(Path::to_path_buf);
+            if !clients.contains_key(&key) {
+                let tls = tls_config(ca_file, target_name)?;
+                clients.insert(key, build_client(tls, limits));
+            }
+        }
+        Ok(Upstream {
+            clients,
             upstream_timeout: limits.upstream_timeout,
             stream_idle_timeout: limits.stream_idle_timeout,
-        };
-        upstream.client_for(None, "(default)")?;
-        for target in targets.iter() {
-            upstream.client_for(target.ca_file.as_deref(), &target.name)?;
-        }
-        Ok(upstream)
+        })
     }
 
     /// The idle deadline configured for response bodies.
@@ -184,15 +193,14 @@ impl Upstream {
         ca_file: Option<&Path>,
         target_name: &str,
     ) -> Result<HttpsClient, UpstreamError> {
-        let key = ca_file.map(Path::to_path_buf);
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(client) = clients.get(&key) {
-            return Ok(client.clone());
-        }
-        let tls = tls_config(ca_file, target_name)?;
-        let client = build_client(tls, self.upstream_timeout);
-        clients.insert(key, client.clone());
-        Ok(client)
+        self.clients
+            .get(&ca_file.map(Path::to_path_buf))
+            .cloned()
+            .ok_or_else(|| UpstreamError::CaFile {
+                target: target_name.to_string(),
+                path: ca_file.map(|p| p.display().to_string()).unwrap_or_default(),
+                reason: "no client was built for this trust set at start".into(),
+            })
     }
 }
 
@@ -244,7 +252,8 @@ fn read_ca_file(
     Ok(certs)
 }
 
-fn build_client(tls: rustls::ClientConfig, upstream_timeout: Duration) -> HttpsClient {
+fn build_client(tls: rustls::ClientConfig, limits: &Limits) -> HttpsClient {
+    let upstream_timeout = limits.upstream_timeout;
     let mut http = HttpConnector::new();
     // The HTTPS connector decides which schemes are allowed; the inner one must accept https.
     http.enforce_http(false);
@@ -260,6 +269,9 @@ fn build_client(tls: rustls::ClientConfig, upstream_timeout: Duration) -> HttpsC
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
+        // A hostile upstream must not make keyward buffer unbounded response headers.
+        .http1_max_buf_size(limits.max_header_bytes.max(8192))
+        .http2_max_header_list_size(limits.max_header_bytes as u32)
         .build(connector)
 }
 
