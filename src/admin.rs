@@ -341,6 +341,7 @@ fn status(state: &State) -> Value {
         "memory_lock": state.memory_lock.clone(),
         "master_key_source": state.master_key_source.clone(),
         "in_flight": state.in_flight(),
+        "store_accesses": state.store.accesses(),
     })
 }
 
@@ -768,6 +769,7 @@ fn cred_list(state: &State, tenant: Option<&str>) -> Reply {
         None => None,
     };
     let now = now_unix();
+    let wall_now = std::time::SystemTime::now();
     let mut lines = Vec::new();
     let mut creds: Vec<_> = cat
         .credentials_by_tenant
@@ -781,10 +783,19 @@ fn cred_list(state: &State, tenant: Option<&str>) -> Reply {
     for c in creds {
         let t = cat.tenant(&c.tenant_id);
         for v in c.versions.iter().rev() {
-            let state_name = version_state(c, v, now);
+            let lifecycle = version_state(c, v, now);
             let expired = t
                 .and_then(|t| t.max_key_age_s)
                 .is_some_and(|max| now - v.created_at > max);
+            let overlap_until = v
+                .overlap_until
+                .filter(|_| lifecycle == crate::catalog::VersionState::Overlapping);
+            let (state_name, until) = shown_state(
+                lifecycle,
+                overlap_until,
+                expired,
+                state.pool.status(&c.id, v.version, wall_now),
+            );
             lines.push(json!({
                 "id": c.id,
                 "tenant": tenant_name(&cat, &c.tenant_id),
@@ -792,8 +803,10 @@ fn cred_list(state: &State, tenant: Option<&str>) -> Reply {
                 "name": c.name,
                 "version": v.version,
                 "preview": v.preview,
-                "state": state_name.as_str(),
-                "overlap_until": v.overlap_until.filter(|_| state_name == crate::catalog::VersionState::Overlapping).map(crate::units::format_time),
+                "state": state_name,
+                "until": until.map(crate::units::format_time),
+                "lifecycle": lifecycle.as_str(),
+                "overlap_until": overlap_until.map(crate::units::format_time),
                 "expired": expired,
                 "priority": c.priority,
                 "created_at": crate::units::format_time(v.created_at),
@@ -803,6 +816,30 @@ fn cred_list(state: &State, tenant: Option<&str>) -> Reply {
         }
     }
     Ok(Value::Array(lines))
+}
+
+/// The state `cred list` shows for a version and until when it lasts (Unix seconds): what
+/// takes it out of service wins over what merely describes it — revoked and retired first,
+/// then quarantined, cooling down, expired (past the tenant's max key age), and finally
+/// current or overlapping.
+fn shown_state(
+    lifecycle: crate::catalog::VersionState,
+    overlap_until: Option<i64>,
+    expired: bool,
+    pool: crate::pool::PoolStatus,
+) -> (&'static str, Option<i64>) {
+    use crate::catalog::VersionState;
+    use crate::pool::unix_secs;
+    match lifecycle {
+        VersionState::Revoked | VersionState::Retired => (lifecycle.as_str(), None),
+        _ if pool.quarantine_until.is_some() => {
+            ("quarantined", pool.quarantine_until.map(unix_secs))
+        }
+        _ if pool.cooldown_until.is_some() => ("cooling_down", pool.cooldown_until.map(unix_secs)),
+        _ if expired => ("expired", None),
+        VersionState::Overlapping => ("overlapping", overlap_until),
+        VersionState::Current => ("current", None),
+    }
 }
 
 fn client_add(

@@ -504,10 +504,10 @@ fn print(command: &Command, data: &Value, json: bool) -> Result<(), Failure> {
                 .into_iter()
                 .map(|mut r| {
                     let mut state = plain(&r["state"]);
-                    if !r["overlap_until"].is_null() {
-                        state = format!("{state} until {}", plain(&r["overlap_until"]));
+                    if !r["until"].is_null() {
+                        state = format!("{state} until {}", plain(&r["until"]));
                     }
-                    if r["expired"].as_bool() == Some(true) {
+                    if r["expired"].as_bool() == Some(true) && r["state"] != "expired" {
                         state.push_str(" (expired)");
                     }
                     r["state"] = Value::String(state);

@@ -519,16 +519,52 @@ async fn retire_loop(state: Arc<State>, mut stop: tokio::sync::watch::Receiver<b
             _ = crate::proxy::server::stopped(&mut stop) => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+        announce_expiring(&state);
+        let now = crate::units::now_unix();
+        // The catalog mirrors the store, so the database is touched only when a version is due.
+        if !retirement_due(&state.catalog.load(), now) {
+            continue;
+        }
         let st = state.clone();
-        let result = tokio::task::spawn_blocking(move || retire_due(&st)).await;
+        let result = tokio::task::spawn_blocking(move || retire_due(&st, now)).await;
         if let Ok(Err(e)) = result {
             tracing::warn!(error = %e, "retiring overlapped credential versions failed; will retry");
         }
     }
 }
 
-fn retire_due(state: &State) -> Result<(), StoreError> {
+/// Whether any version's overlap has ended without it being marked retired yet (the same
+/// rule as `store::retire_due`).
+fn retirement_due(catalog: &Catalog, now: i64) -> bool {
+    catalog.credentials_by_tenant.values().flatten().any(|c| {
+        c.versions.iter().any(|v| {
+            v.retired_at.is_none()
+                && v.revoked_at.is_none()
+                && v.overlap_until.is_some_and(|until| until <= now)
+        })
+    })
+}
+
+/// Logs, once per version, that a key passes its tenant's max key age within a week.
+fn announce_expiring(state: &State) {
     let now = crate::units::now_unix();
+    for e in state
+        .expiry_watch
+        .newly_expiring(&state.catalog.load(), now)
+    {
+        tracing::warn!(
+            tenant = %e.tenant,
+            credential = %e.credential,
+            name = %e.name,
+            version = e.version,
+            expires_at = %crate::units::format_time(e.expires_at),
+            on_expiry = %e.policy,
+            "credential version passes the tenant's max key age within a week; rotate it with `keyward cred rotate`"
+        );
+    }
+}
+
+fn retire_due(state: &State, now: i64) -> Result<(), StoreError> {
     let retired = state.store.write(|tx| {
         let retired = store::retire_due(tx, now)?;
         for (cred_id, version) in &retired {

@@ -18,6 +18,7 @@ pub mod config;
 pub mod daemon;
 pub mod harden;
 pub mod logging;
+pub mod pool;
 pub mod providers;
 pub mod proxy;
 pub mod scope;

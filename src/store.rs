@@ -5,6 +5,7 @@
 //! `admin`. The audit trail lives in its own file and is owned by `audit`.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -263,6 +264,9 @@ pub struct Store {
     path: PathBuf,
     /// The connection; lock it only on blocking threads.
     conn: Mutex<Connection>,
+    /// How many times the database was used (read or written), shown by `status` so an
+    /// operator can see the data plane never touches it.
+    accesses: AtomicU64,
 }
 
 /// A new random id with a type prefix, e.g. `cred_3f9a1c0b7e2d4a65`.
@@ -346,6 +350,7 @@ impl Store {
         Ok(Store {
             path,
             conn: Mutex::new(conn),
+            accesses: AtomicU64::new(0),
         })
     }
 
@@ -355,7 +360,13 @@ impl Store {
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.accesses.fetch_add(1, Ordering::Relaxed);
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many transactions, snapshots and checkpoints have used the database since start.
+    pub fn accesses(&self) -> u64 {
+        self.accesses.load(Ordering::Relaxed)
     }
 
     /// Runs `f` in a transaction that rolls back unless `f` succeeds.

@@ -4,12 +4,25 @@
 //!
 //! The request is the envelope: `POST /{target}/{provider path}`. Bodies stream in both
 //! directions; only the prefix needed to read the model is held before the credential is chosen.
+//!
+//! Failover: `scope` lists the keys that may serve, `pool` moves those cooling down or
+//! quarantined to the back, and the request tries them in that order. A 401, 403, 429 or 5xx
+//! answer, or a connect/TLS failure, moves it to the next key; the decision is made on the
+//! status and headers, before a byte of the response reaches the app. The request body is kept
+//! (within `max_request_body`) while another attempt may need it. The audit trail gets one
+//! `request.resolved` row for the first key, then one `request.failover` row per move (naming
+//! the key that failed, the key taken next and why), committed before the next key is unsealed
+//! — fail closed, like the resolution — and `request.completed` naming the key that served.
+//! When every key fails, the app gets the last attempt's result: the upstream's answer
+//! (scrubbed, with `keyward-credential` naming the last key), or keyward's 502/504 error when
+//! the last attempt got no answer.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
@@ -26,15 +39,17 @@ use tokio::sync::watch;
 use super::error::{ErrorCode, error_response};
 use super::route::{Route, upstream_uri};
 use super::scrub::{ScrubBody, scrub_headers};
-use super::upstream::{BoxError, UpstreamBody};
+use super::upstream::{BoxError, UpstreamBody, UpstreamError};
 use crate::audit::usage::UsageTap;
 use crate::audit::{Event, EventKind, Fingerprinter};
 use crate::auth::{AuthError, PeerCred, Principal, authenticate};
 use crate::daemon::State;
+use crate::pool::{Change, Outcome, parse_retry_after, unix_secs};
 use crate::providers::{Target, prepare_upstream_headers};
 use crate::scope::attrs::{ModelScanner, ModelSource, ScanState, capability, model_source};
 use crate::scope::{Candidate, Denial, RequestAttrs, select};
 use crate::seal::{Context, CredentialRef, Secret};
+use crate::units::format_time;
 
 /// Response header naming the audit call id.
 pub const CALL_ID_HEADER: &str = "keyward-call-id";
@@ -275,10 +290,7 @@ async fn process(
         Denial::Scope { message, .. } => Reject::new(ErrorCode::ScopeDenied, message),
         Denial::Policy(message) => Reject::new(ErrorCode::PolicyViolation, message),
     })?;
-    let chosen = candidates
-        .into_iter()
-        .next()
-        .expect("select returns at least one candidate");
+    let candidates = state.pool.arrange(candidates, SystemTime::now());
     let tenant = catalog
         .tenant(&principal.tenant_id)
         .cloned()
@@ -288,14 +300,13 @@ async fn process(
                 "the client's tenant no longer exists",
             )
         })?;
+    let first = candidates
+        .first()
+        .expect("select returns at least one candidate");
 
     // Fail closed: the resolution is durable before the key is unsealed or anything is sent.
     let mut resolved = known.event(EventKind::RequestResolved, call_id);
-    resolved.credential_id = Some(chosen.credential.id.clone());
-    resolved.credential_version = Some(chosen.version().version);
-    if chosen.expired_warn {
-        resolved.flags.push("expired_key_warn".into());
-    }
+    name_credential(&mut resolved, first);
     let fp_key = state
         .master
         .unwrap_key(
@@ -310,60 +321,255 @@ async fn process(
                 format!("fingerprint key unavailable: {e}"),
             )
         })?;
-    let mut fingerprint = Fingerprinter::new(&fp_key);
-    if body.is_end_stream() {
-        for chunk in &prefix {
-            fingerprint.update(chunk);
-        }
-        resolved.fingerprint = Some(fingerprint.clone().finish());
-    }
+    let rest = (!body.is_end_stream()).then_some(body);
+    let replay = Replay::new(
+        prefix,
+        rest,
+        scanner,
+        Fingerprinter::new(&fp_key),
+        limit,
+        candidates.len() > 1,
+    );
+    resolved.fingerprint = replay.fingerprint.clone();
+    let replay = Arc::new(Mutex::new(replay));
     state.audit.commit(resolved).await.map_err(|e| {
         Reject::new(
             ErrorCode::AuditUnavailable,
             format!("the audit record could not be written, so nothing was sent upstream: {e}"),
         )
     })?;
-    if chosen.expired_warn {
-        tracing::warn!(call_id, credential = %chosen.credential.id, "serving a key past the tenant's max key age (policy: warn)");
-    }
 
-    let secret = unseal(state, &tenant, &chosen)?;
-    let mut headers = parts.headers;
-    prepare_upstream_headers(&target, &mut headers, &secret)
-        .map_err(|e| Reject::new(ErrorCode::BadRequest, e.to_string()))?;
-    let outcome = Arc::new(Mutex::new(BodyOutcome::default()));
-    let forward = ForwardBody {
-        prefix: prefix.into(),
-        rest: (!body.is_end_stream()).then_some(body),
-        scanner,
-        fingerprint: Some(fingerprint),
-        sent: 0,
-        limit,
+    let request = Outgoing {
+        method: parts.method,
+        headers: parts.headers,
+        target: &target,
+        route: &route,
         declared,
-        outcome: outcome.clone(),
     };
-    let mut upstream_req = Request::new(forward.boxed());
-    *upstream_req.method_mut() = parts.method;
-    *upstream_req.uri_mut() = upstream_uri(&target, &route);
-    *upstream_req.headers_mut() = headers;
+    let mut index = 0;
+    loop {
+        let chosen = &candidates[index];
+        let next = candidates.get(index + 1);
+        if chosen.expired_warn {
+            tracing::warn!(call_id, credential = %chosen.credential.id, version = chosen.version().version, "serving a key past the tenant's max key age (policy: warn)");
+        }
+        let step = attempt(state, &tenant, &request, chosen, &replay, index as u32).await;
+        let (replayable, violation) = {
+            let mut r = lock(&replay);
+            (r.replayable(), r.violation.take())
+        };
+        // A body the app must fix is refused whatever the upstream said about it.
+        if let Some(reject) = violation {
+            return Err(reject);
+        }
+        let (reason, status, fallback) = match step {
+            Step::Answer(response, secret) => {
+                let status = response.status().as_u16();
+                let change = report(state, known, call_id, chosen, &response);
+                match failover_reason(status, change) {
+                    Some(reason) if next.is_some() && replayable => {
+                        (reason, Some(status), Fallback::Answer(response, secret))
+                    }
+                    _ => {
+                        lock(&replay).stop_retaining();
+                        return Ok(respond(
+                            state, response, &secret, chosen, known, call_id, started, replay,
+                            &target,
+                        ));
+                    }
+                }
+            }
+            Step::Failed {
+                reject,
+                retryable: true,
+            } if next.is_some() && replayable => {
+                (reject.message.clone(), None, Fallback::Failed(reject))
+            }
+            Step::Failed { reject, .. } => return Err(reject),
+        };
+        let next = next.expect("checked above");
+        let mut row = known.event(EventKind::RequestFailover, call_id);
+        name_credential(&mut row, chosen);
+        row.upstream_status = status;
+        row.detail = Some(format!(
+            "from {} to {}: {reason}",
+            label(chosen),
+            label(next)
+        ));
+        if next.expired_warn {
+            row.flags.push("expired_key_warn".into());
+        }
+        // Same rule as the resolution: the next key is not used until this row is durable.
+        if let Err(e) = state.audit.commit(row).await {
+            tracing::error!(call_id, error = %e, "failover not possible: its audit record could not be written");
+            return match fallback {
+                Fallback::Answer(response, secret) => {
+                    lock(&replay).stop_retaining();
+                    Ok(respond(
+                        state, response, &secret, chosen, known, call_id, started, replay, &target,
+                    ))
+                }
+                Fallback::Failed(reject) => Err(reject),
+            };
+        }
+        tracing::info!(call_id, from = %label(chosen), to = %label(next), reason, "failing over to the next key");
+        // Drops the refused response (and with it the key that was used) before the next one
+        // is unsealed.
+        drop(fallback);
+        index += 1;
+        lock(&replay).restart(index as u32, index + 1 == candidates.len());
+    }
+}
 
-    let response = match state.upstream.send(&target, upstream_req).await {
-        Ok(r) => r,
-        Err(e) => {
-            let violation = outcome
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .violation
-                .take();
-            return Err(match violation {
-                Some(v) => v,
-                None => Reject::new(e.code(), e.to_string()),
-            });
+/// The parts of the app's request every attempt reuses.
+struct Outgoing<'a> {
+    method: http::Method,
+    /// The app's headers, before credential stripping and injection.
+    headers: HeaderMap,
+    target: &'a Target,
+    route: &'a Route,
+    declared: Option<u64>,
+}
+
+/// What one attempt with one key produced.
+enum Step {
+    /// Upstream answered (any status), with the key that was used, for scrubbing.
+    Answer(Response<Incoming>, Secret),
+    /// No answer.
+    Failed {
+        /// What the app gets if there is no failover.
+        reject: Reject,
+        /// Another key might do better (connect/TLS failure, broken exchange, unopenable key).
+        retryable: bool,
+    },
+}
+
+/// What the app gets if the failover cannot be audited.
+enum Fallback {
+    Answer(Response<Incoming>, Secret),
+    Failed(Reject),
+}
+
+/// Sends the request once with `chosen`.
+async fn attempt(
+    state: &State,
+    tenant: &crate::store::TenantRow,
+    request: &Outgoing<'_>,
+    chosen: &Candidate,
+    replay: &Arc<Mutex<Replay>>,
+    number: u32,
+) -> Step {
+    let secret = match unseal(state, tenant, chosen) {
+        Ok(secret) => secret,
+        Err(reject) => {
+            return Step::Failed {
+                reject,
+                retryable: true,
+            };
         }
     };
-    Ok(respond(
-        state, response, &secret, &chosen, known, call_id, started, outcome, &target,
-    ))
+    let mut headers = request.headers.clone();
+    if let Err(e) = prepare_upstream_headers(request.target, &mut headers, &secret) {
+        return Step::Failed {
+            reject: Reject::new(ErrorCode::BadRequest, e.to_string()),
+            retryable: false,
+        };
+    }
+    let body = ForwardBody {
+        replay: replay.clone(),
+        attempt: number,
+        declared: request.declared,
+    };
+    let mut upstream_req = Request::new(body.boxed());
+    *upstream_req.method_mut() = request.method.clone();
+    *upstream_req.uri_mut() = upstream_uri(request.target, request.route);
+    *upstream_req.headers_mut() = headers;
+    match state.upstream.send(request.target, upstream_req).await {
+        Ok(response) => Step::Answer(response, secret),
+        Err(e) => Step::Failed {
+            retryable: matches!(
+                e,
+                UpstreamError::Unreachable { .. } | UpstreamError::Failed { .. }
+            ),
+            reject: Reject::new(e.code(), e.to_string()),
+        },
+    }
+}
+
+/// Tells the pool what the upstream's status means for the key, and audits a quarantine.
+fn report(
+    state: &State,
+    known: &Known,
+    call_id: &str,
+    chosen: &Candidate,
+    response: &Response<Incoming>,
+) -> Change {
+    let now = SystemTime::now();
+    let status = response.status().as_u16();
+    let outcome = match status {
+        429 => Outcome::RateLimited {
+            retry_after: response
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, now)),
+        },
+        401 | 403 => Outcome::Rejected { status },
+        // A server error says nothing about the key.
+        500.. => return Change::None,
+        _ => Outcome::Served,
+    };
+    let version = chosen.version().version;
+    let change = state
+        .pool
+        .report(&chosen.credential.id, version, outcome, now);
+    if let Change::Quarantined(until) = change {
+        let until = format_time(unix_secs(until));
+        tracing::warn!(call_id, credential = %chosen.credential.id, version, status, %until, "upstream refused the key: it may be revoked or leaked; quarantined");
+        let mut event = known.event(EventKind::CredentialQuarantined, call_id);
+        name_credential(&mut event, chosen);
+        event.upstream_status = Some(status);
+        event.detail = Some(format!(
+            "upstream answered {status}: the key may be revoked or leaked; skipped until {until} while other keys can serve"
+        ));
+        state.audit.enqueue(event);
+    }
+    change
+}
+
+/// Why an upstream answer moves the request to the next key, or `None` to return it.
+fn failover_reason(status: u16, change: Change) -> Option<String> {
+    let until = |t: SystemTime| format_time(unix_secs(t));
+    match (status, change) {
+        (429, Change::CoolingDown(t)) => Some(format!(
+            "upstream answered 429; cooling down until {}",
+            until(t)
+        )),
+        (401 | 403, Change::Quarantined(t) | Change::QuarantineExtended(t)) => Some(format!(
+            "upstream answered {status}; quarantined until {}",
+            until(t)
+        )),
+        (500.., _) => Some(format!("upstream answered {status}")),
+        _ => None,
+    }
+}
+
+/// `cred_x/v2`, as in the `keyward-credential` header.
+fn label(c: &Candidate) -> String {
+    format!("{}/v{}", c.credential.id, c.version().version)
+}
+
+/// Puts the candidate's id, version and policy flag on an audit row.
+fn name_credential(event: &mut Event, c: &Candidate) {
+    event.credential_id = Some(c.credential.id.clone());
+    event.credential_version = Some(c.version().version);
+    if c.expired_warn {
+        event.flags.push("expired_key_warn".into());
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Reads body frames until the model is known or the body ends. Returns the model and whether
@@ -472,7 +678,7 @@ fn respond(
     known: &Known,
     call_id: &str,
     started: Instant,
-    outcome: Arc<Mutex<BodyOutcome>>,
+    replay: Arc<Mutex<Replay>>,
     target: &Target,
 ) -> Response<UpstreamBody> {
     let (mut parts, body) = response.into_parts();
@@ -510,8 +716,7 @@ fn respond(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let mut completed = known.event(EventKind::RequestCompleted, call_id);
-    completed.credential_id = Some(chosen.credential.id.clone());
-    completed.credential_version = Some(version);
+    name_credential(&mut completed, chosen);
     completed.upstream_status = Some(parts.status.as_u16());
     let body = CompletionBody {
         inner: ScrubBody::new(state.upstream.idle_guard(body), secret),
@@ -519,7 +724,7 @@ fn respond(
         bytes_out: 0,
         started,
         event: Some(completed),
-        outcome,
+        replay,
         state: state.clone(),
     };
     tracing::debug!(call_id, target = %target.name, status = parts.status.as_u16(), "upstream answered");
@@ -532,56 +737,166 @@ fn header_value(text: &str) -> HeaderValue {
 
 // === request body ===
 
-/// What the forwarded request body learned; read when the call completes.
-#[derive(Default)]
-struct BodyOutcome {
-    /// Bytes sent upstream.
-    bytes_in: u64,
+/// The request body, shared by every attempt: read once from the app, fingerprinted and
+/// size-checked once, and kept (as cheap `Bytes` clones) while a failover may still need to
+/// send it again. Only the attempt that currently owns it may read from it.
+struct Replay {
+    /// Chunks kept for a replay; while `retain` is off, only those not sent yet.
+    chunks: VecDeque<Bytes>,
+    /// Index in `chunks` of the next chunk the owner sends.
+    next: usize,
+    /// Keep sent chunks, because another attempt may follow.
+    retain: bool,
+    /// The attempt allowed to read; bodies of superseded attempts fail if polled again.
+    owner: u32,
+    /// The part of the app's body not read yet.
+    rest: Option<Incoming>,
+    /// Watches the rest of the body for a second top-level `model`.
+    scanner: Option<ModelScanner>,
+    /// Fingerprint of the body so far; taken when the body ends.
+    fingerprinter: Option<Fingerprinter>,
+    /// Body bytes read from the app.
+    received: u64,
+    /// `limits.max_request_body`.
+    limit: u64,
     /// Fingerprint of the whole body, once it ended.
     fingerprint: Option<String>,
     /// Why the body was cut (too large, ambiguous model).
     violation: Option<Reject>,
+    /// Reading the app's body failed, so it cannot be sent again.
+    app_failed: bool,
 }
 
-/// The request body on its way upstream: the prefix read for the model, then the rest as it
-/// arrives, fingerprinted and size-checked on the fly.
-struct ForwardBody {
-    prefix: std::collections::VecDeque<Bytes>,
-    rest: Option<Incoming>,
-    scanner: Option<ModelScanner>,
-    fingerprint: Option<Fingerprinter>,
-    sent: u64,
-    limit: u64,
-    declared: Option<u64>,
-    outcome: Arc<Mutex<BodyOutcome>>,
-}
+impl Replay {
+    fn new(
+        prefix: Vec<Bytes>,
+        rest: Option<Incoming>,
+        scanner: Option<ModelScanner>,
+        mut fingerprinter: Fingerprinter,
+        limit: u64,
+        retain: bool,
+    ) -> Replay {
+        let mut received = 0;
+        for chunk in &prefix {
+            fingerprinter.update(chunk);
+            received += chunk.len() as u64;
+        }
+        let mut replay = Replay {
+            chunks: prefix.into(),
+            next: 0,
+            retain,
+            owner: 0,
+            rest,
+            scanner,
+            fingerprinter: Some(fingerprinter),
+            received,
+            limit,
+            fingerprint: None,
+            violation: None,
+            app_failed: false,
+        };
+        if replay.rest.is_none() {
+            replay.finish();
+        }
+        replay
+    }
 
-impl ForwardBody {
+    /// Whether the whole body can still be sent to another key.
+    fn replayable(&self) -> bool {
+        self.retain && !self.app_failed && self.violation.is_none()
+    }
+
+    /// Hands the body to attempt `owner`, from its first byte. The last attempt need not keep
+    /// what it sends.
+    fn restart(&mut self, owner: u32, last: bool) {
+        debug_assert!(self.retain, "a body that was not kept cannot be replayed");
+        self.owner = owner;
+        self.next = 0;
+        self.retain = !last;
+    }
+
+    /// No more failover for this request: free what was sent.
+    fn stop_retaining(&mut self) {
+        self.retain = false;
+        self.chunks.drain(..self.next);
+        self.next = 0;
+    }
+
     fn fail(&mut self, reject: Reject) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let message = reject.message.clone();
-        self.outcome
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .violation = Some(reject);
+        self.violation = Some(reject);
         self.rest = None;
         Poll::Ready(Some(Err(message.into())))
     }
 
-    fn pass(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(fp) = self.fingerprint.as_mut() {
-            fp.update(&data);
+    fn finish(&mut self) {
+        if let Some(fp) = self.fingerprinter.take() {
+            self.fingerprint = Some(fp.finish());
         }
-        self.sent += data.len() as u64;
-        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
-    fn finish(&mut self) {
-        let mut outcome = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
-        outcome.bytes_in = self.sent;
-        if let Some(fp) = self.fingerprint.take() {
-            outcome.fingerprint = Some(fp.finish());
+    fn poll_next(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(chunk) = self.chunks.get(self.next).cloned() {
+            if self.retain {
+                self.next += 1;
+            } else {
+                self.chunks.pop_front();
+            }
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        let Some(rest) = self.rest.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(rest).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                self.rest = None;
+                if let Some(ScanState::Ambiguous) = self.scanner.as_mut().map(ModelScanner::finish)
+                {
+                    return self.fail(ambiguous());
+                }
+                self.finish();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.app_failed = true;
+                self.rest = None;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
+                    if self.received + data.len() as u64 > self.limit {
+                        let limit = self.limit;
+                        return self.fail(too_large(limit));
+                    }
+                    if let Some(ScanState::Ambiguous) = self.scanner.as_mut().map(|s| s.feed(&data))
+                    {
+                        return self.fail(ambiguous());
+                    }
+                    if let Some(fp) = self.fingerprinter.as_mut() {
+                        fp.update(&data);
+                    }
+                    self.received += data.len() as u64;
+                    if self.retain {
+                        self.chunks.push_back(data.clone());
+                        self.next += 1;
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
         }
     }
+}
+
+/// One attempt's view of the shared request body.
+struct ForwardBody {
+    replay: Arc<Mutex<Replay>>,
+    attempt: u32,
+    declared: Option<u64>,
 }
 
 impl Body for ForwardBody {
@@ -589,48 +904,21 @@ impl Body for ForwardBody {
     type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        if let Some(chunk) = this.prefix.pop_front() {
-            return this.pass(chunk);
+        let mut replay = lock(&self.replay);
+        if replay.owner != self.attempt {
+            return Poll::Ready(Some(Err(
+                "request abandoned: it failed over to another key".into(),
+            )));
         }
-        let Some(rest) = this.rest.as_mut() else {
-            this.finish();
-            return Poll::Ready(None);
-        };
-        match Pin::new(rest).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(None) => {
-                this.rest = None;
-                if let Some(ScanState::Ambiguous) = this.scanner.as_mut().map(ModelScanner::finish)
-                {
-                    return this.fail(ambiguous());
-                }
-                this.finish();
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) => {
-                    if this.sent + data.len() as u64 > this.limit {
-                        let limit = this.limit;
-                        return this.fail(too_large(limit));
-                    }
-                    if let Some(ScanState::Ambiguous) = this.scanner.as_mut().map(|s| s.feed(&data))
-                    {
-                        return this.fail(ambiguous());
-                    }
-                    this.pass(data)
-                }
-                Err(frame) => Poll::Ready(Some(Ok(frame))),
-            },
-        }
+        replay.poll_next(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_empty() && self.rest.is_none()
+        let replay = lock(&self.replay);
+        replay.owner == self.attempt && replay.next >= replay.chunks.len() && replay.rest.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -651,7 +939,7 @@ struct CompletionBody<B> {
     bytes_out: u64,
     started: Instant,
     event: Option<Event>,
-    outcome: Arc<Mutex<BodyOutcome>>,
+    replay: Arc<Mutex<Replay>>,
     state: Arc<State>,
 }
 
@@ -660,18 +948,18 @@ impl<B> CompletionBody<B> {
         let Some(mut event) = self.event.take() else {
             return;
         };
-        let outcome = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        let replay = lock(&self.replay);
         event.latency_ms = Some(self.started.elapsed().as_millis() as u64);
-        event.bytes_in = Some(outcome.bytes_in);
+        event.bytes_in = Some(replay.received);
         event.bytes_out = Some(self.bytes_out);
-        event.fingerprint = outcome.fingerprint.clone();
+        event.fingerprint = replay.fingerprint.clone();
         if let Some(usage) = self.usage.take().and_then(UsageTap::finish) {
             event.input_tokens = usage.input_tokens;
             event.output_tokens = usage.output_tokens;
             event.total_tokens = usage.total_tokens;
         }
         event.detail = detail;
-        drop(outcome);
+        drop(replay);
         self.state.audit.enqueue(event);
     }
 }
