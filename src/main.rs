@@ -5,6 +5,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use keyward::cli::{Cli, Command};
 use keyward::daemon::{ServeOptions, serve};
+use keyward::seal::alloc::ZeroOnFree;
+
+/// Every freed heap block is wiped, so copies of a key in HTTP and TLS buffers do not outlive
+/// their request.
+#[global_allocator]
+static ALLOCATOR: ZeroOnFree = ZeroOnFree(std::alloc::System);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

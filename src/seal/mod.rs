@@ -4,6 +4,7 @@
 //! `seal` knows nothing of HTTP, SQL or providers: it takes and returns byte blobs and
 //! [`Secret`]s. It holds the crate's only `unsafe` code (in [`locked`]).
 
+pub mod alloc;
 mod envelope;
 mod locked;
 mod master;
