@@ -140,9 +140,8 @@ impl Upstream {
         );
         for (ca_file, target_name) in trust_sets {
             let key = ca_file.map(Path::to_path_buf);
-            if !clients.contains_key(&key) {
-                let tls = tls_config(ca_file, target_name)?;
-                clients.insert(key, build_client(tls, limits));
+            if let std::collections::hash_map::Entry::Vacant(slot) = clients.entry(key) {
+                slot.insert(build_client(tls_config(ca_file, target_name)?, limits));
             }
         }
         Ok(Upstream {
