@@ -536,3 +536,26 @@ fn sigterm_drains_and_exits_zero() {
     assert_eq!(d.terminate(), Some(0));
     assert!(d.stderr().contains("shutting down"), "{}", d.stderr());
 }
+
+#[test]
+fn data_socket_group_comes_from_the_config_and_an_unknown_group_is_refused() {
+    let group = nix::unistd::Group::from_name("daemon")
+        .unwrap()
+        .expect("Debian has a `daemon` group");
+    let d = Daemon::builder()
+        .config("socket_group = \"daemon\"\n")
+        .start();
+    let meta = std::fs::metadata(d.socket()).unwrap();
+    assert_eq!(meta.gid(), group.gid.as_raw());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let err = Daemon::builder()
+        .config("socket_group = \"no-such-group-kw\"\n")
+        .try_start()
+        .err()
+        .unwrap();
+    assert!(
+        err.1.contains("socket_group") && err.1.contains("no-such-group-kw"),
+        "{}",
+        err.1
+    );
+}
