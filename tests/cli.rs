@@ -559,3 +559,59 @@ fn data_socket_group_comes_from_the_config_and_an_unknown_group_is_refused() {
         err.1
     );
 }
+
+#[test]
+fn hardening_disables_core_dumps_and_falls_back_to_secret_pages_without_privilege() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to start a daemon as another uid");
+        return;
+    }
+    let d = Daemon::builder().start();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(
+        core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(),
+        ["0", "0"],
+        "{core}"
+    );
+    assert_eq!(
+        d.json_lines(&["status"])[0]["memory_lock"],
+        "all (mlockall)"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    let locked: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmLck:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(locked > 0, "mlockall locked nothing: {status}");
+    drop(d);
+
+    // An unprivileged daemon with a finite RLIMIT_MEMLOCK cannot lock everything safely.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_MEMLOCK).unwrap();
+    let finite = hard.min(8 << 20);
+    setrlimit(Resource::RLIMIT_MEMLOCK, finite, finite).unwrap();
+    let d = Daemon::builder().uid(65534).start();
+    assert!(
+        d.stderr().contains("locking secret pages only"),
+        "{}",
+        d.stderr()
+    );
+    assert_eq!(
+        d.json_lines(&["status"])[0]["memory_lock"],
+        "secret pages (fallback)"
+    );
+    // PR_SET_DUMPABLE=0: the kernel makes the process's /proc files root-owned.
+    let owner = std::fs::metadata(format!("/proc/{}/environ", d.pid()))
+        .unwrap()
+        .uid();
+    assert_eq!(owner, 0, "the daemon is still dumpable");
+}

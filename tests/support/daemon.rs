@@ -35,6 +35,7 @@ pub struct DaemonBuilder {
     env: Vec<(String, String)>,
     args: Vec<String>,
     home: Option<PathBuf>,
+    uid: Option<u32>,
 }
 
 impl DaemonBuilder {
@@ -56,6 +57,12 @@ impl DaemonBuilder {
         self
     }
 
+    /// Runs the daemon as this uid (and gid), with its home owned by it. Needs root.
+    pub fn uid(mut self, uid: u32) -> Self {
+        self.uid = Some(uid);
+        self
+    }
+
     /// Reuses an existing home (to restart over the same store).
     pub fn home(mut self, home: &Path) -> Self {
         self.home = Some(home.to_path_buf());
@@ -66,6 +73,16 @@ impl DaemonBuilder {
     pub fn command(&self, home: &Path) -> Command {
         let mut cmd = Command::new(KEYWARD);
         cmd.arg("serve").args(&self.args);
+        if let Some(uid) = self.uid {
+            use std::os::unix::process::CommandExt;
+            nix::unistd::chown(
+                home,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(uid)),
+            )
+            .unwrap();
+            cmd.uid(uid).gid(uid);
+        }
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("KEYWARD_HOME", home)
