@@ -151,17 +151,24 @@ async fn a_key_refused_with_401_is_quarantined_once_and_requests_fail_over() {
     // The resolution named the first key, the failover is committed before the second key is
     // used, and the completion names the key that served.
     let call_id = f["call_id"].as_str().unwrap();
-    let rows = d.json_lines(&["audit", "query", "--call-id", call_id]);
-    let mut rows = rows;
-    rows.sort_by_key(|r| r["seq"].as_u64());
-    let kinds: Vec<&str> = rows.iter().map(|r| r["event"].as_str().unwrap()).collect();
     eventually("the completion row", || {
         d.json_lines(&["audit", "query", "--call-id", call_id])
             .iter()
             .any(|r| r["event"] == "request.completed")
     })
     .await;
-    assert_eq!(kinds[0], "request.resolved", "{kinds:?}");
+    let mut rows = d.json_lines(&["audit", "query", "--call-id", call_id]);
+    rows.sort_by_key(|r| r["seq"].as_u64());
+    let kinds: Vec<&str> = rows.iter().map(|r| r["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "request.resolved",
+            "credential.quarantined",
+            "request.failover",
+            "request.completed"
+        ]
+    );
     assert_eq!(rows[0]["credential_id"], bad_id.as_str());
     let completed = d.json_lines(&[
         "audit",
