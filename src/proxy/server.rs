@@ -354,13 +354,19 @@ async fn process(
             tracing::warn!(call_id, credential = %chosen.credential.id, version = chosen.version().version, "serving a key past the tenant's max key age (policy: warn)");
         }
         let step = attempt(state, &tenant, &request, chosen, &replay, index as u32).await;
-        let (replayable, violation) = {
+        let (replayable, violation, app_failed) = {
             let mut r = lock(&replay);
-            (r.replayable(), r.violation.take())
+            (r.replayable(), r.violation.take(), r.app_failed)
         };
         // A body the app must fix is refused whatever the upstream said about it.
         if let Some(reject) = violation {
             return Err(reject);
+        }
+        if app_failed && matches!(step, Step::Failed { .. }) {
+            return Err(Reject::new(
+                ErrorCode::BadRequest,
+                "reading the request body from the app failed before it ended; send the whole body",
+            ));
         }
         let (reason, status, fallback) = match step {
             Step::Answer(response, secret) => {
@@ -396,7 +402,8 @@ async fn process(
             label(chosen),
             label(next)
         ));
-        if next.expired_warn {
+        // Flags the row when either key is past its max age (policy: warn), once.
+        if next.expired_warn && !row.flags.iter().any(|f| f == "expired_key_warn") {
             row.flags.push("expired_key_warn".into());
         }
         // Same rule as the resolution: the next key is not used until this row is durable.
