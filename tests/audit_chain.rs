@@ -19,7 +19,14 @@ fn open(dir: &Path) -> Audit {
 fn request(i: usize) -> Event {
     Event {
         call_id: Some(format!("call-{i}")),
-        tenant: Some(if i.is_multiple_of(2) { "acme" } else { "globex" }.into()),
+        tenant: Some(
+            if i.is_multiple_of(2) {
+                "acme"
+            } else {
+                "globex"
+            }
+            .into(),
+        ),
         client_id: Some(format!("cli_{}", i % 3)),
         peer_uid: Some(1000),
         peer_pid: Some(4242),
