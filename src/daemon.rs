@@ -443,7 +443,7 @@ async fn run(
         state.clone(),
         wait_stop(stop_rx.clone()),
     ));
-    let data_task = tokio::spawn(crate::proxy::server::serve_unix(
+    let data_task = tokio::spawn(crate::proxy::server::serve(
         data,
         state.clone(),
         stop_rx.clone(),
@@ -454,7 +454,7 @@ async fn run(
                 path: "tcp".into(),
                 reason: e.to_string(),
             })?;
-            Some(tokio::spawn(crate::proxy::server::serve_tcp(
+            Some(tokio::spawn(crate::proxy::server::serve(
                 l,
                 state.clone(),
                 stop_rx.clone(),

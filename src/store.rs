@@ -385,24 +385,10 @@ impl Store {
     pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
         let conn = self.conn();
         let mut snap = Snapshot::default();
-        let mut stmt = conn.prepare(
-            "SELECT id, name, wrapped_key, wrapped_fp_key, max_key_age_s, on_expiry, rotation_overlap_s, created_at
-             FROM tenants ORDER BY name",
-        )?;
-        snap.tenants = stmt
-            .query_map([], |r| {
-                Ok(TenantRow {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                    wrapped_key: r.get(2)?,
-                    wrapped_fp_key: r.get(3)?,
-                    max_key_age_s: r.get(4)?,
-                    on_expiry: r.get(5)?,
-                    rotation_overlap_s: r.get(6)?,
-                    created_at: r.get(7)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants ORDER BY name"
+        ))?;
+        snap.tenants = stmt.query_map([], tenant_row)?.collect::<Result<_, _>>()?;
         let mut stmt = conn.prepare(
             "SELECT id, tenant_id, name, team, uid, workflows, token_hash, created_at, revoked_at
              FROM clients ORDER BY created_at, id",
@@ -422,27 +408,11 @@ impl Store {
                 })
             })?
             .collect::<Result<_, _>>()?;
-        let mut stmt = conn.prepare(
-            "SELECT id, tenant_id, target, name, models, capabilities, teams, workflows, priority, created_at, revoked_at
-             FROM credentials ORDER BY created_at, id",
-        )?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {CREDENTIAL_COLUMNS} FROM credentials ORDER BY created_at, id"
+        ))?;
         let mut creds: Vec<CredentialRow> = stmt
-            .query_map([], |r| {
-                Ok(CredentialRow {
-                    id: r.get(0)?,
-                    tenant_id: r.get(1)?,
-                    target: r.get(2)?,
-                    name: r.get(3)?,
-                    models: parse_list(r.get(4)?),
-                    capabilities: parse_list(r.get(5)?),
-                    teams: parse_list(r.get(6)?),
-                    workflows: parse_list(r.get(7)?),
-                    priority: r.get(8)?,
-                    created_at: r.get(9)?,
-                    revoked_at: r.get(10)?,
-                    versions: Vec::new(),
-                })
-            })?
+            .query_map([], credential_row)?
             .collect::<Result<_, _>>()?;
         let mut stmt = conn.prepare(
             "SELECT credential_id, version, wrapped_data_key, ciphertext, preview, created_at, overlap_until, retired_at, revoked_at
@@ -479,26 +449,51 @@ impl Store {
     }
 }
 
+// === row mapping ===
+
+const TENANT_COLUMNS: &str = "id, name, wrapped_key, wrapped_fp_key, max_key_age_s, on_expiry, rotation_overlap_s, created_at";
+
+fn tenant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantRow> {
+    Ok(TenantRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        wrapped_key: r.get(2)?,
+        wrapped_fp_key: r.get(3)?,
+        max_key_age_s: r.get(4)?,
+        on_expiry: r.get(5)?,
+        rotation_overlap_s: r.get(6)?,
+        created_at: r.get(7)?,
+    })
+}
+
+const CREDENTIAL_COLUMNS: &str = "id, tenant_id, target, name, models, capabilities, teams, workflows, priority, created_at, revoked_at";
+
+/// A credential row without its versions.
+fn credential_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CredentialRow> {
+    Ok(CredentialRow {
+        id: r.get(0)?,
+        tenant_id: r.get(1)?,
+        target: r.get(2)?,
+        name: r.get(3)?,
+        models: parse_list(r.get(4)?),
+        capabilities: parse_list(r.get(5)?),
+        teams: parse_list(r.get(6)?),
+        workflows: parse_list(r.get(7)?),
+        priority: r.get(8)?,
+        created_at: r.get(9)?,
+        revoked_at: r.get(10)?,
+        versions: Vec::new(),
+    })
+}
+
 // === tenants ===
 
 /// Looks a tenant up by name inside a transaction.
 pub fn tenant_by_name(tx: &Transaction<'_>, name: &str) -> Result<TenantRow, StoreError> {
     tx.query_row(
-        "SELECT id, name, wrapped_key, wrapped_fp_key, max_key_age_s, on_expiry, rotation_overlap_s, created_at
-         FROM tenants WHERE name = ?1",
+        &format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE name = ?1"),
         [name],
-        |r| {
-            Ok(TenantRow {
-                id: r.get(0)?,
-                name: r.get(1)?,
-                wrapped_key: r.get(2)?,
-                wrapped_fp_key: r.get(3)?,
-                max_key_age_s: r.get(4)?,
-                on_expiry: r.get(5)?,
-                rotation_overlap_s: r.get(6)?,
-                created_at: r.get(7)?,
-            })
-        },
+        tenant_row,
     )
     .optional()?
     .ok_or_else(|| StoreError::NotFound {
@@ -617,25 +612,9 @@ pub fn revoke_client(
 /// Looks a credential up by id (without versions).
 pub fn credential(tx: &Transaction<'_>, id: &str) -> Result<CredentialRow, StoreError> {
     tx.query_row(
-        "SELECT id, tenant_id, target, name, models, capabilities, teams, workflows, priority, created_at, revoked_at
-         FROM credentials WHERE id = ?1",
+        &format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = ?1"),
         [id],
-        |r| {
-            Ok(CredentialRow {
-                id: r.get(0)?,
-                tenant_id: r.get(1)?,
-                target: r.get(2)?,
-                name: r.get(3)?,
-                models: parse_list(r.get(4)?),
-                capabilities: parse_list(r.get(5)?),
-                teams: parse_list(r.get(6)?),
-                workflows: parse_list(r.get(7)?),
-                priority: r.get(8)?,
-                created_at: r.get(9)?,
-                revoked_at: r.get(10)?,
-                versions: Vec::new(),
-            })
-        },
+        credential_row,
     )
     .optional()?
     .ok_or_else(|| StoreError::NotFound {

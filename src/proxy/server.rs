@@ -56,37 +56,43 @@ pub const CALL_ID_HEADER: &str = "keyward-call-id";
 /// Response header naming the credential version that served the request.
 pub const CREDENTIAL_HEADER: &str = "keyward-credential";
 
-/// Serves the data socket until `stop` turns true, then waits for open connections to finish
-/// their in-flight requests (the caller bounds that wait).
-pub async fn serve_unix(
-    listener: tokio::net::UnixListener,
-    state: Arc<State>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let graceful = GracefulShutdown::new();
-    loop {
-        tokio::select! {
-            _ = stopped(&mut stop) => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let peer = stream.peer_cred().ok().map(|c| PeerCred {
-                        uid: c.uid(),
-                        gid: c.gid(),
-                        pid: c.pid().unwrap_or(0),
-                    });
-                    serve_connection(TokioIo::new(stream), peer, &state, &graceful);
-                }
-                Err(e) => accept_failed(e).await,
-            },
-        }
-    }
-    drop(listener);
-    graceful.shutdown().await;
+/// A listener the data plane accepts from: the data socket (with peer credentials) or the
+/// optional TCP listener (client tokens only, no peer credentials).
+pub trait DataListener: Send + 'static {
+    /// The accepted stream.
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    /// Waits for the next connection and says who is on the other end, where knowable.
+    fn accept_peer(
+        &self,
+    ) -> impl Future<Output = std::io::Result<(Self::Io, Option<PeerCred>)>> + Send;
 }
 
-/// Serves the optional TCP listener: client tokens only, no peer credentials.
-pub async fn serve_tcp(
-    listener: tokio::net::TcpListener,
+impl DataListener for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept_peer(&self) -> std::io::Result<(Self::Io, Option<PeerCred>)> {
+        let (stream, _) = self.accept().await?;
+        let peer = stream.peer_cred().ok().map(|c| PeerCred {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid().unwrap_or(0),
+        });
+        Ok((stream, peer))
+    }
+}
+
+impl DataListener for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept_peer(&self) -> std::io::Result<(Self::Io, Option<PeerCred>)> {
+        let (stream, _) = self.accept().await?;
+        let _ = stream.set_nodelay(true);
+        Ok((stream, None))
+    }
+}
+
+/// Serves `listener` until `stop` turns true, then closes it and waits for open connections to
+/// finish their in-flight requests (the caller bounds that wait).
+pub async fn serve(
+    listener: impl DataListener,
     state: Arc<State>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -94,11 +100,8 @@ pub async fn serve_tcp(
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    serve_connection(TokioIo::new(stream), None, &state, &graceful);
-                }
+            accepted = listener.accept_peer() => match accepted {
+                Ok((stream, peer)) => serve_connection(TokioIo::new(stream), peer, &state, &graceful),
                 Err(e) => accept_failed(e).await,
             },
         }
