@@ -18,7 +18,7 @@
 //! # Truncation anchor
 //! Deleting the newest rows leaves a valid chain, so the head (last seq and MAC, itself MACed
 //! under a separate domain) is anchored outside the database in `<state_dir>/audit.head`,
-//! replaced atomically (temp + rename, fsynced with `full`) after every committed batch. If the
+//! rewritten in place (one 256-byte write, fsynced with `full`) after every committed batch. If the
 //! process dies between the database commit and the anchor write, the database is ahead of the
 //! anchor; those rows chain from the anchored row, so they verify, and the next open moves the
 //! anchor forward. An anchor *ahead* of the database means rows were removed: `verify` reports
