@@ -2,7 +2,6 @@
 //! checkpoint. Pure computation plus the one small file outside the database.
 
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 use ring::hmac;
