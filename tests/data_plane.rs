@@ -1037,3 +1037,52 @@ async fn oversized_upstream_response_headers_are_refused() {
     assert_eq!(error_code(&h), "upstream_unreachable");
     assert!(!body.contains(&huge[..100]));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hostile_upstream_cannot_return_the_key_outside_the_body() {
+    let mock = MockUpstream::builder().http1_only().start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::builder()
+        .config(&config_for(&mock, dir.path(), ""))
+        .start();
+    let key = random_key("sk-proj-");
+    let (token, _) = d.provision("acme", "openai", &key, &[]);
+    let auth = format!("Bearer {token}");
+    let ask = |via: &str| {
+        format!(
+            "POST /openai/leak-hostile?via={via} HTTP/1.1\r\nHost: k\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        )
+    };
+    // The HTTP/1 reason phrase is the upstream's and must not be relayed.
+    let answer = raw(&d.socket(), ask("reason").as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(
+        !answer.contains(&key),
+        "key in the relayed status line: {}",
+        answer.lines().next().unwrap()
+    );
+    assert!(
+        answer.contains("[REDACTED]"),
+        "the body echo is still scrubbed: {answer}"
+    );
+    // An encoded body cannot be scrubbed, so it is refused.
+    let answer = raw(&d.socket(), ask("gzip").as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    assert!(
+        answer.contains("keyward-error: upstream_unreachable") && answer.contains("encoded body"),
+        "{answer}"
+    );
+    assert!(!answer.contains(&key));
+    // A key cut across two values of one header does not survive either.
+    let answer = raw(&d.socket(), ask("split-header").as_bytes()).await;
+    assert!(
+        !answer.replace("\r\nx-part: ", "").contains(&key),
+        "{answer}"
+    );
+    // keyward-* headers are keyward's alone.
+    let answer = raw(&d.socket(), ask("forge").as_bytes())
+        .await
+        .to_ascii_lowercase();
+    assert!(!answer.contains("forged"), "{answer}");
+    assert!(answer.contains("keyward-credential: cred_"), "{answer}");
+}

@@ -364,6 +364,24 @@ pub fn scrub_headers(headers: &mut HeaderMap, secret: &Secret) {
             *value = new;
         }
     }
+    // A key cut across repeated values of one header (`x-part: sk-ab`, `x-part: cd…`) is whole
+    // again for any app that joins them; such a header is replaced by one redacted value.
+    let repeated: Vec<_> = headers
+        .keys()
+        .filter(|n| headers.get_all(*n).iter().nth(1).is_some())
+        .cloned()
+        .collect();
+    for name in repeated {
+        let joined: Vec<u8> = headers
+            .get_all(&name)
+            .iter()
+            .flat_map(|v| v.as_bytes().iter().copied())
+            .collect();
+        if scrubber.scrub_whole(&joined).is_some() {
+            headers.remove(&name);
+            headers.insert(name, HeaderValue::from_static("[REDACTED]"));
+        }
+    }
 }
 
 // === impl ScrubBody ===

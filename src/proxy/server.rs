@@ -214,7 +214,8 @@ async fn handle(
     match process(&state, req, peer, &call_id, started, &mut known).await {
         Ok(response) => response,
         Err(reject) => {
-            if known.principal.is_some() || reject.code != ErrorCode::Unauthenticated {
+            // Only authenticated callers leave audit rows; anonymous refusals are logged.
+            if known.principal.is_some() {
                 let mut event = known.event(EventKind::RequestDenied, &call_id);
                 event.detail = Some(format!("{}: {}", reject.code.as_str(), reject.message));
                 state.audit.enqueue(event);
@@ -233,6 +234,16 @@ async fn process(
     started: Instant,
     known: &mut Known,
 ) -> Result<Response<UpstreamBody>, Reject> {
+    // Authenticate first: a caller without credentials costs one hash lookup, never path
+    // decoding, and leaves no audit row it could use to flood the trail.
+    let catalog = state.catalog.load();
+    let principal = authenticate(&catalog, req.headers(), peer).map_err(|e| match e {
+        AuthError::WorkflowNotAllowed { .. } | AuthError::BadWorkflow => {
+            Reject::new(ErrorCode::ScopeDenied, e.to_string())
+        }
+        other => Reject::new(ErrorCode::Unauthenticated, other.to_string()),
+    })?;
+    known.principal = Some(principal.clone());
     let route =
         Route::from_request(&req).map_err(|e| Reject::new(ErrorCode::BadRequest, e.to_string()))?;
     let target = state
@@ -242,14 +253,6 @@ async fn process(
         .map_err(|e| Reject::new(ErrorCode::UnknownTarget, e.to_string()))?
         .clone();
     known.target = Some(target.name.clone());
-    let catalog = state.catalog.load();
-    let principal = authenticate(&catalog, req.headers(), peer).map_err(|e| match e {
-        AuthError::WorkflowNotAllowed { .. } | AuthError::BadWorkflow => {
-            Reject::new(ErrorCode::ScopeDenied, e.to_string())
-        }
-        other => Reject::new(ErrorCode::Unauthenticated, other.to_string()),
-    })?;
-    known.principal = Some(principal.clone());
 
     let limit = state.config.limits.max_request_body;
     let declared = declared_length(req.headers());
@@ -495,6 +498,18 @@ async fn attempt(
     *upstream_req.uri_mut() = upstream_uri(request.target, request.route);
     *upstream_req.headers_mut() = headers;
     match state.upstream.send(request.target, upstream_req).await {
+        Ok(response) if is_encoded(response.headers()) => Step::Failed {
+            // keyward asked for an identity body (no Accept-Encoding); an encoded one could carry
+            // the key past the scrubber, so it is never relayed.
+            reject: Reject::new(
+                ErrorCode::UpstreamUnreachable,
+                format!(
+                    "upstream {} answered with an encoded body (Content-Encoding or                      Transfer-Encoding other than chunked) although none was accepted; keyward                      cannot scrub it and refuses to relay it",
+                    request.target.upstream.authority
+                ),
+            ),
+            retryable: false,
+        },
         Ok(response) => Step::Answer(response, secret),
         Err(e) => Step::Failed {
             retryable: matches!(
@@ -504,6 +519,21 @@ async fn attempt(
             reject: Reject::new(e.code(), e.to_string()),
         },
     }
+}
+
+/// True when the response body is not plain bytes keyward can scrub.
+fn is_encoded(headers: &HeaderMap) -> bool {
+    let not = |name, allowed: &[&str]| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str().map_or(true, |v| {
+                v.split(',')
+                    .map(str::trim)
+                    .any(|t| !t.is_empty() && !allowed.iter().any(|a| t.eq_ignore_ascii_case(a)))
+            })
+        })
+    };
+    not(http::header::CONTENT_ENCODING, &["identity"])
+        || not(http::header::TRANSFER_ENCODING, &["chunked"])
 }
 
 /// Tells the pool what the upstream's status means for the key, and audits a quarantine.
@@ -692,6 +722,9 @@ fn respond(
     target: &Target,
 ) -> Response<UpstreamBody> {
     let (mut parts, body) = response.into_parts();
+    // The client stores things like the HTTP/1 reason phrase here, which hyper's server would
+    // write back verbatim: nothing of the upstream's response travels unscrubbed.
+    parts.extensions = http::Extensions::new();
     if let Some(names) = parts
         .headers
         .get(http::header::CONNECTION)
@@ -710,6 +743,16 @@ fn respond(
     }
     // Scrubbing may change the body's length.
     parts.headers.remove(CONTENT_LENGTH);
+    // Only keyward speaks in keyward-* headers; an upstream must not forge them.
+    let forged: Vec<HeaderName> = parts
+        .headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("keyward-"))
+        .cloned()
+        .collect();
+    for name in forged {
+        parts.headers.remove(name);
+    }
     scrub_headers(&mut parts.headers, secret);
     let version = chosen.version().version;
     parts.headers.insert(

@@ -553,6 +553,7 @@ async fn route(state: &Arc<State>, req: &RecordedRequest) -> Response<MockBody> 
         (&Method::POST, p) if p.starts_with("/v1beta/models/") => gemini(req, text),
         (_, "/leak") => leak(req, query),
         (_, "/leak-error") => leak_error(req),
+        (_, "/leak-hostile") => leak_hostile(req, query),
         (_, "/redirect") => {
             let mut resp = Response::new(full(Bytes::new()));
             *resp.status_mut() = StatusCode::FOUND;
@@ -961,6 +962,45 @@ fn leak_error(req: &RecordedRequest) -> Response<MockBody> {
             "code": "invalid_api_key",
         }}),
     )
+}
+
+/// Ways a hostile upstream may try to get the key back to the app besides the body:
+/// `?via=reason` (HTTP/1 reason phrase), `gzip` (an encoded body keyward asked not to get),
+/// `split-header` (the key cut across two values of one header), `forge` (keyward-* headers).
+fn leak_hostile(req: &RecordedRequest, query: &str) -> Response<MockBody> {
+    let key = key_of(req).unwrap_or_default();
+    let via = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("via="))
+        .unwrap_or("");
+    let mut resp = Response::new(full(Bytes::from(format!("{{\"echo\":\"{key}\"}}"))));
+    let h = resp.headers_mut();
+    match via {
+        "reason" => {
+            *resp.status_mut() = StatusCode::UNAUTHORIZED;
+            let phrase = hyper::ext::ReasonPhrase::try_from(format!("bad key {key}").into_bytes())
+                .expect("a key is a valid reason phrase");
+            resp.extensions_mut().insert(phrase);
+        }
+        "gzip" => {
+            h.insert("content-encoding", HeaderValue::from_static("gzip"));
+        }
+        "split-header" => {
+            let (a, b) = key.split_at(key.len() / 2);
+            h.append("x-part", HeaderValue::from_str(a).expect("ascii"));
+            h.append("x-part", HeaderValue::from_str(b).expect("ascii"));
+        }
+        "forge" => {
+            h.insert("keyward-error", HeaderValue::from_static("forged"));
+            h.insert(
+                "keyward-credential",
+                HeaderValue::from_static("cred_forged/v9"),
+            );
+            h.insert("keyward-anything", HeaderValue::from_static("forged"));
+        }
+        _ => {}
+    }
+    resp
 }
 
 fn gated_sse(state: &Arc<State>, query: &str) -> Response<MockBody> {
