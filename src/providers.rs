@@ -771,15 +771,17 @@ pub fn strip_query_credentials(query: &str) -> String {
 
 /// Decodes `%XX` (and `+` as space, as form decoders do) until nothing changes, so `%6Bey` and
 /// `%256Bey` are both recognised as `key` whatever number of times an upstream decodes.
+/// Bounded like the route check, which already refuses deeper nesting.
 fn percent_decode_lossy(s: &str) -> String {
     let mut cur = s.as_bytes().to_vec();
-    loop {
+    for _ in 0..=crate::proxy::route::MAX_DECODE_PASSES {
         let next = decode_once(&cur);
         if next == cur {
-            return String::from_utf8_lossy(&cur).into_owned();
+            break;
         }
         cur = next;
     }
+    String::from_utf8_lossy(&cur).into_owned()
 }
 
 fn decode_once(b: &[u8]) -> Vec<u8> {

@@ -75,6 +75,19 @@ pub enum RouteError {
     /// `%2F` (possibly double-encoded).
     #[error("the request path contains an encoded slash (%2F); send path separators unencoded")]
     EncodedSlash,
+    /// `%3A` (possibly double-encoded): Gemini's `model:method` separator could be hidden from
+    /// keyward's scope check yet decoded by the provider.
+    #[error("the request path contains an encoded ':' (%3A); send ':' unencoded")]
+    EncodedColon,
+    /// Percent-encoding nested deeper than any legitimate client produces.
+    #[error(
+        "the request target is percent-encoded more than {MAX_DECODE_PASSES} times over; send it \
+         encoded once"
+    )]
+    TooDeeplyEncoded,
+    /// The whole request target is longer than [`MAX_TARGET_LEN`].
+    #[error("the request target is longer than {MAX_TARGET_LEN} bytes")]
+    TooLong,
     /// `%3F` or `%23` (possibly double-encoded): could turn into a query or fragment upstream.
     #[error("the request path contains an encoded '?' or '#' (%3F, %23)")]
     EncodedDelimiter,
@@ -115,6 +128,9 @@ impl Route {
         }
         let path = uri.path();
         let query = uri.query();
+        if path.len() + query.map_or(0, str::len) > MAX_TARGET_LEN {
+            return Err(RouteError::TooLong);
+        }
         check_bytes(path)?;
         if let Some(q) = query {
             check_bytes(q)?;
@@ -220,6 +236,9 @@ fn check_bytes(s: &str) -> Result<(), RouteError> {
 /// Every form the string takes as an upstream decodes it 0, 1, 2, ... times, until decoding
 /// changes nothing. Checking each form means no number of decoding passes downstream can turn
 /// an accepted path into a dangerous one.
+///
+/// Bounded: a target nested deeper than [`MAX_DECODE_PASSES`] is refused, so the work is linear
+/// in the target's length (an unbounded loop was quadratic: `%252525…` sheds two bytes a pass).
 fn decoded_forms(s: &str) -> Result<Vec<Vec<u8>>, RouteError> {
     let mut forms = vec![s.as_bytes().to_vec()];
     loop {
@@ -231,9 +250,17 @@ fn decoded_forms(s: &str) -> Result<Vec<Vec<u8>>, RouteError> {
         if next == *cur {
             return Ok(forms);
         }
+        if forms.len() > MAX_DECODE_PASSES {
+            return Err(RouteError::TooDeeplyEncoded);
+        }
         forms.push(next);
     }
 }
+
+/// Decoding passes examined; deeper nesting is refused.
+pub const MAX_DECODE_PASSES: usize = 3;
+/// Longest request target accepted (path and query).
+pub const MAX_TARGET_LEN: usize = 8192;
 
 /// One percent-decoding pass. A `%` without two hex digits is refused in the raw form (upstreams
 /// disagree on what it means); in later forms it is left alone, as a lenient decoder would.
@@ -286,6 +313,12 @@ fn check_path(provider: &str) -> Result<(), RouteError> {
         }
         if level > 0 && (form.contains(&b'?') || form.contains(&b'#')) {
             return Err(RouteError::EncodedDelimiter);
+        }
+        if level > 0
+            && form.iter().filter(|&&b| b == b':').count()
+                != forms[0].iter().filter(|&&b| b == b':').count()
+        {
+            return Err(RouteError::EncodedColon);
         }
         // `provider` starts with '/', so the first split piece is the empty string before it.
         let segments: Vec<&[u8]> = form.split(|&b| b == b'/').skip(1).collect();
@@ -489,6 +522,15 @@ mod tests {
             ("/openai/v1/models?x=%g1", BadPercentEscape),
             ("/openai/v1/%c0%ae%c0%ae/x", NotUtf8),
             ("/openai/v1/%ff", NotUtf8),
+            (
+                "/gemini/v1beta/models/gemini-1.5-flash%3AgenerateContent",
+                EncodedColon,
+            ),
+            (
+                "/gemini/v1beta/models/gemini-1.5-flash%253agenerateContent",
+                EncodedColon,
+            ),
+            ("/openai/v1/%2525252e%2525252e/x", TooDeeplyEncoded),
         ];
         for (input, want) in cases {
             assert_eq!(parse(input).as_ref(), Err(want), "{input}");
@@ -501,6 +543,18 @@ mod tests {
             parse_as(Method::OPTIONS, Version::HTTP_11, "*"),
             Err(NoLeadingSlash)
         );
+    }
+
+    #[test]
+    fn deeply_nested_escapes_cost_linear_work_and_long_targets_are_refused() {
+        // `%25` nested thousands of times sheds only two bytes per decoding pass; the check
+        // must stop after a few passes instead of keeping every intermediate form.
+        let nested = format!("/openai/v1/%{}2e", "25".repeat(20_000));
+        assert_eq!(
+            parse(&nested[..nested.len().min(MAX_TARGET_LEN)]),
+            Err(RouteError::TooDeeplyEncoded)
+        );
+        assert_eq!(parse(&nested), Err(RouteError::TooLong));
     }
 
     #[test]
