@@ -46,7 +46,7 @@ struct Options {
     json: PathBuf,
     only: Option<Vec<String>>,
     install: bool,
-    keyward_wrap: Vec<String>,
+    keyward: peers::KeywardOptions,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -56,7 +56,11 @@ fn parse_args() -> Result<Options, String> {
         json: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/compare.json"),
         only: None,
         install: true,
-        keyward_wrap: Vec::new(),
+        keyward: peers::KeywardOptions {
+            bin: PathBuf::from(peers::KEYWARD),
+            wrap: Vec::new(),
+            extra_config: String::new(),
+        },
     };
     let mut phase_set = false;
     let mut args = std::env::args().skip(1);
@@ -85,15 +89,21 @@ fn parse_args() -> Result<Options, String> {
                 phase_set = true;
             }
             "--keyward-wrap" => {
-                o.keyward_wrap = value("--keyward-wrap")?
+                o.keyward.wrap = value("--keyward-wrap")?
                     .split_whitespace()
                     .map(str::to_string)
                     .collect()
             }
+            "--keyward-bin" => o.keyward.bin = PathBuf::from(value("--keyward-bin")?),
+            "--keyward-config" => {
+                o.keyward.extra_config.push_str(&value("--keyward-config")?);
+                o.keyward.extra_config.push('\n');
+            }
             "-h" | "--help" => {
                 println!(
                     "usage: cargo bench --bench compare -- [--quick] [--phase-secs S] [--only keyward,keyward-full,nginx,litellm]\n\
-                     \x20                                     [--json FILE] [--no-install] [--keyward-wrap \"CMD ARGS\"]"
+                     \x20                                     [--json FILE] [--no-install] [--keyward-wrap \"CMD ARGS\"]\n\
+                     \x20                                     [--keyward-bin PATH] [--keyward-config 'TOML LINE']..."
                 );
                 std::process::exit(0);
             }
@@ -185,8 +195,8 @@ async fn run(opts: &Options) -> Run {
         eprintln!("{label}: starting");
         let t = Instant::now();
         let peer = match key {
-            "keyward" => peers::start_keyward(&mock, UPSTREAM_KEY, "normal", &opts.keyward_wrap),
-            "keyward-full" => peers::start_keyward(&mock, UPSTREAM_KEY, "full", &opts.keyward_wrap),
+            "keyward" => peers::start_keyward(&mock, UPSTREAM_KEY, "normal", &opts.keyward),
+            "keyward-full" => peers::start_keyward(&mock, UPSTREAM_KEY, "full", &opts.keyward),
             "nginx" => peers::start_nginx(&mock, UPSTREAM_KEY),
             _ => peers::start_litellm(&mock, UPSTREAM_KEY, opts.install),
         };

@@ -167,31 +167,43 @@ fn wait_until(
 
 // === keyward ===
 
+/// How to run keyward: which binary, under what wrapper, with which extra config lines.
+pub struct KeywardOptions {
+    /// The binary (default: the one cargo built for this bench).
+    pub bin: PathBuf,
+    /// Command prefix, e.g. `perf record -o FILE --`.
+    pub wrap: Vec<String>,
+    /// TOML lines added to the top of the generated config.
+    pub extra_config: String,
+}
+
 /// Starts `keyward serve` with `audit_sync` and provisions tenant, client and credential
-/// through the CLI. `wrap` prefixes the command (e.g. a profiler).
+/// through the CLI.
 pub fn start_keyward(
     mock: &Mock,
     key: &str,
     audit_sync: &str,
-    wrap: &[String],
+    opts: &KeywardOptions,
 ) -> Result<Peer, String> {
+    let bin = opts.bin.as_path();
     let dir = temp_dir("kwb")?;
     let home = dir.path();
     let config = format!(
-        "audit_sync = \"{audit_sync}\"\n\n[targets.openai]\nbase_url = \"{}\"\nca_file = \"{}\"\n",
+        "{}\naudit_sync = \"{audit_sync}\"\n\n[targets.openai]\nbase_url = \"{}\"\nca_file = \"{}\"\n",
+        opts.extra_config,
         mock.base_url(),
         mock.ca_path.display()
     );
     let config_path = home.join("keyward.toml");
     std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
     let (out, err) = log_files(home, "keyward")?;
-    let mut cmd = match wrap.split_first() {
+    let mut cmd = match opts.wrap.split_first() {
         Some((first, rest)) => {
             let mut c = Command::new(first);
-            c.args(rest).arg(KEYWARD);
+            c.args(rest).arg(bin);
             c
         }
-        None => Command::new(KEYWARD),
+        None => Command::new(bin),
     };
     cmd.arg("serve")
         .arg("--config")
@@ -203,10 +215,12 @@ pub fn start_keyward(
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
-    let mut child = cmd.spawn().map_err(|e| format!("spawn {KEYWARD}: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
     let admin = home.join("admin.sock");
     let started = wait_until(&mut child, Duration::from_secs(60), || {
-        admin.exists() && cli(home, &["status"], None).is_ok()
+        admin.exists() && cli(bin, home, &["status"], None).is_ok()
     });
     let fail = |child: &mut Child, e: String| {
         let _ = child.kill();
@@ -217,8 +231,9 @@ pub fn start_keyward(
         return Err(fail(&mut child, e));
     }
     let provisioned = (|| -> Result<String, String> {
-        cli(home, &["tenant", "add", "bench"], None)?;
+        cli(bin, home, &["tenant", "add", "bench"], None)?;
         let client = cli(
+            bin,
             home,
             &[
                 "client", "add", "--tenant", "bench", "--name", "load", "--json",
@@ -232,6 +247,7 @@ pub fn start_keyward(
             .ok_or("client add --json printed no token")?
             .to_string();
         cli(
+            bin,
             home,
             &[
                 "cred", "add", "--tenant", "bench", "--target", "openai", "--name", "k",
@@ -264,8 +280,8 @@ pub fn start_keyward(
 }
 
 /// Runs a keyward CLI command against the daemon in `home`; stdout on success.
-fn cli(home: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-    let mut child = Command::new(KEYWARD)
+fn cli(bin: &Path, home: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+    let mut child = Command::new(bin)
         .args(args)
         .env("KEYWARD_ADMIN_SOCKET", home.join("admin.sock"))
         .env("KEYWARD_HOME", home)

@@ -221,7 +221,7 @@ pub fn markdown(run: &Run) -> String {
             None => ("–".into(), "–".into(), "–".into()),
         };
         s.push_str(&format!(
-            "| {} | {} | {}{} | {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {}{} | {} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             p.name,
             p.transport,
             signed_us(base.and_then(|f| f.added_us(0.5))),
