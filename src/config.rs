@@ -43,6 +43,9 @@ pub struct Limits {
     pub upstream_timeout: Duration,
     /// Time allowed between two chunks of a streamed response.
     pub stream_idle_timeout: Duration,
+    /// Time allowed between two chunks of a request body from the app (a stalled upload must
+    /// not hold a concurrency slot).
+    pub request_idle_timeout: Duration,
     /// Largest total size of request or response headers.
     pub max_header_bytes: usize,
     /// How long SIGTERM waits for in-flight requests before exiting.
@@ -152,6 +155,7 @@ struct RawLimits {
     max_concurrent_requests: Option<i64>,
     upstream_timeout: Option<String>,
     stream_idle_timeout: Option<String>,
+    request_idle_timeout: Option<String>,
     max_header_bytes: Option<String>,
     shutdown_grace: Option<String>,
 }
@@ -372,6 +376,11 @@ fn build(
             "limits.stream_idle_timeout",
             &raw.limits.stream_idle_timeout,
             Duration::from_secs(300),
+        )?,
+        request_idle_timeout: duration(
+            "limits.request_idle_timeout",
+            &raw.limits.request_idle_timeout,
+            Duration::from_secs(30),
         )?,
         max_header_bytes,
         shutdown_grace: duration(

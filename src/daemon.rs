@@ -89,7 +89,7 @@ pub struct State {
     /// Data-plane requests being served now.
     in_flight: AtomicUsize,
     /// Permits for `limits.max_concurrent_requests`; a request without one gets 503.
-    pub limiter: tokio::sync::Semaphore,
+    pub limiter: Arc<tokio::sync::Semaphore>,
     /// Round-robin counter for pools of equal priority.
     pub rotation: AtomicUsize,
     /// Cooldowns and quarantines of credential versions (process lifetime).
@@ -237,7 +237,9 @@ impl Server {
             started: Instant::now(),
             runtime,
             in_flight: AtomicUsize::new(0),
-            limiter: tokio::sync::Semaphore::new(config.limits.max_concurrent_requests),
+            limiter: Arc::new(tokio::sync::Semaphore::new(
+                config.limits.max_concurrent_requests,
+            )),
             rotation: AtomicUsize::new(0),
             pool: crate::pool::Pool::new(&config.pool),
             expiry_watch: crate::pool::ExpiryWatch::default(),

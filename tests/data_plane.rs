@@ -1086,3 +1086,81 @@ async fn a_hostile_upstream_cannot_return_the_key_outside_the_body() {
     assert!(!answer.contains("forged"), "{answer}");
     assert!(answer.contains("keyward-credential: cred_"), "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_request_body_is_cut_and_frees_its_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup("[limits]\nmax_concurrent_requests = 1\nrequest_idle_timeout = \"1s\"\n").await;
+    let (token, _) = s
+        .daemon
+        .provision("acme", "openai", &random_key("sk-"), &[]);
+    let mut slow = tokio::net::UnixStream::connect(s.daemon.socket())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{{\"messages\":["
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(20), slow.read(&mut answer))
+        .await
+        .expect("a stalled body must be cut")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let (status, _, body) = call(
+        &s.daemon.socket(),
+        post(
+            "/openai/v1/chat/completions",
+            &[("authorization", &bearer(&token))],
+            &chat_body("gpt-4o", false),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "the slot was not freed: {body}");
+    assert_eq!(s.mock.request_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_response_stream_counts_against_max_concurrent_requests() {
+    let s = setup("[limits]\nmax_concurrent_requests = 1\n").await;
+    let (token, _) = s
+        .daemon
+        .provision("acme", "openai", &random_key("sk-"), &[]);
+    let stream = send(
+        &s.daemon.socket(),
+        post(
+            "/openai/gated-sse?events=2",
+            &[("authorization", &bearer(&token))],
+            "{}",
+        ),
+    )
+    .await;
+    assert_eq!(stream.status(), 200);
+    let (status, h, _) = call(
+        &s.daemon.socket(),
+        post(
+            "/openai/v1/chat/completions",
+            &[("authorization", &bearer(&token))],
+            &chat_body("gpt-4o", false),
+        ),
+    )
+    .await;
+    assert_eq!(
+        status, 503,
+        "a streaming response must hold its slot until it ends"
+    );
+    assert_eq!(error_code(&h), "overloaded");
+    s.mock.release();
+    let _ = stream.into_body().collect().await.unwrap();
+    let (status, _, _) = call(
+        &s.daemon.socket(),
+        post(
+            "/openai/v1/chat/completions",
+            &[("authorization", &bearer(&token))],
+            &chat_body("gpt-4o", false),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+}

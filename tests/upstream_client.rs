@@ -29,6 +29,7 @@ fn limits(upstream_timeout: Duration, idle: Duration) -> Limits {
         max_concurrent_requests: 64,
         upstream_timeout,
         stream_idle_timeout: idle,
+        request_idle_timeout: idle,
         max_header_bytes: 64 << 10,
         shutdown_grace: Duration::from_secs(1),
     }

@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use super::error::{ErrorCode, error_response};
 use super::route::{Route, upstream_uri};
 use super::scrub::{ScrubBody, scrub_headers};
-use super::upstream::{BoxError, UpstreamBody, UpstreamError};
+use super::upstream::{BoxError, IdleTimeoutBody, UpstreamBody, UpstreamError};
 use crate::audit::usage::UsageTap;
 use crate::audit::{Event, EventKind, Fingerprinter};
 use crate::auth::{AuthError, PeerCred, Principal, authenticate};
@@ -50,6 +50,9 @@ use crate::scope::attrs::{ModelScanner, ModelSource, ScanState, capability, mode
 use crate::scope::{Candidate, Denial, RequestAttrs, select};
 use crate::seal::{Context, CredentialRef, Secret};
 use crate::units::format_time;
+
+/// The app's request body, cut off when it stalls for `limits.request_idle_timeout`.
+type AppBody = IdleTimeoutBody<Incoming>;
 
 /// Response header naming the audit call id.
 pub const CALL_ID_HEADER: &str = "keyward-call-id";
@@ -202,17 +205,25 @@ async fn handle(
 ) -> Response<UpstreamBody> {
     let started = Instant::now();
     let call_id = uuid::Uuid::new_v4().to_string();
-    let Ok(_permit) = state.limiter.try_acquire() else {
+    let Ok(permit) = state.limiter.clone().try_acquire_owned() else {
         return error_response(
             ErrorCode::Overloaded,
             "too many requests in flight (limits.max_concurrent_requests); retry shortly",
             &call_id,
         );
     };
-    let _in_flight = state.track_request();
+    let in_flight = state.track_request();
     let mut known = Known::default();
     match process(&state, req, peer, &call_id, started, &mut known).await {
-        Ok(response) => response,
+        // The slot and the in-flight count last until the response body is done, so open
+        // streams count against max_concurrent_requests and SIGTERM waits for them.
+        Ok(response) => response.map(|inner| {
+            Held {
+                inner,
+                _guards: (permit, in_flight),
+            }
+            .boxed()
+        }),
         Err(reject) => {
             // Only authenticated callers leave audit rows; anonymous refusals are logged.
             if known.principal.is_some() {
@@ -261,7 +272,8 @@ async fn process(
     }
     let cap = capability(target.family, route.path());
     known.capability = Some(cap.as_str().to_string());
-    let (parts, mut body) = req.into_parts();
+    let (parts, body) = req.into_parts();
+    let mut body = IdleTimeoutBody::new(body, state.config.limits.request_idle_timeout);
     let mut prefix = Vec::new();
     let mut scanner = None;
     let model = match model_source(target.family, route.path()) {
@@ -615,7 +627,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Reads body frames until the model is known or the body ends. Returns the model and whether
 /// the body has ended.
 async fn read_model(
-    body: &mut Incoming,
+    body: &mut AppBody,
     scanner: &mut ModelScanner,
     prefix: &mut Vec<Bytes>,
     limit: u64,
@@ -803,7 +815,7 @@ struct Replay {
     /// The attempt allowed to read; bodies of superseded attempts fail if polled again.
     owner: u32,
     /// The part of the app's body not read yet.
-    rest: Option<Incoming>,
+    rest: Option<AppBody>,
     /// Watches the rest of the body for a second top-level `model`.
     scanner: Option<ModelScanner>,
     /// Fingerprint of the body so far; taken when the body ends.
@@ -823,7 +835,7 @@ struct Replay {
 impl Replay {
     fn new(
         prefix: Vec<Bytes>,
-        rest: Option<Incoming>,
+        rest: Option<AppBody>,
         scanner: Option<ModelScanner>,
         mut fingerprinter: Fingerprinter,
         limit: u64,
@@ -917,7 +929,7 @@ impl Replay {
             Poll::Ready(Some(Err(e))) => {
                 self.app_failed = true;
                 self.rest = None;
-                Poll::Ready(Some(Err(Box::new(e))))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
@@ -983,6 +995,36 @@ impl Body for ForwardBody {
 }
 
 // === response body ===
+
+/// A response body that keeps request-scoped guards alive until it is dropped.
+struct Held<B, G> {
+    inner: B,
+    _guards: G,
+}
+
+impl<B, G> Body for Held<B, G>
+where
+    B: Body<Data = Bytes> + Unpin,
+    G: Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// The response body on its way to the app: counts bytes, taps token usage, and writes the
 /// `request.completed` row when the stream ends or the app goes away.
