@@ -90,6 +90,8 @@ pub struct State {
     in_flight: AtomicUsize,
     /// Permits for `limits.max_concurrent_requests`; a request without one gets 503.
     pub limiter: Arc<tokio::sync::Semaphore>,
+    /// Unwrapped tenant and fingerprint keys, in locked memory.
+    pub tenant_keys: crate::seal::TenantKeyCache,
     /// Round-robin counter for pools of equal priority.
     pub rotation: AtomicUsize,
     /// Cooldowns and quarantines of credential versions (process lifetime).
@@ -241,6 +243,7 @@ impl Server {
                 config.limits.max_concurrent_requests,
             )),
             rotation: AtomicUsize::new(0),
+            tenant_keys: Default::default(),
             pool: crate::pool::Pool::new(&config.pool),
             expiry_watch: crate::pool::ExpiryWatch::default(),
             config,

@@ -48,7 +48,7 @@ use crate::pool::{Change, Outcome, parse_retry_after, unix_secs};
 use crate::providers::{Target, prepare_upstream_headers};
 use crate::scope::attrs::{ModelScanner, ModelSource, ScanState, capability, model_source};
 use crate::scope::{Candidate, Denial, RequestAttrs, select};
-use crate::seal::{Context, CredentialRef, Secret};
+use crate::seal::{CredentialRef, Secret, open_with_tenant_key};
 use crate::units::format_time;
 
 /// The app's request body, cut off when it stalls for `limits.request_idle_timeout`.
@@ -325,26 +325,18 @@ async fn process(
     // Fail closed: the resolution is durable before the key is unsealed or anything is sent.
     let mut resolved = known.event(EventKind::RequestResolved, call_id);
     name_credential(&mut resolved, first);
-    let fp_key = state
-        .master
-        .unwrap_key(
-            Context::AuxKey {
-                purpose: &crate::admin::fingerprint_purpose(&tenant.id),
-            },
-            &tenant.wrapped_fp_key,
+    let keys = tenant_keys(state, &tenant).map_err(|e| {
+        Reject::new(
+            ErrorCode::AuditUnavailable,
+            format!("fingerprint key unavailable: {e}"),
         )
-        .map_err(|e| {
-            Reject::new(
-                ErrorCode::AuditUnavailable,
-                format!("fingerprint key unavailable: {e}"),
-            )
-        })?;
+    })?;
     let rest = (!body.is_end_stream()).then_some(body);
     let replay = Replay::new(
         prefix,
         rest,
         scanner,
-        Fingerprinter::new(&fp_key),
+        Fingerprinter::new(&keys.fingerprint),
         limit,
         candidates.len() > 1,
     );
@@ -696,18 +688,33 @@ fn unseal(
     chosen: &Candidate,
 ) -> Result<Secret, Reject> {
     let v = chosen.version();
-    state
-        .master
-        .open_credential(
-            &tenant.wrapped_key,
-            CredentialRef { tenant: &tenant.id, credential: &chosen.credential.id, version: v.version },
-            &v.wrapped_data_key,
-            &v.ciphertext,
-        )
+    tenant_keys(state, tenant)
+        .and_then(|keys| {
+            open_with_tenant_key(
+                &keys.tenant,
+                CredentialRef { tenant: &tenant.id, credential: &chosen.credential.id, version: v.version },
+                &v.wrapped_data_key,
+                &v.ciphertext,
+            )
+        })
         .map_err(|e| {
             tracing::error!(credential = %chosen.credential.id, version = v.version, error = %e, "stored credential failed to open");
             Reject::new(ErrorCode::UpstreamUnreachable, "the stored credential could not be opened; ask the operator to rotate it")
         })
+}
+
+/// The tenant's unwrapped keys, from the cache.
+fn tenant_keys(
+    state: &State,
+    tenant: &crate::store::TenantRow,
+) -> Result<Arc<crate::seal::TenantKeys>, crate::seal::SealError> {
+    state.tenant_keys.get(
+        &state.master,
+        &tenant.id,
+        &tenant.wrapped_key,
+        &crate::admin::fingerprint_purpose(&tenant.id),
+        &tenant.wrapped_fp_key,
+    )
 }
 
 /// Hop-by-hop response headers that must not be relayed.

@@ -14,10 +14,44 @@ use std::ptr::NonNull;
 /// No `Clone`, `Debug` (prints `[REDACTED]`), `Display` or `Serialize`: the bytes are reachable
 /// only through [`Secret::expose_secret`], so every use of them can be found with grep.
 pub struct Secret {
-    /// Start of the user area of the memsec allocation (`len` bytes, at least 1 allocated).
+    /// Start of the user area of the memsec allocation (`cap` bytes allocated).
     ptr: NonNull<u8>,
     /// Number of secret bytes.
     len: usize,
+    /// Bytes the allocation holds: `len` rounded up to its pool class.
+    cap: usize,
+}
+
+// === the pool of locked allocations ===
+
+/// A wiped memsec allocation waiting for reuse: still mlock'd, guard-paged and excluded from
+/// core dumps.
+struct Slot(NonNull<u8>);
+
+// SAFETY: a pooled slot is reachable only through the pool until it is popped.
+unsafe impl Send for Slot {}
+
+/// Smallest pooled allocation.
+const MIN_CLASS: usize = 32;
+/// Largest secret whose allocation is recycled; bigger ones are freed.
+const POOLED_MAX: usize = 4096;
+/// Allocations kept per size class: enough for the secrets of many concurrent requests.
+const POOL_DEPTH: usize = 512;
+
+/// Free allocations per power-of-two class (32 … 4096 bytes). Each memsec allocation costs
+/// eight mapping-changing syscalls (mprotect, mlock, madvise, and their reversal on free) and
+/// TLB shootdowns; recycling them takes those off the per-request path and bounds the number of
+/// mappings to the peak number of live secrets.
+static POOL: std::sync::Mutex<[Vec<Slot>; 8]> = std::sync::Mutex::new([const { Vec::new() }; 8]);
+
+/// The pool class and allocation size for `len` bytes, if pooled.
+fn class(len: usize) -> Option<(usize, usize)> {
+    let cap = len.max(MIN_CLASS).next_power_of_two();
+    (cap <= POOLED_MAX).then(|| ((cap / MIN_CLASS).trailing_zeros() as usize, cap))
+}
+
+fn pool() -> std::sync::MutexGuard<'static, [Vec<Slot>; 8]> {
+    POOL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 // SAFETY: `Secret` owns its allocation exclusively (no aliasing pointers escape except through
@@ -28,16 +62,23 @@ unsafe impl Send for Secret {}
 unsafe impl Sync for Secret {}
 
 impl Secret {
-    /// Allocates `len` zeroed bytes of locked memory.
+    /// Allocates `len` zeroed bytes of locked memory (recycled from the pool when possible).
     pub fn zeroed(len: usize) -> Secret {
-        // SAFETY: memsec::malloc_sized returns a fresh allocation of at least `len.max(1)`
-        // writable bytes or None; we never read past `len` and free it exactly once in Drop.
-        let raw = unsafe { memsec::malloc_sized(len.max(1)) }
-            .expect("locked allocation failed (out of memory)");
-        let ptr = raw.cast::<u8>();
-        // SAFETY: `ptr` points to at least `len.max(1)` writable bytes we own.
-        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len.max(1)) };
-        Secret { ptr, len }
+        let (cap, recycled) = match class(len) {
+            Some((i, cap)) => (cap, pool()[i].pop()),
+            None => (len.max(1), None),
+        };
+        let ptr = match recycled {
+            Some(Slot(ptr)) => ptr,
+            // SAFETY: memsec::malloc_sized returns a fresh allocation of at least `cap` writable
+            // bytes or None; we never read past `cap` and release it once, in Drop.
+            None => unsafe { memsec::malloc_sized(cap) }
+                .expect("locked allocation failed (out of memory)")
+                .cast::<u8>(),
+        };
+        // SAFETY: `ptr` points to at least `cap` writable bytes we own.
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, cap) };
+        Secret { ptr, len, cap }
     }
 
     /// Copies `bytes` into a new locked allocation. The caller remains responsible for wiping
@@ -101,12 +142,21 @@ impl Secret {
 
 impl Drop for Secret {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from memsec::malloc_sized and is freed once; memsec::free zeroes
-        // the pages (munlock path) before releasing them.
-        unsafe {
-            std::ptr::write_bytes(self.ptr.as_ptr(), 0, self.len);
-            memsec::free(self.ptr);
+        // SAFETY: `ptr` holds `cap` bytes we own; wiping them is always allowed.
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr(), 0, self.cap) };
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+        if let Some((i, cap)) = class(self.cap)
+            && cap == self.cap
+        {
+            let mut pool = pool();
+            if pool[i].len() < POOL_DEPTH {
+                pool[i].push(Slot(self.ptr));
+                return;
+            }
         }
+        // SAFETY: `ptr` came from memsec::malloc_sized and is released once; memsec::free also
+        // zeroes the pages (munlock path) before returning them.
+        unsafe { memsec::free(self.ptr) };
     }
 }
 
@@ -142,6 +192,26 @@ mod tests {
         assert!(!secret.ct_eq(b"abd"));
         assert!(!secret.ct_eq(b"ab"));
         assert!(Secret::zeroed(0).is_empty());
+    }
+
+    #[test]
+    fn recycled_allocations_come_back_wiped() {
+        let first = Secret::from_slice(b"sk-a-secret-that-will-be-recycled");
+        let addr = first.ptr.as_ptr() as usize;
+        drop(first);
+        // Tests run in parallel threads sharing the pool, so look for our block among a few.
+        let again: Vec<Secret> = (0..64).map(|_| Secret::zeroed(33)).collect();
+        for s in &again {
+            assert!(s.expose_secret().iter().all(|&b| b == 0));
+        }
+        let reused = again.iter().any(|s| s.ptr.as_ptr() as usize == addr);
+        assert!(
+            reused,
+            "a freed allocation of the same class was not reused"
+        );
+        assert_eq!(class(33), Some((1, 64)));
+        assert_eq!(class(1), Some((0, 32)));
+        assert_eq!(class(4097), None);
     }
 
     #[test]
