@@ -67,7 +67,7 @@ pub enum AuthError {
     ConflictingTokens,
     /// Token and peer uid name different clients.
     #[error(
-        "client token and socket peer uid {uid} do not agree: this token is bound to another uid"
+        "client token and socket peer uid {uid} do not agree: one of them belongs to another client"
     )]
     UidMismatch {
         /// The peer's uid.
@@ -155,6 +155,14 @@ pub fn authenticate(
                     Some(p) if p.uid != bound => return Err(AuthError::UidMismatch { uid: p.uid }),
                     Some(_) => {}
                 }
+            }
+            // The other direction: a peer whose uid identifies a client may not borrow
+            // another client's token.
+            if let Some(p) = peer
+                && let Some(owner) = catalog.clients_by_uid.get(&p.uid)
+                && owner.id != client.id
+            {
+                return Err(AuthError::UidMismatch { uid: p.uid });
             }
             client
         }
@@ -290,7 +298,7 @@ mod tests {
 
     #[test]
     fn uid_binding_and_token_must_agree() {
-        let (cat, _, t2) = catalog();
+        let (cat, t1, t2) = catalog();
         let peer = |uid| {
             Some(PeerCred {
                 uid,
@@ -320,6 +328,16 @@ mod tests {
         assert_eq!(
             authenticate(&cat, &h, None).unwrap_err(),
             AuthError::UidRequired
+        );
+        // uid 1000 identifies cli_b, so it may not present cli_a's unbound token either.
+        let borrowed = headers(&[("x-api-key", &t1)]);
+        assert_eq!(
+            authenticate(&cat, &borrowed, peer(1000)).unwrap_err(),
+            AuthError::UidMismatch { uid: 1000 }
+        );
+        assert_eq!(
+            authenticate(&cat, &borrowed, peer(1001)).unwrap().client_id,
+            "cli_a"
         );
     }
 

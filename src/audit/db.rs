@@ -103,7 +103,11 @@ pub(crate) fn open_writer(dir: &Path, sync: AuditSync) -> Result<Connection, Aud
     };
     conn.pragma_update(None, "synchronous", level)
         .map_err(|e| db_err(&path, e))?;
+    // Checkpoints run on their own thread (see `spawn_checkpointer`), off the commit path.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .map_err(|e| db_err(&path, e))?;
     conn.execute_batch(SCHEMA).map_err(|e| db_err(&path, e))?;
+    restrict_permissions(&path);
     Ok(conn)
 }
 
@@ -543,4 +547,14 @@ pub(crate) fn verify(
         }
     }
     Ok(report)
+}
+
+/// The audit files hold metadata only, but nobody else needs to read them.
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+    }
 }

@@ -275,15 +275,15 @@ impl Audit {
                 path: "audit writer thread".into(),
                 source,
             })?;
-        Ok(Audit {
-            inner: Arc::new(Inner {
-                tx,
-                dir,
-                key,
-                readers: Mutex::new(Vec::new()),
-                dropped: AtomicU64::new(0),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            tx,
+            dir: dir.clone(),
+            key,
+            readers: Mutex::new(Vec::new()),
+            dropped: AtomicU64::new(0),
+        });
+        spawn_checkpointer(&dir, Arc::downgrade(&inner));
+        Ok(Audit { inner })
     }
 
     /// Records `event` and returns its seq once it is committed and anchored; any error means
@@ -426,6 +426,26 @@ fn stopped() -> AuditError {
     AuditError::Unavailable {
         reason: "the audit writer has shut down".into(),
     }
+}
+
+/// Folds the WAL into the database from its own connection, once a second, while the trail is
+/// open. The writer runs with automatic checkpoints off, so a checkpoint never stalls a commit
+/// that a request is waiting on; a passive checkpoint never blocks the writer either.
+fn spawn_checkpointer(dir: &Path, alive: std::sync::Weak<Inner>) {
+    let path = dir.join(db::DB_FILE);
+    let _ = std::thread::Builder::new()
+        .name("keyward-audit-ckpt".into())
+        .spawn(move || {
+            let Ok(conn) = Connection::open(&path) else {
+                return;
+            };
+            while alive.upgrade().is_some() {
+                std::thread::sleep(Duration::from_secs(1));
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!(error = %e, "audit WAL checkpoint deferred");
+                }
+            }
+        });
 }
 
 /// Verifies the trail in `state_dir` without a running writer (offline checks, forensics).

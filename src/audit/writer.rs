@@ -18,6 +18,8 @@ use super::event::Event;
 
 /// Most events put into one transaction; bounds the time the first waiter of a batch waits.
 const BATCH_CAP: usize = 4096;
+/// How long rows nobody waits on may wait for company before they are committed alone.
+const LINGER: Duration = Duration::from_millis(5);
 /// How often automatic retention runs.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -83,6 +85,7 @@ impl Writer {
                 (batch.len() < BATCH_CAP)
                     .then(|| rx.try_recv().ok())
                     .flatten()
+                    .or_else(|| self.linger(&batch, &rx))
             }) {
                 match msg {
                     Msg::Event(e, reply) => batch.push((e, reply)),
@@ -106,6 +109,16 @@ impl Writer {
                 break;
             }
         }
+    }
+
+    /// When nobody waits on the batch (only `request.completed`-style rows), waits briefly for
+    /// the next message so those rows share a transaction with it instead of costing one of
+    /// their own: at moderate load that halves the commits per request.
+    fn linger(&self, batch: &[(Event, Option<Reply>)], rx: &Receiver<Msg>) -> Option<Msg> {
+        if batch.is_empty() || batch.len() >= BATCH_CAP || batch.iter().any(|(_, r)| r.is_some()) {
+            return None;
+        }
+        rx.recv_timeout(LINGER).ok()
     }
 
     fn commit_batch(&mut self, batch: &mut Vec<(Event, Option<Reply>)>) {
