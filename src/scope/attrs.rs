@@ -665,7 +665,15 @@ impl ModelScanner {
         Ok(())
     }
 
+    /// Keys are matched ignoring ASCII case: upstreams with case-insensitive JSON binding (Go's
+    /// encoding/json, many gateways) read `"Model"` as `model`, so `{"model":"a","Model":"b"}`
+    /// must count as two models.
     fn key_char(&mut self, unit: u16) {
+        let unit = if unit < 0x80 {
+            u16::from((unit as u8).to_ascii_lowercase())
+        } else {
+            unit
+        };
         self.key_match = match self.key_match {
             Some(i) if (i as usize) < MODEL.len() && unit == u16::from(MODEL[i as usize]) => {
                 Some(i + 1)
@@ -981,7 +989,7 @@ mod tests {
             ),
             (
                 r#"{"models":"x","mode":"y","Model":"z","model ":"w"}"#,
-                None,
+                Some("z"),
             ),
             (r#"{"messages":[]}"#, None),
             (r#"{"model":42}"#, None),
@@ -1007,6 +1015,17 @@ mod tests {
         for (body, want) in cases {
             assert_eq!(scan_everywhere(body.as_bytes()).as_deref(), *want, "{body}");
         }
+    }
+
+    #[test]
+    fn a_differently_cased_model_key_counts_as_a_second_model() {
+        assert_eq!(
+            model_from_json(br#"{"Model":"gpt-4o"}"#),
+            Some("gpt-4o".into())
+        );
+        let mut s = ModelScanner::new();
+        s.feed(br#"{"model":"cheap","MODEL":"expensive"}"#);
+        assert_eq!(s.finish(), ScanState::Ambiguous);
     }
 
     #[test]
