@@ -106,6 +106,9 @@ pub(crate) fn open_writer(dir: &Path, sync: AuditSync) -> Result<Connection, Aud
     // Checkpoints run on their own thread (see `spawn_checkpointer`), off the commit path.
     conn.pragma_update(None, "wal_autocheckpoint", 0)
         .map_err(|e| db_err(&path, e))?;
+    // Index pages touched by a batch stay cached between commits.
+    conn.pragma_update(None, "cache_size", -16_384)
+        .map_err(|e| db_err(&path, e))?;
     conn.execute_batch(SCHEMA).map_err(|e| db_err(&path, e))?;
     restrict_permissions(&path);
     Ok(conn)

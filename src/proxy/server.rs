@@ -204,7 +204,9 @@ async fn handle(
     peer: Option<PeerCred>,
 ) -> Response<UpstreamBody> {
     let started = Instant::now();
-    let call_id = uuid::Uuid::new_v4().to_string();
+    // Time-ordered (v7): the audit index on call ids grows at its end instead of touching a
+    // random page per row, and operators can sort by it.
+    let call_id = uuid::Uuid::now_v7().to_string();
     let Ok(permit) = state.limiter.clone().try_acquire_owned() else {
         return error_response(
             ErrorCode::Overloaded,
