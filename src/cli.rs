@@ -354,9 +354,10 @@ fn read_secret(what: &str) -> Result<Secret, Failure> {
     let stdin = std::io::stdin();
     let mut buf = Zeroizing::new(Vec::new());
     if stdin.is_terminal() {
+        // Echo goes off before the prompt appears, so nothing typed after it is ever shown.
+        let restore = disable_echo();
         eprint!("{what} (input hidden): ");
         let _ = std::io::stderr().flush();
-        let restore = disable_echo();
         let mut line = Zeroizing::new(String::new());
         let read = stdin.lock().read_line(&mut line);
         if let Some(saved) = restore {

@@ -615,3 +615,57 @@ fn hardening_disables_core_dumps_and_falls_back_to_secret_pages_without_privileg
         .uid();
     assert_eq!(owner, 0, "the daemon is still dumpable");
 }
+
+#[test]
+fn a_terminal_gets_a_prompt_without_echo() {
+    // `script` runs the CLI on a pseudo-terminal, as a person typing the key would.
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: util-linux `script` is not installed");
+        return;
+    }
+    let d = Daemon::builder().start();
+    d.ok(&["tenant", "add", "acme"]);
+    let key = random_key("sk-typed-");
+    let cmd = format!("{KEYWARD} cred add --tenant acme --target openai --name typed");
+    let mut child = Command::new("script")
+        .args(["-q", "-e", "-c", &cmd, "/dev/null"])
+        .env("KEYWARD_ADMIN_SOCKET", d.admin_socket())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Type only once the prompt is on the screen, as a person would.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut screen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&screen).contains("(input hidden)") {
+        use std::io::Read;
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "no prompt: {}", String::from_utf8_lossy(&screen));
+        screen.extend_from_slice(&buf[..n]);
+    }
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(format!("{key}\n").as_bytes()).unwrap();
+    }
+    {
+        use std::io::Read;
+        stdout.read_to_end(&mut screen).unwrap();
+    }
+    let status = child.wait().unwrap();
+    let screen = String::from_utf8_lossy(&screen).to_string();
+    assert!(status.success(), "{screen}");
+    assert!(screen.contains("(input hidden)"), "{screen}");
+    assert!(!screen.contains(&key), "the key was echoed: {screen}");
+    let creds = d.json_lines(&["cred", "list"]);
+    assert_eq!(
+        creds[0]["preview"],
+        format!("{}…{}", &key[..4], &key[key.len() - 4..])
+    );
+}
