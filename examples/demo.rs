@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use keyward::admin::{Request as AdminRequest, WireSecret};
+use keyward::admin::{NewCredential, Request as AdminRequest, WireSecret};
 use keyward::config::Config;
 use keyward::daemon::Server;
 use keyward::seal::{MasterKey, Secret};
@@ -94,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let cred = admin_call(
         &admin,
-        &AdminRequest::CredAdd {
+        &AdminRequest::CredAdd(NewCredential {
             tenant: "demo".into(),
             target: "openai".into(),
             name: "main".into(),
@@ -104,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
             workflows: vec![],
             priority: None,
             secret: WireSecret(Secret::from_slice(demo_key.as_bytes())),
-        },
+        }),
     )
     .await?;
     println!(

@@ -83,26 +83,7 @@ pub enum Request {
     /// `tenant list`.
     TenantList,
     /// `cred add`.
-    CredAdd {
-        /// Tenant name.
-        tenant: String,
-        /// Target name.
-        target: String,
-        /// Credential name.
-        name: String,
-        /// Model globs.
-        models: Vec<String>,
-        /// Capabilities.
-        capabilities: Vec<String>,
-        /// Teams.
-        teams: Vec<String>,
-        /// Workflows.
-        workflows: Vec<String>,
-        /// Priority (lower wins).
-        priority: Option<i64>,
-        /// The provider key.
-        secret: WireSecret,
-    },
+    CredAdd(NewCredential),
     /// `cred list`.
     CredList {
         /// Only this tenant.
@@ -165,6 +146,29 @@ pub enum Request {
         /// Credential id.
         id: String,
     },
+}
+
+/// What `cred add` sends: the credential's scope and its first secret.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NewCredential {
+    /// Tenant name.
+    pub tenant: String,
+    /// Target name.
+    pub target: String,
+    /// Credential name.
+    pub name: String,
+    /// Model globs.
+    pub models: Vec<String>,
+    /// Capabilities.
+    pub capabilities: Vec<String>,
+    /// Teams.
+    pub teams: Vec<String>,
+    /// Workflows.
+    pub workflows: Vec<String>,
+    /// Priority (lower wins).
+    pub priority: Option<i64>,
+    /// The provider key.
+    pub secret: WireSecret,
 }
 
 /// Filters of `audit query`, as sent by the CLI.
@@ -357,28 +361,7 @@ fn mutate(state: &State, request: Request) -> Reply {
             rotation_overlap_s,
         } => tenant_add(state, name, max_key_age_s, on_expiry, rotation_overlap_s),
         Request::TenantList => return Ok(tenant_list(state)),
-        Request::CredAdd {
-            tenant,
-            target,
-            name,
-            models,
-            capabilities,
-            teams,
-            workflows,
-            priority,
-            secret,
-        } => cred_add(
-            state,
-            &tenant,
-            target,
-            name,
-            models,
-            capabilities,
-            teams,
-            workflows,
-            priority,
-            secret.0,
-        ),
+        Request::CredAdd(new) => cred_add(state, new),
         Request::CredList { tenant } => return cred_list(state, tenant.as_deref()),
         Request::CredRotate {
             id,
@@ -539,19 +522,19 @@ fn tenant_list(state: &State) -> Value {
     Value::Array(tenants.into_iter().map(tenant_json).collect())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn cred_add(
-    state: &State,
-    tenant: &str,
-    target: String,
-    name: String,
-    models: Vec<String>,
-    capabilities: Vec<String>,
-    teams: Vec<String>,
-    workflows: Vec<String>,
-    priority: Option<i64>,
-    secret: Secret,
-) -> Reply {
+fn cred_add(state: &State, new: NewCredential) -> Reply {
+    let NewCredential {
+        tenant,
+        target,
+        name,
+        models,
+        capabilities,
+        teams,
+        workflows,
+        priority,
+        secret,
+    } = new;
+    let (tenant, secret) = (tenant.as_str(), secret.0);
     check_name("credential", &name)?;
     check_secret(&secret)?;
     state
@@ -984,6 +967,8 @@ fn audit_query(state: &State, args: AuditQueryArgs) -> Reply {
         fingerprint,
         limit: Some(args.limit.unwrap_or(100)),
     };
+    // Rows nobody waits on (request.completed) may sit in the writer briefly: show them too.
+    state.runtime.block_on(state.audit.flush());
     let rows = state.audit.query(&filter)?;
     Ok(serde_json::to_value(rows)?)
 }
@@ -996,6 +981,7 @@ fn audit_verify(state: &State) -> Reply {
 }
 
 fn audit_lifecycle(state: &State, id: &str) -> Reply {
+    state.runtime.block_on(state.audit.flush());
     let rows = state.audit.lifecycle(id)?;
     if rows.is_empty() {
         return Err(AdminError(format!(

@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 use zeroize::Zeroizing;
 
-use crate::admin::{AuditQueryArgs, Request, WireSecret};
+use crate::admin::{AuditQueryArgs, NewCredential, Request, WireSecret};
 use crate::config::{admin_socket_for_cli, process_env};
 use crate::seal::Secret;
 use crate::units::{now_unix, parse_duration, parse_time};
@@ -273,7 +273,7 @@ fn build_request(command: &Command) -> Result<Request, Failure> {
             rotation_overlap_s: secs(rotation_overlap),
         },
         Command::Tenant(TenantCommand::List) => Request::TenantList,
-        Command::Cred(CredCommand::Add(a)) => Request::CredAdd {
+        Command::Cred(CredCommand::Add(a)) => Request::CredAdd(NewCredential {
             tenant: a.tenant.clone(),
             target: a.target.clone(),
             name: a.name.clone(),
@@ -283,7 +283,7 @@ fn build_request(command: &Command) -> Result<Request, Failure> {
             workflows: a.workflows.clone(),
             priority: a.priority,
             secret: WireSecret(read_secret(&format!("provider key for {}", a.name))?),
-        },
+        }),
         Command::Cred(CredCommand::List { tenant }) => Request::CredList {
             tenant: tenant.clone(),
         },
