@@ -177,6 +177,7 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
         );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
         .enable_all()
         .thread_name("keyward")
         .build()
