@@ -156,15 +156,36 @@ fn parse_slot(key: &MacKey, text: &str) -> Result<Position, String> {
     Ok(pos)
 }
 
-/// Writes the anchor for `pos` into its slot of `<dir>/audit.head`, in place; with `durable`
-/// the data is fsynced so the anchor survives power loss along with the rows.
+/// Opens (creating, 0600) `<dir>/audit.head` for in-place anchor writes.
+pub(crate) fn open_anchor(dir: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(dir.join(HEAD_FILE))
+}
+
+/// Writes the anchor for `pos` at offset 0 of `<dir>/audit.head`, in place; with `durable` the
+/// data is fsynced so the anchor survives power loss along with the rows.
 pub(crate) fn write_anchor(
     key: &MacKey,
     dir: &Path,
     pos: &Position,
     durable: bool,
 ) -> std::io::Result<()> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    write_anchor_to(&open_anchor(dir)?, key, pos, durable)
+}
+
+/// [`write_anchor`] into an already open anchor file (the writer keeps it open).
+pub(crate) fn write_anchor_to(
+    file: &fs::File,
+    key: &MacKey,
+    pos: &Position,
+    durable: bool,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
     let text = format!(
         "keyward-audit-head v1\nseq={}\nmac={}\ntag={}\n",
         pos.seq,
@@ -174,12 +195,6 @@ pub(crate) fn write_anchor(
     let mut slot = [b' '; SLOT];
     slot[..text.len()].copy_from_slice(text.as_bytes());
     slot[SLOT - 1] = b'\n';
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(dir.join(HEAD_FILE))?;
     file.write_all_at(&slot, 0)?;
     if durable {
         file.sync_data()?;

@@ -88,6 +88,11 @@ pub(crate) fn open_writer(dir: &Path, sync: AuditSync) -> Result<Connection, Aud
     let conn = Connection::open(&path).map_err(|e| db_err(&path, e))?;
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(|e| db_err(&path, e))?;
+    // Small pages: a commit writes every page it dirtied (the row plus four index leaves) to the
+    // WAL, so 1 KiB pages cut the bytes written per commit about fourfold. Only takes effect
+    // on a new database.
+    conn.pragma_update(None, "page_size", 1024)
+        .map_err(|e| db_err(&path, e))?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(|e| db_err(&path, e))?;

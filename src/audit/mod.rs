@@ -267,6 +267,7 @@ impl Audit {
             head: tip,
             last_time,
             retention,
+            anchor_file: None,
         };
         std::thread::Builder::new()
             .name("keyward-audit".into())

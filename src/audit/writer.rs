@@ -57,6 +57,8 @@ pub(crate) struct Writer {
     pub last_time: i64,
     /// Automatic retention.
     pub retention: Option<Duration>,
+    /// `audit.head`, kept open between batches (reopened after an error).
+    pub anchor_file: Option<std::fs::File>,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -121,6 +123,18 @@ impl Writer {
         rx.recv_timeout(LINGER).ok()
     }
 
+    fn write_anchor(&mut self) -> std::io::Result<()> {
+        if self.anchor_file.is_none() {
+            self.anchor_file = Some(chain::open_anchor(&self.dir)?);
+        }
+        let file = self.anchor_file.as_ref().expect("opened above");
+        let written = chain::write_anchor_to(file, &self.key, &self.head, self.durable);
+        if written.is_err() {
+            self.anchor_file = None;
+        }
+        written
+    }
+
     fn commit_batch(&mut self, batch: &mut Vec<(Event, Option<Reply>)>) {
         if batch.is_empty() {
             return;
@@ -134,7 +148,7 @@ impl Writer {
                 // The rows are in the database whatever happens next, so the head has moved;
                 // a failed anchor write still fails the batch, because until the anchor
                 // catches up a truncation of these rows would go unnoticed.
-                match chain::write_anchor(&self.key, &self.dir, &self.head, self.durable) {
+                match self.write_anchor() {
                     Ok(()) => Ok(head.seq - batch.len() as u64),
                     Err(e) => Err(io_reason(&e, chain::HEAD_FILE, &self.dir)),
                 }
