@@ -34,6 +34,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
 /// Formats a duration the way [`parse_duration`] reads it, using the largest exact unit.
 pub fn format_duration(d: Duration) -> String {
     let s = d.as_secs();
+    if d.is_zero() {
+        return "0s".into();
+    }
     if d.subsec_millis() != 0 || s == 0 {
         return format!("{}ms", d.as_millis());
     }
@@ -138,6 +141,7 @@ mod tests {
         assert_eq!(format_duration(Duration::from_secs(86_400)), "1d");
         assert_eq!(format_duration(Duration::from_secs(90)), "90s");
         assert_eq!(format_duration(Duration::from_secs(7200)), "2h");
+        assert_eq!(format_duration(Duration::ZERO), "0s");
     }
 
     #[test]

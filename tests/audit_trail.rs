@@ -351,3 +351,44 @@ async fn kill_9_under_load_loses_no_resolved_row_and_the_trail_still_verifies() 
     );
     drop(d);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_failure_after_resolution_completes_the_call_instead_of_denying_it() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let toml = format!(
+        "[targets.closed]\nbase_url = \"https://{closed}\"\nauth_header = \"authorization\"\nauth_format = \"Bearer {{key}}\"\nfamily = \"openai\"\n"
+    );
+    let d = Daemon::builder().config(&toml).start();
+    let (token, cred) = d.provision("acme", "closed", &random_key("sk-"), &[]);
+    let (status, h, _) = call(
+        &d.socket(),
+        post(
+            "/closed/v1/chat/completions",
+            &[("authorization", &format!("Bearer {token}"))],
+            &chat_body("m", false),
+        ),
+    )
+    .await;
+    assert_eq!(status, 502);
+    let call_id = h["keyward-call-id"].to_str().unwrap().to_string();
+    let rows = events(&d, &["--call-id", &call_id]);
+    let kinds: Vec<&str> = rows
+        .iter()
+        .rev()
+        .map(|r| r["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["request.resolved", "request.completed"], "{rows:?}");
+    let completed = &rows[0];
+    assert_eq!(completed["credential_id"], cred.as_str());
+    assert!(
+        completed["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("upstream_unreachable"),
+        "{completed}"
+    );
+    assert!(completed["upstream_status"].is_null());
+}

@@ -177,6 +177,9 @@ struct Known {
     target: Option<String>,
     model: Option<String>,
     capability: Option<String>,
+    /// The credential version of the latest attempt, once the request was resolved: a failure
+    /// after that point completes the call rather than denying it.
+    attempted: Option<(String, u32)>,
 }
 
 impl Known {
@@ -229,7 +232,16 @@ async fn handle(
         Err(reject) => {
             // Only authenticated callers leave audit rows; anonymous refusals are logged.
             if known.principal.is_some() {
-                let mut event = known.event(EventKind::RequestDenied, &call_id);
+                let kind = match known.attempted {
+                    Some(_) => EventKind::RequestCompleted,
+                    None => EventKind::RequestDenied,
+                };
+                let mut event = known.event(kind, &call_id);
+                if let Some((credential, version)) = &known.attempted {
+                    event.credential_id = Some(credential.clone());
+                    event.credential_version = Some(*version);
+                    event.latency_ms = Some(started.elapsed().as_millis() as u64);
+                }
                 event.detail = Some(format!("{}: {}", reject.code.as_str(), reject.message));
                 state.audit.enqueue(event);
             }
@@ -361,6 +373,7 @@ async fn process(
     let mut index = 0;
     loop {
         let chosen = &candidates[index];
+        known.attempted = Some((chosen.credential.id.clone(), chosen.version().version));
         let next = candidates.get(index + 1);
         if chosen.expired_warn {
             tracing::warn!(call_id, credential = %chosen.credential.id, version = chosen.version().version, "serving a key past the tenant's max key age (policy: warn)");
