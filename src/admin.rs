@@ -587,16 +587,7 @@ fn cred_add(state: &State, new: NewCredential) -> Reply {
         store::insert_version(
             tx,
             &id,
-            &VersionRow {
-                version: 1,
-                wrapped_data_key: sealed.wrapped_data_key,
-                ciphertext: sealed.ciphertext,
-                preview: preview.clone(),
-                created_at: now,
-                overlap_until: None,
-                retired_at: None,
-                revoked_at: None,
-            },
+            &VersionRow::new(1, sealed, preview.clone(), now),
         )?;
         audit_now(
             state,
@@ -665,16 +656,7 @@ fn cred_rotate(state: &State, id: &str, overlap_s: Option<u64>, secret: Secret) 
         store::insert_version(
             tx,
             id,
-            &VersionRow {
-                version,
-                wrapped_data_key: sealed.wrapped_data_key,
-                ciphertext: sealed.ciphertext,
-                preview: preview.clone(),
-                created_at: now,
-                overlap_until: None,
-                retired_at: None,
-                revoked_at: None,
-            },
+            &VersionRow::new(version, sealed, preview.clone(), now),
         )?;
         let until = crate::units::format_time(now + overlap);
         audit_now(

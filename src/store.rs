@@ -224,6 +224,27 @@ pub struct VersionRow {
     pub revoked_at: Option<i64>,
 }
 
+impl VersionRow {
+    /// A new, live version holding `sealed`.
+    pub fn new(
+        version: u32,
+        sealed: crate::seal::SealedCredential,
+        preview: String,
+        created_at: i64,
+    ) -> VersionRow {
+        VersionRow {
+            version,
+            wrapped_data_key: sealed.wrapped_data_key,
+            ciphertext: sealed.ciphertext,
+            preview,
+            created_at,
+            overlap_until: None,
+            retired_at: None,
+            revoked_at: None,
+        }
+    }
+}
+
 impl std::fmt::Debug for VersionRow {
     // The blobs are ciphertext, but they are noise in logs; print their sizes only.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
