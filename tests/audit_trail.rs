@@ -13,12 +13,7 @@ use support::mock_upstream::MockUpstream;
 use support::uds::{call, chat_body, post};
 
 fn config(mock: &MockUpstream, dir: &std::path::Path, extra: &str) -> String {
-    let ca = mock.write_ca(dir);
-    format!(
-        "{extra}\n[targets.openai]\nbase_url = \"{}\"\nca_file = \"{}\"\n",
-        mock.base_url(),
-        ca.display()
-    )
+    support::targets_config(mock, dir, &["openai"], extra)
 }
 
 fn events(d: &Daemon, args: &[&str]) -> Vec<serde_json::Value> {

@@ -27,39 +27,14 @@ const PRESETS: [&str; 11] = [
 
 /// A config pointing every preset at the mock, plus `extra` TOML.
 fn config_for(mock: &MockUpstream, dir: &std::path::Path, extra: &str) -> String {
-    let ca = mock.write_ca(dir);
-    let mut toml = String::from(extra);
-    toml.push('\n');
-    for p in PRESETS {
-        toml.push_str(&format!(
-            "[targets.{p}]\nbase_url = \"{}\"\nca_file = \"{}\"\n",
-            mock.base_url(),
-            ca.display()
-        ));
-    }
-    toml
+    support::targets_config(mock, dir, &PRESETS, extra)
 }
 
 /// A request that scope must refuse: path, model, extra headers, expected message part.
 type DenialCase<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
 
-struct Setup {
-    mock: MockUpstream,
-    daemon: Daemon,
-    _dir: tempfile::TempDir,
-}
-
-async fn setup(extra: &str) -> Setup {
-    let mock = MockUpstream::builder().start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::builder()
-        .config(&config_for(&mock, dir.path(), extra))
-        .start();
-    Setup {
-        mock,
-        daemon,
-        _dir: dir,
-    }
+async fn setup(extra: &str) -> support::Setup {
+    support::setup(&PRESETS, extra).await
 }
 
 fn bearer(token: &str) -> String {

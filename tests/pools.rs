@@ -16,28 +16,9 @@ use support::daemon::{Daemon, random_key};
 use support::mock_upstream::{MockUpstream, Reply, key_of};
 use support::uds::{call, chat_body, post};
 
-struct Setup {
-    mock: MockUpstream,
-    daemon: Daemon,
-    _dir: tempfile::TempDir,
-}
-
 /// A daemon whose `openai` target is the mock, with `extra` TOML on top.
-async fn setup(extra: &str) -> Setup {
-    let mock = MockUpstream::builder().start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = mock.write_ca(dir.path());
-    let toml = format!(
-        "{extra}\n[targets.openai]\nbase_url = \"{}\"\nca_file = \"{}\"\n",
-        mock.base_url(),
-        ca.display()
-    );
-    let daemon = Daemon::builder().config(&toml).start();
-    Setup {
-        mock,
-        daemon,
-        _dir: dir,
-    }
+async fn setup(extra: &str) -> support::Setup {
+    support::setup(&["openai"], extra).await
 }
 
 /// Adds one more credential for `target` to `tenant`; returns its id.
@@ -435,7 +416,7 @@ async fn a_streamed_body_is_replayed_byte_for_byte_to_the_next_key() {
 
     // The fingerprint covers the body once, whatever was replayed: a lookup by payload finds
     // the call.
-    let payload = s._dir.path().join("payload.json");
+    let payload = s.dir.path().join("payload.json");
     std::fs::write(&payload, &whole).unwrap();
     eventually("the completion row", || {
         !audit(d, "request.completed").is_empty()
