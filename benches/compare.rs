@@ -47,6 +47,8 @@ struct Options {
     only: Option<Vec<String>>,
     install: bool,
     keyward: peers::KeywardOptions,
+    /// A profiler attached to each peer's pid during its fixed 1,000 req/s phase.
+    attach: Vec<String>,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -61,6 +63,7 @@ fn parse_args() -> Result<Options, String> {
             wrap: Vec::new(),
             extra_config: String::new(),
         },
+        attach: Vec::new(),
     };
     let mut phase_set = false;
     let mut args = std::env::args().skip(1);
@@ -94,6 +97,12 @@ fn parse_args() -> Result<Options, String> {
                     .map(str::to_string)
                     .collect()
             }
+            "--attach" => {
+                o.attach = value("--attach")?
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect()
+            }
             "--keyward-bin" => o.keyward.bin = PathBuf::from(value("--keyward-bin")?),
             "--keyward-config" => {
                 o.keyward.extra_config.push_str(&value("--keyward-config")?);
@@ -103,7 +112,8 @@ fn parse_args() -> Result<Options, String> {
                 println!(
                     "usage: cargo bench --bench compare -- [--quick] [--phase-secs S] [--only keyward,keyward-full,nginx,litellm]\n\
                      \x20                                     [--json FILE] [--no-install] [--keyward-wrap \"CMD ARGS\"]\n\
-                     \x20                                     [--keyward-bin PATH] [--keyward-config 'TOML LINE']..."
+                     \x20                                     [--keyward-bin PATH] [--keyward-config 'TOML LINE']...\n\
+                     \x20                                     [--attach \"perf stat -p {{pid}}\"]"
                 );
                 std::process::exit(0);
             }
@@ -233,15 +243,47 @@ async fn run(opts: &Options) -> Run {
 /// One fixed-rate comparison: direct first, then the peer, back to back.
 async fn fixed(peer: &Peer, direct: &Target, rate: f64, opts: &Options, ticks: f64) -> Fixed {
     let direct_result = load::fixed_rate(direct, rate, opts.phase, CONNECTIONS).await;
+    let profiler = (rate == BASE_RATE)
+        .then(|| attach(&opts.attach, peer.pid))
+        .flatten();
     let cpu0 = procstat::cpu_seconds(peer.pid, ticks);
     let peer_result = load::fixed_rate(&peer.target, rate, opts.phase, CONNECTIONS).await;
     let cpu = procstat::cpu_seconds(peer.pid, ticks) - cpu0;
+    if let Some(child) = profiler {
+        detach(child);
+    }
     Fixed {
         rate,
         direct: direct_result,
         peer: peer_result,
         cpu_seconds: cpu,
     }
+}
+
+/// Starts the `--attach` command with `{pid}` replaced by the peer's pid.
+fn attach(command: &[String], pid: u32) -> Option<std::process::Child> {
+    let (program, args) = command.split_first()?;
+    let args = args.iter().map(|a| a.replace("{pid}", &pid.to_string()));
+    match std::process::Command::new(program).args(args).spawn() {
+        Ok(child) => {
+            // Let the profiler attach before the phase starts.
+            std::thread::sleep(Duration::from_millis(300));
+            Some(child)
+        }
+        Err(e) => {
+            eprintln!("compare: --attach {program}: {e}");
+            None
+        }
+    }
+}
+
+/// Stops an attached profiler the way Ctrl-C would, so it writes its report.
+fn detach(mut child: std::process::Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = child.wait();
 }
 
 async fn measure(

@@ -31,9 +31,14 @@ impl MacKey {
         time_ms: i64,
         e: &Event,
     ) -> [u8; MAC_LEN] {
+        self.canonical_mac(prev, &canonical(seq, time_ms, e))
+    }
+
+    /// [`MacKey::row_mac`] over canonical bytes already encoded.
+    pub(crate) fn canonical_mac(&self, prev: &[u8; MAC_LEN], canonical: &[u8]) -> [u8; MAC_LEN] {
         let mut ctx = hmac::Context::with_key(&self.0);
         ctx.update(prev);
-        ctx.update(&canonical(seq, time_ms, e));
+        ctx.update(canonical);
         to_mac(ctx.sign().as_ref())
     }
 

@@ -377,6 +377,93 @@ pub(crate) fn canonical(seq: u64, time_ms: i64, e: &Event) -> Vec<u8> {
     out
 }
 
+/// The inverse of [`canonical`]: `None` unless `b` is exactly one canonical row.
+pub(crate) fn decode_canonical(b: &[u8]) -> Option<(u64, i64, Event)> {
+    let mut r = Reader(b);
+    if r.take(b"keyward/audit-row/v1".len())? != b"keyward/audit-row/v1" {
+        return None;
+    }
+    let seq = r.u64()?;
+    let time_ms = r.u64()? as i64;
+    let kind: EventKind = r.str()?.parse().ok()?;
+    let narrow =
+        |n: Option<Option<u64>>| -> Option<Option<u32>> { n?.map(u32::try_from).transpose().ok() };
+    let mut event = Event {
+        call_id: r.opt_str()?,
+        tenant: r.opt_str()?,
+        client_id: r.opt_str()?,
+        peer_uid: narrow(r.opt_num())?,
+        peer_pid: narrow(r.opt_num())?,
+        target: r.opt_str()?,
+        model: r.opt_str()?,
+        capability: r.opt_str()?,
+        team: r.opt_str()?,
+        workflow: r.opt_str()?,
+        credential_id: r.opt_str()?,
+        credential_version: narrow(r.opt_num())?,
+        fingerprint: r.opt_str()?,
+        ..Event::new(kind)
+    };
+    event.upstream_status = r.opt_num()?.map(u16::try_from).transpose().ok()?;
+    event.latency_ms = r.opt_num()?;
+    event.bytes_in = r.opt_num()?;
+    event.bytes_out = r.opt_num()?;
+    event.input_tokens = r.opt_num()?;
+    event.output_tokens = r.opt_num()?;
+    event.total_tokens = r.opt_num()?;
+    event.detail = r.opt_str()?;
+    let flags = r.u32()?;
+    for _ in 0..flags {
+        event.flags.push(r.str()?);
+    }
+    r.0.is_empty().then_some((seq, time_ms, event))
+}
+
+/// A cursor over canonical bytes.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn str(&mut self) -> Option<String> {
+        let n = self.u32()? as usize;
+        String::from_utf8(self.take(n)?.to_vec()).ok()
+    }
+    fn present(&mut self) -> Option<bool> {
+        match self.take(1)?[0] {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        }
+    }
+    fn opt_str(&mut self) -> Option<Option<String>> {
+        if self.present()? {
+            self.str().map(Some)
+        } else {
+            Some(None)
+        }
+    }
+    fn opt_num(&mut self) -> Option<Option<u64>> {
+        if self.present()? {
+            self.u64().map(Some)
+        } else {
+            Some(None)
+        }
+    }
+}
+
 fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u32).to_be_bytes());
     out.extend_from_slice(s.as_bytes());
@@ -417,6 +504,53 @@ mod tests {
         }
         let err = "request.bogus".parse::<EventKind>().unwrap_err();
         assert!(err.to_string().contains("request.resolved"));
+    }
+
+    #[test]
+    fn canonical_decodes_back_to_the_same_row() {
+        let full = Event {
+            call_id: Some("c".into()),
+            tenant: Some("acme".into()),
+            client_id: Some("svc".into()),
+            peer_uid: Some(1000),
+            peer_pid: Some(42),
+            target: Some("openai".into()),
+            model: Some("gpt-4o".into()),
+            capability: Some("chat".into()),
+            team: Some("".into()),
+            workflow: None,
+            credential_id: Some("cred_1".into()),
+            credential_version: Some(3),
+            fingerprint: Some("ab".repeat(32)),
+            upstream_status: Some(200),
+            latency_ms: Some(7),
+            bytes_in: Some(0),
+            bytes_out: Some(u64::MAX),
+            input_tokens: Some(1),
+            output_tokens: None,
+            total_tokens: Some(9),
+            detail: Some("d".into()),
+            flags: vec!["expired_key_warn".into(), "x".into()],
+            ..Event::new(EventKind::RequestCompleted)
+        };
+        for e in [full, Event::new(EventKind::TenantCreated)] {
+            let bytes = canonical(7, 1_700_000_000_123, &e);
+            assert_eq!(
+                decode_canonical(&bytes),
+                Some((7, 1_700_000_000_123, e.clone()))
+            );
+            // Every proper prefix and any trailing byte is refused.
+            for cut in 0..bytes.len() {
+                assert_eq!(
+                    decode_canonical(&bytes[..cut]),
+                    None,
+                    "prefix of {cut} bytes"
+                );
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert_eq!(decode_canonical(&longer), None);
+        }
     }
 
     #[test]

@@ -33,22 +33,25 @@
 //! from there.
 //!
 //! # Writer
-//! One thread owns the write connection. Callers hand it events over a bounded queue; it takes
-//! everything queued (up to 4096) into one transaction, computes the MACs, commits, moves the
-//! anchor and only then answers each waiter with its seq. When a batch fails (lock held by
-//! another process, disk full, I/O error) every waiter gets [`AuditError::Unavailable`] and
-//! the chain head does not move; later batches retry from the same head.
+//! One write connection, behind a lock. Callers put events on a bounded queue; whoever holds
+//! the connection takes everything queued (up to 4096) into one transaction, computes the
+//! MACs, commits, moves the anchor and only then answers each waiter with its seq. With
+//! `audit_sync = "normal"` the caller's own task does this (no thread hand-off on a request's
+//! path); with `full` a maintenance thread does, so fsync never blocks an async worker (see
+//! `writer.rs`). When a batch fails (lock held by another process, disk full, I/O error) every
+//! waiter gets [`AuditError::Unavailable`] and the chain head does not move; later batches
+//! retry from the same head.
 
 mod chain;
 mod db;
 mod event;
 mod fingerprint;
+mod journal;
 pub mod usage;
 mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -62,7 +65,7 @@ pub use fingerprint::{Fingerprinter, fingerprint};
 use crate::config::AuditSync;
 use crate::seal::{Context, MasterKey};
 use chain::{Anchor, MacKey, Position};
-use writer::{Msg, Writer};
+use writer::{Db, Refused, Shared, Writer};
 
 /// Events that can wait in the queue; beyond this `commit` fails fast and `enqueue` drops.
 const QUEUE_CAPACITY: usize = 8192;
@@ -195,8 +198,8 @@ pub struct Audit {
 }
 
 struct Inner {
-    /// Queue into the writer thread.
-    tx: SyncSender<Msg>,
+    /// The queue and the write connection.
+    shared: Arc<Shared>,
     /// The state directory.
     dir: PathBuf,
     /// For verification on read connections.
@@ -205,6 +208,13 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
     /// Fire-and-forget events dropped because the queue was full.
     dropped: AtomicU64,
+}
+
+impl Drop for Inner {
+    /// The last handle is gone: the maintenance thread commits what is left and stops.
+    fn drop(&mut self) {
+        self.shared.close();
+    }
 }
 
 impl std::fmt::Debug for Audit {
@@ -237,6 +247,7 @@ impl Audit {
             dir: dir.display().to_string(),
         };
         let tip = db::tip(&conn, &key).map_err(tampered)?;
+        let tip = replay_journal(&mut conn, &key, &dir, tip)?;
         let anchor = chain::read_anchor(&key, &dir).map_err(|source| AuditError::Io {
             path: dir.join(chain::HEAD_FILE).display().to_string(),
             source,
@@ -258,32 +269,44 @@ impl Audit {
                 path: dir.join(db::DB_FILE).display().to_string(),
                 source,
             })?;
-        let (tx, rx) = sync_channel(QUEUE_CAPACITY);
-        let w = Writer {
-            conn,
+        let writer = Writer {
             key: key.clone(),
             dir: dir.clone(),
             durable: sync == AuditSync::Full,
             head: tip,
             last_time,
-            retention,
             anchor_file: None,
+            segment: None,
+            unfolded: Vec::new(),
+            spent: Vec::new(),
+            refusing: None,
+            batch: Vec::new(),
+            records: Vec::new(),
         };
+        let db = Db {
+            conn,
+            key: key.clone(),
+            dir: dir.clone(),
+            retention,
+            rows: Vec::new(),
+            segments: Vec::new(),
+        };
+        let shared = Shared::new(writer, db, QUEUE_CAPACITY);
+        let weak = Arc::downgrade(&shared);
         std::thread::Builder::new()
             .name("keyward-audit".into())
-            .spawn(move || w.run(rx))
+            .spawn(move || Shared::run_thread(weak))
             .map_err(|source| AuditError::Io {
                 path: "audit writer thread".into(),
                 source,
             })?;
         let inner = Arc::new(Inner {
-            tx,
+            shared,
             dir: dir.clone(),
             key,
             readers: Mutex::new(Vec::new()),
             dropped: AtomicU64::new(0),
         });
-        spawn_checkpointer(&dir, Arc::downgrade(&inner));
         Ok(Audit { inner })
     }
 
@@ -292,9 +315,9 @@ impl Audit {
     pub async fn commit(&self, mut event: Event) -> Result<u64, AuditError> {
         event.sanitize().map_err(AuditError::InvalidEvent)?;
         let (reply, rx) = oneshot::channel();
-        match self.inner.tx.try_send(Msg::Event(event, Some(reply))) {
+        match self.inner.shared.push(event, Some(reply)) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
+            Err(Refused::Full) => {
                 return Err(AuditError::Unavailable {
                     reason: format!(
                         "the audit queue is full ({QUEUE_CAPACITY} events waiting); the disk \
@@ -302,8 +325,9 @@ impl Audit {
                     ),
                 });
             }
-            Err(TrySendError::Disconnected(_)) => return Err(stopped()),
+            Err(Refused::Closed) => return Err(stopped()),
         }
+        self.inner.shared.commit_queued().await;
         match tokio::time::timeout(COMMIT_TIMEOUT, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(stopped()),
@@ -325,16 +349,16 @@ impl Audit {
             return;
         }
         let kind = event.kind;
-        match self.inner.tx.try_send(Msg::Event(event, None)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
+        match self.inner.shared.push(event, None) {
+            Ok(()) => self.inner.shared.linger(),
+            Err(Refused::Full) => {
                 let n = self.inner.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 // Logging every drop under overload would add to the overload.
                 if n.is_power_of_two() {
                     tracing::warn!(dropped_total = n, "audit queue full: {kind} event dropped");
                 }
             }
-            Err(TrySendError::Disconnected(_)) => {
+            Err(Refused::Closed) => {
                 tracing::warn!("audit writer stopped: {kind} event dropped");
             }
         }
@@ -365,8 +389,10 @@ impl Audit {
                 source,
             }
         })?;
+        let (journal, damage) = read_journal(&self.inner.dir)?;
         let key = self.inner.key.clone();
-        self.with_reader(move |conn| db::verify(conn, &key, anchor))
+        let report = self.with_reader(move |conn| db::verify(conn, &key, anchor, journal))?;
+        Ok(with_damage(report, damage))
     }
 
     /// Deletes rows older than `older_than` (after checking they verify) and moves the
@@ -374,35 +400,23 @@ impl Audit {
     pub async fn prune(&self, older_than: Duration) -> Result<u64, AuditError> {
         let cutoff =
             writer::now_ms().saturating_sub(older_than.as_millis().min(i64::MAX as u128) as i64);
-        let (reply, rx) = oneshot::channel();
-        self.send_control(Msg::Prune(cutoff, reply)).await?;
-        rx.await.map_err(|_| stopped())?
+        let shared = self.inner.shared.clone();
+        tokio::task::spawn_blocking(move || shared.with_db(|db| db.prune(cutoff)))
+            .await
+            .map_err(|_| stopped())?
     }
 
     /// Waits until everything queued before this call is committed (or has failed).
     pub async fn flush(&self) {
-        let (done, rx) = oneshot::channel();
-        if self.send_control(Msg::Flush(done)).await.is_ok() {
-            let _ = rx.await;
-        }
+        let shared = self.inner.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || shared.with_db(|_| ())).await;
     }
 
-    /// Commits everything queued and stops the writer (SIGTERM drain); later commits fail with
-    /// `Unavailable`.
+    /// Commits everything queued and stops accepting events (SIGTERM drain); later commits
+    /// fail with `Unavailable`.
     pub async fn shutdown(self) {
-        let (done, rx) = oneshot::channel();
-        if self.send_control(Msg::Shutdown(done)).await.is_ok() {
-            let _ = rx.await;
-        }
-    }
-
-    /// Queues a control message, waiting for room (off the async threads) since these are
-    /// rare and must not be dropped.
-    async fn send_control(&self, msg: Msg) -> Result<(), AuditError> {
-        let tx = self.inner.tx.clone();
-        tokio::task::spawn_blocking(move || tx.send(msg).map_err(|_| stopped()))
-            .await
-            .map_err(|_| stopped())?
+        self.inner.shared.close();
+        self.flush().await;
     }
 
     fn with_reader<T>(
@@ -429,26 +443,6 @@ fn stopped() -> AuditError {
     }
 }
 
-/// Folds the WAL into the database from its own connection, once a second, while the trail is
-/// open. The writer runs with automatic checkpoints off, so a checkpoint never stalls a commit
-/// that a request is waiting on; a passive checkpoint never blocks the writer either.
-fn spawn_checkpointer(dir: &Path, alive: std::sync::Weak<Inner>) {
-    let path = dir.join(db::DB_FILE);
-    let _ = std::thread::Builder::new()
-        .name("keyward-audit-ckpt".into())
-        .spawn(move || {
-            let Ok(conn) = Connection::open(&path) else {
-                return;
-            };
-            while alive.upgrade().is_some() {
-                std::thread::sleep(Duration::from_secs(1));
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::debug!(error = %e, "audit WAL checkpoint deferred");
-                }
-            }
-        });
-}
-
 /// Verifies the trail in `state_dir` without a running writer (offline checks, forensics).
 pub fn verify_dir(state_dir: &Path, master: &MasterKey) -> Result<VerifyReport, AuditError> {
     let mut conn = db::open_reader(state_dir)?;
@@ -457,10 +451,93 @@ pub fn verify_dir(state_dir: &Path, master: &MasterKey) -> Result<VerifyReport, 
         path: state_dir.join(chain::HEAD_FILE).display().to_string(),
         source,
     })?;
-    db::verify(&mut conn, &key, anchor).map_err(|source| AuditError::Database {
-        path: state_dir.join(db::DB_FILE).display().to_string(),
+    let (journal, damage) = read_journal(state_dir)?;
+    let report =
+        db::verify(&mut conn, &key, anchor, journal).map_err(|source| AuditError::Database {
+            path: state_dir.join(db::DB_FILE).display().to_string(),
+            source,
+        })?;
+    Ok(with_damage(report, damage))
+}
+
+/// The journaled rows in `dir`, and a description of any damaged record.
+fn read_journal(dir: &Path) -> Result<(Vec<db::RawRow>, Option<String>), AuditError> {
+    let io = |source| AuditError::Io {
+        path: dir.display().to_string(),
         source,
+    };
+    let segments = journal::segments(dir).map_err(io)?;
+    Ok(match journal::read(&segments).map_err(io)? {
+        Ok(rows) => (rows, None),
+        Err(damage) => (Vec::new(), Some(damage)),
     })
+}
+
+/// A report that also fails on journal damage found before the walk.
+fn with_damage(mut report: VerifyReport, damage: Option<String>) -> VerifyReport {
+    if report.reason.is_none() {
+        report.reason = damage;
+    }
+    report
+}
+
+/// Moves the rows a crash left in the journal into the database (after checking that they
+/// continue the chain from `tip`), deletes the segments, and returns the new tip.
+fn replay_journal(
+    conn: &mut Connection,
+    key: &MacKey,
+    dir: &Path,
+    tip: Position,
+) -> Result<Position, AuditError> {
+    let tampered = |reason: String| AuditError::Tampered {
+        reason,
+        dir: dir.display().to_string(),
+    };
+    let segments = journal::segments(dir).map_err(|source| AuditError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    if segments.is_empty() {
+        return Ok(tip);
+    }
+    let (rows, damage) = read_journal(dir)?;
+    if let Some(damage) = damage {
+        return Err(tampered(damage));
+    }
+    let mut pos = tip;
+    let mut replay = Vec::new();
+    for row in rows.into_iter().filter(|r| r.seq as u64 > tip.seq) {
+        let seq = row.seq as u64;
+        if seq != pos.seq + 1 {
+            return Err(tampered(format!(
+                "the journal skips from row {} to row {seq}",
+                pos.seq
+            )));
+        }
+        let want = key.row_mac(&pos.mac, seq, row.time_ms, &row.event);
+        if !chain::ct_eq(&row.mac, &want) {
+            return Err(tampered(format!("journaled row {seq} fails its MAC")));
+        }
+        pos = Position { seq, mac: want };
+        replay.push(row);
+    }
+    if !replay.is_empty() {
+        writer::insert_rows(conn, &replay).map_err(|source| AuditError::Database {
+            path: dir.join(db::DB_FILE).display().to_string(),
+            source,
+        })?;
+        tracing::info!(
+            rows = replay.len(),
+            "audit rows recovered from the journal after an unclean stop"
+        );
+    }
+    for path in segments {
+        std::fs::remove_file(&path).map_err(|source| AuditError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(pos)
 }
 
 /// Reads (or, with `create` on an empty store, creates) the wrapped audit key and unwraps it.

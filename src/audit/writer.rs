@@ -1,11 +1,21 @@
-//! The single writer thread: owns the write connection and the in-memory chain head, drains
-//! the queue into one transaction per batch (group commit), moves the head anchor, then
-//! answers every waiter. A failed batch answers every waiter with `Unavailable` and leaves the
-//! chain head where it was.
+//! Group commit through the journal. Callers put events on one queue; whoever holds the
+//! [`Writer`] takes everything queued into one batch, sequences and MACs it, appends it to the
+//! journal (`journal.rs`) in one write, moves the head anchor, then answers every waiter. A
+//! failed batch answers every waiter with `Unavailable` and leaves the chain head where it was.
+//!
+//! With `audit_sync = "normal"` a batch is one append and one anchor write into the page cache,
+//! so the calling task commits itself (after one yield, so that other callers that are ready
+//! put their rows in the same batch): no thread hand-off sits on a request's path. With `full`
+//! every batch waits for fsync, so callers hand it to the maintenance thread instead of
+//! blocking an async worker. That thread also folds journaled rows into `audit.db` ([`Db`])
+//! every [`FOLD_INTERVAL`], commits rows nobody waits on when no other commit took them within
+//! [`LINGER`], runs retention, and drains everything at shutdown. While folding fails (another
+//! process holds `audit.db` locked, the disk is full) new commits are refused, so the journal
+//! cannot grow without bound and the trail stays fail-closed.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
@@ -13,52 +23,299 @@ use tokio::sync::oneshot;
 
 use super::AuditError;
 use super::chain::{self, MacKey, Position};
-use super::db::{self, DB_FILE, INSERT, META_CHECKPOINT};
-use super::event::Event;
+use super::db::{self, DB_FILE, INSERT, META_CHECKPOINT, RawRow};
+use super::event::{Event, canonical};
+use super::journal::{self, Segment};
 
-/// Most events put into one transaction; bounds the time the first waiter of a batch waits.
+/// Most events put into one batch; bounds the time the first waiter of a batch waits.
 const BATCH_CAP: usize = 4096;
 /// How long rows nobody waits on may wait for company before they are committed alone.
 const LINGER: Duration = Duration::from_millis(5);
+/// How often journaled rows are folded into `audit.db`.
+const FOLD_INTERVAL: Duration = Duration::from_millis(50);
+/// How often the maintenance thread looks around when there is nothing to fold.
+const IDLE_WAKE: Duration = Duration::from_secs(1);
 /// How often automatic retention runs.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
 /// The answer a committing caller waits for.
 pub(crate) type Reply = oneshot::Sender<Result<u64, AuditError>>;
 
-/// What callers send the writer.
-// Nearly every message is an event, so boxing it would add an allocation per event and
-// save no queue space.
-#[allow(clippy::large_enum_variant)]
-pub(crate) enum Msg {
-    /// Record an event; `reply` is `None` for fire-and-forget events.
-    Event(Event, Option<Reply>),
-    /// Answer once everything queued before it is committed (or has failed).
-    Flush(oneshot::Sender<()>),
-    /// Delete rows older than the cutoff and move the checkpoint.
-    Prune(i64, Reply),
-    /// Like `Flush`, then stop.
-    Shutdown(oneshot::Sender<()>),
+/// One queued event and, unless nobody waits on it, where its answer goes.
+type Queued = (Event, Option<Reply>);
+
+/// Why an event was not queued.
+pub(crate) enum Refused {
+    /// The queue holds its capacity.
+    Full,
+    /// The trail has shut down.
+    Closed,
 }
 
-/// The writer's state; lives on its own thread.
+/// Events waiting for a batch.
+struct Queue {
+    events: Vec<Queued>,
+    /// Most events that may wait.
+    capacity: usize,
+    /// No more events are accepted.
+    closed: bool,
+    /// The maintenance thread has work.
+    kicked: bool,
+}
+
+/// What every handle, the maintenance thread and the committing caller share. Lock order:
+/// `db`, then `writer`, then `queue`.
+pub(crate) struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes the maintenance thread.
+    kick: Condvar,
+    /// The chain head and the journal: whoever holds it commits.
+    writer: Mutex<Writer>,
+    /// The database connection rows are folded into.
+    db: Mutex<Db>,
+    /// Callers commit on their own thread (`normal`) rather than handing off (`full`).
+    inline: bool,
+    /// A linger timer is pending for unwaited rows.
+    linger_armed: AtomicBool,
+    /// The journal holds rows the database does not have yet.
+    unfolded: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub(crate) fn new(writer: Writer, db: Db, capacity: usize) -> Arc<Shared> {
+        Arc::new(Shared {
+            inline: !writer.durable,
+            queue: Mutex::new(Queue {
+                events: Vec::new(),
+                capacity,
+                closed: false,
+                kicked: false,
+            }),
+            kick: Condvar::new(),
+            writer: Mutex::new(writer),
+            db: Mutex::new(db),
+            linger_armed: AtomicBool::new(false),
+            unfolded: AtomicBool::new(false),
+        })
+    }
+
+    /// Appends an event to the queue.
+    pub(crate) fn push(&self, event: Event, reply: Option<Reply>) -> Result<(), Refused> {
+        let mut q = lock(&self.queue);
+        if q.closed {
+            return Err(Refused::Closed);
+        }
+        if q.events.len() >= q.capacity {
+            return Err(Refused::Full);
+        }
+        q.events.push((event, reply));
+        Ok(())
+    }
+
+    /// Gets a queued waiter's row committed: on this thread in inline mode, else by the
+    /// maintenance thread.
+    pub(crate) async fn commit_queued(&self) {
+        if self.inline {
+            tokio::task::yield_now().await;
+            self.drive();
+        } else {
+            self.wake_thread();
+        }
+    }
+
+    /// Makes sure unwaited rows get committed within [`LINGER`] even if no waited commit
+    /// comes along to take them.
+    pub(crate) fn linger(self: &Arc<Self>) {
+        if self.linger_armed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.linger_armed.store(false, Ordering::Release);
+            self.wake_thread();
+            return;
+        };
+        let shared = self.clone();
+        runtime.spawn(async move {
+            tokio::time::sleep(LINGER).await;
+            shared.linger_armed.store(false, Ordering::Release);
+            if shared.inline {
+                shared.drive();
+            } else {
+                shared.wake_thread();
+            }
+        });
+    }
+
+    /// Commits everything queued, unless another thread is committing right now, in which
+    /// case that thread takes these rows too (it looks at the queue again after letting go
+    /// of the writer).
+    pub(crate) fn drive(&self) {
+        loop {
+            let mut writer = match self.writer.try_lock() {
+                Ok(w) => w,
+                Err(std::sync::TryLockError::WouldBlock) => return,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            };
+            self.commit_all(&mut writer);
+            drop(writer);
+            if lock(&self.queue).events.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Waits for the writer and commits everything queued up to now.
+    pub(crate) fn drain(&self) {
+        let mut writer = lock(&self.writer);
+        self.commit_all(&mut writer);
+    }
+
+    fn commit_all(&self, writer: &mut Writer) {
+        loop {
+            {
+                let mut q = lock(&self.queue);
+                if q.events.is_empty() {
+                    return;
+                }
+                if q.events.len() <= BATCH_CAP {
+                    std::mem::swap(&mut q.events, &mut writer.batch);
+                } else {
+                    writer.batch.extend(q.events.drain(..BATCH_CAP));
+                }
+            }
+            let mut batch = std::mem::take(&mut writer.batch);
+            if writer.commit_batch(&mut batch) {
+                self.unfolded.store(true, Ordering::Release);
+            }
+            writer.batch = batch;
+        }
+    }
+
+    /// Moves every journaled row into `audit.db` and deletes the segments that held them. A
+    /// failure keeps the rows for the next attempt and refuses new commits until then.
+    pub(crate) fn fold(&self) {
+        let mut db = lock(&self.db);
+        {
+            let mut w = lock(&self.writer);
+            self.unfolded.store(false, Ordering::Release);
+            db.rows.append(&mut w.unfolded);
+            db.segments.append(&mut w.spent);
+            if let Some(segment) = w.segment.take() {
+                db.segments.push(segment.path().to_path_buf());
+            }
+        }
+        let result = db.fold();
+        let mut w = lock(&self.writer);
+        match result {
+            Ok(()) => {
+                if w.refusing.take().is_some() {
+                    tracing::info!("audit database writable again, accepting commits");
+                }
+            }
+            Err(reason) => {
+                self.unfolded.store(true, Ordering::Release);
+                if w.refusing.is_none() {
+                    tracing::error!(
+                        "audit rows cannot be moved into the database, refusing new commits                          until they can: {reason}"
+                    );
+                }
+                w.refusing = Some(reason);
+            }
+        }
+    }
+
+    /// Everything committed so far is in `audit.db` when `f` runs.
+    pub(crate) fn with_db<T>(&self, f: impl FnOnce(&mut Db) -> T) -> T {
+        self.drain();
+        self.fold();
+        f(&mut lock(&self.db))
+    }
+
+    fn wake_thread(&self) {
+        let mut q = lock(&self.queue);
+        if !q.kicked {
+            q.kicked = true;
+            self.kick.notify_one();
+        }
+    }
+
+    /// Refuses new events and lets the maintenance thread finish. Events queued before are
+    /// still committed by the next `drain`.
+    pub(crate) fn close(&self) {
+        let mut q = lock(&self.queue);
+        q.closed = true;
+        q.kicked = true;
+        self.kick.notify_one();
+    }
+
+    /// The maintenance thread: commits for `full` callers and lingering rows, folds, runs
+    /// retention, and stops once the trail is closed and drained or every handle is gone.
+    pub(crate) fn run_thread(shared: Weak<Shared>) {
+        let mut next_prune = Instant::now();
+        let mut last_fold = Instant::now();
+        loop {
+            let Some(this) = shared.upgrade() else { return };
+            if Instant::now() >= next_prune {
+                this.with_db(Db::auto_prune);
+                next_prune = Instant::now() + PRUNE_INTERVAL;
+            }
+            let wait = if this.unfolded.load(Ordering::Acquire) {
+                FOLD_INTERVAL.saturating_sub(last_fold.elapsed())
+            } else {
+                IDLE_WAKE
+            };
+            let closing = {
+                let q = lock(&this.queue);
+                let (mut q, _) = this
+                    .kick
+                    .wait_timeout_while(q, wait, |q| !q.kicked)
+                    .unwrap_or_else(|p| p.into_inner());
+                q.kicked = false;
+                q.closed
+            };
+            this.drain();
+            let due = this.unfolded.load(Ordering::Acquire) && last_fold.elapsed() >= FOLD_INTERVAL;
+            if due || closing {
+                this.fold();
+                last_fold = Instant::now();
+            }
+            if closing {
+                return;
+            }
+        }
+    }
+}
+
+/// The chain head and the journal: everything a commit touches.
 pub(crate) struct Writer {
-    /// The only connection that writes.
-    pub conn: Connection,
     /// The audit MAC key.
     pub key: Arc<MacKey>,
-    /// The state directory (for the anchor file and messages).
+    /// The state directory (for the journal, the anchor file and messages).
     pub dir: PathBuf,
-    /// fsync the anchor file (`AuditSync::Full`).
+    /// fsync the journal and the anchor (`AuditSync::Full`).
     pub durable: bool,
     /// The last committed row.
     pub head: Position,
     /// Time of the last committed row; new rows never go back in time.
     pub last_time: i64,
-    /// Automatic retention.
-    pub retention: Option<Duration>,
     /// `audit.head`, kept open between batches (reopened after an error).
     pub anchor_file: Option<std::fs::File>,
+    /// The segment being appended to; a new one starts after each fold.
+    pub segment: Option<Segment>,
+    /// Committed rows not yet handed to the fold, oldest first.
+    pub unfolded: Vec<RawRow>,
+    /// Segments given up after a write error, to delete once their rows are folded.
+    pub spent: Vec<PathBuf>,
+    /// Why commits are refused (folding into the database fails), if they are.
+    pub refusing: Option<String>,
+    /// The batch being committed (kept for its capacity).
+    pub batch: Vec<Queued>,
+    /// The batch's journal records (kept for its capacity).
+    pub records: Vec<u8>,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -68,61 +325,6 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 impl Writer {
-    pub(crate) fn run(mut self, rx: Receiver<Msg>) {
-        let mut batch: Vec<(Event, Option<Reply>)> = Vec::new();
-        let mut next_prune = Instant::now();
-        loop {
-            if self.retention.is_some() && Instant::now() >= next_prune {
-                self.auto_prune();
-                next_prune = Instant::now() + PRUNE_INTERVAL;
-            }
-            let first = match rx.recv_timeout(PRUNE_INTERVAL) {
-                Ok(m) => m,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            let mut pending = Some(first);
-            let mut stop = None;
-            while let Some(msg) = pending.take().or_else(|| {
-                (batch.len() < BATCH_CAP)
-                    .then(|| rx.try_recv().ok())
-                    .flatten()
-                    .or_else(|| self.linger(&batch, &rx))
-            }) {
-                match msg {
-                    Msg::Event(e, reply) => batch.push((e, reply)),
-                    Msg::Flush(done) => {
-                        self.commit_batch(&mut batch);
-                        let _ = done.send(());
-                    }
-                    Msg::Prune(cutoff, reply) => {
-                        self.commit_batch(&mut batch);
-                        let _ = reply.send(self.prune(cutoff));
-                    }
-                    Msg::Shutdown(done) => {
-                        stop = Some(done);
-                        break;
-                    }
-                }
-            }
-            self.commit_batch(&mut batch);
-            if let Some(done) = stop {
-                let _ = done.send(());
-                break;
-            }
-        }
-    }
-
-    /// When nobody waits on the batch (only `request.completed`-style rows), waits briefly for
-    /// the next message so those rows share a transaction with it instead of costing one of
-    /// their own: at moderate load that halves the commits per request.
-    fn linger(&self, batch: &[(Event, Option<Reply>)], rx: &Receiver<Msg>) -> Option<Msg> {
-        if batch.is_empty() || batch.len() >= BATCH_CAP || batch.iter().any(|(_, r)| r.is_some()) {
-            return None;
-        }
-        rx.recv_timeout(LINGER).ok()
-    }
-
     fn write_anchor(&mut self) -> std::io::Result<()> {
         if self.anchor_file.is_none() {
             self.anchor_file = Some(chain::open_anchor(&self.dir)?);
@@ -135,74 +337,127 @@ impl Writer {
         written
     }
 
-    fn commit_batch(&mut self, batch: &mut Vec<(Event, Option<Reply>)>) {
+    /// Commits `batch` and answers its waiters; true when rows reached the journal.
+    fn commit_batch(&mut self, batch: &mut Vec<Queued>) -> bool {
         if batch.is_empty() {
-            return;
+            return false;
         }
+        let first = self.head.seq + 1;
         let time = now_ms().max(self.last_time);
-        let result = self.write(batch, time);
-        let outcome: Result<u64, String> = match result {
-            Ok(head) => {
-                self.head = head;
-                self.last_time = time;
-                // The rows are in the database whatever happens next, so the head has moved;
-                // a failed anchor write still fails the batch, because until the anchor
-                // catches up a truncation of these rows would go unnoticed.
-                match self.write_anchor() {
-                    Ok(()) => Ok(head.seq - batch.len() as u64),
-                    Err(e) => Err(io_reason(&e, chain::HEAD_FILE, &self.dir)),
-                }
-            }
-            Err(reason) => Err(reason),
+        let (macs, outcome) = match self.refusing.clone() {
+            Some(reason) => (None, Err(reason)),
+            None => self.append(batch, time),
         };
-        match outcome {
-            Ok(before) => {
-                for (i, (_, reply)) in batch.drain(..).enumerate() {
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Ok(before + 1 + i as u64));
-                    }
-                }
+        if let Err(reason) = &outcome {
+            let unwaited = batch.iter().filter(|(_, r)| r.is_none()).count();
+            tracing::error!(
+                events = batch.len(),
+                unwaited,
+                "audit batch failed, callers refused: {reason}"
+            );
+        }
+        let journaled = macs.is_some();
+        for (i, (event, reply)) in batch.drain(..).enumerate() {
+            let seq = first + i as u64;
+            if let Some(reply) = reply {
+                let _ = reply.send(match &outcome {
+                    Ok(()) => Ok(seq),
+                    Err(reason) => Err(AuditError::Unavailable {
+                        reason: reason.clone(),
+                    }),
+                });
             }
-            Err(reason) => {
-                let unwaited = batch.iter().filter(|(_, r)| r.is_none()).count();
-                tracing::error!(
-                    events = batch.len(),
-                    unwaited,
-                    "audit batch failed, callers refused: {reason}"
-                );
-                for (_, reply) in batch.drain(..) {
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Err(AuditError::Unavailable {
-                            reason: reason.clone(),
-                        }));
-                    }
-                }
+            if let Some(macs) = &macs {
+                self.unfolded.push(RawRow {
+                    seq: seq as i64,
+                    time_ms: time,
+                    event,
+                    mac: macs[i].to_vec(),
+                });
             }
         }
+        journaled
     }
 
-    fn write(&mut self, batch: &[(Event, Option<Reply>)], time: i64) -> Result<Position, String> {
-        let reason = |e: rusqlite::Error| sqlite_reason(&e, &self.dir);
-        if !self.conn.is_autocommit() {
-            // A failed rollback after an earlier error can leave a transaction open.
-            let _ = self.conn.execute_batch("ROLLBACK");
-        }
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(reason)?;
+    /// Sequences, MACs and journals the batch, then moves the anchor. Returns the rows' MACs
+    /// when the records reached the journal: from then on the head has moved whatever happens
+    /// next. A failed anchor write still fails the batch, because until the anchor catches up
+    /// a truncation of these rows would go unnoticed.
+    fn append(
+        &mut self,
+        batch: &[Queued],
+        time: i64,
+    ) -> (Option<Vec<[u8; chain::MAC_LEN]>>, Result<(), String>) {
+        self.records.clear();
         let mut pos = self.head;
-        {
-            let mut stmt = tx.prepare_cached(INSERT).map_err(reason)?;
-            for (event, _) in batch {
-                let seq = pos.seq + 1;
-                let mac = self.key.row_mac(&pos.mac, seq, time, event);
-                db::insert(&mut stmt, seq, time, event, &mac).map_err(reason)?;
-                pos = Position { seq, mac };
+        let mut macs = Vec::with_capacity(batch.len());
+        for (event, _) in batch {
+            let seq = pos.seq + 1;
+            let bytes = canonical(seq, time, event);
+            let mac = self.key.canonical_mac(&pos.mac, &bytes);
+            journal::encode(&mut self.records, &bytes, &mac);
+            macs.push(mac);
+            pos = Position { seq, mac };
+        }
+        if self.segment.is_none() {
+            let first = self.head.seq + 1;
+            match Segment::create(&self.dir, first) {
+                Ok(segment) => self.segment = Some(segment),
+                Err(e) => {
+                    let name = format!("{}{first:020}", journal::PREFIX);
+                    return (None, Err(io_reason(&e, &name, &self.dir)));
+                }
             }
         }
-        tx.commit().map_err(reason)?;
-        Ok(pos)
+        let segment = self.segment.as_mut().expect("created above");
+        if let Err(e) = segment.append(&self.records, self.durable) {
+            let reason = io_reason(&e, &segment.name(), &self.dir);
+            // Start afresh next time; this segment's whole records are still folded.
+            if let Some(old) = self.segment.take() {
+                self.spent.push(old.path().to_path_buf());
+            }
+            return (None, Err(reason));
+        }
+        self.head = pos;
+        self.last_time = time;
+        let anchored = self
+            .write_anchor()
+            .map_err(|e| io_reason(&e, chain::HEAD_FILE, &self.dir));
+        (Some(macs), anchored)
+    }
+}
+
+/// The database side: the write connection and the rows on their way into it.
+pub(crate) struct Db {
+    /// The only connection that writes `audit.db`.
+    pub conn: Connection,
+    /// The audit MAC key (retention verifies before it deletes).
+    pub key: Arc<MacKey>,
+    /// The state directory.
+    pub dir: PathBuf,
+    /// Automatic retention.
+    pub retention: Option<Duration>,
+    /// Journaled rows to insert, oldest first.
+    pub rows: Vec<RawRow>,
+    /// Segments to delete once `rows` are in.
+    pub segments: Vec<PathBuf>,
+}
+
+impl Db {
+    /// Inserts `rows` in one transaction, then deletes the segments they came from.
+    fn fold(&mut self) -> Result<(), String> {
+        if !self.rows.is_empty() {
+            insert_rows(&mut self.conn, &self.rows).map_err(|e| sqlite_reason(&e, &self.dir))?;
+            self.rows.clear();
+        }
+        for path in self.segments.drain(..) {
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), "folded audit journal segment not deleted: {e}");
+            }
+        }
+        Ok(())
     }
 
     fn auto_prune(&mut self) {
@@ -261,6 +516,22 @@ impl Writer {
         tx.commit().map_err(|e| unavailable(e, &dir))?;
         Ok(deleted as u64)
     }
+}
+
+/// Inserts already sequenced and MACed rows in one transaction.
+pub(crate) fn insert_rows(conn: &mut Connection, rows: &[RawRow]) -> rusqlite::Result<()> {
+    if !conn.is_autocommit() {
+        // A failed rollback after an earlier error can leave a transaction open.
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut stmt = tx.prepare_cached(INSERT)?;
+        for row in rows {
+            db::insert(&mut stmt, row.seq as u64, row.time_ms, &row.event, &row.mac)?;
+        }
+    }
+    tx.commit()
 }
 
 /// What to tell a refused caller about a failed SQLite write.
