@@ -45,6 +45,8 @@ async fn trail(n: usize) -> (tempfile::TempDir, Audit) {
     for i in 1..=n {
         assert_eq!(audit.commit(request(i)).await.unwrap(), i as u64);
     }
+    // Committed rows reach audit.db from the journal; tampering tests edit them there.
+    audit.flush().await;
     (dir, audit)
 }
 
@@ -257,12 +259,16 @@ async fn wrong_master_key_cannot_open_the_trail() {
 }
 
 #[tokio::test]
-async fn held_lock_fails_commit_fast_then_recovers() {
+async fn held_lock_refuses_commits_once_rows_cannot_reach_the_database_then_recovers() {
     let (dir, audit) = trail(3).await;
     let locker = raw(dir.path());
     locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    // The row is durable in the journal, so this commit is accepted...
+    assert_eq!(audit.commit(request(4)).await.unwrap(), 4);
+    // ...but it cannot be folded into audit.db, and from then on commits are refused, fast.
+    audit.flush().await;
     let started = Instant::now();
-    let err = audit.commit(request(4)).await.unwrap_err();
+    let err = audit.commit(request(5)).await.unwrap_err();
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "{:?}",
@@ -275,10 +281,15 @@ async fn held_lock_fails_commit_fast_then_recovers() {
         other => panic!("expected Unavailable, got {other:?}"),
     }
     locker.execute_batch("COMMIT").unwrap();
-    // The failed batch did not consume a seq or move the chain head.
-    assert_eq!(audit.commit(request(4)).await.unwrap(), 4);
+    audit.flush().await;
+    // The refused commit did not consume a seq or move the chain head; row 4 was kept.
+    assert_eq!(audit.commit(request(5)).await.unwrap(), 5);
     let report = audit.verify().unwrap();
-    assert!(report.ok() && report.rows_checked == 4, "{report:?}");
+    assert!(report.ok() && report.rows_checked == 5, "{report:?}");
+    let in_db: i64 = raw(dir.path())
+        .query_row("SELECT count(*) FROM audit_events", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(in_db, 5);
 }
 
 /// Unmounts (lazily, so a still-open file cannot block it) when the test ends.
@@ -350,7 +361,18 @@ async fn full_disk_fails_commit_then_recovers() {
         ok.len()
     );
     std::fs::remove_file(&filler).unwrap();
-    let next = audit.commit(request(999)).await.unwrap();
+    // Commits resume once the rows that could not be folded are in (within a fold interval).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let next = loop {
+        match audit.commit(request(999)).await {
+            Ok(seq) => break seq,
+            Err(e) if Instant::now() < deadline => {
+                assert!(e.to_string().contains("disk full"), "{e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("commits did not resume after space was freed: {e}"),
+        }
+    };
     ok.push(next);
     ok.sort_unstable();
     assert_eq!(ok, (6..6 + ok.len() as u64).collect::<Vec<_>>());

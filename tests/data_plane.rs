@@ -719,35 +719,57 @@ async fn audit_unavailable_fails_closed_and_sends_nothing() {
     let (token, _) = s
         .daemon
         .provision("acme", "openai", &random_key("sk-"), &[]);
-    let conn = rusqlite::Connection::open(s.daemon.home.join("audit.db")).unwrap();
-    conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    let (status, h, body) = call(
-        &s.daemon.socket(),
+    let request = || {
         post(
             "/openai/v1/chat/completions",
             &[("authorization", &bearer(&token))],
             &chat_body("gpt-4o", false),
-        ),
-    )
-    .await;
+        )
+    };
+    let conn = rusqlite::Connection::open(s.daemon.home.join("audit.db")).unwrap();
+    conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    // Rows are durable in the journal first; once they cannot be moved into the locked
+    // audit.db (within a fold interval plus the busy timeout), requests are refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (status, h, body, sent_before) = loop {
+        let sent_before = s.mock.request_count();
+        let (status, h, body) = call(&s.daemon.socket(), request()).await;
+        if status != 200 || std::time::Instant::now() > deadline {
+            break (status, h, body, sent_before);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(status, 503, "{body}");
     assert_eq!(error_code(&h), "audit_unavailable");
+    assert!(body.contains("locked by another process"), "{body}");
     assert_eq!(
         s.mock.request_count(),
-        0,
+        sent_before,
         "the upstream was called without an audit record"
     );
     conn.execute_batch("COMMIT").unwrap();
-    let (status, _, _) = call(
-        &s.daemon.socket(),
-        post(
-            "/openai/v1/chat/completions",
-            &[("authorization", &bearer(&token))],
-            &chat_body("gpt-4o", false),
-        ),
-    )
-    .await;
-    assert_eq!(status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _, body) = call(&s.daemon.socket(), request()).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requests were still refused after the lock was released: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every call that reached the upstream has its resolved row, and the trail verifies.
+    let verify = s.daemon.cli(&["audit", "verify"]);
+    assert!(verify.status.success(), "{verify:?}");
+    let rows = s
+        .daemon
+        .cli(&["audit", "query", "--event", "request.resolved", "--json"]);
+    let resolved = String::from_utf8_lossy(&rows.stdout)
+        .matches("request.resolved")
+        .count();
+    assert_eq!(resolved, s.mock.request_count());
 }
 
 #[tokio::test(flavor = "multi_thread")]

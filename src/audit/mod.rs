@@ -1,14 +1,19 @@
-//! The tamper-evident, fail-closed audit trail: event types, the MAC chain, the single writer,
+//! The tamper-evident, fail-closed audit trail: event types, the MAC chain, the journal, the writer,
 //! verification, queries and retention. It must never record a header value, token, body or
 //! secret, and it does not decide anything about requests: callers commit, and must not
 //! proceed when a commit fails.
 //!
 //! # Storage
-//! `<state_dir>/audit.db` is its own SQLite file (WAL; `synchronous` per [`AuditSync`]; a 200 ms
-//! busy timeout so a locked database fails the request instead of hanging it). Its `audit_meta`
-//! table holds the audit MAC key, random per store and wrapped by the master key
-//! (`Context::AuxKey { purpose: "audit-mac" }`), and the retention checkpoint.
-//!
+//! A row becomes durable in the **journal** (`<state_dir>/audit.journal.<seq>` segments, see
+//! `journal.rs`): one append per batch on the committing caller's path. The maintenance thread
+//! folds journaled rows into `<state_dir>/audit.db` every 50 ms, in one transaction per fold,
+//! and deletes the segments. `audit.db` is its own SQLite file (WAL; `synchronous` per
+//! [`AuditSync`]; a 200 ms busy timeout so a locked database fails the fold instead of hanging
+//! it). Its `audit_meta` table holds the audit MAC key, random per store and wrapped by the
+//! master key (`Context::AuxKey { purpose: "audit-mac" }`), and the retention checkpoint.
+//! Queries and verification fold first, so they see every committed row; `open` replays what a
+//! crash left in the journal after checking it continues the chain.
+
 //! # Chain
 //! Row `n` stores `mac_n = HMAC-SHA256(audit key, mac_{n-1} ‖ canonical(row_n))`, where the
 //! canonical encoding (defined only in `event.rs`) covers every column including seq and time,
@@ -18,29 +23,29 @@
 //! # Truncation anchor
 //! Deleting the newest rows leaves a valid chain, so the head (last seq and MAC, itself MACed
 //! under a separate domain) is anchored outside the database in `<state_dir>/audit.head`,
-//! rewritten in place (one 256-byte write, fsynced with `full`) after every committed batch. If the
-//! process dies between the database commit and the anchor write, the database is ahead of the
-//! anchor; those rows chain from the anchored row, so they verify, and the next open moves the
-//! anchor forward. An anchor *ahead* of the database means rows were removed: `verify` reports
-//! it, and `open` refuses to start ([`AuditError::Truncated`]) rather than overwrite the
-//! evidence. With `audit_sync = "normal"`, a power loss (not a process crash) can lose the
-//! newest commits of both files in either order and trip this check; use `full` where that
-//! matters.
-//!
+//! rewritten in place (one 256-byte write, fsynced with `full`) after every journaled batch.
+//! If the process dies between the journal append and the anchor write, the trail is ahead of
+//! the anchor; those rows chain from the anchored row, so they verify, and the next open moves
+//! the anchor forward. An anchor *ahead* of the rows in the database and the journal means rows
+//! were removed: `verify` reports it, and `open` refuses to start ([`AuditError::Truncated`])
+//! rather than overwrite the evidence. With `audit_sync = "normal"`, a power loss (not a
+//! process crash) can lose the newest commits of both files in either order and trip this
+//! check; use `full` where that matters.
+
 //! # Retention
 //! Pruning deletes a prefix of rows, after checking they still verify, and stores the last
 //! deleted row's seq and MAC as a MACed checkpoint in the same transaction; verification starts
 //! from there.
 //!
 //! # Writer
-//! One write connection, behind a lock. Callers put events on a bounded queue; whoever holds
-//! the connection takes everything queued (up to 4096) into one transaction, computes the
-//! MACs, commits, moves the anchor and only then answers each waiter with its seq. With
-//! `audit_sync = "normal"` the caller's own task does this (no thread hand-off on a request's
-//! path); with `full` a maintenance thread does, so fsync never blocks an async worker (see
-//! `writer.rs`). When a batch fails (lock held by another process, disk full, I/O error) every
-//! waiter gets [`AuditError::Unavailable`] and the chain head does not move; later batches
-//! retry from the same head.
+//! Callers put events on a bounded queue; whoever holds the writer takes everything queued (up
+//! to 4096) as one batch, computes the MACs, appends it to the journal, moves the anchor and
+//! only then answers each waiter with its seq. With `audit_sync = "normal"` the caller's own
+//! task does this (no thread hand-off on a request's path); with `full` the maintenance thread
+//! does, so fsync never blocks an async worker (see `writer.rs`). When a batch fails (disk
+//! full, I/O error), or while journaled rows cannot be folded into `audit.db` (lock held by
+//! another process, disk full), every waiter gets [`AuditError::Unavailable`] and the chain
+//! head does not move; later batches retry from the same head.
 
 mod chain;
 mod db;
@@ -227,7 +232,7 @@ impl std::fmt::Debug for Audit {
 
 impl Audit {
     /// Opens or creates `<state_dir>/audit.db`, checks its head against `audit.head`, and
-    /// starts the writer thread. Fails on a wrong master key, on truncation, or when the head
+    /// starts the maintenance thread. Fails on a wrong master key, on truncation, or when the head
     /// does not match the anchor.
     pub fn open(
         state_dir: &Path,
@@ -269,20 +274,13 @@ impl Audit {
                 path: dir.join(db::DB_FILE).display().to_string(),
                 source,
             })?;
-        let writer = Writer {
-            key: key.clone(),
-            dir: dir.clone(),
-            durable: sync == AuditSync::Full,
-            head: tip,
+        let writer = Writer::new(
+            key.clone(),
+            dir.clone(),
+            sync == AuditSync::Full,
+            tip,
             last_time,
-            anchor_file: None,
-            segment: None,
-            unfolded: Vec::new(),
-            spent: Vec::new(),
-            refusing: None,
-            batch: Vec::new(),
-            records: Vec::new(),
-        };
+        );
         let db = Db {
             conn,
             key: key.clone(),
@@ -297,7 +295,7 @@ impl Audit {
             .name("keyward-audit".into())
             .spawn(move || Shared::run_thread(weak))
             .map_err(|source| AuditError::Io {
-                path: "audit writer thread".into(),
+                path: "audit maintenance thread".into(),
                 source,
             })?;
         let inner = Arc::new(Inner {
@@ -369,20 +367,23 @@ impl Audit {
         self.inner.dropped.load(Ordering::Relaxed)
     }
 
-    /// Rows matching `filter`, newest first. Blocking (SQLite): call from `spawn_blocking` in
-    /// async code.
+    /// Rows matching `filter`, newest first, including every row committed before the call.
+    /// Blocking (SQLite): call from `spawn_blocking` in async code.
     pub fn query(&self, filter: &Filter) -> Result<Vec<Row>, AuditError> {
+        self.fold_now();
         self.with_reader(|conn| db::query(conn, filter))
     }
 
     /// Every row naming `credential_id`, oldest first. Blocking, like [`Audit::query`].
     pub fn lifecycle(&self, credential_id: &str) -> Result<Vec<Row>, AuditError> {
+        self.fold_now();
         self.with_reader(|conn| db::lifecycle(conn, credential_id))
     }
 
-    /// Recomputes the whole chain and checks it against the checkpoint and `audit.head`.
-    /// Blocking, like [`Audit::query`].
+    /// Recomputes the whole chain (database and journal) and checks it against the checkpoint
+    /// and `audit.head`. Blocking, like [`Audit::query`].
     pub fn verify(&self) -> Result<VerifyReport, AuditError> {
+        self.fold_now();
         let anchor = chain::read_anchor(&self.inner.key, &self.inner.dir).map_err(|source| {
             AuditError::Io {
                 path: self.inner.dir.join(chain::HEAD_FILE).display().to_string(),
@@ -406,10 +407,16 @@ impl Audit {
             .map_err(|_| stopped())?
     }
 
-    /// Waits until everything queued before this call is committed (or has failed).
+    /// Waits until everything queued before this call is committed and in `audit.db` (or
+    /// has failed).
     pub async fn flush(&self) {
         let shared = self.inner.shared.clone();
         let _ = tokio::task::spawn_blocking(move || shared.with_db(|_| ())).await;
+    }
+
+    /// [`Audit::flush`] for blocking callers.
+    fn fold_now(&self) {
+        self.inner.shared.with_db(|_| ());
     }
 
     /// Commits everything queued and stops accepting events (SIGTERM drain); later commits
@@ -651,4 +658,97 @@ fn check_anchor(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::seal::Secret;
+
+    fn master() -> MasterKey {
+        MasterKey::from_secret(Secret::from_slice(&[3; 32]))
+    }
+
+    fn event(i: u64) -> Event {
+        Event {
+            tenant: Some(format!("tenant-{i}")),
+            call_id: Some(format!("call-{i}")),
+            ..Event::new(EventKind::RequestResolved)
+        }
+    }
+
+    /// What a kill -9 after rows 4..=6 were committed but before they were folded leaves
+    /// behind: the rows in a journal segment and the anchor at 6, audit.db ending at 3.
+    async fn crashed_trail() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = Audit::open(dir.path(), &master(), AuditSync::Normal, None).unwrap();
+        for i in 1..=3 {
+            audit.commit(event(i)).await.unwrap();
+        }
+        audit.shutdown().await;
+        let mut conn = db::open_writer(dir.path(), AuditSync::Normal).unwrap();
+        let key = Arc::new(load_key(&mut conn, dir.path(), &master(), false).unwrap());
+        let tip = db::tip(&conn, &key).unwrap();
+        let mut writer = Writer::new(key, dir.path().to_path_buf(), false, tip, 0);
+        let mut batch: Vec<writer::Queued> = (4..=6).map(|i| (event(i), None)).collect();
+        assert!(writer.commit_batch(&mut batch));
+        dir
+    }
+
+    #[tokio::test]
+    async fn open_replays_rows_a_crash_left_in_the_journal() {
+        let dir = crashed_trail().await;
+        assert_eq!(journal::segments(dir.path()).unwrap().len(), 1);
+        // Offline verification walks the journal after the database.
+        let report = verify_dir(dir.path(), &master()).unwrap();
+        assert!(report.ok(), "{report:?}");
+        assert_eq!((report.last_seq, report.anchored_seq), (6, 6));
+
+        let audit = Audit::open(dir.path(), &master(), AuditSync::Normal, None).unwrap();
+        assert!(journal::segments(dir.path()).unwrap().is_empty());
+        assert_eq!(audit.commit(event(7)).await.unwrap(), 7);
+        let rows = audit.query(&Filter::default()).unwrap();
+        let tenants: Vec<_> = rows.iter().filter_map(|r| r.event.tenant.clone()).collect();
+        let want: Vec<_> = (1..=7).rev().map(|i| format!("tenant-{i}")).collect();
+        assert_eq!(tenants, want);
+        assert!(audit.verify().unwrap().ok());
+    }
+
+    #[tokio::test]
+    async fn an_edited_journal_refuses_to_open_and_fails_verification() {
+        let dir = crashed_trail().await;
+        let segment = journal::segments(dir.path()).unwrap().remove(0);
+        let bytes = std::fs::read(&segment).unwrap();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let at = text.find("tenant-5").unwrap();
+        let mut edited = bytes.clone();
+        edited[at + 7] = b'9';
+        std::fs::write(&segment, &edited).unwrap();
+
+        let report = verify_dir(dir.path(), &master()).unwrap();
+        assert!(!report.ok());
+        assert_eq!(report.first_bad_seq, Some(5), "{report:?}");
+        let err = Audit::open(dir.path(), &master(), AuditSync::Normal, None).unwrap_err();
+        assert!(
+            err.to_string().contains("journaled row 5 fails its MAC"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_deleted_journal_is_truncation() {
+        let dir = crashed_trail().await;
+        std::fs::remove_file(journal::segments(dir.path()).unwrap().remove(0)).unwrap();
+        let report = verify_dir(dir.path(), &master()).unwrap();
+        assert!(!report.ok());
+        assert_eq!(report.first_bad_seq, Some(4), "{report:?}");
+        assert!(matches!(
+            Audit::open(dir.path(), &master(), AuditSync::Normal, None),
+            Err(AuditError::Truncated {
+                anchored_seq: 6,
+                db_seq: 3,
+                ..
+            })
+        ));
+    }
 }

@@ -42,7 +42,7 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 pub(crate) type Reply = oneshot::Sender<Result<u64, AuditError>>;
 
 /// One queued event and, unless nobody waits on it, where its answer goes.
-type Queued = (Event, Option<Reply>);
+pub(crate) type Queued = (Event, Option<Reply>);
 
 /// Why an event was not queued.
 pub(crate) enum Refused {
@@ -325,6 +325,30 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 impl Writer {
+    /// A writer continuing the chain from `head`.
+    pub(crate) fn new(
+        key: Arc<MacKey>,
+        dir: PathBuf,
+        durable: bool,
+        head: Position,
+        last_time: i64,
+    ) -> Writer {
+        Writer {
+            key,
+            dir,
+            durable,
+            head,
+            last_time,
+            anchor_file: None,
+            segment: None,
+            unfolded: Vec::new(),
+            spent: Vec::new(),
+            refusing: None,
+            batch: Vec::new(),
+            records: Vec::new(),
+        }
+    }
+
     fn write_anchor(&mut self) -> std::io::Result<()> {
         if self.anchor_file.is_none() {
             self.anchor_file = Some(chain::open_anchor(&self.dir)?);
@@ -338,7 +362,7 @@ impl Writer {
     }
 
     /// Commits `batch` and answers its waiters; true when rows reached the journal.
-    fn commit_batch(&mut self, batch: &mut Vec<Queued>) -> bool {
+    pub(crate) fn commit_batch(&mut self, batch: &mut Vec<Queued>) -> bool {
         if batch.is_empty() {
             return false;
         }
