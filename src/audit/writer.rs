@@ -200,6 +200,7 @@ impl Shared {
     pub(crate) fn fold(&self) {
         let mut db = lock(&self.db);
         {
+            // Callers finding the writer held here leave their rows queued: see the end.
             let mut w = lock(&self.writer);
             self.unfolded.store(false, Ordering::Release);
             db.rows.append(&mut w.unfolded);
@@ -220,11 +221,18 @@ impl Shared {
                 self.unfolded.store(true, Ordering::Release);
                 if w.refusing.is_none() {
                     tracing::error!(
-                        "audit rows cannot be moved into the database, refusing new commits                          until they can: {reason}"
+                        "audit rows cannot be moved into the database, refusing new commits \
+                         until they can: {reason}"
                     );
                 }
                 w.refusing = Some(reason);
             }
+        }
+        drop(w);
+        drop(db);
+        // A caller whose `drive` found the writer held by this fold left its row queued.
+        if !lock(&self.queue).events.is_empty() {
+            self.drive();
         }
     }
 
