@@ -930,8 +930,8 @@ fn audit_query(state: &State, args: AuditQueryArgs) -> Reply {
                 ))
             })?;
             let t = cat.tenant(tenant_id).expect("indexed tenant");
-            let payload =
-                decode_hex(hex).ok_or_else(|| AdminError("payload_hex is not hex".into()))?;
+            let payload = crate::hex::decode(hex)
+                .ok_or_else(|| AdminError("payload_hex is not hex".into()))?;
             Some(crate::audit::fingerprint(
                 &fingerprint_key(state, t)?,
                 &payload,
@@ -983,16 +983,6 @@ pub fn fingerprint_key(state: &State, tenant: &TenantRow) -> Result<Secret, Admi
             &tenant.wrapped_fp_key,
         )
         .map_err(|e| AdminError(format!("tenant `{}` fingerprint key: {e}", tenant.name)))
-}
-
-fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 // === dev mode ===

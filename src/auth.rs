@@ -95,9 +95,7 @@ pub fn new_token() -> (String, Vec<u8>) {
     crate::seal::fill_random(&mut bytes);
     let mut token = String::with_capacity(TOKEN_PREFIX.len() + 64);
     token.push_str(TOKEN_PREFIX);
-    for b in bytes {
-        token.push_str(&format!("{b:02x}"));
-    }
+    crate::hex::encode_into(&mut token, &bytes);
     zeroize::Zeroize::zeroize(&mut bytes);
     let hash = token_hash(&token);
     (token, hash)

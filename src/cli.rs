@@ -324,7 +324,7 @@ fn build_request(command: &Command) -> Result<Request, Failure> {
                             format!("cannot read --payload-file {}: {e}", path.display()),
                         )
                     })?;
-                    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
+                    Some(crate::hex::encode(&bytes))
                 }
             };
             Request::AuditQuery {

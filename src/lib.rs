@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod harden;
+mod hex;
 pub mod logging;
 pub mod pool;
 pub mod providers;

@@ -294,8 +294,7 @@ pub struct Store {
 pub fn new_id(prefix: &str) -> String {
     let mut bytes = [0u8; 8];
     crate::seal::fill_random(&mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{prefix}_{hex}")
+    format!("{prefix}_{}", crate::hex::encode(&bytes))
 }
 
 fn json_list(list: &[String]) -> String {

@@ -7,6 +7,7 @@ use std::path::Path;
 use ring::hmac;
 
 use super::event::{Event, canonical};
+use crate::hex;
 use crate::seal::Secret;
 
 /// Length of every MAC in the chain.
@@ -143,8 +144,8 @@ fn parse_slot(key: &MacKey, text: &str) -> Result<Position, String> {
     for line in lines {
         match line.split_once('=') {
             Some(("seq", v)) => seq = v.parse::<u64>().ok(),
-            Some(("mac", v)) => mac = hex_decode(v).filter(|m| m.len() == MAC_LEN),
-            Some(("tag", v)) => tag = hex_decode(v).filter(|m| m.len() == MAC_LEN),
+            Some(("mac", v)) => mac = hex::decode(v).filter(|m| m.len() == MAC_LEN),
+            Some(("tag", v)) => tag = hex::decode(v).filter(|m| m.len() == MAC_LEN),
             _ => {}
         }
     }
@@ -194,8 +195,8 @@ pub(crate) fn write_anchor_to(
     let text = format!(
         "keyward-audit-head v1\nseq={}\nmac={}\ntag={}\n",
         pos.seq,
-        hex(&pos.mac),
-        hex(&key.position_tag(b"head", pos))
+        hex::encode(&pos.mac),
+        hex::encode(&key.position_tag(b"head", pos))
     );
     let mut slot = [b' '; SLOT];
     slot[..text.len()].copy_from_slice(text.as_bytes());
@@ -210,28 +211,6 @@ pub(crate) fn write_anchor_to(
 /// Equality that takes the same time wherever the first difference is.
 pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Lowercase hex.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
-}
-
-/// Parses lowercase or uppercase hex.
-pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]
@@ -275,14 +254,5 @@ mod tests {
             read_anchor(&key, dir.path()).unwrap(),
             Anchor::Invalid(_)
         ));
-    }
-
-    #[test]
-    fn hex_round_trips() {
-        let b = [0u8, 1, 0xab, 0xff];
-        assert_eq!(hex(&b), "0001abff");
-        assert_eq!(hex_decode("0001abff").unwrap(), b);
-        assert_eq!(hex_decode("0g"), None);
-        assert_eq!(hex_decode("abc"), None);
     }
 }

@@ -310,7 +310,7 @@ fn to_row(raw: RawRow) -> Row {
         time: rfc3339_ms(raw.time_ms),
         time_ms: raw.time_ms,
         event: raw.event,
-        mac: chain::hex(&raw.mac),
+        mac: crate::hex::encode(&raw.mac),
     }
 }
 

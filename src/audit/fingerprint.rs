@@ -3,7 +3,7 @@
 
 use ring::hmac;
 
-use super::chain::hex;
+use crate::hex;
 use crate::seal::Secret;
 
 /// The fingerprint of `body` under `key`: 64 lowercase hex characters.
@@ -32,7 +32,7 @@ impl Fingerprinter {
 
     /// The fingerprint of everything fed so far.
     pub fn finish(self) -> String {
-        hex(self.0.sign().as_ref())
+        hex::encode(self.0.sign().as_ref())
     }
 }
 

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 use super::{KEY_LEN, MasterKey, SealError, Secret};
+use crate::hex;
 
 /// Which source supplied the master key; printed at start (never the key itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,20 +138,11 @@ pub(crate) fn parse_hex_key(text: &str, source_name: &str) -> Result<MasterKey, 
     let mut key = Secret::zeroed(KEY_LEN);
     let out = key.expose_secret_mut();
     for (i, pair) in text.as_bytes().chunks(2).enumerate() {
-        let hi = hex_digit(pair[0]).ok_or_else(|| bad("it contains a non-hex character"))?;
-        let lo = hex_digit(pair[1]).ok_or_else(|| bad("it contains a non-hex character"))?;
+        let hi = hex::digit(pair[0]).ok_or_else(|| bad("it contains a non-hex character"))?;
+        let lo = hex::digit(pair[1]).ok_or_else(|| bad("it contains a non-hex character"))?;
         out[i] = (hi << 4) | lo;
     }
     Ok(MasterKey::from_secret(key))
-}
-
-fn hex_digit(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
 }
 
 fn write_new_key_file(path: &Path, key: &MasterKey) -> Result<(), SealError> {
@@ -159,9 +151,7 @@ fn write_new_key_file(path: &Path, key: &MasterKey) -> Result<(), SealError> {
         source,
     };
     let mut text = Zeroizing::new(String::with_capacity(KEY_LEN * 2 + 1));
-    for b in key.0.expose_secret() {
-        text.push_str(&format!("{b:02x}"));
-    }
+    hex::encode_into(&mut text, key.0.expose_secret());
     text.push('\n');
     let mut file = fs::OpenOptions::new()
         .write(true)
