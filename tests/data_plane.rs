@@ -1161,3 +1161,29 @@ async fn an_open_response_stream_counts_against_max_concurrent_requests() {
     .await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_trailers_never_reach_the_upstream() {
+    // A trailer would bypass the stripping of app credentials and `keyward-*` headers.
+    let s = setup("").await;
+    let (token, _) = s
+        .daemon
+        .provision("acme", "openai", &random_key("sk-"), &[]);
+    let body = chat_body("gpt-4o", false);
+    let req = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer {token}\r\n\
+         Transfer-Encoding: chunked\r\nTrailer: authorization, keyward-credential\r\n\
+         Connection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\nauthorization: Bearer {token}\r\n\
+         keyward-credential: cred_spoofed\r\n\r\n",
+        body.len()
+    );
+    let answer = raw(&s.daemon.socket(), req.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = s.mock.last_request().expect("the call reached the mock");
+    assert_eq!(seen.body_len, body.len() as u64);
+    assert!(
+        seen.trailers.is_none(),
+        "trailers forwarded: {:?}",
+        seen.trailers
+    );
+}

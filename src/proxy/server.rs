@@ -937,7 +937,16 @@ impl Replay {
         let Some(rest) = self.rest.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(rest).poll_frame(cx) {
+        let polled = loop {
+            match Pin::new(&mut *rest).poll_frame(cx) {
+                // The app's trailers are dropped, like the prefix read drops them: a header
+                // there would bypass the stripping of credentials and `keyward-*` headers, and
+                // no provider API reads request trailers.
+                Poll::Ready(Some(Ok(frame))) if !frame.is_data() => continue,
+                other => break other,
+            }
+        };
+        match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 self.rest = None;
@@ -973,7 +982,7 @@ impl Replay {
                     }
                     Poll::Ready(Some(Ok(Frame::data(data))))
                 }
-                Err(frame) => Poll::Ready(Some(Ok(frame))),
+                Err(_) => unreachable!("non-data frames are dropped above"),
             },
         }
     }

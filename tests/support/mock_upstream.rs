@@ -69,6 +69,8 @@ pub struct RecordedRequest {
     pub body: Bytes,
     /// Total request body length in bytes.
     pub body_len: u64,
+    /// Request trailers, if any arrived.
+    pub trailers: Option<HeaderMap>,
 }
 
 impl RecordedRequest {
@@ -487,7 +489,7 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<MockBody>, Infallible> {
     let (parts, body) = req.into_parts();
-    let (body, body_len) = read_body(body).await;
+    let (body, body_len, trailers) = read_body(body).await;
     let recorded = RecordedRequest {
         method: parts.method.clone(),
         path_and_query: parts.uri.path_and_query().map_or_else(
@@ -498,6 +500,7 @@ async fn handle(
         headers: parts.headers.clone(),
         body,
         body_len,
+        trailers,
     };
     state.requests.lock().unwrap().push(recorded.clone());
 
@@ -510,18 +513,22 @@ async fn handle(
     Ok(route(&state, &recorded).await)
 }
 
-async fn read_body(mut body: Incoming) -> (Bytes, u64) {
+async fn read_body(mut body: Incoming) -> (Bytes, u64, Option<HeaderMap>) {
     let mut kept = Vec::new();
     let mut total = 0u64;
+    let mut trailers = None;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else { break };
-        if let Ok(data) = frame.into_data() {
-            total += data.len() as u64;
-            let room = RECORD_BODY_CAP.saturating_sub(kept.len());
-            kept.extend_from_slice(&data[..data.len().min(room)]);
+        match frame.into_data() {
+            Ok(data) => {
+                total += data.len() as u64;
+                let room = RECORD_BODY_CAP.saturating_sub(kept.len());
+                kept.extend_from_slice(&data[..data.len().min(room)]);
+            }
+            Err(frame) => trailers = frame.into_trailers().ok(),
         }
     }
-    (Bytes::from(kept), total)
+    (Bytes::from(kept), total, trailers)
 }
 
 async fn route(state: &Arc<State>, req: &RecordedRequest) -> Response<MockBody> {
