@@ -269,7 +269,7 @@ async fn handle_connection(mut stream: UnixStream, state: Arc<State>) {
         line.zeroize();
         let reply = match parsed {
             Ok(request) => dispatch(&state, request).await,
-            Err(e) => Err(AdminError(format!("malformed admin request: {e}"))),
+            Err(e) => Err(malformed(&e)),
         };
         let body = match reply {
             Ok(data) => json!({"ok": true, "data": data}),
@@ -430,6 +430,25 @@ fn check_secret(secret: &Secret) -> Result<(), AdminError> {
         )));
     }
     Ok(())
+}
+
+/// Why a request line was not understood, without serde's own text: for a value of the wrong
+/// type it quotes the value, which may be a provider key sent by a mismatched client.
+fn malformed(e: &serde_json::Error) -> AdminError {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => "not valid JSON",
+        Category::Data => {
+            "not a request this daemon knows (unknown command or field, or a value of the wrong type)"
+        }
+    };
+    let at = match e.line() {
+        0 => String::new(),
+        line => format!(" at line {line} column {}", e.column()),
+    };
+    AdminError(format!(
+        "malformed admin request: {what}{at}; are the CLI and the daemon the same version?"
+    ))
 }
 
 fn audit_now(state: &State, event: Event) -> Result<u64, StoreError> {

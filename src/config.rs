@@ -194,11 +194,7 @@ impl Config {
 
     /// Parses config text (for tests and `--check` style callers).
     pub fn from_toml(text: &str, origin: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
-        let raw = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: origin.display().to_string(),
-            message: e.to_string().trim().replace('\n', " "),
-        })?;
-        build(raw, Some(origin.to_path_buf()), env)
+        build(parse(text, origin)?, Some(origin.to_path_buf()), env)
     }
 }
 
@@ -207,9 +203,31 @@ fn read_raw(path: &Path) -> Result<RawConfig, ConfigError> {
         path: path.display().to_string(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Syntax {
-        path: path.display().to_string(),
-        message: e.to_string().trim().replace('\n', " "),
+    parse(&text, path)
+}
+
+/// Parses config text. The message names the line and the parser's complaint but never quotes
+/// the file: toml's own rendering repeats the offending line, which may hold a key someone
+/// pasted into the wrong place.
+fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let mut message = e.message().trim().replace('\n', " ");
+        // "invalid type: string \"<value>\", expected …" would repeat the value.
+        if let Some(rest) = message.strip_prefix("invalid type: string \"")
+            && let Some((_, expected)) = rest.split_once("\", ")
+        {
+            message = format!("invalid type: a string, {expected}");
+        }
+        let line = e
+            .span()
+            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        ConfigError::Syntax {
+            path: path.display().to_string(),
+            message: match line {
+                Some(line) => format!("line {line}: {message}"),
+                None => message,
+            },
+        }
     })
 }
 
@@ -487,6 +505,23 @@ mod tests {
             Config::load(None, &env).unwrap().state_dir,
             Path::new("/h/.local/state/keyward")
         );
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line_but_never_repeat_it() {
+        let env = env_of(&[("KEYWARD_HOME", "/tmp/x")]);
+        let f = Path::new("/etc/keyward/keyward.toml");
+        let secret = "sk-live-0123456789abcdefSECRET";
+        for text in [
+            format!("socket = \"/x\"\n[targets.openai]\napi_key = \"{secret}\"\n"),
+            format!("socket = \"/x\"\n\nworker_threads = \"{secret}\"\n"),
+            format!("socket = \"/x\"\n\nmaster_key = {secret}\n"),
+        ] {
+            let e = Config::from_toml(&text, f, &env).unwrap_err().to_string();
+            assert!(!e.contains("SECRET"), "{e}");
+            assert!(e.contains("line 3"), "{e}");
+            assert!(e.contains("/etc/keyward/keyward.toml"), "{e}");
+        }
     }
 
     #[test]

@@ -669,3 +669,29 @@ fn a_terminal_gets_a_prompt_without_echo() {
         format!("{}…{}", &key[..4], &key[key.len() - 4..])
     );
 }
+
+#[test]
+fn a_malformed_admin_request_is_refused_without_repeating_its_values() {
+    use std::io::{BufRead, BufReader, Write};
+    let d = Daemon::builder().start();
+    let key = random_key("sk-");
+    let mut stream = std::os::unix::net::UnixStream::connect(d.admin_socket()).unwrap();
+    // A value of the wrong type: serde's own message would quote it.
+    let line = format!(
+        "{{\"op\":\"cred_add\",\"tenant\":\"acme\",\"target\":\"openai\",\"name\":\"k\",\"models\":[],\"capabilities\":[],\"teams\":[],\"workflows\":[],\"priority\":\"{key}\",\"secret\":\"{key}\"}}\n"
+    );
+    stream.write_all(line.as_bytes()).unwrap();
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).unwrap();
+    assert!(reply.contains("\"ok\":false"), "{reply}");
+    assert!(reply.contains("malformed admin request"), "{reply}");
+    assert!(!reply.contains(&key), "the reply repeats the key: {reply}");
+    // Broken JSON gets a position.
+    stream.write_all(b"{\"op\": tenant_add}\n").unwrap();
+    let mut reply2 = String::new();
+    BufReader::new(&stream).read_line(&mut reply2).unwrap();
+    assert!(
+        reply2.contains("not valid JSON at line 1 column"),
+        "{reply2}"
+    );
+}
