@@ -329,7 +329,15 @@ fn bind_unix(
         std::fs::create_dir_all(parent)
             .map_err(|e| bind_err(format!("cannot create {}: {e}", parent.display())))?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(bind_err(
+                "something that is not a socket is already there; remove it or choose another \
+                 path"
+                    .into(),
+            ));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(bind_err(
                 "another process is serving on it (is keyward already running?)".into(),

@@ -695,3 +695,29 @@ fn a_malformed_admin_request_is_refused_without_repeating_its_values() {
         "{reply2}"
     );
 }
+
+#[test]
+fn serve_refuses_to_replace_a_file_that_is_not_a_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let precious = dir.path().join("keyward.toml.bak");
+    std::fs::write(&precious, "keep me").unwrap();
+    let config = dir.path().join("keyward.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\nsocket = \"{}\"\nadmin_socket = \"{}\"\n",
+            dir.path().join("state").display(),
+            precious.display(),
+            dir.path().join("admin.sock").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(KEYWARD)
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .env("KEYWARD_MASTER_KEY", "11".repeat(32))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not a socket"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
+}
