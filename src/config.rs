@@ -301,6 +301,19 @@ fn build(
                 Some(t) => parse_duration(t).map_err(|e| value_err(key, e.to_string())),
             }
         };
+    // A timeout of zero would fail every request; refuse it rather than run that way.
+    let timeout =
+        |key: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+            let d = duration(key, v, default)?;
+            if d.is_zero() {
+                return Err(value_err(
+                    key,
+                    "0 would time out every request; give a positive duration such as \"30s\""
+                        .into(),
+                ));
+            }
+            Ok(d)
+        };
 
     let state_dir = raw.state_dir.unwrap_or_else(|| default_state_dir(env));
     let socket_dir = default_socket_dir(env, &state_dir);
@@ -360,13 +373,31 @@ fn build(
     let audit_retention = match &raw.audit_retention {
         None => None,
         Some(t) => {
-            Some(parse_duration(t).map_err(|e| value_err("audit_retention", e.to_string()))?)
+            let keep =
+                parse_duration(t).map_err(|e| value_err("audit_retention", e.to_string()))?;
+            if keep.is_zero() {
+                return Err(value_err(
+                    "audit_retention",
+                    "0 would delete every audit row; omit audit_retention to keep everything"
+                        .into(),
+                ));
+            }
+            Some(keep)
         }
     };
     let max_request_body = match &raw.limits.max_request_body {
         None => 16 << 20,
         Some(t) => {
-            parse_size(t).map_err(|e| value_err("limits.max_request_body", e.to_string()))?
+            match parse_size(t).map_err(|e| value_err("limits.max_request_body", e.to_string()))? {
+                0 => {
+                    return Err(value_err(
+                        "limits.max_request_body",
+                        "0 would refuse every request with a body; give a size such as \"16MiB\""
+                            .into(),
+                    ));
+                }
+                n => n,
+            }
         }
     };
     let max_header_bytes = match &raw.limits.max_header_bytes {
@@ -388,17 +419,17 @@ fn build(
     let limits = Limits {
         max_request_body,
         max_concurrent_requests,
-        upstream_timeout: duration(
+        upstream_timeout: timeout(
             "limits.upstream_timeout",
             &raw.limits.upstream_timeout,
             Duration::from_secs(600),
         )?,
-        stream_idle_timeout: duration(
+        stream_idle_timeout: timeout(
             "limits.stream_idle_timeout",
             &raw.limits.stream_idle_timeout,
             Duration::from_secs(300),
         )?,
-        request_idle_timeout: duration(
+        request_idle_timeout: timeout(
             "limits.request_idle_timeout",
             &raw.limits.request_idle_timeout,
             Duration::from_secs(30),
@@ -505,6 +536,44 @@ mod tests {
             Config::load(None, &env).unwrap().state_dir,
             Path::new("/h/.local/state/keyward")
         );
+    }
+
+    #[test]
+    fn zero_where_it_would_break_everything_is_refused() {
+        let env = env_of(&[("KEYWARD_HOME", "/tmp/x")]);
+        let f = Path::new("/etc/kw.toml");
+        for (text, key, hint) in [
+            (
+                "audit_retention = \"0s\"",
+                "audit_retention",
+                "keep everything",
+            ),
+            (
+                "[limits]\nupstream_timeout = \"0s\"",
+                "limits.upstream_timeout",
+                "positive",
+            ),
+            (
+                "[limits]\nstream_idle_timeout = \"0m\"",
+                "limits.stream_idle_timeout",
+                "positive",
+            ),
+            (
+                "[limits]\nrequest_idle_timeout = \"0s\"",
+                "limits.request_idle_timeout",
+                "positive",
+            ),
+            (
+                "[limits]\nmax_request_body = \"0\"",
+                "limits.max_request_body",
+                "16MiB",
+            ),
+        ] {
+            let e = Config::from_toml(text, f, &env).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(hint), "{text}: {e}");
+        }
+        // Zero stays allowed where it means "none": no drain wait.
+        assert!(Config::from_toml("[limits]\nshutdown_grace = \"0s\"", f, &env).is_ok());
     }
 
     #[test]
