@@ -92,9 +92,12 @@ pub(crate) fn open_writer(dir: &Path, sync: AuditSync) -> Result<Connection, Aud
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(|e| db_err(&path, e))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(AuditError::Database {
+        return Err(AuditError::Io {
             path: path.display().to_string(),
-            source: rusqlite::Error::InvalidQuery,
+            source: std::io::Error::other(format!(
+                "SQLite could not switch it to WAL mode (still `{mode}`); put the state \
+                 directory on a local filesystem that supports shared memory"
+            )),
         });
     }
     let level = match sync {

@@ -36,16 +36,35 @@ pub(crate) struct Segment {
 }
 
 impl Segment {
-    /// Creates a new segment (0600) for rows starting at `first_seq`.
-    pub(crate) fn create(dir: &Path, first_seq: u64) -> io::Result<Segment> {
-        let path = dir.join(format!("{PREFIX}{first_seq:020}"));
+    /// The segment file for rows starting at `first_seq`.
+    pub(crate) fn path_for(dir: &Path, first_seq: u64) -> PathBuf {
+        dir.join(format!("{PREFIX}{first_seq:020}"))
+    }
+
+    /// Creates a new segment (0600) for rows starting at `first_seq`; never reopens an old
+    /// one. With `durable` the directory entry is synced too, so the file itself survives a
+    /// power loss along with the records later synced into it.
+    pub(crate) fn create(dir: &Path, first_seq: u64, durable: bool) -> io::Result<Segment> {
+        let path = Segment::path_for(dir, first_seq);
         let file = fs::OpenOptions::new()
             .append(true)
-            .create(true)
+            .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        let len = file.metadata()?.len();
-        Ok(Segment { file, path, len })
+        if durable {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(Segment { file, path, len: 0 })
+    }
+
+    /// Gives the segment up after a failed append. An empty one is removed, so the next
+    /// batch (which reuses its first seq) can create it again; one holding records is
+    /// returned, to be deleted once those records are folded.
+    pub(crate) fn abandon(self) -> Option<PathBuf> {
+        if self.len == 0 && fs::remove_file(&self.path).is_ok() {
+            return None;
+        }
+        Some(self.path)
     }
 
     /// Writes `records` in one call; `durable` waits for the disk. On failure the file is cut
@@ -73,13 +92,6 @@ impl Segment {
     /// The segment's file.
     pub(crate) fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// The segment's file name, for messages.
-    pub(crate) fn name(&self) -> String {
-        self.path
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
     }
 }
 
@@ -158,10 +170,10 @@ mod tests {
     #[test]
     fn segments_read_back_in_seq_order_and_a_torn_tail_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let mut late = Segment::create(dir.path(), 3).unwrap();
+        let mut late = Segment::create(dir.path(), 3, false).unwrap();
         late.append(&[record(3), record(4)].concat(), false)
             .unwrap();
-        let mut early = Segment::create(dir.path(), 1).unwrap();
+        let mut early = Segment::create(dir.path(), 1, false).unwrap();
         early
             .append(&[record(1), record(2)].concat(), true)
             .unwrap();
@@ -182,12 +194,27 @@ mod tests {
     #[test]
     fn a_whole_record_that_is_not_a_row_is_damage() {
         let dir = tempfile::tempdir().unwrap();
-        let mut seg = Segment::create(dir.path(), 1).unwrap();
+        let mut seg = Segment::create(dir.path(), 1, false).unwrap();
         let mut bad = record(1);
         bad[10] ^= 0xff; // inside the domain tag
         seg.append(&bad, false).unwrap();
         let err = read(&segments(dir.path()).unwrap()).unwrap().unwrap_err();
         assert!(err.contains("audit.journal.00000000000000000001"), "{err}");
         assert!(err.contains("byte 0"), "{err}");
+    }
+
+    #[test]
+    fn a_segment_is_never_reopened_and_an_empty_abandoned_one_frees_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = Segment::create(dir.path(), 7, true).unwrap();
+        // Appending to an old file with stale records would put two rows with one seq side
+        // by side; creating the same segment again is refused instead.
+        assert!(Segment::create(dir.path(), 7, false).is_err());
+        assert_eq!(seg.abandon(), None);
+        let mut again = Segment::create(dir.path(), 7, false).unwrap();
+        again.append(&record(7), false).unwrap();
+        // One holding records is kept until they are folded.
+        assert_eq!(again.abandon(), Some(Segment::path_for(dir.path(), 7)));
+        assert_eq!(segments(dir.path()).unwrap().len(), 1);
     }
 }

@@ -41,11 +41,14 @@
 //! Callers put events on a bounded queue; whoever holds the writer takes everything queued (up
 //! to 4096) as one batch, computes the MACs, appends it to the journal, moves the anchor and
 //! only then answers each waiter with its seq. With `audit_sync = "normal"` the caller's own
-//! task does this (no thread hand-off on a request's path); with `full` the maintenance thread
-//! does, so fsync never blocks an async worker (see `writer.rs`). When a batch fails (disk
-//! full, I/O error), or while journaled rows cannot be folded into `audit.db` (lock held by
-//! another process, disk full), every waiter gets [`AuditError::Unavailable`] and the chain
-//! head does not move; later batches retry from the same head.
+//! task does this (no thread hand-off on a request's path); with `full` a blocking-pool thread
+//! does, so fsync never blocks an async worker (see `writer.rs`). When a batch cannot be
+//! journaled (disk full, I/O error), or while journaled rows cannot be folded into `audit.db`
+//! (lock held by another process, disk full), every waiter gets [`AuditError::Unavailable`]
+//! and the chain head does not move; later batches retry from the same head. When the
+//! records were journaled but the anchor write then failed, the rows stay in the chain (they
+//! verify, and the next anchor write covers them) while their callers are still refused. The
+//! same holds for a caller that gave up waiting: refused, though its row may land.
 
 mod chain;
 mod db;
@@ -103,7 +106,7 @@ pub enum AuditError {
     #[error(
         "audit trail truncated: {dir}/audit.head records seq {anchored_seq} but audit.db ends \
          at seq {db_seq}, so the newest rows were deleted; keep both files for investigation, \
-         then move audit.db* and audit.head aside to start a new trail"
+         then move audit.db*, audit.journal.* and audit.head aside to start a new trail"
     )]
     Truncated {
         /// The seq the anchor records.
@@ -116,7 +119,7 @@ pub enum AuditError {
     /// The trail failed an integrity check that must hold before writing can continue.
     #[error(
         "audit trail in {dir} failed its integrity check: {reason}; keep the files for \
-         investigation, then move audit.db* and audit.head aside to start a new trail"
+         investigation, then move audit.db*, audit.journal.* and audit.head aside to start a new trail"
     )]
     Tampered {
         /// What did not verify.
@@ -507,10 +510,12 @@ fn replay_journal(
     if segments.is_empty() {
         return Ok(tip);
     }
-    let (rows, damage) = read_journal(dir)?;
-    if let Some(damage) = damage {
-        return Err(tampered(damage));
-    }
+    let rows = journal::read(&segments)
+        .map_err(|source| AuditError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?
+        .map_err(tampered)?;
     let mut pos = tip;
     let mut replay = Vec::new();
     for row in rows.into_iter().filter(|r| r.seq as u64 > tip.seq) {

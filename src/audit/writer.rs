@@ -6,10 +6,10 @@
 //! With `audit_sync = "normal"` a batch is one append and one anchor write into the page cache,
 //! so the calling task commits itself (after one yield, so that other callers that are ready
 //! put their rows in the same batch): no thread hand-off sits on a request's path. With `full`
-//! every batch waits for fsync, so callers hand it to the maintenance thread instead of
-//! blocking an async worker. That thread also folds journaled rows into `audit.db` ([`Db`])
-//! every [`FOLD_INTERVAL`], commits rows nobody waits on when no other commit took them within
-//! [`LINGER`], runs retention, and drains everything at shutdown. While folding fails (another
+//! every batch waits for fsync, so callers commit from the blocking pool instead of an async
+//! worker. Rows nobody waits on are committed with the next commit, or alone after
+//! [`LINGER`]. The maintenance thread folds journaled rows into `audit.db` ([`Db`]) every
+//! [`FOLD_INTERVAL`], runs retention, and drains everything at shutdown. While folding fails (another
 //! process holds `audit.db` locked, the disk is full) new commits are refused, so the journal
 //! cannot grow without bound and the trail stays fail-closed.
 
@@ -57,10 +57,8 @@ struct Queue {
     events: Vec<Queued>,
     /// Most events that may wait.
     capacity: usize,
-    /// No more events are accepted.
+    /// No more events are accepted (and the maintenance thread stops).
     closed: bool,
-    /// The maintenance thread has work.
-    kicked: bool,
 }
 
 /// What every handle, the maintenance thread and the committing caller share. Lock order:
@@ -93,7 +91,6 @@ impl Shared {
                 events: Vec::new(),
                 capacity,
                 closed: false,
-                kicked: false,
             }),
             kick: Condvar::new(),
             writer: Mutex::new(writer),
@@ -116,14 +113,15 @@ impl Shared {
         Ok(())
     }
 
-    /// Gets a queued waiter's row committed: on this thread in inline mode, else by the
-    /// maintenance thread.
-    pub(crate) async fn commit_queued(&self) {
+    /// Gets a queued waiter's row committed: on this task in inline mode, else on a blocking
+    /// thread, so an fsync never stalls an async worker.
+    pub(crate) async fn commit_queued(self: &Arc<Self>) {
         if self.inline {
             tokio::task::yield_now().await;
             self.drive();
         } else {
-            self.wake_thread();
+            let shared = self.clone();
+            let _ = tokio::task::spawn_blocking(move || shared.drive()).await;
         }
     }
 
@@ -134,25 +132,22 @@ impl Shared {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // A caller outside any runtime may block: commit now.
             self.linger_armed.store(false, Ordering::Release);
-            self.wake_thread();
+            self.drive();
             return;
         };
         let shared = self.clone();
         runtime.spawn(async move {
             tokio::time::sleep(LINGER).await;
             shared.linger_armed.store(false, Ordering::Release);
-            if shared.inline {
-                shared.drive();
-            } else {
-                shared.wake_thread();
-            }
+            shared.commit_queued().await;
         });
     }
 
-    /// Commits everything queued, unless another thread is committing right now, in which
-    /// case that thread takes these rows too (it looks at the queue again after letting go
-    /// of the writer).
+    /// Commits everything queued, unless another thread holds the writer right now, in which
+    /// case that thread takes these rows too: every holder of the writer calls `drive` after
+    /// letting go of it, so a row queued meanwhile is never left behind.
     pub(crate) fn drive(&self) {
         loop {
             let mut writer = match self.writer.try_lock() {
@@ -172,6 +167,8 @@ impl Shared {
     pub(crate) fn drain(&self) {
         let mut writer = lock(&self.writer);
         self.commit_all(&mut writer);
+        drop(writer);
+        self.drive();
     }
 
     fn commit_all(&self, writer: &mut Writer) {
@@ -230,10 +227,7 @@ impl Shared {
         }
         drop(w);
         drop(db);
-        // A caller whose `drive` found the writer held by this fold left its row queued.
-        if !lock(&self.queue).events.is_empty() {
-            self.drive();
-        }
+        self.drive();
     }
 
     /// Everything committed so far is in `audit.db` when `f` runs.
@@ -243,25 +237,16 @@ impl Shared {
         f(&mut lock(&self.db))
     }
 
-    fn wake_thread(&self) {
-        let mut q = lock(&self.queue);
-        if !q.kicked {
-            q.kicked = true;
-            self.kick.notify_one();
-        }
-    }
-
     /// Refuses new events and lets the maintenance thread finish. Events queued before are
     /// still committed by the next `drain`.
     pub(crate) fn close(&self) {
-        let mut q = lock(&self.queue);
-        q.closed = true;
-        q.kicked = true;
+        lock(&self.queue).closed = true;
         self.kick.notify_one();
     }
 
-    /// The maintenance thread: commits for `full` callers and lingering rows, folds, runs
-    /// retention, and stops once the trail is closed and drained or every handle is gone.
+    /// The maintenance thread: folds, runs retention, and stops once the trail is closed and
+    /// drained or every handle is gone. It never commits for callers, so a long fold or
+    /// retention pass delays no commit.
     pub(crate) fn run_thread(shared: Weak<Shared>) {
         let mut next_prune = Instant::now();
         let mut last_fold = Instant::now();
@@ -278,14 +263,15 @@ impl Shared {
             };
             let closing = {
                 let q = lock(&this.queue);
-                let (mut q, _) = this
+                let (q, _) = this
                     .kick
-                    .wait_timeout_while(q, wait, |q| !q.kicked)
+                    .wait_timeout_while(q, wait, |q| !q.closed)
                     .unwrap_or_else(|p| p.into_inner());
-                q.kicked = false;
                 q.closed
             };
-            this.drain();
+            if closing {
+                this.drain();
+            }
             let due = this.unfolded.load(Ordering::Acquire) && last_fold.elapsed() >= FOLD_INTERVAL;
             if due || closing {
                 this.fold();
@@ -433,20 +419,20 @@ impl Writer {
         }
         if self.segment.is_none() {
             let first = self.head.seq + 1;
-            match Segment::create(&self.dir, first) {
+            match Segment::create(&self.dir, first, self.durable) {
                 Ok(segment) => self.segment = Some(segment),
                 Err(e) => {
-                    let name = format!("{}{first:020}", journal::PREFIX);
-                    return (None, Err(io_reason(&e, &name, &self.dir)));
+                    let path = Segment::path_for(&self.dir, first);
+                    return (None, Err(io_reason(&e, &path)));
                 }
             }
         }
         let segment = self.segment.as_mut().expect("created above");
         if let Err(e) = segment.append(&self.records, self.durable) {
-            let reason = io_reason(&e, &segment.name(), &self.dir);
-            // Start afresh next time; this segment's whole records are still folded.
-            if let Some(old) = self.segment.take() {
-                self.spent.push(old.path().to_path_buf());
+            let reason = io_reason(&e, segment.path());
+            // Start a new segment next time; this one's whole records are still folded.
+            if let Some(old) = self.segment.take().and_then(Segment::abandon) {
+                self.spent.push(old);
             }
             return (None, Err(reason));
         }
@@ -454,7 +440,7 @@ impl Writer {
         self.last_time = time;
         let anchored = self
             .write_anchor()
-            .map_err(|e| io_reason(&e, chain::HEAD_FILE, &self.dir));
+            .map_err(|e| io_reason(&e, &self.dir.join(chain::HEAD_FILE)));
         (Some(macs), anchored)
     }
 }
@@ -479,7 +465,17 @@ impl Db {
     /// Inserts `rows` in one transaction, then deletes the segments they came from.
     fn fold(&mut self) -> Result<(), String> {
         if !self.rows.is_empty() {
-            insert_rows(&mut self.conn, &self.rows).map_err(|e| sqlite_reason(&e, &self.dir))?;
+            let reason = |e: rusqlite::Error| sqlite_reason(&e, &self.dir);
+            // After a commit that reported failure but did land, the retry must not insert
+            // the same seqs again.
+            let last: i64 = self
+                .conn
+                .query_row("SELECT coalesce(max(seq), 0) FROM audit_events", [], |r| {
+                    r.get(0)
+                })
+                .map_err(reason)?;
+            self.rows.retain(|r| r.seq > last);
+            insert_rows(&mut self.conn, &self.rows).map_err(reason)?;
             self.rows.clear();
         }
         for path in self.segments.drain(..) {
@@ -593,11 +589,13 @@ pub(crate) fn sqlite_reason(e: &rusqlite::Error, dir: &std::path::Path) -> Strin
 }
 
 /// What to tell a refused caller about a failed file write.
-pub(crate) fn io_reason(e: &std::io::Error, name: &str, dir: &std::path::Path) -> String {
-    let path = dir.join(name);
-    if e.raw_os_error() == Some(28) {
+pub(crate) fn io_reason(e: &std::io::Error, path: &std::path::Path) -> String {
+    if matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    ) {
         format!(
-            "disk full writing {}; free space on that filesystem",
+            "disk full writing {} ({e}); free space on that filesystem",
             path.display()
         )
     } else {
