@@ -34,6 +34,9 @@ struct Entry {
     cooldown_until: Option<SystemTime>,
     /// Rejected by the upstream (401/403) until then.
     quarantine_until: Option<SystemTime>,
+    /// When the last failure was reported: a success only lifts blocks older than its
+    /// request.
+    reported_at: Option<SystemTime>,
 }
 
 impl Entry {
@@ -53,8 +56,12 @@ impl Entry {
 /// What the upstream's answer means for the key that was used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The key worked (any answer that does not condemn the key).
-    Served,
+    /// The key worked (any answer that does not condemn the key) for a request sent at
+    /// `sent_at`.
+    Served {
+        /// When the request that was served went out.
+        sent_at: SystemTime,
+    },
     /// 429: rate limited; `retry_after` is what the upstream asked for, if it said.
     RateLimited {
         /// Parsed `Retry-After`.
@@ -144,27 +151,31 @@ impl Pool {
         now: SystemTime,
     ) -> Change {
         let key = (credential.to_string(), version);
-        if outcome == Outcome::Served {
+        if let Outcome::Served { sent_at } = outcome {
             // The hot path: a read lock, and a write only when a lapsed or last-resort entry
-            // must go.
+            // must go. A block reported after this request went out is newer news than its
+            // success (a slow request succeeding must not lift a fresh 429 cooldown).
+            let stale = |e: &Entry| e.reported_at.is_none_or(|t| t <= sent_at);
             let present = self
                 .entries
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&key);
+                .get(&key)
+                .is_some_and(stale);
             if present {
-                self.entries
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&key);
+                let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+                if entries.get(&key).is_some_and(stale) {
+                    entries.remove(&key);
+                }
             }
             return Change::None;
         }
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         entries.retain(|_, e| !e.expired(now));
         let entry = entries.entry(key).or_default();
+        entry.reported_at = Some(now);
         match outcome {
-            Outcome::Served => unreachable!("handled above"),
+            Outcome::Served { .. } => unreachable!("handled above"),
             Outcome::RateLimited { retry_after } => {
                 let wait = retry_after
                     .unwrap_or(self.default_cooldown)
@@ -442,8 +453,15 @@ mod tests {
             pool.report("a", 1, rejected, after),
             Change::Quarantined(_)
         ));
-        // A success (tried as the last resort) lifts it.
-        pool.report("a", 1, Outcome::Served, after);
+        // A success sent before the refusal was reported (a slow request) does not lift it...
+        let early = Outcome::Served {
+            sent_at: after - Duration::from_secs(1),
+        };
+        pool.report("a", 1, early, after + Duration::from_secs(1));
+        assert!(pool.status("a", 1, after).quarantine_until.is_some());
+        // ...a success sent after it (tried as the last resort) does.
+        let late = Outcome::Served { sent_at: after };
+        pool.report("a", 1, late, after + Duration::from_secs(1));
         assert_eq!(pool.status("a", 1, after), PoolStatus::default());
     }
 

@@ -378,6 +378,7 @@ async fn process(
         if chosen.expired_warn {
             tracing::warn!(call_id, credential = %chosen.credential.id, version = chosen.version().version, "serving a key past the tenant's max key age (policy: warn)");
         }
+        let sent_at = SystemTime::now();
         let step = attempt(state, &tenant, &request, chosen, &replay, index as u32).await;
         let (replayable, violation, app_failed) = {
             let mut r = lock(&replay);
@@ -396,7 +397,7 @@ async fn process(
         let (reason, status, fallback) = match step {
             Step::Answer(response, secret) => {
                 let status = response.status().as_u16();
-                let change = report(state, known, call_id, chosen, &response);
+                let change = report(state, known, call_id, chosen, &response, sent_at);
                 match failover_reason(status, change) {
                     Some(reason) if next.is_some() && replayable => {
                         (reason, Some(status), Fallback::Answer(response, secret))
@@ -562,6 +563,7 @@ fn report(
     call_id: &str,
     chosen: &Candidate,
     response: &Response<Incoming>,
+    sent_at: SystemTime,
 ) -> Change {
     let now = SystemTime::now();
     let status = response.status().as_u16();
@@ -576,7 +578,7 @@ fn report(
         401 | 403 => Outcome::Rejected { status },
         // A server error says nothing about the key.
         500.. => return Change::None,
-        _ => Outcome::Served,
+        _ => Outcome::Served { sent_at },
     };
     let version = chosen.version().version;
     let change = state
