@@ -1105,6 +1105,9 @@ async fn a_stalled_request_body_is_cut_and_frees_its_slot() {
         .unwrap();
     let answer = String::from_utf8_lossy(&answer[..n]).to_string();
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // The app is told its own body stalled, not that the upstream did.
+    assert!(answer.contains("limits.request_idle_timeout"), "{answer}");
+    assert!(!answer.contains("upstream"), "{answer}");
     let (status, _, body) = call(
         &s.daemon.socket(),
         post(

@@ -36,7 +36,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::watch;
 
-use super::error::{ErrorCode, error_response};
+use super::error::{CALL_ID_HEADER, ErrorCode, error_response};
 use super::route::{Route, upstream_uri};
 use super::scrub::{ScrubBody, scrub_headers};
 use super::upstream::{BoxError, IdleTimeoutBody, UpstreamBody, UpstreamError};
@@ -54,8 +54,6 @@ use crate::units::format_time;
 /// The app's request body, cut off when it stalls for `limits.request_idle_timeout`.
 type AppBody = IdleTimeoutBody<Incoming>;
 
-/// Response header naming the audit call id.
-pub const CALL_ID_HEADER: &str = "keyward-call-id";
 /// Response header naming the credential version that served the request.
 pub const CREDENTIAL_HEADER: &str = "keyward-credential";
 
@@ -287,7 +285,7 @@ async fn process(
     let cap = capability(target.family, route.path());
     known.capability = Some(cap.as_str().to_string());
     let (parts, body) = req.into_parts();
-    let mut body = IdleTimeoutBody::new(body, state.config.limits.request_idle_timeout);
+    let mut body = IdleTimeoutBody::for_app(body, state.config.limits.request_idle_timeout);
     let mut prefix = Vec::new();
     let mut scanner = None;
     let model = match model_source(target.family, route.path()) {

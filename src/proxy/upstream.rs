@@ -410,8 +410,8 @@ fn tls_reason(err: &rustls::Error, host: &str) -> String {
 
 // === IdleTimeoutBody ===
 
-/// A response body that fails with [`UpstreamError::StreamIdle`] when no frame arrives for
-/// the idle deadline, so a stalled upstream stream is cut instead of holding a request open.
+/// A body that fails when no frame arrives for the idle deadline, so a stalled stream (the
+/// upstream's response, or the app's request body) is cut instead of holding a request open.
 pub struct IdleTimeoutBody<B> {
     /// The wrapped body.
     inner: B,
@@ -421,16 +421,37 @@ pub struct IdleTimeoutBody<B> {
     deadline: Pin<Box<Sleep>>,
     /// Set once the deadline fired, so the body ends after reporting it.
     expired: bool,
+    /// The error reported when the deadline fires.
+    on_idle: fn(Duration) -> BoxError,
 }
 
 impl<B> IdleTimeoutBody<B> {
-    /// Wraps `inner`; the first frame must arrive within `idle` from now.
+    /// Wraps an upstream response body; fails with [`UpstreamError::StreamIdle`]. The first
+    /// frame must arrive within `idle` from now.
     pub fn new(inner: B, idle: Duration) -> Self {
+        Self::with_error(inner, idle, |after| {
+            Box::new(UpstreamError::StreamIdle { after })
+        })
+    }
+
+    /// Wraps the app's request body; the error names `limits.request_idle_timeout`.
+    pub fn for_app(inner: B, idle: Duration) -> Self {
+        Self::with_error(inner, idle, |after| {
+            format!(
+                "the app sent nothing for {} (limits.request_idle_timeout); cut off",
+                humantime::format_duration(after)
+            )
+            .into()
+        })
+    }
+
+    fn with_error(inner: B, idle: Duration, on_idle: fn(Duration) -> BoxError) -> Self {
         IdleTimeoutBody {
             inner,
             idle,
             deadline: Box::pin(tokio::time::sleep(idle)),
             expired: false,
+            on_idle,
         }
     }
 }
@@ -462,9 +483,7 @@ where
             Poll::Pending => match this.deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => {
                     this.expired = true;
-                    Poll::Ready(Some(Err(Box::new(UpstreamError::StreamIdle {
-                        after: this.idle,
-                    }))))
+                    Poll::Ready(Some(Err((this.on_idle)(this.idle))))
                 }
                 Poll::Pending => Poll::Pending,
             },
