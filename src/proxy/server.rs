@@ -273,8 +273,7 @@ async fn process(
         .config
         .targets
         .lookup(route.target())
-        .map_err(|e| Reject::new(ErrorCode::UnknownTarget, e.to_string()))?
-        .clone();
+        .map_err(|e| Reject::new(ErrorCode::UnknownTarget, e.to_string()))?;
     known.target = Some(target.name.clone());
 
     let limit = state.config.limits.max_request_body;
@@ -364,7 +363,7 @@ async fn process(
     let request = Outgoing {
         method: parts.method,
         headers: parts.headers,
-        target: &target,
+        target,
         route: &route,
         declared,
     };
@@ -377,7 +376,15 @@ async fn process(
             tracing::warn!(call_id, credential = %chosen.credential.id, version = chosen.version().version, "serving a key past the tenant's max key age (policy: warn)");
         }
         let sent_at = SystemTime::now();
-        let step = attempt(state, &tenant, &request, chosen, &replay, index as u32).await;
+        let step = attempt(
+            state,
+            (&tenant.id, &keys),
+            &request,
+            chosen,
+            &replay,
+            index as u32,
+        )
+        .await;
         let (replayable, violation, app_failed) = {
             let mut r = lock(&replay);
             (r.replayable(), r.violation.take(), r.app_failed)
@@ -404,7 +411,7 @@ async fn process(
                         lock(&replay).stop_retaining();
                         return Ok(respond(
                             state, response, &secret, chosen, known, call_id, started, replay,
-                            &target,
+                            target,
                         ));
                     }
                 }
@@ -437,7 +444,7 @@ async fn process(
                 Fallback::Answer(response, secret) => {
                     lock(&replay).stop_retaining();
                     Ok(respond(
-                        state, response, &secret, chosen, known, call_id, started, replay, &target,
+                        state, response, &secret, chosen, known, call_id, started, replay, target,
                     ))
                 }
                 Fallback::Failed(reject) => Err(reject),
@@ -484,13 +491,13 @@ enum Fallback {
 /// Sends the request once with `chosen`.
 async fn attempt(
     state: &State,
-    tenant: &crate::store::TenantRow,
+    tenant: (&str, &crate::seal::TenantKeys),
     request: &Outgoing<'_>,
     chosen: &Candidate,
     replay: &Arc<Mutex<Replay>>,
     number: u32,
 ) -> Step {
-    let secret = match unseal(state, tenant, chosen) {
+    let secret = match unseal(tenant, chosen) {
         Ok(secret) => secret,
         Err(reject) => {
             return Step::Failed {
@@ -696,22 +703,19 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Opens the chosen version's key into locked memory.
+/// Opens the chosen version's key into locked memory, with the tenant's key already unwrapped
+/// for this request.
 fn unseal(
-    state: &State,
-    tenant: &crate::store::TenantRow,
+    (tenant, keys): (&str, &crate::seal::TenantKeys),
     chosen: &Candidate,
 ) -> Result<Secret, Reject> {
     let v = chosen.version();
-    tenant_keys(state, tenant)
-        .and_then(|keys| {
-            open_with_tenant_key(
-                &keys.tenant,
-                CredentialRef { tenant: &tenant.id, credential: &chosen.credential.id, version: v.version },
-                &v.wrapped_data_key,
-                &v.ciphertext,
-            )
-        })
+    open_with_tenant_key(
+        &keys.tenant,
+        CredentialRef { tenant, credential: &chosen.credential.id, version: v.version },
+        &v.wrapped_data_key,
+        &v.ciphertext,
+    )
         .map_err(|e| {
             tracing::error!(credential = %chosen.credential.id, version = v.version, error = %e, "stored credential failed to open");
             Reject::new(ErrorCode::UpstreamUnreachable, "the stored credential could not be opened; ask the operator to rotate it")
@@ -727,7 +731,7 @@ fn tenant_keys(
         &state.master,
         &tenant.id,
         &tenant.wrapped_key,
-        &crate::admin::fingerprint_purpose(&tenant.id),
+        || crate::admin::fingerprint_purpose(&tenant.id),
         &tenant.wrapped_fp_key,
     )
 }

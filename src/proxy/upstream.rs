@@ -151,11 +151,6 @@ impl Upstream {
         })
     }
 
-    /// The idle deadline configured for response bodies.
-    pub fn stream_idle_timeout(&self) -> Duration {
-        self.stream_idle_timeout
-    }
-
     /// Sends `req` to `target` and waits (at most `limits.upstream_timeout`) for response
     /// headers. `req`'s path and query are the full upstream path (prefix included, as
     /// `route::upstream_uri` builds it); its scheme and authority are always replaced by the

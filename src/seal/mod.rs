@@ -166,7 +166,7 @@ impl TenantKeyCache {
         master: &MasterKey,
         tenant: &str,
         wrapped_tenant_key: &[u8],
-        fingerprint_purpose: &str,
+        fingerprint_purpose: impl FnOnce() -> String,
         wrapped_fingerprint_key: &[u8],
     ) -> Result<std::sync::Arc<TenantKeys>, SealError> {
         if let Some(keys) = self
@@ -177,12 +177,11 @@ impl TenantKeyCache {
         {
             return Ok(keys.clone());
         }
+        let purpose = fingerprint_purpose();
         let keys = std::sync::Arc::new(TenantKeys {
             tenant: master.unwrap_key(Context::TenantKey { tenant }, wrapped_tenant_key)?,
             fingerprint: master.unwrap_key(
-                Context::AuxKey {
-                    purpose: fingerprint_purpose,
-                },
+                Context::AuxKey { purpose: &purpose },
                 wrapped_fingerprint_key,
             )?,
         });
@@ -377,8 +376,12 @@ mod tests {
             )
             .unwrap();
         let cache = TenantKeyCache::default();
-        let a = cache.get(&master, "t1", &tk, "fp:t1", &fk).unwrap();
-        let b = cache.get(&master, "t1", &tk, "fp:t1", &fk).unwrap();
+        let a = cache
+            .get(&master, "t1", &tk, || "fp:t1".into(), &fk)
+            .unwrap();
+        let b = cache
+            .get(&master, "t1", &tk, || "fp:t1".into(), &fk)
+            .unwrap();
         assert!(std::sync::Arc::ptr_eq(&a, &b));
         let opened = open_with_tenant_key(
             &a.tenant,
@@ -390,7 +393,11 @@ mod tests {
         assert_eq!(opened.expose_secret(), b"sk-cached-path-key");
         // Another tenant's wrapped key under this id fails to unwrap, and is not cached.
         let other = master.new_wrapped_key(Context::TenantKey { tenant: "t2" });
-        assert!(cache.get(&master, "t3", &other, "fp:t3", &fk).is_err());
+        assert!(
+            cache
+                .get(&master, "t3", &other, || "fp:t3".into(), &fk)
+                .is_err()
+        );
     }
 
     #[test]
