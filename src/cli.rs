@@ -418,7 +418,21 @@ fn call(socket: &std::path::Path, request: &Request) -> Result<Value, Failure> {
             ),
         )
     };
-    let mut stream = UnixStream::connect(socket).map_err(|e| unreachable(e.to_string()))?;
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            Failure(
+                EXIT_UNREACHABLE,
+                format!(
+                    "permission denied on the admin socket {}: it is open only to the daemon's \
+                     user and root (uid {} here); run the command as one of them",
+                    socket.display(),
+                    nix::unistd::getuid()
+                ),
+            )
+        } else {
+            unreachable(e.to_string())
+        }
+    })?;
     let mut line =
         Zeroizing::new(serde_json::to_vec(request).map_err(|e| Failure(1, e.to_string()))?);
     line.push(b'\n');

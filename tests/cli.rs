@@ -503,6 +503,11 @@ fn admin_socket_refuses_a_uid_that_is_not_root_or_the_daemon() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("permission denied") && stderr(&out).contains("uid 65534"),
+        "{}",
+        stderr(&out)
+    );
     // Even if the socket's mode is loosened by mistake, the peer-uid check refuses the caller.
     std::fs::set_permissions(d.admin_socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
     let out = Command::new(KEYWARD)
