@@ -271,7 +271,14 @@ pub fn admin_socket_for_cli(flag: Option<&Path>, env: EnvLookup<'_>) -> PathBuf 
         return PathBuf::from(p);
     }
     let raw = env("KEYWARD_CONFIG")
-        .and_then(|p| read_raw(Path::new(&p)).ok())
+        .and_then(|p| {
+            read_raw(Path::new(&p))
+                .map_err(|e| {
+                    // The socket guessed without it is likely wrong: say why it was skipped.
+                    eprintln!("keyward: warning: $KEYWARD_CONFIG not used: {e}");
+                })
+                .ok()
+        })
         .unwrap_or_default();
     if let Some(p) = raw.admin_socket {
         return p;
@@ -346,7 +353,7 @@ fn build(
         Some(t) => Some(t.parse::<SocketAddr>().map_err(|_| {
             value_err(
                 "listen_tcp",
-                format!("`{t}` is not an address: use host:port, like 127.0.0.1:8787"),
+                format!("`{t}` is not an IP address and port (hostnames are not resolved): use one like 127.0.0.1:8787"),
             )
         })?),
     };
@@ -614,10 +621,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("/etc/kw.toml") && e.contains("sokcet"), "{e}");
-        let e = Config::from_toml("listen_tcp = \"localhost\"", f, &env)
+        let e = Config::from_toml("listen_tcp = \"localhost:8787\"", f, &env)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("listen_tcp") && e.contains("host:port"), "{e}");
+        assert!(
+            e.contains("listen_tcp") && e.contains("hostnames are not resolved"),
+            "{e}"
+        );
         let e = Config::from_toml("worker_threads = 0", f, &env)
             .unwrap_err()
             .to_string();

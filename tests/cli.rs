@@ -480,6 +480,21 @@ fn daemon_not_running_exits_69_naming_the_socket() {
         .unwrap();
     assert_eq!(out.status.code(), Some(69));
     assert!(stderr(&out).contains(socket.to_str().unwrap()));
+    // A $KEYWARD_CONFIG that cannot be used is named, not silently skipped.
+    let missing = dir.path().join("nosuch.toml");
+    let out = Command::new(KEYWARD)
+        .arg("status")
+        .env_remove("KEYWARD_ADMIN_SOCKET")
+        .env("KEYWARD_HOME", dir.path())
+        .env("KEYWARD_CONFIG", &missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    assert!(
+        stderr(&out).contains("$KEYWARD_CONFIG not used") && stderr(&out).contains("nosuch.toml"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
