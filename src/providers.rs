@@ -715,29 +715,37 @@ pub fn prepare_upstream_headers(
 
 /// Removes everything an app must not pass through to an upstream (step 2 of SPEC §4).
 fn strip_client_headers(headers: &mut HeaderMap) {
-    let named_by_connection: Vec<HeaderName> = headers
+    strip_hop_by_hop_and_keyward(headers);
+    for name in CLIENT_CREDENTIAL_HEADERS
+        .iter()
+        .chain(&["host", "accept-encoding"])
+    {
+        headers.remove(*name);
+    }
+}
+
+/// Removes the headers that describe one connection (those listed in every `Connection`
+/// value, and the standard hop-by-hop set) and every `keyward-*` header, which only keyward
+/// may set. Shared by the request side (app → upstream) and the response side (upstream →
+/// app).
+pub fn strip_hop_by_hop_and_keyward(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .chain(
+            headers
+                .keys()
+                .filter(|n| n.as_str().starts_with("keyward-"))
+                .cloned(),
+        )
         .collect();
-    for name in named_by_connection {
+    for name in named {
         headers.remove(name);
     }
-    let keyward: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| n.as_str().starts_with("keyward-"))
-        .cloned()
-        .collect();
-    for name in keyward {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP
-        .iter()
-        .chain(CLIENT_CREDENTIAL_HEADERS)
-        .chain(&["host", "accept-encoding"])
-    {
+    for name in HOP_BY_HOP {
         headers.remove(*name);
     }
 }

@@ -736,17 +736,6 @@ fn tenant_keys(
     )
 }
 
-/// Hop-by-hop response headers that must not be relayed.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 #[allow(clippy::too_many_arguments)]
 fn respond(
     state: &Arc<State>,
@@ -763,34 +752,10 @@ fn respond(
     // The client stores things like the HTTP/1 reason phrase here, which hyper's server would
     // write back verbatim: nothing of the upstream's response travels unscrubbed.
     parts.extensions = http::Extensions::new();
-    if let Some(names) = parts
-        .headers
-        .get(http::header::CONNECTION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let named: Vec<String> = names
-            .split(',')
-            .map(|s| s.trim().to_ascii_lowercase())
-            .collect();
-        for name in named {
-            parts.headers.remove(name.as_str());
-        }
-    }
-    for name in HOP_BY_HOP {
-        parts.headers.remove(name);
-    }
+    // Connection-level headers are not relayed, and an upstream must not forge keyward-*.
+    crate::providers::strip_hop_by_hop_and_keyward(&mut parts.headers);
     // Scrubbing may change the body's length.
     parts.headers.remove(CONTENT_LENGTH);
-    // Only keyward speaks in keyward-* headers; an upstream must not forge them.
-    let forged: Vec<HeaderName> = parts
-        .headers
-        .keys()
-        .filter(|n| n.as_str().starts_with("keyward-"))
-        .cloned()
-        .collect();
-    for name in forged {
-        parts.headers.remove(name);
-    }
     scrub_headers(&mut parts.headers, secret);
     let version = chosen.version().version;
     parts.headers.insert(
