@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use support::daemon::{Daemon, contains, random_key};
 use support::mock_upstream::MockUpstream;
-use support::uds::{call, chat_body, post};
+use support::uds::{bearer, call, chat_body, post};
 
 fn config(mock: &MockUpstream, dir: &std::path::Path, extra: &str) -> String {
     support::targets_config(mock, dir, &["openai"], extra)
@@ -37,7 +37,7 @@ async fn real_traffic_is_recorded_without_keys_tokens_or_payloads() {
         &d.socket(),
         post(
             "/openai/v1/chat/completions",
-            &[("authorization", &format!("Bearer {token}"))],
+            &[("authorization", &bearer(&token))],
             &body,
         ),
     )
@@ -105,7 +105,7 @@ async fn payload_file_finds_exactly_the_calls_that_sent_it() {
             &d.socket(),
             post(
                 "/openai/v1/chat/completions",
-                &[("authorization", &format!("Bearer {token}"))],
+                &[("authorization", &bearer(&token))],
                 &sent,
             ),
         )
@@ -116,7 +116,7 @@ async fn payload_file_finds_exactly_the_calls_that_sent_it() {
         &d.socket(),
         post(
             "/openai/v1/chat/completions",
-            &[("authorization", &format!("Bearer {token}"))],
+            &[("authorization", &bearer(&token))],
             &chat_body("gpt-4o", false),
         ),
     )
@@ -273,7 +273,7 @@ async fn kill_9_under_load_loses_no_resolved_row_and_the_trail_still_verifies() 
             while !stop.load(Ordering::Relaxed) {
                 let req = post(
                     "/openai/v1/chat/completions",
-                    &[("authorization", &format!("Bearer {token}"))],
+                    &[("authorization", &bearer(&token))],
                     &chat_body("gpt-4o", false),
                 );
                 let Ok(stream) = tokio::net::UnixStream::connect(&socket).await else {
@@ -362,7 +362,7 @@ async fn an_upstream_failure_after_resolution_completes_the_call_instead_of_deny
         &d.socket(),
         post(
             "/closed/v1/chat/completions",
-            &[("authorization", &format!("Bearer {token}"))],
+            &[("authorization", &bearer(&token))],
             &chat_body("m", false),
         ),
     )

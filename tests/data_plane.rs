@@ -9,7 +9,7 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use support::daemon::{Daemon, contains, random_key};
 use support::mock_upstream::{MockUpstream, key_of};
-use support::uds::{call, chat_body, post, raw, send};
+use support::uds::{bearer, call, chat_body, error_code, post, raw, send};
 
 const PRESETS: [&str; 11] = [
     "openai",
@@ -35,17 +35,6 @@ type DenialCase<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
 
 async fn setup(extra: &str) -> support::Setup {
     support::setup(&PRESETS, extra).await
-}
-
-fn bearer(token: &str) -> String {
-    format!("Bearer {token}")
-}
-
-fn error_code(headers: &http::HeaderMap) -> String {
-    headers
-        .get("keyward-error")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -233,7 +222,7 @@ async fn scope_is_enforced_before_the_upstream_is_contacted() {
         ),
     ];
     for (path, model, extra, needle) in cases {
-        let mut headers = vec![("authorization", format!("Bearer {token}"))];
+        let mut headers = vec![("authorization", bearer(token))];
         headers.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         let hdrs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let (status, h, body) =
@@ -1050,7 +1039,7 @@ async fn a_hostile_upstream_cannot_return_the_key_outside_the_body() {
         .start();
     let key = random_key("sk-proj-");
     let (token, _) = d.provision("acme", "openai", &key, &[]);
-    let auth = format!("Bearer {token}");
+    let auth = bearer(&token);
     let ask = |via: &str| {
         format!(
             "POST /openai/leak-hostile?via={via} HTTP/1.1\r\nHost: k\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"

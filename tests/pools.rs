@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use support::daemon::{Daemon, random_key};
 use support::mock_upstream::{MockUpstream, Reply, key_of};
-use support::uds::{call, chat_body, post};
+use support::uds::{bearer, call, chat_body, post};
 
 /// A daemon whose `openai` target is the mock, with `extra` TOML on top.
 async fn setup(extra: &str) -> support::Setup {
@@ -50,7 +50,7 @@ async fn chat(d: &Daemon, token: &str) -> (u16, String, String) {
         &d.socket(),
         post(
             "/openai/v1/chat/completions",
-            &[("authorization", &format!("Bearer {token}"))],
+            &[("authorization", &bearer(token))],
             &chat_body("gpt-4o-mini", false),
         ),
     )
@@ -336,7 +336,7 @@ async fn connection_refused_fails_over_through_the_pool_then_answers_502() {
         &d.socket(),
         post(
             "/closed/v1/chat/completions",
-            &[("authorization", &format!("Bearer {token}"))],
+            &[("authorization", &bearer(&token))],
             &chat_body("m", false),
         ),
     )
@@ -388,7 +388,7 @@ async fn a_streamed_body_is_replayed_byte_for_byte_to_the_next_key() {
     let req = http::Request::post("/openai/v1/chat/completions")
         .header("host", "keyward")
         .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {token}"))
+        .header("authorization", bearer(&token))
         .body(http_body_util::StreamBody::new(stream))
         .unwrap();
     let socket = tokio::net::UnixStream::connect(d.socket()).await.unwrap();

@@ -74,3 +74,16 @@ pub fn chat_body(model: &str, stream: bool) -> String {
     })
     .to_string()
 }
+
+/// The `Authorization` value for a client token.
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// The `keyward-error` code of an answer, or "" when it has none.
+pub fn error_code(headers: &http::HeaderMap) -> String {
+    headers
+        .get("keyward-error")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
