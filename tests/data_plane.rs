@@ -607,7 +607,7 @@ async fn error_contract_for_unknown_target_body_too_large_and_upstream_failures(
     expect(
         400,
         "bad_request",
-        "",
+        "'.' or '..' segment",
         call(&d.socket(), post("/openai/../x", &auth, "{}")).await,
     );
     let big = format!("{{\"model\":\"gpt-4o\",\"pad\":\"{}\"}}", "x".repeat(4096));
@@ -624,7 +624,7 @@ async fn error_contract_for_unknown_target_body_too_large_and_upstream_failures(
     expect(
         401,
         "unauthenticated",
-        "",
+        "no client credentials",
         call(&d.socket(), post("/openai/v1/chat/completions", &[], "{}")).await,
     );
     expect(
@@ -640,7 +640,7 @@ async fn error_contract_for_unknown_target_body_too_large_and_upstream_failures(
     expect(
         502,
         "upstream_unreachable",
-        "",
+        "certificate is not trusted (unknown issuer); set ca_file",
         call(
             &d.socket(),
             post("/untrusted/v1/chat/completions", &auth, "{}"),
@@ -650,7 +650,7 @@ async fn error_contract_for_unknown_target_body_too_large_and_upstream_failures(
     expect(
         502,
         "upstream_unreachable",
-        "",
+        "certificate is not valid for host 127.0.0.1",
         call(
             &d.socket(),
             post("/misnamed/v1/chat/completions", &auth, "{}"),
@@ -660,7 +660,7 @@ async fn error_contract_for_unknown_target_body_too_large_and_upstream_failures(
     expect(
         504,
         "upstream_timeout",
-        "",
+        "did not answer within 1s",
         call(&d.socket(), post("/openai/slow?ms=5000", &auth, "{}")).await,
     );
     let logs = d.stdout() + &d.stderr();
