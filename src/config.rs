@@ -635,7 +635,7 @@ mod tests {
             e.contains("worker_threads") && e.contains("between 1 and 1024"),
             "{e}"
         );
-        let e = Config::from_toml("worker_threads = 0", f, &env)
+        let e = Config::from_toml("worker_threads = 1025", f, &env)
             .unwrap_err()
             .to_string();
         assert!(
