@@ -783,32 +783,14 @@ pub fn strip_query_credentials(query: &str) -> String {
 fn percent_decode_lossy(s: &str) -> String {
     let mut cur = s.as_bytes().to_vec();
     for _ in 0..=crate::proxy::route::MAX_DECODE_PASSES {
-        let next = decode_once(&cur);
+        let next = crate::proxy::route::percent_decode_once(&cur, false, true)
+            .expect("lenient decoding never fails");
         if next == cur {
             break;
         }
         cur = next;
     }
     String::from_utf8_lossy(&cur).into_owned()
-}
-
-fn decode_once(b: &[u8]) -> Vec<u8> {
-    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
-        {
-            out.push((h << 4) | l);
-            i += 3;
-            continue;
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    out
 }
 
 #[cfg(test)]

@@ -246,7 +246,9 @@ fn decoded_forms(s: &str) -> Result<Vec<Vec<u8>>, RouteError> {
         if !cur.contains(&b'%') {
             return Ok(forms);
         }
-        let next = decode_once(cur, forms.len() == 1)?;
+        // A bad escape is refused in the raw form (upstreams disagree on what it means).
+        let next = percent_decode_once(cur, forms.len() == 1, false)
+            .ok_or(RouteError::BadPercentEscape)?;
         if next == *cur {
             return Ok(forms);
         }
@@ -262,9 +264,10 @@ pub const MAX_DECODE_PASSES: usize = 3;
 /// Longest request target accepted (path and query).
 pub const MAX_TARGET_LEN: usize = 8192;
 
-/// One percent-decoding pass. A `%` without two hex digits is refused in the raw form (upstreams
-/// disagree on what it means); in later forms it is left alone, as a lenient decoder would.
-fn decode_once(b: &[u8], strict: bool) -> Result<Vec<u8>, RouteError> {
+/// One percent-decoding pass, the one every module uses. A `%` without two hex digits is
+/// `None` when `strict`, else kept as it is (as a lenient decoder would); `plus_as_space`
+/// decodes `+` as form decoders do.
+pub(crate) fn percent_decode_once(b: &[u8], strict: bool, plus_as_space: bool) -> Option<Vec<u8>> {
     let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -279,14 +282,18 @@ fn decode_once(b: &[u8], strict: bool) -> Result<Vec<u8>, RouteError> {
                     i += 3;
                     continue;
                 }
-                _ if strict => return Err(RouteError::BadPercentEscape),
+                _ if strict => return None,
                 _ => {}
             }
         }
-        out.push(b[i]);
+        out.push(if plus_as_space && b[i] == b'+' {
+            b' '
+        } else {
+            b[i]
+        });
         i += 1;
     }
-    Ok(out)
+    Some(out)
 }
 
 fn is_control(b: u8) -> bool {

@@ -142,19 +142,7 @@ fn azure_deployment<'a>(segs: &'a [&'a str]) -> Option<(String, &'a [&'a str])> 
 }
 
 fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
+    let out = crate::proxy::route::percent_decode_once(s.as_bytes(), true, false)?;
     String::from_utf8(out).ok().filter(|m| !m.is_empty())
 }
 
