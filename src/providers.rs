@@ -432,16 +432,21 @@ fn parse_family(name: &str, family: &str) -> Result<Family, TargetConfigError> {
         .map_err(|e: UnknownFamily| err(name, "family", e.to_string()))
 }
 
-fn validate_name(name: &str) -> Result<(), TargetConfigError> {
-    let ok = name.len() <= 64
+/// Target names: 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit.
+/// The route check uses the same rule, so a request can only name a target that could exist.
+pub fn is_target_name(name: &str) -> bool {
+    name.len() <= 64
         && name
             .bytes()
             .next()
             .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
-    if ok {
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+fn validate_name(name: &str) -> Result<(), TargetConfigError> {
+    if is_target_name(name) {
         Ok(())
     } else {
         Err(TargetConfigError {

@@ -9,7 +9,7 @@
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Version};
 
-use crate::providers::{Target, strip_query_credentials};
+use crate::providers::{Target, is_target_name, strip_query_credentials};
 
 /// A validated request target. Only [`Route::parse`] builds one, so its parts always satisfy
 /// the checks below.
@@ -210,15 +210,6 @@ pub fn upstream_uri(target: &Target, route: &Route) -> Uri {
         .path_and_query(pq)
         .build()
         .expect("scheme, authority and path come from validated parts")
-}
-
-/// Target names as `providers` accepts them.
-fn is_target_name(s: &str) -> bool {
-    s.bytes()
-        .next()
-        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
 }
 
 /// Only printable ASCII without spaces may appear raw; `http` already refuses most of the rest
