@@ -307,7 +307,8 @@ fn clamp(s: &mut String, max: usize) {
         s.truncate(end);
         s.push('…');
     }
-    if s.chars().any(char::is_control) {
+    // Printable ASCII (the usual case) needs no char decoding to be known clean.
+    if !s.bytes().all(|b| (0x20..0x7f).contains(&b)) && s.chars().any(char::is_control) {
         *s = s
             .chars()
             .map(|c| if c.is_control() { ' ' } else { c })
@@ -598,6 +599,17 @@ mod tests {
         assert!(e.model.as_ref().unwrap().len() <= MAX_FIELD_LEN);
         assert_eq!(e.detail.as_deref(), Some("line1 line2"));
         assert_eq!(e.latency_ms, Some(i64::MAX as u64));
+        // DEL and C1 controls too, next to multi-byte text that stays.
+        for (raw, want) in [
+            ("a\u{7f}b", "a b"),
+            ("é\u{85}ü", "é ü"),
+            ("tab\there", "tab here"),
+            ("plain ascii ~", "plain ascii ~"),
+        ] {
+            let mut s = raw.to_string();
+            clamp(&mut s, MAX_FIELD_LEN);
+            assert_eq!(s, want, "{raw:?}");
+        }
 
         let mut bad = Event {
             fingerprint: Some("Bearer sk-live-abcdef".into()),

@@ -130,6 +130,44 @@ fn json_escaped(raw: &[u8], escape_slash: bool) -> Secret {
     out
 }
 
+/// The distinct first bytes of a needle set, for skipping input that cannot start a match.
+/// The forms of one key start with its first byte or with `\\`, so there are at most two.
+struct FirstBytes {
+    bytes: [u8; 3],
+    len: usize,
+}
+
+fn first_bytes(needles: &[Needle]) -> FirstBytes {
+    let mut f = FirstBytes {
+        bytes: [0; 3],
+        len: 0,
+    };
+    for n in needles {
+        let b = n.bytes.expose_secret()[0];
+        if !f.bytes[..f.len].contains(&b) {
+            assert!(
+                f.len < f.bytes.len(),
+                "more needle starts than key forms allow"
+            );
+            f.bytes[f.len] = b;
+            f.len += 1;
+        }
+    }
+    f
+}
+
+impl FirstBytes {
+    /// Offset of the first byte in `hay` that starts some needle.
+    fn find(&self, hay: &[u8]) -> Option<usize> {
+        let [a, b, c] = self.bytes;
+        match self.len {
+            1 => memchr::memchr(a, hay),
+            2 => memchr::memchr2(a, b, hay),
+            _ => memchr::memchr3(a, b, c, hay),
+        }
+    }
+}
+
 // === impl Scrubber ===
 
 /// A piece of scrubbed output, in order.
@@ -273,7 +311,7 @@ impl Scrubber {
                 if q == 0 {
                     // Outside a partial match only the first byte of the key matters; finding
                     // it with a tight scan is several times faster than stepping the automaton.
-                    match chunk[i..].iter().position(|&b| b == pat[0]) {
+                    match memchr::memchr(pat[0], &chunk[i..]) {
                         Some(skip) => i += skip,
                         None => break,
                     }
@@ -290,7 +328,17 @@ impl Scrubber {
             }
             states[0] = q;
         } else {
-            for (i, &b) in chunk.iter().enumerate() {
+            let firsts = first_bytes(needles);
+            let mut i = 0;
+            while i < chunk.len() {
+                if states.iter().all(|&q| q == 0) {
+                    match firsts.find(&chunk[i..]) {
+                        Some(skip) => i += skip,
+                        None => break,
+                    }
+                }
+                let b = chunk[i];
+                i += 1;
                 let mut matched = 0;
                 for (needle, q) in needles.iter().zip(states.iter_mut()) {
                     let pat = needle.bytes.expose_secret();
@@ -300,7 +348,7 @@ impl Scrubber {
                     }
                 }
                 if matched > 0 {
-                    let end = held + i + 1;
+                    let end = held + i;
                     emit(emitted, end - matched, &mut sink);
                     sink(Piece::Redacted);
                     emitted = end;
@@ -312,77 +360,81 @@ impl Scrubber {
         emit(emitted, held + chunk.len() - keep, &mut sink);
     }
 
-    /// Scrubs one complete byte string; `None` when it contains no occurrence.
+    /// Scrubs one complete byte string; `None` when it contains no occurrence. The scrubber
+    /// must be between streams (nothing held back) and is again afterwards.
     fn scrub_whole(&mut self, input: &[u8]) -> Option<BytesMut> {
-        let mut out = BytesMut::new();
+        debug_assert_eq!(self.held_back(), 0, "scrub_whole in the middle of a stream");
+        // Most values hold no occurrence: find that out without building any output.
         let mut replaced = false;
-        self.scan(input, |piece| match piece {
-            Piece::Held(bytes) => out.extend_from_slice(bytes),
-            Piece::Chunk(range) => out.extend_from_slice(&input[range]),
-            Piece::Redacted => {
-                replaced = true;
-                out.extend_from_slice(REDACTED);
-            }
-        });
+        self.scan(input, |piece| replaced |= matches!(piece, Piece::Redacted));
+        self.states.iter_mut().for_each(|q| *q = 0);
+        if !replaced {
+            return None;
+        }
+        let mut out = BytesMut::with_capacity(input.len() + REDACTED.len());
+        self.push(input, &mut out);
         self.finish_into(&mut out);
-        replaced.then_some(out)
+        Some(out)
+    }
+
+    /// Whether `name` holds the key, ignoring ASCII case (HTTP lowercases header names). Names
+    /// are tokens, which cannot hold the characters the JSON forms escape, so only the raw
+    /// form can occur; a name shorter than the key cannot hold it, and most are.
+    fn names_key(&self, name: &[u8]) -> bool {
+        let Some(raw) = self.needles.first().map(|n| n.bytes.expose_secret()) else {
+            return false;
+        };
+        name.len() >= raw.len() && name.windows(raw.len()).any(|w| w.eq_ignore_ascii_case(raw))
+    }
+
+    /// Replaces every occurrence of the key inside any header value with `[REDACTED]`, keeping
+    /// the header, and removes any header whose *name* contains the key (names cannot hold
+    /// `[REDACTED]`). Call between streams: before the body, or after [`Scrubber::finish`].
+    pub fn scrub_headers(&mut self, headers: &mut HeaderMap) {
+        if self.needles.is_empty() {
+            return;
+        }
+        let leaking_names: Vec<_> = headers
+            .keys()
+            .filter(|name| self.names_key(name.as_str().as_bytes()))
+            .cloned()
+            .collect();
+        for name in leaking_names {
+            headers.remove(&name);
+        }
+        for value in headers.values_mut() {
+            if let Some(scrubbed) = self.scrub_whole(value.as_bytes()) {
+                let sensitive = value.is_sensitive();
+                // Removing bytes from a valid value and inserting visible ASCII keeps it valid.
+                let mut new = HeaderValue::from_maybe_shared(scrubbed.freeze())
+                    .expect("a scrubbed header value stays valid");
+                new.set_sensitive(sensitive);
+                *value = new;
+            }
+        }
+        // A key cut across repeated values of one header (`x-part: sk-ab`, `x-part: cd…`) is
+        // whole again for any app that joins them; such a header is replaced by one redacted
+        // value.
+        let repeated: Vec<_> = headers
+            .keys()
+            .filter(|n| headers.get_all(*n).iter().nth(1).is_some())
+            .cloned()
+            .collect();
+        for name in repeated {
+            let joined: Vec<u8> = headers
+                .get_all(&name)
+                .iter()
+                .flat_map(|v| v.as_bytes().iter().copied())
+                .collect();
+            if self.scrub_whole(&joined).is_some() {
+                headers.remove(&name);
+                headers.insert(name, HeaderValue::from_static("[REDACTED]"));
+            }
+        }
     }
 }
 
 // === headers ===
-
-/// Replaces every occurrence of `secret` inside any header value with `[REDACTED]`, keeping
-/// the header, and removes any header whose *name* contains the secret (names cannot hold
-/// `[REDACTED]`; compared case-insensitively because HTTP lowercases names).
-pub fn scrub_headers(headers: &mut HeaderMap, secret: &Secret) {
-    let mut scrubber = Scrubber::new(secret);
-    if scrubber.needles.is_empty() {
-        return;
-    }
-    let mut lowered = Secret::from_slice(secret.expose_secret());
-    lowered.expose_secret_mut().make_ascii_lowercase();
-    let mut name_scrubber = Scrubber::new(&lowered);
-    let leaking_names: Vec<_> = headers
-        .keys()
-        .filter(|name| {
-            name_scrubber
-                .scrub_whole(name.as_str().as_bytes())
-                .is_some()
-        })
-        .cloned()
-        .collect();
-    for name in leaking_names {
-        headers.remove(&name);
-    }
-    for value in headers.values_mut() {
-        if let Some(scrubbed) = scrubber.scrub_whole(value.as_bytes()) {
-            let sensitive = value.is_sensitive();
-            // Removing bytes from a valid value and inserting visible ASCII keeps it valid.
-            let mut new = HeaderValue::from_maybe_shared(scrubbed.freeze())
-                .expect("a scrubbed header value stays valid");
-            new.set_sensitive(sensitive);
-            *value = new;
-        }
-    }
-    // A key cut across repeated values of one header (`x-part: sk-ab`, `x-part: cd…`) is whole
-    // again for any app that joins them; such a header is replaced by one redacted value.
-    let repeated: Vec<_> = headers
-        .keys()
-        .filter(|n| headers.get_all(*n).iter().nth(1).is_some())
-        .cloned()
-        .collect();
-    for name in repeated {
-        let joined: Vec<u8> = headers
-            .get_all(&name)
-            .iter()
-            .flat_map(|v| v.as_bytes().iter().copied())
-            .collect();
-        if scrubber.scrub_whole(&joined).is_some() {
-            headers.remove(&name);
-            headers.insert(name, HeaderValue::from_static("[REDACTED]"));
-        }
-    }
-}
 
 // === impl ScrubBody ===
 
@@ -397,10 +449,9 @@ pub fn scrub_headers(headers: &mut HeaderMap, secret: &Secret) {
 pub struct ScrubBody<B> {
     /// The upstream body.
     inner: B,
-    /// The body scrubber, holding its copy of the secret in locked memory.
+    /// The body scrubber, holding its copy of the secret in locked memory; it scrubs the
+    /// trailers too, once the data is done.
     scrubber: Scrubber,
-    /// The raw secret again, for scrubbing trailers like headers.
-    secret: Secret,
     /// Trailers received while bytes were still held back; sent after those bytes.
     pending_trailers: Option<HeaderMap>,
     /// The inner body has ended (or sent trailers); only the flush and the trailers remain.
@@ -420,12 +471,12 @@ impl<B> fmt::Debug for ScrubBody<B> {
 }
 
 impl<B> ScrubBody<B> {
-    /// Wraps `inner`, scrubbing `secret` out of its data and trailers.
-    pub fn new(inner: B, secret: &Secret) -> ScrubBody<B> {
+    /// Wraps `inner`, scrubbing the scrubber's key out of its data and trailers. The scrubber
+    /// may already have scrubbed the response headers.
+    pub fn new(inner: B, scrubber: Scrubber) -> ScrubBody<B> {
         ScrubBody {
             inner,
-            scrubber: Scrubber::new(secret),
-            secret: Secret::from_slice(secret.expose_secret()),
+            scrubber,
             pending_trailers: None,
             inner_done: false,
             done: false,
@@ -440,7 +491,7 @@ impl<B> ScrubBody<B> {
         if let Some(trailers) = self.pending_trailers.take() {
             self.done = true;
             let mut trailers = trailers;
-            scrub_headers(&mut trailers, &self.secret);
+            self.scrubber.scrub_headers(&mut trailers);
             return Some(Frame::trailers(trailers));
         }
         self.done = true;
@@ -828,11 +879,35 @@ mod tests {
         headers.append("x-echo", format!("{KEY},{KEY}").parse().unwrap());
         headers.append("x-echo", "clean".parse().unwrap());
         headers.insert("content-type", "application/json".parse().unwrap());
-        scrub_headers(&mut headers, &secret(KEY));
+        Scrubber::new(&secret(KEY)).scrub_headers(&mut headers);
         assert_eq!(headers["x-debug-auth"], "Bearer [REDACTED]");
         let echoes: Vec<_> = headers.get_all("x-echo").iter().collect();
         assert_eq!(echoes, ["[REDACTED],[REDACTED]", "clean"]);
         assert_eq!(headers["content-type"], "application/json");
+    }
+
+    /// The response's one scrubber does the headers first and then the body: what a header
+    /// value ends with must not carry over into the body, in either direction.
+    #[test]
+    fn headers_then_body_share_one_scrubber_without_carry_over() {
+        let mut scrubber = Scrubber::new(&secret(KEY));
+        let (head, tail) = KEY.split_at(8);
+        let mut whole = HeaderMap::new();
+        whole.insert("x-whole", format!("<{KEY}>").parse().unwrap());
+        let mut partial = HeaderMap::new();
+        partial.insert("x-tail", format!("ends with {head}").parse().unwrap());
+        scrubber.scrub_headers(&mut partial);
+        assert_eq!(partial["x-tail"], format!("ends with {head}").as_str());
+        assert_eq!(scrubber.held_back(), 0);
+        scrubber.scrub_headers(&mut whole);
+        assert_eq!(whole["x-whole"], "<[REDACTED]>");
+        scrubber.scrub_headers(&mut partial);
+        assert_eq!(scrubber.held_back(), 0);
+        let mut out = BytesMut::new();
+        scrubber.push(tail.as_bytes(), &mut out);
+        scrubber.push(format!(" then {KEY}").as_bytes(), &mut out);
+        scrubber.finish_into(&mut out);
+        assert_eq!(&out[..], format!("{tail} then [REDACTED]").as_bytes());
     }
 
     #[test]
@@ -842,7 +917,7 @@ mod tests {
         let name = HeaderName::from_bytes(format!("x-{key}").as_bytes()).unwrap();
         headers.insert(name, "1".parse().unwrap());
         headers.insert("x-other", "2".parse().unwrap());
-        scrub_headers(&mut headers, &secret(key));
+        Scrubber::new(&secret(key)).scrub_headers(&mut headers);
         assert_eq!(headers.len(), 1);
         assert_eq!(headers["x-other"], "2");
     }
@@ -852,7 +927,10 @@ mod tests {
         let scrubber = Scrubber::new(&secret(KEY));
         let shown = format!("{scrubber:?}");
         assert!(!shown.contains("sk-"), "{shown}");
-        let body = ScrubBody::new(http_body_util::Empty::<Bytes>::new(), &secret(KEY));
+        let body = ScrubBody::new(
+            http_body_util::Empty::<Bytes>::new(),
+            Scrubber::new(&secret(KEY)),
+        );
         let shown = format!("{body:?}");
         assert!(!shown.contains("sk-"), "{shown}");
     }
@@ -860,7 +938,10 @@ mod tests {
     type Frames = VecDeque<Result<Frame<Bytes>, Infallible>>;
 
     fn body_of(frames: Frames) -> impl Body<Data = Bytes, Error = Infallible> + Unpin {
-        ScrubBody::new(StreamBody::new(stream::iter(frames)), &secret(KEY))
+        ScrubBody::new(
+            StreamBody::new(stream::iter(frames)),
+            Scrubber::new(&secret(KEY)),
+        )
     }
 
     async fn collect_frames<B>(mut body: B) -> (Vec<Bytes>, Option<HeaderMap>)
@@ -931,7 +1012,10 @@ mod tests {
         let stream = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
-        let mut body = ScrubBody::new(StreamBody::new(Box::pin(stream)), &secret(KEY));
+        let mut body = ScrubBody::new(
+            StreamBody::new(Box::pin(stream)),
+            Scrubber::new(&secret(KEY)),
+        );
         tx.send(Ok(Frame::data(Bytes::from("data: 1\n\n"))))
             .await
             .unwrap();

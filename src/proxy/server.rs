@@ -38,7 +38,7 @@ use tokio::sync::watch;
 
 use super::error::{CALL_ID_HEADER, ErrorCode, error_response};
 use super::route::{Route, upstream_uri};
-use super::scrub::{ScrubBody, scrub_headers};
+use super::scrub::{ScrubBody, Scrubber};
 use super::upstream::{BoxError, IdleTimeoutBody, UpstreamBody, UpstreamError};
 use crate::audit::usage::UsageTap;
 use crate::audit::{Event, EventKind, Fingerprinter};
@@ -199,15 +199,38 @@ impl Known {
     }
 }
 
+/// A fresh call id: a UUIDv7, so it is time-ordered (the audit index on call ids grows at its
+/// end instead of touching a random page per row, and operators can sort by it). Its 74
+/// non-time bits are a per-process random value plus a counter rather than fresh randomness:
+/// ids must be unique, not unguessable (the app is shown its own), and this way minting one
+/// makes no system call.
+fn new_call_id() -> String {
+    static BASE: std::sync::OnceLock<[u8; 10]> = std::sync::OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let base = BASE.get_or_init(|| {
+        let mut b = [0; 10];
+        crate::seal::fill_random(&mut b);
+        b
+    });
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut bits = *base;
+    let low = u64::from_be_bytes(bits[2..].try_into().expect("8 bytes")).wrapping_add(n);
+    bits[2..].copy_from_slice(&low.to_be_bytes());
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    uuid::Builder::from_unix_timestamp_millis(millis, &bits)
+        .into_uuid()
+        .to_string()
+}
+
 async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
     peer: Option<PeerCred>,
 ) -> Response<UpstreamBody> {
     let started = Instant::now();
-    // Time-ordered (v7): the audit index on call ids grows at its end instead of touching a
-    // random page per row, and operators can sort by it.
-    let call_id = uuid::Uuid::now_v7().to_string();
+    let call_id = new_call_id();
     let Ok(permit) = state.limiter.clone().try_acquire_owned() else {
         return error_response(
             ErrorCode::Overloaded,
@@ -756,7 +779,8 @@ fn respond(
     crate::providers::strip_hop_by_hop_and_keyward(&mut parts.headers);
     // Scrubbing may change the body's length.
     parts.headers.remove(CONTENT_LENGTH);
-    scrub_headers(&mut parts.headers, secret);
+    let mut scrubber = Scrubber::new(secret);
+    scrubber.scrub_headers(&mut parts.headers);
     let version = chosen.version().version;
     parts.headers.insert(
         HeaderName::from_static(CALL_ID_HEADER),
@@ -775,7 +799,7 @@ fn respond(
     name_credential(&mut completed, chosen);
     completed.upstream_status = Some(parts.status.as_u16());
     let body = CompletionBody {
-        inner: ScrubBody::new(state.upstream.idle_guard(body), secret),
+        inner: ScrubBody::new(state.upstream.idle_guard(body), scrubber),
         usage: Some(UsageTap::new(content_type.as_deref())),
         bytes_out: 0,
         started,
@@ -1110,6 +1134,32 @@ impl<B> Drop for CompletionBody<B> {
             self.complete(Some(
                 "the app closed the connection before the response ended".into(),
             ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_ids_are_distinct_time_ordered_v7_uuids() {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let ids: Vec<String> = (0..10_000).map(|_| new_call_id()).collect();
+        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len(), "call ids repeat");
+        for id in [&ids[0], &ids[9_999]] {
+            let u = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(u.get_version_num(), 7, "{id}");
+            let (secs, nanos) = u.get_timestamp().unwrap().to_unix();
+            let millis = secs * 1000 + u64::from(nanos) / 1_000_000;
+            assert!(
+                millis >= before && millis < before + 60_000,
+                "{id}: {millis} vs {before}"
+            );
         }
     }
 }

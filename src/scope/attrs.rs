@@ -375,6 +375,19 @@ impl Default for ModelScanner {
 
 const MODEL: &[u8] = b"model";
 
+/// How many leading bytes of `bytes` a string the scanner does not keep can pass over without
+/// a state step: everything before the next `"`, `\\` or control character (the last makes
+/// the JSON invalid, so the step must see it).
+fn skippable_string_bytes(bytes: &[u8]) -> usize {
+    let run = memchr::memchr2(b'"', b'\\', bytes).unwrap_or(bytes.len());
+    let plain = &bytes[..run];
+    if plain.iter().fold(false, |ctl, &b| ctl | (b < 0x20)) {
+        plain.iter().position(|&b| b < 0x20).unwrap_or(run)
+    } else {
+        run
+    }
+}
+
 impl ModelScanner {
     /// A scanner at the start of a body.
     pub fn new() -> ModelScanner {
@@ -395,10 +408,15 @@ impl ModelScanner {
         if let Some(done) = &self.finished {
             return done.clone();
         }
-        for &b in chunk {
+        let mut rest = chunk;
+        while let Some((&b, tail)) = rest.split_first() {
             if let Err(verdict) = self.step(b) {
                 self.finished = Some(verdict.clone());
                 return verdict;
+            }
+            rest = tail;
+            if let Lex::Str(StrKind::Skip | StrKind::NestedKey) = self.lex {
+                rest = &rest[skippable_string_bytes(rest)..];
             }
         }
         self.current()
@@ -719,6 +737,100 @@ pub fn model_from_json(body: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The string skip in `feed` must leave the scanner exactly where stepping every byte
+    /// would: compared after every chunk on random JSON objects (nested containers, `model`
+    /// keys at every depth, escapes, long strings) with an occasional control character or
+    /// stray byte dropped in.
+    #[test]
+    fn feed_matches_stepping_every_byte() {
+        struct Gen(u64);
+        impl Gen {
+            fn below(&mut self, n: usize) -> usize {
+                self.0 ^= self.0 << 13;
+                self.0 ^= self.0 >> 7;
+                self.0 ^= self.0 << 17;
+                (self.0 % n as u64) as usize
+            }
+            fn string(&mut self, out: &mut Vec<u8>) {
+                const PARTS: &[&[u8]] = &[
+                    b"model",
+                    b"Model",
+                    b"text with spaces",
+                    b"\\\"",
+                    b"\\\\",
+                    b"\\u00e9",
+                    b"\xc3\xa9",
+                    b"x",
+                ];
+                out.push(b'"');
+                for _ in 0..self.below(6) {
+                    out.extend_from_slice(PARTS[self.below(PARTS.len())]);
+                    if self.below(40) == 0 {
+                        out.push([0x01, b'\n', 0x1f][self.below(3)]);
+                    }
+                }
+                out.push(b'"');
+            }
+            fn value(&mut self, out: &mut Vec<u8>, depth: usize) {
+                match self.below(if depth > 3 { 3 } else { 5 }) {
+                    0 => self.string(out),
+                    1 => out.extend_from_slice(b"12.5e3"),
+                    2 => out.extend_from_slice(b"true"),
+                    3 => {
+                        out.push(b'[');
+                        for i in 0..self.below(4) {
+                            if i > 0 {
+                                out.push(b',');
+                            }
+                            self.value(out, depth + 1);
+                        }
+                        out.push(b']');
+                    }
+                    _ => self.object(out, depth + 1),
+                }
+            }
+            fn object(&mut self, out: &mut Vec<u8>, depth: usize) {
+                out.push(b'{');
+                for i in 0..self.below(5) {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    if self.below(4) == 0 {
+                        out.extend_from_slice(b"\"model\"");
+                    } else {
+                        self.string(out);
+                    }
+                    out.extend_from_slice(b" : ");
+                    self.value(out, depth);
+                }
+                out.push(b'}');
+            }
+        }
+        let mut g = Gen(0x2545_f491_4f6c_dd1d);
+        for _ in 0..3000 {
+            let mut body = Vec::new();
+            g.object(&mut body, 0);
+            let (mut fast, mut slow) = (ModelScanner::new(), ModelScanner::new());
+            let mut rest = body.as_slice();
+            while !rest.is_empty() {
+                let (chunk, tail) = rest.split_at(1 + g.below(rest.len()));
+                let got = fast.feed(chunk);
+                for &b in chunk {
+                    if slow.finished.is_none()
+                        && let Err(verdict) = slow.step(b)
+                    {
+                        slow.finished = Some(verdict);
+                    }
+                }
+                let want = slow.finished.clone().unwrap_or_else(|| slow.current());
+                assert_eq!(got, want, "{body:?}");
+                assert_eq!(format!("{fast:?}"), format!("{slow:?}"), "{body:?}");
+                rest = tail;
+            }
+            assert_eq!(fast.finish(), slow.finish(), "{body:?}");
+        }
+    }
 
     #[test]
     fn capability_names_round_trip_and_unknown_lists_valid_values() {
