@@ -49,6 +49,8 @@ struct Options {
     keyward: peers::KeywardOptions,
     /// A profiler attached to each peer's pid during its fixed 1,000 req/s phase.
     attach: Vec<String>,
+    /// Attach during the 80 %-of-peak phase instead (`--attach-loaded`).
+    attach_loaded: bool,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -64,6 +66,7 @@ fn parse_args() -> Result<Options, String> {
             extra_config: String::new(),
         },
         attach: Vec::new(),
+        attach_loaded: false,
     };
     let mut phase_set = false;
     let mut args = std::env::args().skip(1);
@@ -97,6 +100,7 @@ fn parse_args() -> Result<Options, String> {
                     .map(str::to_string)
                     .collect()
             }
+            "--attach-loaded" => o.attach_loaded = true,
             "--attach" => {
                 o.attach = value("--attach")?
                     .split_whitespace()
@@ -113,7 +117,7 @@ fn parse_args() -> Result<Options, String> {
                     "usage: cargo bench --bench compare -- [--quick] [--phase-secs S] [--only keyward,keyward-full,nginx,litellm]\n\
                      \x20                                     [--json FILE] [--no-install] [--keyward-wrap \"CMD ARGS\"]\n\
                      \x20                                     [--keyward-bin PATH] [--keyward-config 'TOML LINE']...\n\
-                     \x20                                     [--attach \"perf stat -p {{pid}}\"]"
+                     \x20                                     [--attach \"perf stat -p {{pid}}\" [--attach-loaded]]"
                 );
                 std::process::exit(0);
             }
@@ -243,7 +247,7 @@ async fn run(opts: &Options) -> Run {
 /// One fixed-rate comparison: direct first, then the peer, back to back.
 async fn fixed(peer: &Peer, direct: &Target, rate: f64, opts: &Options, ticks: f64) -> Fixed {
     let direct_result = load::fixed_rate(direct, rate, opts.phase, CONNECTIONS).await;
-    let profiler = (rate == BASE_RATE)
+    let profiler = ((rate == BASE_RATE) != opts.attach_loaded)
         .then(|| attach(&opts.attach, peer.pid))
         .flatten();
     let cpu0 = procstat::cpu_seconds(peer.pid, ticks);
