@@ -935,18 +935,23 @@ fn audit_query(state: &State, args: AuditQueryArgs) -> Reply {
         ),
         None => None,
     };
+    // Tenants are never deleted, so a name that is not one now never had a row: say so rather
+    // than answer with an empty table that looks like "no traffic".
+    let tenant = match args.tenant.as_deref() {
+        Some(name) => Some(cat.tenant_ids.get(name).ok_or_else(|| {
+            AdminError(format!(
+                "tenant `{name}` does not exist (see `keyward tenant list`)"
+            ))
+        })?),
+        None => None,
+    };
     let fingerprint = match &args.payload_hex {
         None => None,
         Some(hex) => {
-            let tenant = args.tenant.as_deref().ok_or_else(|| {
+            let tenant_id = tenant.ok_or_else(|| {
                 AdminError(
                     "--payload-file needs --tenant: fingerprints are keyed per tenant".into(),
                 )
-            })?;
-            let tenant_id = cat.tenant_ids.get(tenant).ok_or_else(|| {
-                AdminError(format!(
-                    "tenant `{tenant}` does not exist (see `keyward tenant list`)"
-                ))
             })?;
             let t = cat.tenant(tenant_id).expect("indexed tenant");
             let payload = crate::hex::decode(hex)

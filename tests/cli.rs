@@ -455,6 +455,12 @@ fn user_errors_are_clear_and_exit_with_the_contract_codes() {
         1,
         "unknown audit event",
     );
+    check(
+        &["audit", "query", "--tenant", "acne"],
+        None,
+        1,
+        "tenant `acne` does not exist (see `keyward tenant list`)",
+    );
 }
 
 #[test]
