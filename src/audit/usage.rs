@@ -95,7 +95,7 @@ impl UsageTap {
         }
     }
 
-    /// Inside a string only `"`, `\\` and (for SSE) a newline change the state; every other
+    /// Inside a string only `"`, `\` and (for SSE) a newline change the state; every other
     /// byte just extends the key being remembered. Skips to the next of those three, so a long
     /// string value costs one vectorised search instead of a state step per byte.
     fn skip_string_interior<'a>(&mut self, chunk: &'a [u8]) -> &'a [u8] {

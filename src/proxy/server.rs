@@ -201,21 +201,24 @@ impl Known {
 
 /// A fresh call id: a UUIDv7, so it is time-ordered (the audit index on call ids grows at its
 /// end instead of touching a random page per row, and operators can sort by it). Its 74
-/// non-time bits are a per-process random value plus a counter rather than fresh randomness:
-/// ids must be unique, not unguessable (the app is shown its own), and this way minting one
-/// makes no system call.
+/// non-time bits are a per-process counter encrypted with a random AES key: distinct for every
+/// call, yet they tell an app nothing about other calls (not how many were made in between,
+/// nor what another tenant's next id will be), and minting one makes no system call.
 fn new_call_id() -> String {
-    static BASE: std::sync::OnceLock<[u8; 10]> = std::sync::OnceLock::new();
+    use aes_gcm::aes::Aes128;
+    use aes_gcm::aes::cipher::{BlockCipherEncrypt, KeyInit};
+    static CIPHER: std::sync::OnceLock<Aes128> = std::sync::OnceLock::new();
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let base = BASE.get_or_init(|| {
-        let mut b = [0; 10];
-        crate::seal::fill_random(&mut b);
-        b
+    let cipher = CIPHER.get_or_init(|| {
+        let mut key = [0; 16];
+        crate::seal::fill_random(&mut key);
+        Aes128::new(&key.into())
     });
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut bits = *base;
-    let low = u64::from_be_bytes(bits[2..].try_into().expect("8 bytes")).wrapping_add(n);
-    bits[2..].copy_from_slice(&low.to_be_bytes());
+    let mut block = [0; 16];
+    block[..8].copy_from_slice(&n.to_be_bytes());
+    cipher.encrypt_block((&mut block).into());
+    let bits: [u8; 10] = block[..10].try_into().expect("10 of 16 bytes");
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -1151,6 +1154,18 @@ mod tests {
         let ids: Vec<String> = (0..10_000).map(|_| new_call_id()).collect();
         let distinct: std::collections::HashSet<&String> = ids.iter().collect();
         assert_eq!(distinct.len(), ids.len(), "call ids repeat");
+        // Consecutive ids must not reveal a count: their random parts share no long prefix
+        // and do not differ by a small amount (as `base + counter` would).
+        let random_part =
+            |id: &str| u128::from_str_radix(&id.replace('-', ""), 16).unwrap() & ((1 << 62) - 1);
+        let close = ids
+            .windows(2)
+            .filter(|w| random_part(&w[0]).abs_diff(random_part(&w[1])) < 1 << 40)
+            .count();
+        assert!(
+            close < 5,
+            "{close} of 9,999 consecutive ids differ only in low bits"
+        );
         for id in [&ids[0], &ids[9_999]] {
             let u = uuid::Uuid::parse_str(id).unwrap();
             assert_eq!(u.get_version_num(), 7, "{id}");

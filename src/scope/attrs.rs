@@ -376,7 +376,7 @@ impl Default for ModelScanner {
 const MODEL: &[u8] = b"model";
 
 /// How many leading bytes of `bytes` a string the scanner does not keep can pass over without
-/// a state step: everything before the next `"`, `\\` or control character (the last makes
+/// a state step: everything before the next `"`, `\` or control character (the last makes
 /// the JSON invalid, so the step must see it).
 fn skippable_string_bytes(bytes: &[u8]) -> usize {
     let run = memchr::memchr2(b'"', b'\\', bytes).unwrap_or(bytes.len());
