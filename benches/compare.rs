@@ -38,6 +38,8 @@ const BASE_RATE: f64 = 1000.0;
 const CONNECTIONS: usize = 32;
 /// Concurrent SSE streams.
 const SSE_CONCURRENCY: usize = 8;
+/// The name of keyward's audit maintenance thread, whose CPU is reported on its own.
+const AUDIT_THREAD: &str = "keyward-audit";
 
 /// Command-line options (after `cargo bench --bench compare --`).
 struct Options {
@@ -303,8 +305,10 @@ async fn measure(
     let _ = load::flat_out(&peer.target, opts.phase / 2, CONNECTIONS).await;
 
     let cpu0 = procstat::cpu_seconds(peer.pid, ticks);
+    let audit0 = procstat::thread_cpu_seconds(peer.pid, AUDIT_THREAD, ticks);
     let peak: PhaseResult = load::flat_out(&peer.target, opts.phase, CONNECTIONS).await;
     let peak_cpu = procstat::cpu_seconds(peer.pid, ticks) - cpu0;
+    let peak_audit_cpu = procstat::thread_cpu_seconds(peer.pid, AUDIT_THREAD, ticks) - audit0;
     eprintln!("{}: peak {:.0} req/s", peer.name, peak.rps());
 
     let base = fixed(peer, direct, BASE_RATE, opts, ticks).await;
@@ -326,6 +330,7 @@ async fn measure(
         rss_after,
         peak: Some(peak),
         peak_cpu_seconds: peak_cpu,
+        peak_audit_cpu_seconds: peak_audit_cpu,
         base: Some(base),
         at80,
         sse: Some((peer_sse, direct_sse)),

@@ -82,3 +82,29 @@ pub fn status_bytes(root: u32, field: &str) -> u64 {
         .map(|kb| kb * 1024)
         .sum()
 }
+
+/// User + system CPU seconds of the threads of `pid` named `name` (Linux thread names, as in
+/// `/proc/PID/task/TID/comm`); 0 when there are none.
+pub fn thread_cpu_seconds(pid: u32, name: &str, ticks: f64) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let mut total = 0.0;
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(dir.join("stat")) else {
+            continue;
+        };
+        let Some(after) = text.rfind(')').map(|i| &text[i + 2..]) else {
+            continue;
+        };
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        total += (tick(11) + tick(12)) / ticks;
+    }
+    total
+}

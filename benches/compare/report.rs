@@ -52,6 +52,8 @@ pub struct PeerReport {
     pub peak: Option<PhaseResult>,
     /// CPU seconds during the flat-out phase.
     pub peak_cpu_seconds: f64,
+    /// Of those, keyward's audit maintenance thread (folding journaled rows into SQLite).
+    pub peak_audit_cpu_seconds: f64,
     /// At the base rate (1,000 req/s).
     pub base: Option<Fixed>,
     /// At 80 % of the peer's own peak.
@@ -72,6 +74,7 @@ impl PeerReport {
             rss_after: 0,
             peak: None,
             peak_cpu_seconds: 0.0,
+            peak_audit_cpu_seconds: 0.0,
             base: None,
             at80: None,
             sse: None,
@@ -341,6 +344,20 @@ fn targets(run: &Run) -> String {
             verdict((p.idle_rss > 0).then_some(p.idle_rss <= 16 * 1024 * 1024)),
         ));
     }
+    for p in run
+        .peers
+        .iter()
+        .filter(|p| p.name.starts_with("keyward") && p.skipped.is_none())
+    {
+        if let Some(ok) = p.peak.as_ref().map(|r| r.ok).filter(|&n| n > 0) {
+            s.push_str(&format!(
+                "\n{}: of its CPU/req at peak, {:.1} µs is the audit thread folding journaled rows into `audit.db`.",
+                p.name,
+                p.peak_audit_cpu_seconds * 1e6 / ok as f64
+            ));
+        }
+    }
+    s.push('\n');
     s
 }
 
@@ -404,6 +421,7 @@ pub fn json(run: &Run) -> Value {
                 "rss_after_bytes": p.rss_after,
                 "peak": p.peak.as_ref().map(phase_json),
                 "peak_cpu_seconds": p.peak_cpu_seconds,
+                "peak_audit_thread_cpu_seconds": p.peak_audit_cpu_seconds,
                 "peak_cpu_us_per_request": p.peak_cpu_us(),
                 "at_base_rate": p.base.as_ref().map(fixed_json),
                 "at_80_percent_of_peak": p.at80.as_ref().map(fixed_json),
