@@ -253,8 +253,10 @@ async fn fixed(peer: &Peer, direct: &Target, rate: f64, opts: &Options, ticks: f
         .then(|| attach(&opts.attach, peer.pid))
         .flatten();
     let cpu0 = procstat::cpu_seconds(peer.pid, ticks);
+    let audit0 = procstat::thread_cpu_seconds(peer.pid, AUDIT_THREAD, ticks);
     let peer_result = load::fixed_rate(&peer.target, rate, opts.phase, CONNECTIONS).await;
     let cpu = procstat::cpu_seconds(peer.pid, ticks) - cpu0;
+    let audit_cpu = procstat::thread_cpu_seconds(peer.pid, AUDIT_THREAD, ticks) - audit0;
     if let Some(child) = profiler {
         detach(child);
     }
@@ -263,6 +265,7 @@ async fn fixed(peer: &Peer, direct: &Target, rate: f64, opts: &Options, ticks: f
         direct: direct_result,
         peer: peer_result,
         cpu_seconds: cpu,
+        audit_cpu_seconds: audit_cpu,
     }
 }
 
