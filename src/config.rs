@@ -604,48 +604,37 @@ mod tests {
     fn bad_values_name_file_key_and_reason() {
         let env = env_of(&[("KEYWARD_HOME", "/tmp/x")]);
         let f = Path::new("/etc/kw.toml");
-        let e = Config::from_toml("[limits]\nupstream_timeout = \"soon\"", f, &env)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("/etc/kw.toml")
-                && e.contains("limits.upstream_timeout")
-                && e.contains("30s"),
-            "{e}"
-        );
-        let e = Config::from_toml("lock_memory = \"some\"", f, &env)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("lock_memory") && e.contains("\"all\""), "{e}");
-        let e = Config::from_toml("sokcet = \"/x\"", f, &env)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("/etc/kw.toml") && e.contains("sokcet"), "{e}");
-        let e = Config::from_toml("listen_tcp = \"localhost:8787\"", f, &env)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("listen_tcp") && e.contains("hostnames are not resolved"),
-            "{e}"
-        );
-        let e = Config::from_toml("worker_threads = 0", f, &env)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("worker_threads") && e.contains("between 1 and 1024"),
-            "{e}"
-        );
-        let e = Config::from_toml("worker_threads = 1025", f, &env)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("worker_threads") && e.contains("between 1 and 1024"),
-            "{e}"
-        );
-        let e = Config::from_toml("[limits]\nmax_concurrent_requests = 0", f, &env)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("max_concurrent_requests"), "{e}");
+        // Each bad value, and every text its error must name.
+        let cases: [(&str, &[&str]); 7] = [
+            (
+                "[limits]\nupstream_timeout = \"soon\"",
+                &["/etc/kw.toml", "limits.upstream_timeout", "30s"],
+            ),
+            ("lock_memory = \"some\"", &["lock_memory", "\"all\""]),
+            ("sokcet = \"/x\"", &["/etc/kw.toml", "sokcet"]),
+            (
+                "listen_tcp = \"localhost:8787\"",
+                &["listen_tcp", "hostnames are not resolved"],
+            ),
+            (
+                "worker_threads = 0",
+                &["worker_threads", "between 1 and 1024"],
+            ),
+            (
+                "worker_threads = 1025",
+                &["worker_threads", "between 1 and 1024"],
+            ),
+            (
+                "[limits]\nmax_concurrent_requests = 0",
+                &["max_concurrent_requests"],
+            ),
+        ];
+        for (text, needles) in cases {
+            let e = Config::from_toml(text, f, &env).unwrap_err().to_string();
+            for needle in needles {
+                assert!(e.contains(needle), "{text}: {e} lacks {needle}");
+            }
+        }
     }
 
     #[test]
