@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use support::daemon::{Daemon, contains, random_key};
 use support::mock_upstream::MockUpstream;
-use support::uds::{bearer, call, chat_body, post};
+use support::uds::{bearer, call, call_as, chat_body, post};
 
 fn config(mock: &MockUpstream, dir: &std::path::Path, extra: &str) -> String {
     support::targets_config(mock, dir, &["openai"], extra)
@@ -33,15 +33,8 @@ async fn real_traffic_is_recorded_without_keys_tokens_or_payloads() {
     let (token, cred) = d.provision("acme", "openai", &key, &[]);
     let marker = format!("distinctive-payload-{}", random_key(""));
     let body = serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": marker}], "stream": true, "stream_options": {"include_usage": true}}).to_string();
-    let (status, headers, _) = call(
-        &d.socket(),
-        post(
-            "/openai/v1/chat/completions",
-            &[("authorization", &bearer(&token))],
-            &body,
-        ),
-    )
-    .await;
+    let (status, headers, _) =
+        call_as(&d.socket(), &token, "/openai/v1/chat/completions", &body).await;
     assert_eq!(status, 200);
     let call_id = headers["keyward-call-id"].to_str().unwrap().to_string();
     // request.completed is written after the stream ends; give the writer a moment.
@@ -101,24 +94,14 @@ async fn payload_file_finds_exactly_the_calls_that_sent_it() {
     let sent = chat_body("gpt-4o", false).replace("hi", "the prompt under investigation");
     let mut ids = Vec::new();
     for _ in 0..2 {
-        let (_, h, _) = call(
-            &d.socket(),
-            post(
-                "/openai/v1/chat/completions",
-                &[("authorization", &bearer(&token))],
-                &sent,
-            ),
-        )
-        .await;
+        let (_, h, _) = call_as(&d.socket(), &token, "/openai/v1/chat/completions", &sent).await;
         ids.push(h["keyward-call-id"].to_str().unwrap().to_string());
     }
-    call(
+    call_as(
         &d.socket(),
-        post(
-            "/openai/v1/chat/completions",
-            &[("authorization", &bearer(&token))],
-            &chat_body("gpt-4o", false),
-        ),
+        &token,
+        "/openai/v1/chat/completions",
+        &chat_body("gpt-4o", false),
     )
     .await;
     call(
@@ -358,13 +341,11 @@ async fn an_upstream_failure_after_resolution_completes_the_call_instead_of_deny
     );
     let d = Daemon::builder().config(&toml).start();
     let (token, cred) = d.provision("acme", "closed", &random_key("sk-"), &[]);
-    let (status, h, _) = call(
+    let (status, h, _) = call_as(
         &d.socket(),
-        post(
-            "/closed/v1/chat/completions",
-            &[("authorization", &bearer(&token))],
-            &chat_body("m", false),
-        ),
+        &token,
+        "/closed/v1/chat/completions",
+        &chat_body("m", false),
     )
     .await;
     assert_eq!(status, 502);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use support::daemon::{Daemon, contains, random_key};
 use support::mock_upstream::{MockUpstream, key_of};
-use support::uds::{bearer, call, chat_body, error_code, post, raw, send};
+use support::uds::{bearer, call, call_as, chat_body, error_code, post, raw, send};
 
 const PRESETS: [&str; 11] = [
     "openai",
@@ -138,13 +138,11 @@ async fn custom_targets_from_the_config_work() {
     let daemon = Daemon::builder().config(&toml).start();
     let key = random_key("custom-");
     let (token, _) = daemon.provision("acme", "local-llm", &key, &[]);
-    let (status, _, body) = call(
+    let (status, _, body) = call_as(
         &daemon.socket(),
-        post(
-            "/local-llm/chat/completions",
-            &[("authorization", &bearer(&token))],
-            &chat_body("llama", false),
-        ),
+        &token,
+        "/local-llm/chat/completions",
+        &chat_body("llama", false),
     )
     .await;
     assert_eq!(status, 200, "{body}");
@@ -448,15 +446,7 @@ async fn redirects_are_returned_not_followed() {
     let (token, _) = s
         .daemon
         .provision("acme", "openai", &random_key("sk-"), &[]);
-    let (status, headers, _) = call(
-        &s.daemon.socket(),
-        post(
-            "/openai/redirect",
-            &[("authorization", &bearer(&token))],
-            "{}",
-        ),
-    )
-    .await;
+    let (status, headers, _) = call_as(&s.daemon.socket(), &token, "/openai/redirect", "{}").await;
     assert_eq!(status, 302);
     assert_eq!(headers["location"], "https://evil.example/steal");
     assert_eq!(s.mock.request_count(), 1);
@@ -513,13 +503,11 @@ async fn a_key_echoed_by_the_upstream_is_redacted_wherever_it_splits() {
         key.len(),
         key.len() + 5,
     ] {
-        let (status, headers, body) = call(
+        let (status, headers, body) = call_as(
             &s.daemon.socket(),
-            post(
-                &format!("/openai/leak?split={split}"),
-                &[("authorization", &bearer(&token))],
-                "{}",
-            ),
+            &token,
+            &format!("/openai/leak?split={split}"),
+            "{}",
         )
         .await;
         assert_eq!(status, 200);
@@ -529,15 +517,7 @@ async fn a_key_echoed_by_the_upstream_is_redacted_wherever_it_splits() {
         assert!(!all_headers.contains(&key), "key leaked in headers");
         assert_eq!(headers["x-debug-key"], "[REDACTED]");
     }
-    let (status, _, body) = call(
-        &s.daemon.socket(),
-        post(
-            "/openai/leak-error",
-            &[("authorization", &bearer(&token))],
-            "{}",
-        ),
-    )
-    .await;
+    let (status, _, body) = call_as(&s.daemon.socket(), &token, "/openai/leak-error", "{}").await;
     assert_eq!(status, 401);
     assert!(
         body.contains("Incorrect API key provided: [REDACTED]"),
@@ -687,13 +667,11 @@ async fn policy_violation_when_only_expired_keys_match() {
     ]);
     let (token, _) = d.provision("strict", "openai", &random_key("sk-"), &[]);
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let (status, h, body) = call(
+    let (status, h, body) = call_as(
         &d.socket(),
-        post(
-            "/openai/v1/chat/completions",
-            &[("authorization", &bearer(&token))],
-            &chat_body("gpt-4o", false),
-        ),
+        &token,
+        "/openai/v1/chat/completions",
+        &chat_body("gpt-4o", false),
     )
     .await;
     assert_eq!(status, 403, "{body}");
@@ -780,13 +758,11 @@ async fn over_max_concurrent_requests_answers_503_with_retry_after() {
         .await
     });
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let (status, h, _) = call(
+    let (status, h, _) = call_as(
         &s.daemon.socket(),
-        post(
-            "/openai/v1/chat/completions",
-            &[("authorization", &bearer(&token))],
-            &chat_body("gpt-4o", false),
-        ),
+        &token,
+        "/openai/v1/chat/completions",
+        &chat_body("gpt-4o", false),
     )
     .await;
     assert_eq!(status, 503);
@@ -810,13 +786,11 @@ async fn large_bodies_stream_both_ways() {
     let (status, _, body) = call(&s.daemon.socket(), req).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(&(8u64 << 20).to_string()), "{body}");
-    let (status, _, body) = call(
+    let (status, _, body) = call_as(
         &s.daemon.socket(),
-        post(
-            "/openai/big?bytes=5000000",
-            &[("authorization", &bearer(&token))],
-            "{}",
-        ),
+        &token,
+        "/openai/big?bytes=5000000",
+        "{}",
     )
     .await;
     assert_eq!(status, 200);
@@ -896,13 +870,11 @@ async fn dev_mode_prints_a_working_token_and_curl_line() {
         ],
         key.as_bytes(),
     );
-    let (status, _, body) = call(
+    let (status, _, body) = call_as(
         &d.socket(),
-        post(
-            "/openai/v1/chat/completions",
-            &[("authorization", &bearer(&token))],
-            &chat_body("gpt-4o-mini", false),
-        ),
+        &token,
+        "/openai/v1/chat/completions",
+        &chat_body("gpt-4o-mini", false),
     )
     .await;
     assert_eq!(status, 200, "{body}");
@@ -952,13 +924,11 @@ async fn upstream_connections_are_pooled_and_use_http2_when_offered() {
         .daemon
         .provision("acme", "openai", &random_key("sk-"), &[]);
     for _ in 0..20 {
-        let (status, _, _) = call(
+        let (status, _, _) = call_as(
             &s.daemon.socket(),
-            post(
-                "/openai/v1/chat/completions",
-                &[("authorization", &bearer(&token))],
-                &chat_body("gpt-4o", false),
-            ),
+            &token,
+            "/openai/v1/chat/completions",
+            &chat_body("gpt-4o", false),
         )
         .await;
         assert_eq!(status, 200);
@@ -1016,13 +986,11 @@ async fn oversized_upstream_response_headers_are_refused() {
         ))
         .start();
     let (token, _) = d.provision("acme", "openai", &key, &[]);
-    let (status, h, body) = call(
+    let (status, h, body) = call_as(
         &d.socket(),
-        post(
-            "/openai/v1/chat/completions",
-            &[("authorization", &bearer(&token))],
-            &chat_body("gpt-4o", false),
-        ),
+        &token,
+        "/openai/v1/chat/completions",
+        &chat_body("gpt-4o", false),
     )
     .await;
     assert_eq!(status, 502, "{body}");
@@ -1105,13 +1073,11 @@ async fn a_stalled_request_body_is_cut_and_frees_its_slot() {
     // The app is told its own body stalled, not that the upstream did.
     assert!(answer.contains("limits.request_idle_timeout"), "{answer}");
     assert!(!answer.contains("upstream"), "{answer}");
-    let (status, _, body) = call(
+    let (status, _, body) = call_as(
         &s.daemon.socket(),
-        post(
-            "/openai/v1/chat/completions",
-            &[("authorization", &bearer(&token))],
-            &chat_body("gpt-4o", false),
-        ),
+        &token,
+        "/openai/v1/chat/completions",
+        &chat_body("gpt-4o", false),
     )
     .await;
     assert_eq!(status, 200, "the slot was not freed: {body}");
@@ -1134,13 +1100,11 @@ async fn an_open_response_stream_counts_against_max_concurrent_requests() {
     )
     .await;
     assert_eq!(stream.status(), 200);
-    let (status, h, _) = call(
+    let (status, h, _) = call_as(
         &s.daemon.socket(),
-        post(
-            "/openai/v1/chat/completions",
-            &[("authorization", &bearer(&token))],
-            &chat_body("gpt-4o", false),
-        ),
+        &token,
+        "/openai/v1/chat/completions",
+        &chat_body("gpt-4o", false),
     )
     .await;
     assert_eq!(
@@ -1150,13 +1114,11 @@ async fn an_open_response_stream_counts_against_max_concurrent_requests() {
     assert_eq!(error_code(&h), "overloaded");
     s.mock.release();
     let _ = stream.into_body().collect().await.unwrap();
-    let (status, _, _) = call(
+    let (status, _, _) = call_as(
         &s.daemon.socket(),
-        post(
-            "/openai/v1/chat/completions",
-            &[("authorization", &bearer(&token))],
-            &chat_body("gpt-4o", false),
-        ),
+        &token,
+        "/openai/v1/chat/completions",
+        &chat_body("gpt-4o", false),
     )
     .await;
     assert_eq!(status, 200);

@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use support::daemon::{Daemon, random_key};
 use support::mock_upstream::{MockUpstream, Reply, key_of};
-use support::uds::{bearer, call, chat_body, post};
+use support::uds::{bearer, call, call_as, chat_body, post};
 
 /// A daemon whose `openai` target is the mock, with `extra` TOML on top.
 async fn setup(extra: &str) -> support::Setup {
@@ -332,13 +332,11 @@ async fn connection_refused_fails_over_through_the_pool_then_answers_502() {
     let d = Daemon::builder().config(&toml).start();
     let (token, a) = d.provision("acme", "closed", &random_key("sk-a-"), &["--priority", "1"]);
     let b = add_key(&d, "acme", "closed", &random_key("sk-b-"), "2");
-    let (status, headers, body) = call(
+    let (status, headers, body) = call_as(
         &d.socket(),
-        post(
-            "/closed/v1/chat/completions",
-            &[("authorization", &bearer(&token))],
-            &chat_body("m", false),
-        ),
+        &token,
+        "/closed/v1/chat/completions",
+        &chat_body("m", false),
     )
     .await;
     assert_eq!(status, 502, "{body}");

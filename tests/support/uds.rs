@@ -51,6 +51,20 @@ pub async fn call(socket: &Path, req: Request<Full<Bytes>>) -> (u16, http::Heade
     (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// [`call`] with a chat-style POST of `body` to `path`, authenticated with the client `token`.
+pub async fn call_as(
+    socket: &Path,
+    token: &str,
+    path: &str,
+    body: &str,
+) -> (u16, http::HeaderMap, String) {
+    call(
+        socket,
+        post(path, &[("authorization", &bearer(token))], body),
+    )
+    .await
+}
+
 /// Writes raw request bytes and reads the whole answer (the request should say
 /// `Connection: close`).
 pub async fn raw(socket: &Path, bytes: &[u8]) -> String {
