@@ -211,13 +211,7 @@ fn read_raw(path: &Path) -> Result<RawConfig, ConfigError> {
 /// pasted into the wrong place.
 fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
     toml::from_str(text).map_err(|e| {
-        let mut message = e.message().trim().replace('\n', " ");
-        // "invalid type: string \"<value>\", expected …" would repeat the value.
-        if let Some(rest) = message.strip_prefix("invalid type: string \"")
-            && let Some((_, expected)) = rest.split_once("\", ")
-        {
-            message = format!("invalid type: a string, {expected}");
-        }
+        let message = without_value(&e.message().trim().replace('\n', " "));
         let line = e
             .span()
             .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
@@ -229,6 +223,27 @@ fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
             },
         }
     })
+}
+
+/// serde quotes the offending value in some messages (`invalid type: string "<value>",
+/// expected …`, `unknown variant `<value>`, expected one of …`); a value may be a pasted key,
+/// so only the kind of mistake and what was expected are kept. The value may itself hold
+/// `", expected`, hence the last occurrence.
+fn without_value(message: &str) -> String {
+    const QUOTING: [(&str, &str); 3] = [
+        ("invalid type: string ", "invalid type: a string"),
+        ("invalid value: string ", "invalid value: a string"),
+        ("unknown variant ", "unknown variant"),
+    ];
+    for (prefix, kind) in QUOTING {
+        if message.starts_with(prefix) {
+            return match message.rsplit_once(", expected ") {
+                Some((_, expected)) => format!("{kind}, expected {expected}"),
+                None => kind.to_string(),
+            };
+        }
+    }
+    message.to_string()
 }
 
 /// Default state directory (SPEC §2).
@@ -353,27 +368,27 @@ fn build(
         Some(t) => Some(t.parse::<SocketAddr>().map_err(|_| {
             value_err(
                 "listen_tcp",
-                format!("`{t}` is not an IP address and port (hostnames are not resolved): use one like 127.0.0.1:8787"),
+                "not an IP address and port (hostnames are not resolved): use one like 127.0.0.1:8787".into(),
             )
         })?),
     };
     let lock_memory = match raw.lock_memory.as_deref() {
         None | Some("all") => LockMemory::All,
         Some("secrets") => LockMemory::Secrets,
-        Some(other) => {
+        Some(_) => {
             return Err(value_err(
                 "lock_memory",
-                format!("`{other}` is not one of \"all\", \"secrets\""),
+                "must be one of \"all\", \"secrets\"".into(),
             ));
         }
     };
     let audit_sync = match raw.audit_sync.as_deref() {
         None | Some("normal") => AuditSync::Normal,
         Some("full") => AuditSync::Full,
-        Some(other) => {
+        Some(_) => {
             return Err(value_err(
                 "audit_sync",
-                format!("`{other}` is not one of \"normal\", \"full\""),
+                "must be one of \"normal\", \"full\"".into(),
             ));
         }
     };
@@ -592,11 +607,30 @@ mod tests {
             format!("socket = \"/x\"\n[targets.openai]\napi_key = \"{secret}\"\n"),
             format!("socket = \"/x\"\n\nworker_threads = \"{secret}\"\n"),
             format!("socket = \"/x\"\n\nmaster_key = {secret}\n"),
+            // A value holding serde's own separator.
+            format!("socket = \"/x\"\n\nworker_threads = \"{secret}\\\", expected {secret}\"\n"),
         ] {
             let e = Config::from_toml(&text, f, &env).unwrap_err().to_string();
             assert!(!e.contains("SECRET"), "{e}");
             assert!(e.contains("line 3"), "{e}");
             assert!(e.contains("/etc/keyward/keyward.toml"), "{e}");
+        }
+        // Values of the right type but not accepted are refused by key, without the value.
+        for (text, key) in [
+            (format!("lock_memory = \"{secret}\""), "lock_memory"),
+            (format!("audit_sync = \"{secret}\""), "audit_sync"),
+            (format!("listen_tcp = \"{secret}\""), "listen_tcp"),
+            (
+                format!("[limits]\nupstream_timeout = \"a\\\", b{secret}\""),
+                "limits.upstream_timeout",
+            ),
+            (
+                format!("[limits]\nmax_request_body = \"{secret}\""),
+                "limits.max_request_body",
+            ),
+        ] {
+            let e = Config::from_toml(&text, f, &env).unwrap_err().to_string();
+            assert!(!e.contains("SECRET") && e.contains(key), "{e}");
         }
     }
 

@@ -11,9 +11,9 @@ pub struct UnitError(String);
 /// Parses `500ms`, `30s`, `15m`, `24h`, `90d` or `2w`.
 pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
     let bad = || {
-        UnitError(format!(
-            "`{text}` is not a duration: use a whole number with a unit, like 30s, 15m, 24h or 90d"
-        ))
+        UnitError(
+            "not a duration: use a whole number with a unit, like 30s, 15m, 24h or 90d".into(),
+        )
     };
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
@@ -50,11 +50,7 @@ pub fn format_duration(d: Duration) -> String {
 
 /// Parses a byte size: a plain number of bytes, or with `KiB`, `MiB`, `GiB`, `KB`, `MB`, `GB`.
 pub fn parse_size(text: &str) -> Result<u64, UnitError> {
-    let bad = || {
-        UnitError(format!(
-            "`{text}` is not a size: use bytes or a unit, like 16MiB or 512KiB"
-        ))
-    };
+    let bad = || UnitError("not a size: use bytes or a unit, like 16MiB or 512KiB".into());
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
@@ -113,10 +109,11 @@ pub fn parse_time(text: &str, now_unix: i64) -> Result<i64, UnitError> {
                 .unwrap_or(0)
         })
         .map_err(|_| {
-            UnitError(format!(
-                "`{text}` is not a time: use RFC 3339 (2026-01-31T12:00:00Z) or a duration meaning \
+            UnitError(
+                "not a time: use RFC 3339 (2026-01-31T12:00:00Z) or a duration meaning \
                  that long ago (15m, 24h, 7d)"
-            ))
+                    .into(),
+            )
         })
 }
 
