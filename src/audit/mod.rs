@@ -483,10 +483,15 @@ fn read_journal(dir: &Path) -> Result<(Vec<db::RawRow>, Option<String>), AuditEr
     })
 }
 
-/// A report that also fails on journal damage found before the walk.
+/// A report that also fails on journal damage found before the walk. The damage is named
+/// first: its rows were left out of the walk, so a "truncated" finding after it is a
+/// consequence, not the cause.
 fn with_damage(mut report: VerifyReport, damage: Option<String>) -> VerifyReport {
-    if report.reason.is_none() {
-        report.reason = damage;
+    if let Some(damage) = damage {
+        report.reason = Some(match report.reason.take() {
+            Some(then) => format!("{damage}; without its rows: {then}"),
+            None => damage,
+        });
     }
     report
 }
@@ -737,6 +742,26 @@ mod tests {
         assert!(
             err.to_string().contains("journaled row 5 fails its MAC"),
             "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_journal_record_is_named_before_what_follows_from_it() {
+        let dir = crashed_trail().await;
+        let segment = journal::segments(dir.path()).unwrap().remove(0);
+        let mut bytes = std::fs::read(&segment).unwrap();
+        let at = String::from_utf8_lossy(&bytes)
+            .find("audit-row/v1")
+            .unwrap();
+        bytes[at + "audit-row/v".len()] = b'9';
+        std::fs::write(&segment, &bytes).unwrap();
+
+        let report = verify_dir(dir.path(), &master()).unwrap();
+        let reason = report.reason.clone().unwrap_or_default();
+        assert!(
+            reason.contains("is not an audit row at byte 0; without its rows:")
+                && reason.contains("truncated"),
+            "{reason}"
         );
     }
 
