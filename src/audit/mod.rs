@@ -724,13 +724,20 @@ mod tests {
         assert!(audit.verify().unwrap().ok());
     }
 
+    /// Byte offset of `needle` in a segment (MACs are binary, so no lossy text search).
+    fn find(bytes: &[u8], needle: &[u8]) -> usize {
+        bytes
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("needle in segment")
+    }
+
     #[tokio::test]
     async fn an_edited_journal_refuses_to_open_and_fails_verification() {
         let dir = crashed_trail().await;
         let segment = journal::segments(dir.path()).unwrap().remove(0);
         let bytes = std::fs::read(&segment).unwrap();
-        let text = String::from_utf8_lossy(&bytes).into_owned();
-        let at = text.find("tenant-5").unwrap();
+        let at = find(&bytes, b"tenant-5");
         let mut edited = bytes.clone();
         edited[at + 7] = b'9';
         std::fs::write(&segment, &edited).unwrap();
@@ -750,9 +757,7 @@ mod tests {
         let dir = crashed_trail().await;
         let segment = journal::segments(dir.path()).unwrap().remove(0);
         let mut bytes = std::fs::read(&segment).unwrap();
-        let at = String::from_utf8_lossy(&bytes)
-            .find("audit-row/v1")
-            .unwrap();
+        let at = find(&bytes, b"audit-row/v1");
         bytes[at + "audit-row/v".len()] = b'9';
         std::fs::write(&segment, &bytes).unwrap();
 

@@ -259,7 +259,7 @@ pub const MAX_TARGET_LEN: usize = 8192;
 /// `None` when `strict`, else kept as it is (as a lenient decoder would); `plus_as_space`
 /// decodes `+` as form decoders do.
 pub(crate) fn percent_decode_once(b: &[u8], strict: bool, plus_as_space: bool) -> Option<Vec<u8>> {
-    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let hex = crate::hex::digit;
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {

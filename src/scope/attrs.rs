@@ -527,7 +527,7 @@ impl ModelScanner {
                 self.string_byte(kind, decoded)?;
             }
             Lex::Unicode(kind, n, acc) => {
-                let d = (b as char).to_digit(16).ok_or_else(|| self.bad())? as u16;
+                let d = u16::from(crate::hex::digit(b).ok_or_else(|| self.bad())?);
                 let acc = (acc << 4) | d;
                 if n < 3 {
                     self.lex = Lex::Unicode(kind, n + 1, acc);
