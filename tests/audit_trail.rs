@@ -340,7 +340,18 @@ async fn an_upstream_failure_after_resolution_completes_the_call_instead_of_deny
         "[targets.closed]\nbase_url = \"https://{closed}\"\nauth_header = \"authorization\"\nauth_format = \"Bearer {{key}}\"\nfamily = \"openai\"\n"
     );
     let d = Daemon::builder().config(&toml).start();
+    // A key past its (warn-only) age: the completed row must carry the flag like a served one.
+    d.ok(&[
+        "tenant",
+        "add",
+        "acme",
+        "--max-key-age",
+        "1s",
+        "--on-expiry",
+        "warn",
+    ]);
     let (token, cred) = d.provision("acme", "closed", &random_key("sk-"), &[]);
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
     let (status, h, _) = call_as(
         &d.socket(),
         &token,
@@ -359,6 +370,7 @@ async fn an_upstream_failure_after_resolution_completes_the_call_instead_of_deny
     assert_eq!(kinds, ["request.resolved", "request.completed"], "{rows:?}");
     let completed = &rows[0];
     assert_eq!(completed["credential_id"], cred.as_str());
+    assert_eq!(completed["flags"], serde_json::json!(["expired_key_warn"]));
     assert!(
         completed["detail"]
             .as_str()

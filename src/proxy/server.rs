@@ -175,9 +175,9 @@ struct Known {
     target: Option<String>,
     model: Option<String>,
     capability: Option<String>,
-    /// The credential version of the latest attempt, once the request was resolved: a failure
-    /// after that point completes the call rather than denying it.
-    attempted: Option<(String, u32)>,
+    /// The candidate of the latest attempt, once the request was resolved: a failure after
+    /// that point completes the call rather than denying it.
+    attempted: Option<Candidate>,
 }
 
 impl Known {
@@ -261,9 +261,8 @@ async fn handle(
                     None => EventKind::RequestDenied,
                 };
                 let mut event = known.event(kind, &call_id);
-                if let Some((credential, version)) = &known.attempted {
-                    event.credential_id = Some(credential.clone());
-                    event.credential_version = Some(*version);
+                if let Some(chosen) = &known.attempted {
+                    name_credential(&mut event, chosen);
                     event.latency_ms = Some(started.elapsed().as_millis() as u64);
                 }
                 event.detail = Some(format!("{}: {}", reject.code.as_str(), reject.message));
@@ -396,7 +395,7 @@ async fn process(
     let mut index = 0;
     loop {
         let chosen = &candidates[index];
-        known.attempted = Some((chosen.credential.id.clone(), chosen.version().version));
+        known.attempted = Some(chosen.clone());
         let next = candidates.get(index + 1);
         if chosen.expired_warn {
             tracing::warn!(call_id, credential = %chosen.credential.id, version = chosen.version().version, "serving a key past the tenant's max key age (policy: warn)");
