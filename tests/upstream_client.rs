@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, Version};
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use keyward::config::Limits;
 use keyward::providers::{Target, TargetSpec, Targets};
-use keyward::proxy::upstream::{BoxError, Upstream, UpstreamBody, UpstreamError};
+use keyward::proxy::upstream::{BoxError, ResponseBody, Upstream, UpstreamBody, UpstreamError};
 use serde_json::{Value, json};
 use support::mock_upstream::{
     BIG_CHUNK, DEFAULT_TEXT, LEAK_PREFIX, LEAK_SUFFIX, MOCK_PROMPT_TOKENS, MockUpstream, Reply,
@@ -86,12 +86,12 @@ fn post(path: &str, body: Value) -> Request<UpstreamBody> {
         .unwrap()
 }
 
-async fn text(resp: http::Response<Incoming>) -> String {
+async fn text(resp: http::Response<ResponseBody>) -> String {
     let bytes = resp.into_body().collect().await.expect("body").to_bytes();
     String::from_utf8(bytes.to_vec()).expect("utf-8 body")
 }
 
-async fn json_of(resp: http::Response<Incoming>) -> Value {
+async fn json_of(resp: http::Response<ResponseBody>) -> Value {
     serde_json::from_str(&text(resp).await).expect("JSON body")
 }
 
@@ -306,6 +306,75 @@ async fn twenty_sequential_h2_requests_use_one_connection() {
 async fn twenty_sequential_http1_requests_use_one_connection() {
     sequential_requests_share_one_connection(MockUpstream::builder().http1_only().start().await)
         .await;
+}
+
+#[tokio::test]
+async fn a_burst_of_first_requests_opens_one_h2_connection() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, target) = trusted(&mock, dir.path(), &default_limits());
+    let upstream = std::sync::Arc::new(upstream);
+
+    // All start before any connection exists: each would open its own without the lane's
+    // connect gate.
+    let calls = (0..16).map(|i| {
+        let (upstream, target) = (upstream.clone(), target.clone());
+        tokio::spawn(async move {
+            let resp = upstream.send(&target, get(&format!("/echo/{i}"))).await;
+            json_of(resp.expect("answer")).await
+        })
+    });
+    for (i, call) in calls.collect::<Vec<_>>().into_iter().enumerate() {
+        assert_eq!(call.await.unwrap()["path"], format!("/echo/{i}"));
+    }
+    assert_eq!(mock.request_count(), 16);
+    assert_eq!(mock.connection_count(), 1, "one handshake served the burst");
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_cut_is_replaced() {
+    for mock in [
+        MockUpstream::start().await,
+        MockUpstream::builder().http1_only().start().await,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (upstream, target) = trusted(&mock, dir.path(), &default_limits());
+        json_of(upstream.send(&target, get("/echo/1")).await.unwrap()).await;
+        mock.cut_connections();
+        // Give the client a moment to see the connection close, as it would between calls.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let resp = upstream.send(&target, get("/echo/2")).await.unwrap();
+        assert_eq!(json_of(resp).await["path"], "/echo/2");
+        assert_eq!(mock.connection_count(), 2);
+    }
+}
+
+#[tokio::test]
+async fn an_idle_h2_connection_is_closed_and_the_next_call_reconnects() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = mock.write_ca(dir.path());
+    let targets = targets(&mock.base_url(), Some(&ca));
+    let target = targets.get("mock").unwrap();
+    let idle = Duration::from_millis(600);
+    let upstream = Upstream::with_idle_timeout(&targets, &default_limits(), idle).unwrap();
+
+    // Calls closer together than the idle timeout keep the connection.
+    for i in 0..3 {
+        json_of(
+            upstream
+                .send(target, get(&format!("/echo/{i}")))
+                .await
+                .unwrap(),
+        )
+        .await;
+        tokio::time::sleep(idle / 3).await;
+    }
+    assert_eq!(mock.connection_count(), 1);
+    // Unused for longer than the timeout (plus the check interval), it is closed.
+    tokio::time::sleep(idle * 2).await;
+    json_of(upstream.send(target, get("/echo/later")).await.unwrap()).await;
+    assert_eq!(mock.connection_count(), 2);
 }
 
 #[tokio::test]
@@ -724,6 +793,57 @@ async fn big_bodies_stream_both_ways() {
     let file = json_of(upstream.send(&target, req).await.unwrap()).await;
     assert_eq!(file["bytes"], 48 * (64 << 10));
     assert_eq!(mock.last_request().unwrap().body_len, 48 * (64 << 10));
+}
+
+#[tokio::test]
+async fn the_body_keeps_streaming_after_an_early_answer() {
+    for mock in [
+        MockUpstream::start().await,
+        MockUpstream::builder().http1_only().start().await,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (upstream, target) = trusted(&mock, dir.path(), &default_limits());
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let data = rx.recv().await?;
+            Some((Ok::<_, BoxError>(Frame::data(data)), rx))
+        });
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri("/answer-first")
+            .body(StreamBody::new(frames).boxed())
+            .unwrap();
+        tx.send(Bytes::from_static(b"first")).await.unwrap();
+
+        // The answer arrives while the body is still open.
+        let resp = upstream.send(&target, req).await.unwrap();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "answered\n");
+        // The rest, past the bytes sent without waiting for flow control, still arrives.
+        for _ in 0..8 {
+            tx.send(Bytes::from(vec![1u8; 32 << 10])).await.unwrap();
+        }
+        drop(tx);
+        let rest = tokio::time::timeout(Duration::from_secs(10), body.collect())
+            .await
+            .expect("the upstream read the whole body")
+            .unwrap()
+            .to_bytes();
+        assert_eq!(rest, format!("received {}\n", 5 + 8 * (32 << 10)));
+    }
+}
+
+#[tokio::test]
+async fn h2_response_trailers_arrive_after_the_data() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, target) = trusted(&mock, dir.path(), &default_limits());
+    let resp = upstream.send(&target, get("/trailers")).await.unwrap();
+    assert_eq!(resp.version(), Version::HTTP_2);
+    let all = resp.into_body().collect().await.unwrap();
+    assert_eq!(all.trailers().unwrap()["x-checksum"], "42");
+    assert_eq!(all.to_bytes(), "body\n");
 }
 
 #[tokio::test]

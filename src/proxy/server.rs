@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use super::error::{CALL_ID_HEADER, ErrorCode, error_response};
 use super::route::{Route, upstream_uri};
 use super::scrub::{ScrubBody, Scrubber};
-use super::upstream::{BoxError, IdleTimeoutBody, UpstreamBody, UpstreamError};
+use super::upstream::{BoxError, IdleTimeoutBody, ResponseBody, UpstreamBody, UpstreamError};
 use crate::audit::usage::UsageTap;
 use crate::audit::{Event, EventKind, Fingerprinter};
 use crate::auth::{AuthError, PeerCred, Principal, authenticate};
@@ -497,7 +497,7 @@ struct Outgoing<'a> {
 /// What one attempt with one key produced.
 enum Step {
     /// Upstream answered (any status), with the key that was used, for scrubbing.
-    Answer(Response<Incoming>, Secret),
+    Answer(Response<ResponseBody>, Secret),
     /// No answer.
     Failed {
         /// What the app gets if there is no failover.
@@ -509,7 +509,7 @@ enum Step {
 
 /// What the app gets if the failover cannot be audited.
 enum Fallback {
-    Answer(Response<Incoming>, Secret),
+    Answer(Response<ResponseBody>, Secret),
     Failed(Reject),
 }
 
@@ -592,7 +592,7 @@ fn report(
     known: &Known,
     call_id: &str,
     chosen: &Candidate,
-    response: &Response<Incoming>,
+    response: &Response<ResponseBody>,
     sent_at: SystemTime,
 ) -> Change {
     let now = SystemTime::now();
@@ -764,7 +764,7 @@ fn tenant_keys(
 #[allow(clippy::too_many_arguments)]
 fn respond(
     state: &Arc<State>,
-    response: Response<Incoming>,
+    response: Response<ResponseBody>,
     secret: &Secret,
     chosen: &Candidate,
     known: &Known,

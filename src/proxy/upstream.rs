@@ -19,8 +19,7 @@ use bytes::Bytes;
 use http::Uri;
 use http::uri::PathAndQuery;
 use http_body_util::combinators::BoxBody;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_rustls::HttpsConnector;
+use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -29,6 +28,8 @@ use rustls::pki_types::pem::PemObject;
 use tokio::time::{Instant, Sleep};
 
 use super::error::ErrorCode;
+pub use super::lane::ResponseBody;
+use super::lane::{Http1Client, Lane, POOL_IDLE_TIMEOUT, StashConnector};
 use crate::config::Limits;
 use crate::providers::{Target, Targets};
 
@@ -38,8 +39,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of requests sent upstream (and of keyward's own responses).
 pub type UpstreamBody = BoxBody<Bytes, BoxError>;
 
-/// How long an idle pooled connection is kept before it is closed.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Upper bound on TCP connect time, so a black-holed address fails as unreachable (and can
 /// fail over) well before the overall response deadline.
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -106,14 +105,12 @@ impl UpstreamError {
 
 // === Upstream ===
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
-
-/// Pooled clients toward every target, one per distinct trust configuration.
+/// The connections toward every target: one [`Lane`] per distinct trust configuration and
+/// authority, so targets with the same `ca_file` and host share connections.
 pub struct Upstream {
-    /// Keyed by the target's `ca_file` (None = web PKI roots only); targets with the same
-    /// trust share a client and therefore a connection pool.
-    /// Built once at start: the request path only reads it, so no lock is taken per request.
-    clients: HashMap<Option<PathBuf>, HttpsClient>,
+    /// Keyed by target name. Built once at start: the request path only reads it, so no lock
+    /// is taken per request.
+    lanes: HashMap<String, Arc<Lane>>,
     /// Deadline for response headers.
     upstream_timeout: Duration,
     /// Deadline between two frames of a response body.
@@ -130,22 +127,54 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// Builds the clients for every target up front, so an unusable `ca_file` fails at start.
+    /// Builds the lanes for every target up front, so an unusable `ca_file` fails at start.
     pub fn new(targets: &Targets, limits: &Limits) -> Result<Upstream, UpstreamError> {
-        let mut clients = HashMap::new();
-        let trust_sets = std::iter::once((None, "(default)")).chain(
-            targets
-                .iter()
-                .map(|t| (t.ca_file.as_deref(), t.name.as_str())),
-        );
-        for (ca_file, target_name) in trust_sets {
-            let key = ca_file.map(Path::to_path_buf);
-            if let std::collections::hash_map::Entry::Vacant(slot) = clients.entry(key) {
-                slot.insert(build_client(tls_config(ca_file, target_name)?, limits));
+        Upstream::with_idle_timeout(targets, limits, POOL_IDLE_TIMEOUT)
+    }
+
+    /// [`Upstream::new`], closing HTTP/2 connections after `idle` unused instead of
+    /// [`POOL_IDLE_TIMEOUT`]; tests use it to see a connection retire.
+    #[doc(hidden)]
+    pub fn with_idle_timeout(
+        targets: &Targets,
+        limits: &Limits,
+        idle: Duration,
+    ) -> Result<Upstream, UpstreamError> {
+        let mut trust_sets: HashMap<Option<PathBuf>, (StashConnector, Http1Client)> =
+            HashMap::new();
+        let mut shared: HashMap<(Option<PathBuf>, Uri), Arc<Lane>> = HashMap::new();
+        let mut lanes = HashMap::new();
+        for target in targets.iter() {
+            let key = target.ca_file.clone();
+            if !trust_sets.contains_key(&key) {
+                let tls = tls_config(key.as_deref(), &target.name)?;
+                trust_sets.insert(key.clone(), build_clients(tls, limits));
             }
+            let origin = Uri::builder()
+                .scheme(target.upstream.scheme.clone())
+                .authority(target.upstream.authority.clone())
+                .path_and_query("/")
+                .build()
+                .map_err(|e| UpstreamError::Unreachable {
+                    host: authority_of(target),
+                    reason: format!("cannot form an upstream URI for the target: {e}"),
+                })?;
+            let lane = shared
+                .entry((key.clone(), origin.clone()))
+                .or_insert_with(|| {
+                    let (connector, http1) = &trust_sets[&key];
+                    Lane::new(
+                        origin,
+                        connector.clone(),
+                        http1.clone(),
+                        limits.max_header_bytes as u32,
+                        idle,
+                    )
+                });
+            lanes.insert(target.name.clone(), lane.clone());
         }
         Ok(Upstream {
-            clients,
+            lanes,
             upstream_timeout: limits.upstream_timeout,
             stream_idle_timeout: limits.stream_idle_timeout,
         })
@@ -159,42 +188,34 @@ impl Upstream {
         &self,
         target: &Target,
         mut req: http::Request<UpstreamBody>,
-    ) -> Result<http::Response<Incoming>, UpstreamError> {
-        let host = authority_of(target);
+    ) -> Result<http::Response<ResponseBody>, UpstreamError> {
+        let lane = self
+            .lanes
+            .get(&target.name)
+            .ok_or_else(|| UpstreamError::Unreachable {
+                host: authority_of(target),
+                reason: format!(
+                    "target {} was not configured when keyward started",
+                    target.name
+                ),
+            })?;
         *req.uri_mut() =
             upstream_uri(target, req.uri()).map_err(|reason| UpstreamError::Unreachable {
-                host: host.clone(),
+                host: authority_of(target),
                 reason,
             })?;
-        let client = self.client_for(target.ca_file.as_deref(), &target.name)?;
-        match tokio::time::timeout(self.upstream_timeout, client.request(req)).await {
+        match tokio::time::timeout(self.upstream_timeout, lane.send(req)).await {
             Err(_) => Err(UpstreamError::Timeout {
-                host,
+                host: authority_of(target),
                 after: self.upstream_timeout,
             }),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(err)) => Err(classify(&err, &host)),
+            Ok(result) => result,
         }
     }
 
     /// Wraps a response body so it errors after `stream_idle_timeout` without a frame.
     pub fn idle_guard<B>(&self, body: B) -> IdleTimeoutBody<B> {
         IdleTimeoutBody::new(body, self.stream_idle_timeout)
-    }
-
-    fn client_for(
-        &self,
-        ca_file: Option<&Path>,
-        target_name: &str,
-    ) -> Result<HttpsClient, UpstreamError> {
-        self.clients
-            .get(&ca_file.map(Path::to_path_buf))
-            .cloned()
-            .ok_or_else(|| UpstreamError::CaFile {
-                target: target_name.to_string(),
-                path: ca_file.map(|p| p.display().to_string()).unwrap_or_default(),
-                reason: "no client was built for this trust set at start".into(),
-            })
     }
 }
 
@@ -246,7 +267,8 @@ fn read_ca_file(
     Ok(certs)
 }
 
-fn build_client(tls: rustls::ClientConfig, limits: &Limits) -> HttpsClient {
+/// The connector and the HTTP/1.1 client for one trust set.
+fn build_clients(tls: rustls::ClientConfig, limits: &Limits) -> (StashConnector, Http1Client) {
     let upstream_timeout = limits.upstream_timeout;
     let mut http = HttpConnector::new();
     // The HTTPS connector decides which schemes are allowed; the inner one must accept https.
@@ -254,19 +276,22 @@ fn build_client(tls: rustls::ClientConfig, limits: &Limits) -> HttpsClient {
     http.set_nodelay(true);
     http.set_keepalive(Some(TCP_KEEPALIVE));
     http.set_connect_timeout(Some(upstream_timeout.min(MAX_CONNECT_TIMEOUT)));
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
+    let connector = StashConnector::new(
+        hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http),
+    );
+    let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         // A hostile upstream must not make keyward buffer unbounded response headers.
         .http1_max_buf_size(limits.max_header_bytes.max(8192))
         .http2_max_header_list_size(limits.max_header_bytes as u32)
-        .build(connector)
+        .build(connector.clone());
+    (connector, client)
 }
 
 fn authority_of(target: &Target) -> String {
@@ -291,8 +316,16 @@ fn upstream_uri(target: &Target, given: &Uri) -> Result<Uri, String> {
 
 // === Failure reasons ===
 
+/// A connect or TLS failure, with a reason naming what failed.
+pub(super) fn connect_error(err: &(dyn std::error::Error + 'static), host: &str) -> UpstreamError {
+    UpstreamError::Unreachable {
+        host: host.to_string(),
+        reason: reason_from_chain(err, host),
+    }
+}
+
 /// Turns a client error into a reason naming what failed, from the innermost known cause.
-fn classify(err: &hyper_util::client::legacy::Error, host: &str) -> UpstreamError {
+pub(super) fn classify(err: &hyper_util::client::legacy::Error, host: &str) -> UpstreamError {
     let reason = reason_from_chain(err, host);
     if err.is_connect() || reason.starts_with("TLS:") {
         UpstreamError::Unreachable {

@@ -287,6 +287,7 @@ impl MockUpstreamBuilder {
             key_replies: Mutex::new(self.key_replies),
             gate: Semaphore::new(0),
             text: self.text,
+            cut: watch::channel(0).0,
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         tokio::spawn(accept_loop(
@@ -315,6 +316,8 @@ struct State {
     /// One permit per `release()`; `/gated-sse` takes one before each event after the first.
     gate: Semaphore,
     text: String,
+    /// Bumped by `cut_connections()`; every open connection closes when it changes.
+    cut: watch::Sender<u64>,
 }
 
 /// A running mock provider; stops serving when dropped.
@@ -403,6 +406,12 @@ impl MockUpstream {
         self.state.requests.lock().unwrap().last().cloned()
     }
 
+    /// Closes every open connection at once, without a GOAWAY, as a restarting upstream or
+    /// a load balancer dropping idle connections would.
+    pub fn cut_connections(&self) {
+        self.state.cut.send_modify(|n| *n += 1);
+    }
+
     /// Number of TCP connections accepted so far.
     pub fn connection_count(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
@@ -450,6 +459,7 @@ async fn accept_loop(
         let state = state.clone();
         let tls = tls.clone();
         let mut shutdown = shutdown.clone();
+        let mut cut = state.cut.subscribe();
         tokio::spawn(async move {
             let serve = async move {
                 match tls {
@@ -467,6 +477,7 @@ async fn accept_loop(
             tokio::select! {
                 _ = serve => {}
                 _ = shutdown.changed() => {}
+                _ = cut.changed() => {}
             }
         });
     }
@@ -489,6 +500,17 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<MockBody>, Infallible> {
     let (parts, body) = req.into_parts();
+    if parts.uri.path() == "/answer-first" {
+        // Answers before reading the request body, then says how much of it arrived, as a
+        // streaming upload API or an upstream refusing early would.
+        let (tx, out) = channel_body();
+        tokio::spawn(async move {
+            let _ = tx.send(Bytes::from_static(b"answered\n")).await;
+            let (_, len, _) = read_body(body).await;
+            let _ = tx.send(Bytes::from(format!("received {len}\n"))).await;
+        });
+        return Ok(Response::new(out));
+    }
     let (body, body_len, trailers) = read_body(body).await;
     let recorded = RecordedRequest {
         method: parts.method.clone(),
@@ -585,6 +607,17 @@ async fn route(state: &Arc<State>, req: &RecordedRequest) -> Response<MockBody> 
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 let _ = tx.send(Bytes::from_static(b"rest\n")).await;
             });
+            with_type(Response::new(body), "text/plain")
+        }
+        (_, "/trailers") => {
+            // A body that ends with trailers, as gRPC-style and some streaming APIs send.
+            let mut trailers = HeaderMap::new();
+            trailers.insert("x-checksum", HeaderValue::from_static("42"));
+            let frames = [
+                Ok(Frame::data(Bytes::from_static(b"body\n"))),
+                Ok(Frame::trailers(trailers)),
+            ];
+            let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
             with_type(Response::new(body), "text/plain")
         }
         (_, "/gated-sse") => gated_sse(state, query),

@@ -1,0 +1,504 @@
+//! One upstream authority under one trust set: a single shared HTTP/2 connection driven on the
+//! `h2` crate directly or, when the upstream does not offer h2 (or the target is plain
+//! `http://`), HTTP/1.1 through hyper's pooled client.
+//!
+//! Why not hyper's client for HTTP/2: it hands every request to a connection task over a
+//! channel, and because a new stream has no send capacity until that task opens it, it moves
+//! the request body in a task of its own. HEADERS and DATA then leave in separate writes, with
+//! two tasks spawned per request. Here the request task itself queues HEADERS together with the
+//! body it already has, so a small request leaves in one write and spawns nothing.
+//!
+//! A lane connects once at a time: a burst of first requests waits for one handshake instead of
+//! opening a connection each.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::Authority;
+use http::{Request, Response, Uri};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::upstream::{BoxError, UpstreamBody, UpstreamError, classify, connect_error};
+
+/// The TLS (or plain) connector every connection of a trust set is made with.
+pub(super) type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+/// A connection as the connector returns it.
+type Stream = hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>;
+/// hyper's pooled client, used for HTTP/1.1.
+pub(super) type Http1Client = Client<StashConnector, UpstreamBody>;
+
+/// How long an idle HTTP/2 connection is kept before it is closed.
+pub(super) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Request body bytes queued on a new stream before it has send capacity: enough for a typical
+/// API call to leave with its HEADERS, small enough to bound what one stream buffers.
+const EAGER_BODY_BYTES: usize = 64 << 10;
+
+// === StashConnector ===
+
+/// Wraps the connector so that a connection a lane opened to probe for h2, and which
+/// negotiated HTTP/1.1, is handed to the HTTP/1.1 client instead of thrown away.
+#[derive(Clone)]
+pub(super) struct StashConnector {
+    inner: HttpsConnector,
+    stash: Arc<Mutex<Vec<(Authority, Stream)>>>,
+}
+
+impl StashConnector {
+    pub(super) fn new(inner: HttpsConnector) -> StashConnector {
+        StashConnector {
+            inner,
+            stash: Arc::default(),
+        }
+    }
+
+    fn put(&self, authority: Authority, stream: Stream) {
+        lock(&self.stash).push((authority, stream));
+    }
+
+    fn take(&self, authority: Option<&Authority>) -> Option<Stream> {
+        let mut stash = lock(&self.stash);
+        let at = stash.iter().position(|(a, _)| Some(a) == authority)?;
+        Some(stash.swap_remove(at).1)
+    }
+}
+
+impl Service<Uri> for StashConnector {
+    type Response = Stream;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Stream, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        match self.take(uri.authority()) {
+            Some(stream) => Box::pin(std::future::ready(Ok(stream))),
+            None => self.inner.call(uri),
+        }
+    }
+}
+
+// === Lane ===
+
+/// The connections to one authority under one trust set.
+pub(super) struct Lane {
+    /// `scheme://authority/`, what the connector is called with.
+    origin: Uri,
+    /// The authority, for errors.
+    host: String,
+    connector: StashConnector,
+    http1: Http1Client,
+    h2: h2::client::Builder,
+    /// Set once the upstream answered ALPN without h2 (or is plain http): HTTP/1.1 from then on.
+    http1_only: AtomicBool,
+    /// The current HTTP/2 connection, if any.
+    current: Mutex<Option<Pooled>>,
+    /// How long an HTTP/2 connection may go unused before it is closed.
+    idle: Duration,
+    /// Held while connecting, so one handshake serves a burst.
+    connecting: tokio::sync::Mutex<()>,
+    /// Handed to connection drivers, which retire their connection when idle.
+    this: Weak<Lane>,
+}
+
+/// A live HTTP/2 connection in a lane.
+struct Pooled {
+    conn: H2Conn,
+    last_used: Instant,
+}
+
+#[derive(Clone)]
+struct H2Conn {
+    sender: h2::client::SendRequest<Bytes>,
+    /// Set when the connection ended or refused a new stream; it is then replaced.
+    closed: Arc<AtomicBool>,
+}
+
+impl Lane {
+    pub(super) fn new(
+        origin: Uri,
+        connector: StashConnector,
+        http1: Http1Client,
+        max_header_bytes: u32,
+        idle: Duration,
+    ) -> Arc<Lane> {
+        let host = origin
+            .authority()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let plain = origin.scheme() != Some(&http::uri::Scheme::HTTPS);
+        Arc::new_cyclic(|this| Lane {
+            origin,
+            host,
+            connector,
+            http1,
+            h2: h2_builder(max_header_bytes),
+            http1_only: AtomicBool::new(plain),
+            current: Mutex::new(None),
+            idle,
+            connecting: tokio::sync::Mutex::new(()),
+            this: this.clone(),
+        })
+    }
+
+    /// Sends `req` (its URI already absolute) and waits for response headers.
+    pub(super) async fn send(
+        &self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
+        let (head, body) = req.into_parts();
+        // A connection that went away between two requests is found out at `ready`, before
+        // anything is sent, so the request moves to a fresh connection once.
+        for _ in 0..2 {
+            let Some(conn) = self.h2_conn().await? else {
+                break;
+            };
+            match conn.sender.clone().ready().await {
+                Ok(sender) => return self.send_h2(sender, head, body).await,
+                Err(_) => conn.closed.store(true, Ordering::Release),
+            }
+        }
+        if !self.http1_only.load(Ordering::Acquire) {
+            return Err(UpstreamError::Failed {
+                host: self.host.clone(),
+                reason: "the HTTP/2 connection closed twice before the request could be sent"
+                    .into(),
+            });
+        }
+        match self.http1.request(Request::from_parts(head, body)).await {
+            Ok(response) => Ok(response.map(ResponseBody::http1)),
+            Err(err) => Err(classify(&err, &self.host)),
+        }
+    }
+
+    async fn send_h2(
+        &self,
+        mut sender: h2::client::SendRequest<Bytes>,
+        head: http::request::Parts,
+        body: UpstreamBody,
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
+        let end_stream = body.is_end_stream();
+        let (mut response, stream) = sender
+            .send_request(Request::from_parts(head, ()), end_stream)
+            .map_err(|e| self.failed(&e))?;
+        let mut pump = (!end_stream).then(|| BodyPump {
+            body,
+            stream,
+            eager: EAGER_BODY_BYTES,
+        });
+        let response = std::future::poll_fn(|cx| {
+            if pump.as_mut().is_some_and(|p| p.poll_pump(cx).is_ready()) {
+                pump = None;
+            }
+            Pin::new(&mut response).poll(cx)
+        })
+        .await
+        .map_err(|e| self.failed(&e))?;
+        if let Some(mut pump) = pump {
+            // The upstream answered before the whole body was sent (an early error, or a
+            // streaming API): keep sending it alongside the response, as HTTP/2 allows.
+            tokio::spawn(std::future::poll_fn(move |cx| pump.poll_pump(cx)));
+        }
+        Ok(response.map(ResponseBody::h2))
+    }
+
+    /// The lane's HTTP/2 connection, opened if there is none; `None` when the lane speaks
+    /// HTTP/1.1.
+    async fn h2_conn(&self) -> Result<Option<H2Conn>, UpstreamError> {
+        if self.http1_only.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        if let Some(conn) = self.checkout() {
+            return Ok(Some(conn));
+        }
+        let _connecting = self.connecting.lock().await;
+        if self.http1_only.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        if let Some(conn) = self.checkout() {
+            return Ok(Some(conn));
+        }
+        let stream = self
+            .connector
+            .inner
+            .clone()
+            .call(self.origin.clone())
+            .await
+            .map_err(|e| connect_error(&*e, &self.host))?;
+        if !stream.connected().is_negotiated_h2() {
+            if let Some(authority) = self.origin.authority() {
+                self.connector.put(authority.clone(), stream);
+            }
+            self.http1_only.store(true, Ordering::Release);
+            return Ok(None);
+        }
+        let (sender, connection) = self
+            .h2
+            .handshake::<_, Bytes>(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.failed(&e))?;
+        let conn = H2Conn {
+            sender,
+            closed: Arc::default(),
+        };
+        tokio::spawn(drive(
+            connection,
+            conn.closed.clone(),
+            self.this.clone(),
+            self.idle,
+        ));
+        *lock(&self.current) = Some(Pooled {
+            conn: conn.clone(),
+            last_used: Instant::now(),
+        });
+        Ok(Some(conn))
+    }
+
+    /// The current connection if it is still open.
+    fn checkout(&self) -> Option<H2Conn> {
+        let mut current = lock(&self.current);
+        let pooled = current.as_mut()?;
+        if pooled.conn.closed.load(Ordering::Acquire) {
+            *current = None;
+            return None;
+        }
+        pooled.last_used = Instant::now();
+        Some(pooled.conn.clone())
+    }
+
+    /// Drops the lane's handle on `closed`'s connection if no request took it for the idle
+    /// timeout. Streams still open keep the connection alive: h2 closes it
+    /// once the last one ends.
+    fn retire_if_idle(&self, closed: &Arc<AtomicBool>) {
+        let mut current = lock(&self.current);
+        let idle = current.as_ref().is_some_and(|p| {
+            Arc::ptr_eq(&p.conn.closed, closed) && p.last_used.elapsed() >= self.idle
+        });
+        if idle {
+            closed.store(true, Ordering::Release);
+            *current = None;
+        }
+    }
+
+    fn failed(&self, err: &h2::Error) -> UpstreamError {
+        UpstreamError::Failed {
+            host: self.host.clone(),
+            reason: h2_reason(err),
+        }
+    }
+}
+
+/// Runs one HTTP/2 connection until it ends, retiring it when idle.
+async fn drive<T>(
+    connection: h2::client::Connection<T, Bytes>,
+    closed: Arc<AtomicBool>,
+    lane: Weak<Lane>,
+    idle: Duration,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut connection = std::pin::pin!(connection);
+    // Checking six times per idle period closes a connection at most a sixth late.
+    let mut check = tokio::time::interval(idle / 6);
+    loop {
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(e) = result {
+                    tracing::debug!(reason = %h2_reason(&e), "upstream HTTP/2 connection ended");
+                }
+                break;
+            }
+            _ = check.tick() => {
+                if let Some(lane) = lane.upgrade() {
+                    lane.retire_if_idle(&closed);
+                }
+            }
+        }
+    }
+    closed.store(true, Ordering::Release);
+}
+
+fn h2_builder(max_header_bytes: u32) -> h2::client::Builder {
+    // The windows hyper's client uses: the protocol's 64 KiB would throttle large responses.
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(2 << 20)
+        .initial_connection_window_size(5 << 20)
+        .max_frame_size(16 << 10)
+        .max_send_buffer_size(1 << 20)
+        // A hostile upstream must not make keyward buffer unbounded response headers.
+        .max_header_list_size(max_header_bytes)
+        .enable_push(false);
+    builder
+}
+
+/// What failed in an HTTP/2 exchange, without anything from the messages themselves.
+fn h2_reason(err: &h2::Error) -> String {
+    if let Some(io) = err.get_io() {
+        return format!("HTTP/2 connection failed: {io}");
+    }
+    match err.reason() {
+        Some(reason) if err.is_go_away() => {
+            format!("HTTP/2: the upstream closed the connection ({reason})")
+        }
+        Some(reason) if err.is_reset() => {
+            format!("HTTP/2: the upstream reset the stream ({reason})")
+        }
+        _ => format!("HTTP/2: {err}"),
+    }
+}
+
+// === request body ===
+
+/// Moves a request body into its HTTP/2 stream. The first [`EAGER_BODY_BYTES`] are queued
+/// without waiting for send capacity, which a new stream only gets once the connection opens
+/// it, so they leave with the HEADERS; after that each frame waits for capacity, which bounds
+/// what h2 buffers for the stream.
+struct BodyPump {
+    body: UpstreamBody,
+    stream: h2::SendStream<Bytes>,
+    eager: usize,
+}
+
+impl BodyPump {
+    /// Ready when the body is sent, or cannot be (the stream is then reset or already gone).
+    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.eager == 0 {
+                self.stream.reserve_capacity(1);
+                if self.stream.capacity() == 0 {
+                    match ready!(self.stream.poll_capacity(cx)) {
+                        Some(Ok(_)) => continue,
+                        Some(Err(_)) | None => return Poll::Ready(()),
+                    }
+                }
+            }
+            let frame = match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                None => {
+                    let _ = self.stream.send_data(Bytes::new(), true);
+                    return Poll::Ready(());
+                }
+                Some(Err(_)) => {
+                    self.stream.send_reset(h2::Reason::CANCEL);
+                    return Poll::Ready(());
+                }
+                Some(Ok(frame)) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    let end = self.body.is_end_stream();
+                    self.eager = self.eager.saturating_sub(data.len());
+                    if self.stream.send_data(data, end).is_err() || end {
+                        return Poll::Ready(());
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let _ = self.stream.send_trailers(trailers);
+                        return Poll::Ready(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+// === response body ===
+
+/// An upstream response body, from either protocol.
+pub struct ResponseBody(Inner);
+
+enum Inner {
+    Http1(Incoming),
+    H2 {
+        recv: h2::RecvStream,
+        data_done: bool,
+    },
+}
+
+impl ResponseBody {
+    fn http1(body: Incoming) -> ResponseBody {
+        ResponseBody(Inner::Http1(body))
+    }
+
+    fn h2(recv: h2::RecvStream) -> ResponseBody {
+        ResponseBody(Inner::H2 {
+            recv,
+            data_done: false,
+        })
+    }
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let protocol = match self.0 {
+            Inner::Http1(_) => "HTTP/1.1",
+            Inner::H2 { .. } => "HTTP/2",
+        };
+        f.debug_tuple("ResponseBody").field(&protocol).finish()
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let (recv, data_done) = match &mut self.get_mut().0 {
+            Inner::Http1(body) => return Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::H2 { recv, data_done } => (recv, data_done),
+        };
+        if !*data_done {
+            match ready!(recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Reopens the window for what was read, so the upstream may send more.
+                    let _ = recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(h2_reason(&e).into()))),
+                None => *data_done = true,
+            }
+        }
+        match ready!(recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(h2_reason(&e).into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Inner::Http1(body) => body.is_end_stream(),
+            Inner::H2 { recv, .. } => recv.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Inner::Http1(body) => body.size_hint(),
+            Inner::H2 { recv, .. } if recv.is_end_stream() => SizeHint::with_exact(0),
+            Inner::H2 { .. } => SizeHint::default(),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
