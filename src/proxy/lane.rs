@@ -43,6 +43,12 @@ pub(super) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Request body bytes queued on a new stream before it has send capacity: enough for a typical
 /// API call to leave with its HEADERS, small enough to bound what one stream buffers.
 const EAGER_BODY_BYTES: usize = 64 << 10;
+/// Streams opened on a new connection before the upstream's SETTINGS say how many it allows;
+/// the protocol's recommended minimum, as hyper assumes.
+const INITIAL_MAX_STREAMS: usize = 100;
+/// How long a new connection may take to answer the first PING, which proves its SETTINGS
+/// arrived.
+const SETTINGS_WAIT: Duration = Duration::from_secs(10);
 
 // === StashConnector ===
 
@@ -109,6 +115,9 @@ pub(super) struct Lane {
     idle: Duration,
     /// Held while connecting, so one handshake serves a burst.
     connecting: tokio::sync::Mutex<()>,
+    /// When the last connect failed, and why: calls that were already waiting for that
+    /// connect get its failure instead of each trying again in turn.
+    last_failure: Mutex<Option<(Instant, String)>>,
     /// Handed to connection drivers, which retire their connection when idle.
     this: Weak<Lane>,
 }
@@ -149,6 +158,7 @@ impl Lane {
             current: Mutex::new(None),
             idle,
             connecting: tokio::sync::Mutex::new(()),
+            last_failure: Mutex::new(None),
             this: this.clone(),
         })
     }
@@ -166,7 +176,7 @@ impl Lane {
                 break;
             };
             match conn.sender.clone().ready().await {
-                Ok(sender) => return self.send_h2(sender, head, body).await,
+                Ok(sender) => return self.send_h2(&conn, sender, head, body).await,
                 Err(_) => conn.closed.store(true, Ordering::Release),
             }
         }
@@ -185,6 +195,7 @@ impl Lane {
 
     async fn send_h2(
         &self,
+        conn: &H2Conn,
         mut sender: h2::client::SendRequest<Bytes>,
         head: http::request::Parts,
         body: UpstreamBody,
@@ -192,11 +203,16 @@ impl Lane {
         let end_stream = body.is_end_stream();
         let (mut response, stream) = sender
             .send_request(Request::from_parts(head, ()), end_stream)
-            .map_err(|e| self.failed(&e))?;
+            .map_err(|e| {
+                // Ready a moment ago, refused now: the connection is going away.
+                conn.closed.store(true, Ordering::Release);
+                self.failed(&e)
+            })?;
         let mut pump = (!end_stream).then(|| BodyPump {
             body,
             stream,
             eager: EAGER_BODY_BYTES,
+            held: None,
         });
         let response = std::future::poll_fn(|cx| {
             if pump.as_mut().is_some_and(|p| p.poll_pump(cx).is_ready()) {
@@ -206,12 +222,13 @@ impl Lane {
         })
         .await
         .map_err(|e| self.failed(&e))?;
-        if let Some(mut pump) = pump {
+        let pump = pump.map(|mut pump| {
             // The upstream answered before the whole body was sent (an early error, or a
-            // streaming API): keep sending it alongside the response, as HTTP/2 allows.
-            tokio::spawn(std::future::poll_fn(move |cx| pump.poll_pump(cx)));
-        }
-        Ok(response.map(ResponseBody::h2))
+            // streaming API): keep sending it alongside the response, as HTTP/2 allows, until
+            // the response is dropped.
+            tokio::spawn(std::future::poll_fn(move |cx| pump.poll_pump(cx))).abort_handle()
+        });
+        Ok(response.map(|recv| ResponseBody::h2(recv, pump)))
     }
 
     /// The lane's HTTP/2 connection, opened if there is none; `None` when the lane speaks
@@ -223,6 +240,7 @@ impl Lane {
         if let Some(conn) = self.checkout() {
             return Ok(Some(conn));
         }
+        let asked = Instant::now();
         let _connecting = self.connecting.lock().await;
         if self.http1_only.load(Ordering::Acquire) {
             return Ok(None);
@@ -230,6 +248,30 @@ impl Lane {
         if let Some(conn) = self.checkout() {
             return Ok(Some(conn));
         }
+        if let Some((at, reason)) = lock(&self.last_failure).as_ref()
+            && *at >= asked
+        {
+            return Err(UpstreamError::Unreachable {
+                host: self.host.clone(),
+                reason: reason.clone(),
+            });
+        }
+        match self.connect().await {
+            Err(UpstreamError::Unreachable { host, reason }) => {
+                *lock(&self.last_failure) = Some((Instant::now(), reason.clone()));
+                Err(UpstreamError::Unreachable { host, reason })
+            }
+            other => other,
+        }
+    }
+
+    /// Opens a connection (the caller holds the connect gate): HTTP/2 if ALPN says so,
+    /// otherwise the stream goes to the HTTP/1.1 client and `None` is returned.
+    async fn connect(&self) -> Result<Option<H2Conn>, UpstreamError> {
+        let unreachable = |reason: String| UpstreamError::Unreachable {
+            host: self.host.clone(),
+            reason,
+        };
         let stream = self
             .connector
             .inner
@@ -244,11 +286,12 @@ impl Lane {
             self.http1_only.store(true, Ordering::Release);
             return Ok(None);
         }
-        let (sender, connection) = self
+        let (sender, mut connection) = self
             .h2
             .handshake::<_, Bytes>(TokioIo::new(stream))
             .await
-            .map_err(|e| self.failed(&e))?;
+            .map_err(|e| unreachable(h2_reason(&e)))?;
+        let mut ping = connection.ping_pong();
         let conn = H2Conn {
             sender,
             closed: Arc::default(),
@@ -259,6 +302,20 @@ impl Lane {
             self.this.clone(),
             self.idle,
         ));
+        // The upstream's SETTINGS precede its answer to a PING. Until they arrive, the calls
+        // waiting at the gate could open more streams than it allows and be refused.
+        if let Some(ping) = ping.as_mut() {
+            match tokio::time::timeout(SETTINGS_WAIT, ping.ping(h2::Ping::opaque())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(unreachable(h2_reason(&e))),
+                Err(_) => {
+                    return Err(unreachable(format!(
+                        "the HTTP/2 handshake did not complete within {}",
+                        humantime::format_duration(SETTINGS_WAIT)
+                    )));
+                }
+            }
+        }
         *lock(&self.current) = Some(Pooled {
             conn: conn.clone(),
             last_used: Instant::now(),
@@ -334,6 +391,7 @@ fn h2_builder(max_header_bytes: u32) -> h2::client::Builder {
     // The windows hyper's client uses: the protocol's 64 KiB would throttle large responses.
     let mut builder = h2::client::Builder::new();
     builder
+        .initial_max_send_streams(INITIAL_MAX_STREAMS)
         .initial_window_size(2 << 20)
         .initial_connection_window_size(5 << 20)
         .max_frame_size(16 << 10)
@@ -362,28 +420,45 @@ fn h2_reason(err: &h2::Error) -> String {
 
 // === request body ===
 
-/// Moves a request body into its HTTP/2 stream. The first [`EAGER_BODY_BYTES`] are queued
-/// without waiting for send capacity, which a new stream only gets once the connection opens
-/// it, so they leave with the HEADERS; after that each frame waits for capacity, which bounds
-/// what h2 buffers for the stream.
+/// Moves a request body into its HTTP/2 stream. Chunks within the first [`EAGER_BODY_BYTES`]
+/// are queued without waiting for send capacity, which a new stream only gets once the
+/// connection opens it, so they leave with the HEADERS. Every later chunk is polled first and
+/// then waits for capacity (reserving none while the body has nothing to send, which could
+/// starve other streams of the connection window), so h2 buffers at most one chunk.
 struct BodyPump {
     body: UpstreamBody,
     stream: h2::SendStream<Bytes>,
+    /// What may still be queued without waiting for capacity.
     eager: usize,
+    /// A chunk waiting for capacity, and whether it ends the body.
+    held: Option<(Bytes, bool)>,
 }
 
 impl BodyPump {
     /// Ready when the body is sent, or cannot be (the stream is then reset or already gone).
     fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            if self.eager == 0 {
-                self.stream.reserve_capacity(1);
-                if self.stream.capacity() == 0 {
-                    match ready!(self.stream.poll_capacity(cx)) {
-                        Some(Ok(_)) => continue,
-                        Some(Err(_)) | None => return Poll::Ready(()),
+            // Also registers for the upstream's RST_STREAM, so a pump parked on the body
+            // ends when the upstream no longer wants it.
+            if self.stream.poll_reset(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            if let Some((data, end)) = self.held.take() {
+                while self.stream.capacity() == 0 {
+                    match self.stream.poll_capacity(cx) {
+                        Poll::Pending => {
+                            self.held = Some((data, end));
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Some(Ok(0))) => {}
+                        Poll::Ready(Some(Ok(_))) => break,
+                        Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
                     }
                 }
+                if self.stream.send_data(data, end).is_err() || end {
+                    return Poll::Ready(());
+                }
+                continue;
             }
             let frame = match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 None => {
@@ -399,13 +474,20 @@ impl BodyPump {
             match frame.into_data() {
                 Ok(data) => {
                     let end = self.body.is_end_stream();
-                    self.eager = self.eager.saturating_sub(data.len());
-                    if self.stream.send_data(data, end).is_err() || end {
-                        return Poll::Ready(());
+                    if data.len() <= self.eager {
+                        self.eager -= data.len();
+                        if self.stream.send_data(data, end).is_err() || end {
+                            return Poll::Ready(());
+                        }
+                    } else {
+                        self.eager = 0;
+                        self.stream.reserve_capacity(1);
+                        self.held = Some((data, end));
                     }
                 }
                 Err(frame) => {
                     if let Ok(trailers) = frame.into_trailers() {
+                        self.stream.reserve_capacity(0);
                         let _ = self.stream.send_trailers(trailers);
                         return Poll::Ready(());
                     }
@@ -425,7 +507,20 @@ enum Inner {
     H2 {
         recv: h2::RecvStream,
         data_done: bool,
+        /// The request body still being sent after the answer came; stopped with the response.
+        pump: Option<tokio::task::AbortHandle>,
     },
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Inner::H2 {
+            pump: Some(pump), ..
+        } = &self.0
+        {
+            pump.abort();
+        }
+    }
 }
 
 impl ResponseBody {
@@ -433,10 +528,11 @@ impl ResponseBody {
         ResponseBody(Inner::Http1(body))
     }
 
-    fn h2(recv: h2::RecvStream) -> ResponseBody {
+    fn h2(recv: h2::RecvStream, pump: Option<tokio::task::AbortHandle>) -> ResponseBody {
         ResponseBody(Inner::H2 {
             recv,
             data_done: false,
+            pump,
         })
     }
 }
@@ -461,7 +557,9 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let (recv, data_done) = match &mut self.get_mut().0 {
             Inner::Http1(body) => return Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Inner::H2 { recv, data_done } => (recv, data_done),
+            Inner::H2 {
+                recv, data_done, ..
+            } => (recv, data_done),
         };
         if !*data_done {
             match ready!(recv.poll_data(cx)) {

@@ -1,0 +1,397 @@
+//! The upstream client against HTTP/2 servers that behave at the edges of the protocol:
+//! a low stream limit, a failing handshake, early answers with RST_STREAM, GOAWAY after every
+//! call. Each server is a raw `h2` server over real TLS on loopback, so the test controls
+//! exactly what the upstream sends.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::{Body, Frame};
+use keyward::config::Limits;
+use keyward::providers::{Target, TargetSpec, Targets};
+use keyward::proxy::upstream::{BoxError, Upstream, UpstreamBody, UpstreamError};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+
+fn limits(upstream_timeout: Duration) -> Limits {
+    Limits {
+        max_request_body: 16 << 20,
+        max_concurrent_requests: 64,
+        upstream_timeout,
+        stream_idle_timeout: Duration::from_secs(10),
+        request_idle_timeout: Duration::from_secs(10),
+        max_header_bytes: 64 << 10,
+        shutdown_grace: Duration::from_secs(1),
+    }
+}
+
+/// A TLS listener on loopback with a fresh CA, offering only h2.
+struct Server {
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    ca_pem: String,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn bind() -> Server {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let leaf = leaf.signed_by(&leaf_key, &ca).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            rustls::pki_types::PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
+        );
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone(), ca.der().clone()], key)
+        .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Server {
+            listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            ca_pem: ca.pem(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Accepts connections forever, counting them, and hands each TLS stream to `serve`.
+    fn run<F, Fut>(self, connections: Arc<AtomicUsize>, serve: F) -> Running
+    where
+        F: Fn(TlsStream<TcpStream>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let Server {
+            listener,
+            acceptor,
+            ca_pem,
+            dir,
+        } = self;
+        let port = listener.local_addr().unwrap().port();
+        let serve = Arc::new(serve);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                connections.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, serve) = (acceptor.clone(), serve.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        serve(tls).await;
+                    }
+                });
+            }
+        });
+        Running { port, ca_pem, dir }
+    }
+}
+
+/// A running server: enough to build clients toward it.
+struct Running {
+    port: u16,
+    ca_pem: String,
+    dir: tempfile::TempDir,
+}
+
+impl Running {
+    /// The upstream client and a target pointing at this server, trusting its CA.
+    fn client(&self, limits: &Limits, idle: Option<Duration>) -> (Upstream, Target) {
+        let ca = self.dir.path().join("ca.pem");
+        std::fs::write(&ca, &self.ca_pem).unwrap();
+        let spec = TargetSpec {
+            base_url: Some(format!("https://127.0.0.1:{}", self.port)),
+            auth_header: Some("Authorization".into()),
+            auth_format: Some("Bearer {key}".into()),
+            family: Some("openai".into()),
+            ca_file: Some(ca),
+        };
+        let targets = Targets::resolve(&BTreeMap::from([("h2".to_string(), spec)])).unwrap();
+        let upstream = match idle {
+            Some(idle) => Upstream::with_idle_timeout(&targets, limits, idle),
+            None => Upstream::new(&targets, limits),
+        };
+        (upstream.unwrap(), targets.get("h2").unwrap().clone())
+    }
+}
+
+fn get(path: &str) -> Request<UpstreamBody> {
+    let body = Empty::<Bytes>::new().map_err(|n| match n {}).boxed();
+    Request::get(path).body(body).unwrap()
+}
+
+fn answer(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, text: &'static str) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    if let Ok(mut stream) = respond.send_response(response, false) {
+        let _ = stream.send_data(Bytes::from_static(text.as_bytes()), true);
+    }
+}
+
+/// Waits (bounded) until `flag` is set; true if it was.
+async fn eventually(flag: &AtomicBool) -> bool {
+    for _ in 0..100 {
+        if flag.load(Ordering::SeqCst) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// A request body that yields one chunk and then stays pending without ever waking, as an
+/// app's body whose waker a later failover attempt took over; records when it is dropped.
+struct Stuck {
+    sent: bool,
+    dropped: Arc<AtomicBool>,
+}
+
+impl Body for Stuck {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.sent {
+            return Poll::Pending;
+        }
+        self.sent = true;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"0123456789")))))
+    }
+}
+
+impl Drop for Stuck {
+    fn drop(&mut self) {
+        self.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+fn stuck_upload(dropped: &Arc<AtomicBool>) -> Request<UpstreamBody> {
+    let body = Stuck {
+        sent: false,
+        dropped: dropped.clone(),
+    };
+    Request::post("/upload").body(body.boxed()).unwrap()
+}
+
+#[tokio::test]
+async fn a_burst_larger_than_the_stream_limit_waits_instead_of_being_refused() {
+    let server = Server::bind().await;
+    let connections = Arc::new(AtomicUsize::new(0));
+    let server = server.run(connections.clone(), |tls| async move {
+        let mut conn = h2::server::Builder::new()
+            .max_concurrent_streams(10)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .unwrap();
+        while let Some(Ok((_req, mut respond))) = conn.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                answer(&mut respond, StatusCode::OK, "ok");
+            });
+        }
+    });
+    let (upstream, target) = server.client(&limits(Duration::from_secs(30)), None);
+    let upstream = Arc::new(upstream);
+
+    // Forty calls arrive before the connection exists; the server allows ten at a time.
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            let (upstream, target) = (upstream.clone(), target.clone());
+            tokio::spawn(async move { upstream.send(&target, get(&format!("/{i}"))).await })
+        })
+        .collect();
+    for call in calls {
+        let response = call.await.unwrap().expect("queued, not refused");
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn calls_waiting_on_a_failing_connect_share_its_failure() {
+    // Accepts TCP, then closes it after a while without a TLS handshake.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                drop(tcp);
+            });
+        }
+    });
+    let spec = TargetSpec {
+        base_url: Some(format!("https://127.0.0.1:{port}")),
+        ..TargetSpec::default()
+    };
+    let targets = Targets::resolve(&BTreeMap::from([("h2".to_string(), spec)])).unwrap();
+    let upstream = Arc::new(Upstream::new(&targets, &limits(Duration::from_secs(30))).unwrap());
+    let target = targets.get("h2").unwrap().clone();
+
+    let calls: Vec<_> = (0..6)
+        .map(|i| {
+            let (upstream, target) = (upstream.clone(), target.clone());
+            tokio::spawn(async move { upstream.send(&target, get(&format!("/{i}"))).await })
+        })
+        .collect();
+    for call in calls {
+        let err = call.await.unwrap().unwrap_err();
+        assert!(matches!(&err, UpstreamError::Unreachable { .. }), "{err}");
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "the waiting calls took the failure of the connect in flight"
+    );
+    // A later call tries again.
+    upstream.send(&target, get("/again")).await.unwrap_err();
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_upstream_reset_stops_sending_the_body() {
+    let server = Server::bind().await;
+    let server = server.run(Arc::default(), |tls| async move {
+        let mut conn = h2::server::handshake(tls).await.unwrap();
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            answer(&mut respond, StatusCode::TOO_MANY_REQUESTS, "slow down");
+            // Dropping the unread body makes h2 send RST_STREAM(NO_ERROR).
+            drop(req);
+        }
+    });
+    let (upstream, target) = server.client(&limits(Duration::from_secs(30)), None);
+    let dropped = Arc::new(AtomicBool::new(false));
+    let response = upstream
+        .send(&target, stuck_upload(&dropped))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Kept alive on purpose: only the reset may end the body's sending here.
+    let _response = response;
+    assert!(
+        eventually(&dropped).await,
+        "the request body is still held after the upstream reset its stream"
+    );
+}
+
+#[tokio::test]
+async fn dropping_the_answer_stops_sending_the_body() {
+    let server = Server::bind().await;
+    let server = server.run(Arc::default(), |tls| async move {
+        let mut conn = h2::server::handshake(tls).await.unwrap();
+        let mut unread = Vec::new();
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            answer(&mut respond, StatusCode::OK, "ok");
+            // Neither reads nor resets: the body would wait for it forever.
+            unread.push(req);
+        }
+    });
+    let (upstream, target) = server.client(&limits(Duration::from_secs(30)), None);
+    let dropped = Arc::new(AtomicBool::new(false));
+    let response = upstream
+        .send(&target, stuck_upload(&dropped))
+        .await
+        .unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "ok");
+    assert!(
+        eventually(&dropped).await,
+        "the request body outlived the response"
+    );
+}
+
+#[tokio::test]
+async fn a_timed_out_call_resets_its_stream() {
+    let server = Server::bind().await;
+    let reset = Arc::new(AtomicBool::new(false));
+    let seen = reset.clone();
+    let server = server.run(Arc::default(), move |tls| {
+        let seen = seen.clone();
+        async move {
+            let mut conn = h2::server::handshake(tls).await.unwrap();
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let reason = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+                    seen.store(reason.ok() == Some(h2::Reason::CANCEL), Ordering::SeqCst);
+                });
+            }
+        }
+    });
+    let (upstream, target) = server.client(&limits(Duration::from_millis(300)), None);
+    let err = upstream.send(&target, get("/never")).await.unwrap_err();
+    assert!(matches!(err, UpstreamError::Timeout { .. }), "{err}");
+    assert!(
+        eventually(&reset).await,
+        "the upstream was not told to stop"
+    );
+}
+
+#[tokio::test]
+async fn goaway_after_every_call_costs_no_call() {
+    let server = Server::bind().await;
+    let connections = Arc::new(AtomicUsize::new(0));
+    let server = server.run(connections.clone(), |tls| async move {
+        let mut conn = h2::server::handshake(tls).await.unwrap();
+        if let Some(Ok((_req, mut respond))) = conn.accept().await {
+            answer(&mut respond, StatusCode::OK, "ok");
+        }
+        // As load balancers that cap calls per connection do.
+        conn.graceful_shutdown();
+        while let Some(Ok((_req, mut respond))) = conn.accept().await {
+            answer(&mut respond, StatusCode::OK, "ok");
+        }
+    });
+    let (upstream, target) = server.client(&limits(Duration::from_secs(30)), None);
+    for i in 0..50 {
+        let response = upstream.send(&target, get(&format!("/{i}"))).await;
+        let body = response.expect("answered").into_body().collect().await;
+        assert_eq!(body.unwrap().to_bytes(), "ok");
+    }
+    assert!(connections.load(Ordering::SeqCst) > 1);
+}
+
+#[tokio::test]
+async fn the_injected_key_is_in_no_error() {
+    let server = Server::bind().await;
+    let server = server.run(Arc::default(), |tls| async move {
+        let mut conn = h2::server::handshake(tls).await.unwrap();
+        while let Some(Ok((_req, mut respond))) = conn.accept().await {
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+        }
+    });
+    let (upstream, target) = server.client(&limits(Duration::from_secs(30)), None);
+    let mut random = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random).unwrap();
+    let key: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let mut req = get("/refused");
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let err = upstream.send(&target, req).await.unwrap_err();
+    let shown = format!("{err} {err:?}");
+    assert!(shown.contains("refused stream"), "{shown}");
+    assert!(!shown.contains(&key), "{shown}");
+}
