@@ -57,8 +57,13 @@ const SETTINGS_WAIT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub(super) struct StashConnector {
     inner: HttpsConnector,
-    stash: Arc<Mutex<Vec<(Authority, Stream)>>>,
+    /// Probe connections by `https` authority, with when they were stashed.
+    stash: Arc<Mutex<Vec<(Authority, Instant, Stream)>>>,
 }
+
+/// How long a stashed probe connection stays usable: the call that made it takes it at once,
+/// so an older one belongs to a call that went away, and may have been closed since.
+const STASH_FRESH: Duration = Duration::from_secs(5);
 
 impl StashConnector {
     pub(super) fn new(inner: HttpsConnector) -> StashConnector {
@@ -69,13 +74,19 @@ impl StashConnector {
     }
 
     fn put(&self, authority: Authority, stream: Stream) {
-        lock(&self.stash).push((authority, stream));
+        lock(&self.stash).push((authority, Instant::now(), stream));
     }
 
-    fn take(&self, authority: Option<&Authority>) -> Option<Stream> {
+    fn take(&self, uri: &Uri) -> Option<Stream> {
+        if uri.scheme() != Some(&http::uri::Scheme::HTTPS) {
+            return None;
+        }
         let mut stash = lock(&self.stash);
-        let at = stash.iter().position(|(a, _)| Some(a) == authority)?;
-        Some(stash.swap_remove(at).1)
+        stash.retain(|(_, at, _)| at.elapsed() < STASH_FRESH);
+        let at = stash
+            .iter()
+            .position(|(a, ..)| Some(a) == uri.authority())?;
+        Some(stash.swap_remove(at).2)
     }
 }
 
@@ -89,7 +100,7 @@ impl Service<Uri> for StashConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        match self.take(uri.authority()) {
+        match self.take(&uri) {
             Some(stream) => Box::pin(std::future::ready(Ok(stream))),
             None => self.inner.call(uri),
         }
@@ -368,7 +379,7 @@ async fn drive<T>(
 {
     let mut connection = std::pin::pin!(connection);
     // Checking six times per idle period closes a connection at most a sixth late.
-    let mut check = tokio::time::interval(idle / 6);
+    let mut check = tokio::time::interval((idle / 6).max(Duration::from_millis(1)));
     loop {
         tokio::select! {
             result = &mut connection => {
@@ -599,4 +610,74 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connector() -> StashConnector {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        StashConnector::new(
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .build(),
+        )
+    }
+
+    async fn some_stream() -> Stream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        hyper_rustls::MaybeHttpsStream::Http(TokioIo::new(tcp))
+    }
+
+    #[tokio::test]
+    async fn a_stashed_probe_goes_only_to_the_same_https_authority_and_only_once() {
+        let stash = connector();
+        stash.put("api.example:443".parse().unwrap(), some_stream().await);
+        assert!(
+            stash
+                .take(&"http://api.example:443/".parse().unwrap())
+                .is_none()
+        );
+        assert!(
+            stash
+                .take(&"https://other.example:443/".parse().unwrap())
+                .is_none()
+        );
+        assert!(
+            stash
+                .take(&"https://api.example:443/".parse().unwrap())
+                .is_some()
+        );
+        assert!(
+            stash
+                .take(&"https://api.example:443/".parse().unwrap())
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stale_probe_is_not_handed_out() {
+        let stash = connector();
+        stash.put("api.example:443".parse().unwrap(), some_stream().await);
+        tokio::time::pause();
+        tokio::time::advance(STASH_FRESH).await;
+        assert!(
+            stash
+                .take(&"https://api.example:443/".parse().unwrap())
+                .is_none()
+        );
+        assert!(lock(&stash.stash).is_empty(), "stale probes are dropped");
+    }
 }
