@@ -193,38 +193,118 @@ fn stuck_upload(dropped: &Arc<AtomicBool>) -> Request<UpstreamBody> {
     Request::post("/upload").body(body.boxed()).unwrap()
 }
 
-#[tokio::test]
-async fn a_burst_larger_than_the_stream_limit_waits_instead_of_being_refused() {
-    let server = Server::bind().await;
-    let connections = Arc::new(AtomicUsize::new(0));
-    let server = server.run(connections.clone(), |tls| async move {
-        let mut conn = h2::server::Builder::new()
-            .max_concurrent_streams(10)
-            .handshake::<_, Bytes>(tls)
-            .await
-            .unwrap();
-        while let Some(Ok((_req, mut respond))) = conn.accept().await {
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                answer(&mut respond, StatusCode::OK, "ok");
-            });
+/// An upstream allowing `limit` streams per connection that answers a call only once the test
+/// adds a permit to `gate`, counting the calls it has received.
+async fn holding_server(
+    limit: u32,
+    connections: &Arc<AtomicUsize>,
+) -> (Running, Arc<AtomicUsize>, Arc<tokio::sync::Semaphore>) {
+    let received = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (seen, held) = (received.clone(), gate.clone());
+    let server = Server::bind().await.run(connections.clone(), move |tls| {
+        let (seen, held) = (seen.clone(), held.clone());
+        async move {
+            let mut conn = h2::server::Builder::new()
+                .max_concurrent_streams(limit)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .unwrap();
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let held = held.clone();
+                tokio::spawn(async move {
+                    held.acquire().await.unwrap().forget();
+                    answer(&mut respond, StatusCode::OK, "ok");
+                });
+            }
         }
     });
-    let (upstream, target) = server.client(&limits(Duration::from_secs(30)), None);
-    let upstream = Arc::new(upstream);
+    (server, received, gate)
+}
 
-    // Forty calls arrive before the connection exists; the server allows ten at a time.
-    let calls: Vec<_> = (0..40)
+/// Waits until `count` reaches `want`, for at most `within`; true if it did.
+async fn reaches(count: &AtomicUsize, want: usize, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while count.load(Ordering::SeqCst) < want {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+fn spawn_calls(
+    upstream: &Arc<Upstream>,
+    target: &Target,
+    n: usize,
+) -> Vec<
+    tokio::task::JoinHandle<
+        Result<http::Response<keyward::proxy::upstream::ResponseBody>, UpstreamError>,
+    >,
+> {
+    (0..n)
         .map(|i| {
             let (upstream, target) = (upstream.clone(), target.clone());
             tokio::spawn(async move { upstream.send(&target, get(&format!("/{i}"))).await })
         })
-        .collect();
+        .collect()
+}
+
+#[tokio::test]
+async fn streams_beyond_the_upstream_limit_go_to_another_connection_not_refused() {
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (server, received, gate) = holding_server(10, &connections).await;
+    let (upstream, target) = server.client(&limits(Duration::from_secs(30)), None);
+    let upstream = Arc::new(upstream);
+
+    // Forty calls arrive before any connection exists; the upstream allows ten streams per
+    // connection and holds every answer, as long SSE streams do.
+    for wave in 1..=2 {
+        let calls = spawn_calls(&upstream, &target, 40);
+        assert!(
+            reaches(&received, 40 * wave, Duration::from_secs(10)).await,
+            "only {} of 40 calls reached the upstream: the rest queue behind held streams",
+            received.load(Ordering::SeqCst) - 40 * (wave - 1)
+        );
+        gate.add_permits(40);
+        for call in calls {
+            let response = call.await.unwrap().expect("answered, not refused");
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        // The second wave finds the streams of the first given back.
+        assert_eq!(connections.load(Ordering::SeqCst), 4);
+    }
+}
+
+#[tokio::test]
+async fn a_lane_opens_at_most_64_connections_then_queues() {
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (server, received, gate) = holding_server(1, &connections).await;
+    let (upstream, target) = server.client(&limits(Duration::from_secs(60)), None);
+    let upstream = Arc::new(upstream);
+
+    // One stream per connection and 65 held calls: the 65th must wait for a stream rather
+    // than open a 65th connection (the lane's MAX_H2_CONNECTIONS is 64).
+    let calls = spawn_calls(&upstream, &target, 65);
+    assert!(
+        reaches(&received, 64, Duration::from_secs(20)).await,
+        "the first 64 calls got through"
+    );
+    assert!(
+        !reaches(&connections, 65, Duration::from_secs(1)).await,
+        "a 65th connection was opened"
+    );
+    gate.add_permits(65);
     for call in calls {
-        let response = call.await.unwrap().expect("queued, not refused");
+        let response = call
+            .await
+            .unwrap()
+            .expect("answered once a stream was free");
         assert_eq!(response.status(), StatusCode::OK);
     }
-    assert_eq!(connections.load(Ordering::SeqCst), 1);
+    assert_eq!(connections.load(Ordering::SeqCst), 64);
 }
 
 #[tokio::test]

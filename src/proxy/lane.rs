@@ -9,11 +9,13 @@
 //! body it already has, so a small request leaves in one write and spawns nothing.
 //!
 //! A lane connects once at a time: a burst of first requests waits for one handshake instead of
-//! opening a connection each.
+//! opening a connection each. When every connection carries as many streams as the upstream
+//! allows (long SSE streams reach 100 soon), the lane opens another rather than queueing calls
+//! behind streams that may last minutes, up to [`MAX_H2_CONNECTIONS`].
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -49,6 +51,9 @@ const INITIAL_MAX_STREAMS: usize = 100;
 /// How long a new connection may take to answer the first PING, which proves its SETTINGS
 /// arrived.
 const SETTINGS_WAIT: Duration = Duration::from_secs(10);
+/// HTTP/2 connections one lane may hold; past this, calls queue for a stream on the least
+/// busy one. Bounds what a flood of calls can make keyward open toward one provider.
+pub(super) const MAX_H2_CONNECTIONS: usize = 64;
 
 // === StashConnector ===
 
@@ -120,8 +125,8 @@ pub(super) struct Lane {
     h2: h2::client::Builder,
     /// Set once the upstream answered ALPN without h2 (or is plain http): HTTP/1.1 from then on.
     http1_only: AtomicBool,
-    /// The current HTTP/2 connection, if any.
-    current: Mutex<Option<Pooled>>,
+    /// The open HTTP/2 connections, oldest first.
+    pool: Mutex<Vec<Pooled>>,
     /// How long an HTTP/2 connection may go unused before it is closed.
     idle: Duration,
     /// Held while connecting, so one handshake serves a burst.
@@ -142,8 +147,56 @@ struct Pooled {
 #[derive(Clone)]
 struct H2Conn {
     sender: h2::client::SendRequest<Bytes>,
+    state: Arc<ConnState>,
+}
+
+/// What the lane knows of one connection, shared with its driver and its streams.
+#[derive(Default)]
+struct ConnState {
     /// Set when the connection ended or refused a new stream; it is then replaced.
-    closed: Arc<AtomicBool>,
+    closed: AtomicBool,
+    /// Streams handed out and not yet finished (see [`StreamSlot`]).
+    in_flight: AtomicUsize,
+    /// The upstream's limit on concurrent streams, as last read from its SETTINGS.
+    limit: AtomicUsize,
+}
+
+impl H2Conn {
+    fn is_closed(&self) -> bool {
+        self.state.closed.load(Ordering::Acquire)
+    }
+
+    fn close(&self) {
+        self.state.closed.store(true, Ordering::Release);
+    }
+
+    /// True when one more stream fits under the upstream's limit. The limit is re-read only
+    /// when the cached one says full, since reading it takes h2's lock.
+    fn has_room(&self) -> bool {
+        let in_flight = self.state.in_flight.load(Ordering::Acquire);
+        if in_flight < self.state.limit.load(Ordering::Acquire) {
+            return true;
+        }
+        let limit = self.sender.current_max_send_streams();
+        self.state.limit.store(limit, Ordering::Release);
+        in_flight < limit
+    }
+
+    /// Counts one more stream on this connection until the slot is dropped.
+    fn slot(&self) -> StreamSlot {
+        self.state.in_flight.fetch_add(1, Ordering::AcqRel);
+        StreamSlot(self.state.clone())
+    }
+}
+
+/// One stream counted against its connection's limit, from checkout until the response body
+/// is dropped (or the call fails).
+struct StreamSlot(Arc<ConnState>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Lane {
@@ -166,7 +219,7 @@ impl Lane {
             http1,
             h2: h2_builder(max_header_bytes),
             http1_only: AtomicBool::new(plain),
-            current: Mutex::new(None),
+            pool: Mutex::new(Vec::new()),
             idle,
             connecting: tokio::sync::Mutex::new(()),
             last_failure: Mutex::new(None),
@@ -183,12 +236,12 @@ impl Lane {
         // A connection that went away between two requests is found out at `ready`, before
         // anything is sent, so the request moves to a fresh connection once.
         for _ in 0..2 {
-            let Some(conn) = self.h2_conn().await? else {
+            let Some((conn, slot)) = self.h2_conn().await? else {
                 break;
             };
             match conn.sender.clone().ready().await {
-                Ok(sender) => return self.send_h2(&conn, sender, head, body).await,
-                Err(_) => conn.closed.store(true, Ordering::Release),
+                Ok(sender) => return self.send_h2(&conn, slot, sender, head, body).await,
+                Err(_) => conn.close(),
             }
         }
         if !self.http1_only.load(Ordering::Acquire) {
@@ -207,6 +260,7 @@ impl Lane {
     async fn send_h2(
         &self,
         conn: &H2Conn,
+        slot: StreamSlot,
         mut sender: h2::client::SendRequest<Bytes>,
         head: http::request::Parts,
         body: UpstreamBody,
@@ -216,7 +270,7 @@ impl Lane {
             .send_request(Request::from_parts(head, ()), end_stream)
             .map_err(|e| {
                 // Ready a moment ago, refused now: the connection is going away.
-                conn.closed.store(true, Ordering::Release);
+                conn.close();
                 self.failed(&e)
             })?;
         let mut pump = (!end_stream).then(|| BodyPump {
@@ -239,25 +293,29 @@ impl Lane {
             // the response is dropped.
             tokio::spawn(std::future::poll_fn(move |cx| pump.poll_pump(cx))).abort_handle()
         });
-        Ok(response.map(|recv| ResponseBody::h2(recv, pump)))
+        Ok(response.map(|recv| ResponseBody::h2(recv, pump, slot)))
     }
 
-    /// The lane's HTTP/2 connection, opened if there is none; `None` when the lane speaks
+    /// An HTTP/2 connection with room for one more stream, opened if there is none (or the
+    /// least busy one once the lane holds [`MAX_H2_CONNECTIONS`]); `None` when the lane speaks
     /// HTTP/1.1.
-    async fn h2_conn(&self) -> Result<Option<H2Conn>, UpstreamError> {
+    async fn h2_conn(&self) -> Result<Option<(H2Conn, StreamSlot)>, UpstreamError> {
         if self.http1_only.load(Ordering::Acquire) {
             return Ok(None);
         }
-        if let Some(conn) = self.checkout() {
-            return Ok(Some(conn));
+        if let Some(taken) = self.checkout(false) {
+            return Ok(Some(taken));
         }
         let asked = Instant::now();
         let _connecting = self.connecting.lock().await;
         if self.http1_only.load(Ordering::Acquire) {
             return Ok(None);
         }
-        if let Some(conn) = self.checkout() {
-            return Ok(Some(conn));
+        if let Some(taken) = self.checkout(false) {
+            return Ok(Some(taken));
+        }
+        if let Some(taken) = self.checkout(true) {
+            return Ok(Some(taken));
         }
         if let Some((at, reason)) = lock(&self.last_failure).as_ref()
             && *at >= asked
@@ -278,7 +336,7 @@ impl Lane {
 
     /// Opens a connection (the caller holds the connect gate): HTTP/2 if ALPN says so,
     /// otherwise the stream goes to the HTTP/1.1 client and `None` is returned.
-    async fn connect(&self) -> Result<Option<H2Conn>, UpstreamError> {
+    async fn connect(&self) -> Result<Option<(H2Conn, StreamSlot)>, UpstreamError> {
         let unreachable = |reason: String| UpstreamError::Unreachable {
             host: self.host.clone(),
             reason,
@@ -305,11 +363,11 @@ impl Lane {
         let mut ping = connection.ping_pong();
         let conn = H2Conn {
             sender,
-            closed: Arc::default(),
+            state: Arc::default(),
         };
         tokio::spawn(drive(
             connection,
-            conn.closed.clone(),
+            conn.state.clone(),
             self.this.clone(),
             self.idle,
         ));
@@ -327,36 +385,43 @@ impl Lane {
                 }
             }
         }
-        *lock(&self.current) = Some(Pooled {
+        conn.state
+            .limit
+            .store(conn.sender.current_max_send_streams(), Ordering::Release);
+        let slot = conn.slot();
+        lock(&self.pool).push(Pooled {
             conn: conn.clone(),
             last_used: Instant::now(),
         });
-        Ok(Some(conn))
+        Ok(Some((conn, slot)))
     }
 
-    /// The current connection if it is still open.
-    fn checkout(&self) -> Option<H2Conn> {
-        let mut current = lock(&self.current);
-        let pooled = current.as_mut()?;
-        if pooled.conn.closed.load(Ordering::Acquire) {
-            *current = None;
-            return None;
-        }
+    /// A connection with room for one more stream, counted against it; with `full_ok`,
+    /// the least busy one when the lane may open no more. Forgets closed connections.
+    fn checkout(&self, full_ok: bool) -> Option<(H2Conn, StreamSlot)> {
+        let mut pool = lock(&self.pool);
+        pool.retain(|p| !p.conn.is_closed());
+        let pooled = match pool.iter_mut().position(|p| p.conn.has_room()) {
+            Some(at) => &mut pool[at],
+            None if full_ok && pool.len() >= MAX_H2_CONNECTIONS => pool
+                .iter_mut()
+                .min_by_key(|p| p.conn.state.in_flight.load(Ordering::Acquire))?,
+            None => return None,
+        };
         pooled.last_used = Instant::now();
-        Some(pooled.conn.clone())
+        Some((pooled.conn.clone(), pooled.conn.slot()))
     }
 
-    /// Drops the lane's handle on `closed`'s connection if no request took it for the idle
+    /// Drops the lane's handle on `state`'s connection if no request took it for the idle
     /// timeout. Streams still open keep the connection alive: h2 closes it
     /// once the last one ends.
-    fn retire_if_idle(&self, closed: &Arc<AtomicBool>) {
-        let mut current = lock(&self.current);
-        let idle = current.as_ref().is_some_and(|p| {
-            Arc::ptr_eq(&p.conn.closed, closed) && p.last_used.elapsed() >= self.idle
-        });
-        if idle {
-            closed.store(true, Ordering::Release);
-            *current = None;
+    fn retire_if_idle(&self, state: &Arc<ConnState>) {
+        let mut pool = lock(&self.pool);
+        let idle = pool
+            .iter()
+            .position(|p| Arc::ptr_eq(&p.conn.state, state) && p.last_used.elapsed() >= self.idle);
+        if let Some(at) = idle {
+            pool.remove(at).conn.close();
         }
     }
 
@@ -371,7 +436,7 @@ impl Lane {
 /// Runs one HTTP/2 connection until it ends, retiring it when idle.
 async fn drive<T>(
     connection: h2::client::Connection<T, Bytes>,
-    closed: Arc<AtomicBool>,
+    state: Arc<ConnState>,
     lane: Weak<Lane>,
     idle: Duration,
 ) where
@@ -390,12 +455,12 @@ async fn drive<T>(
             }
             _ = check.tick() => {
                 if let Some(lane) = lane.upgrade() {
-                    lane.retire_if_idle(&closed);
+                    lane.retire_if_idle(&state);
                 }
             }
         }
     }
-    closed.store(true, Ordering::Release);
+    state.closed.store(true, Ordering::Release);
 }
 
 fn h2_builder(max_header_bytes: u32) -> h2::client::Builder {
@@ -520,6 +585,8 @@ enum Inner {
         data_done: bool,
         /// The request body still being sent after the answer came; stopped with the response.
         pump: Option<tokio::task::AbortHandle>,
+        /// Counts the stream against its connection until the response is dropped.
+        _slot: StreamSlot,
     },
 }
 
@@ -539,11 +606,16 @@ impl ResponseBody {
         ResponseBody(Inner::Http1(body))
     }
 
-    fn h2(recv: h2::RecvStream, pump: Option<tokio::task::AbortHandle>) -> ResponseBody {
+    fn h2(
+        recv: h2::RecvStream,
+        pump: Option<tokio::task::AbortHandle>,
+        slot: StreamSlot,
+    ) -> ResponseBody {
         ResponseBody(Inner::H2 {
             recv,
             data_done: false,
             pump,
+            _slot: slot,
         })
     }
 }
