@@ -475,3 +475,160 @@ async fn the_injected_key_is_in_no_error() {
     assert!(shown.contains("refused stream"), "{shown}");
     assert!(!shown.contains(&key), "{shown}");
 }
+
+#[tokio::test]
+async fn a_connection_carrying_a_stream_is_not_retired_as_idle() {
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (server, received, gate) = holding_server(10, &connections).await;
+    let idle = Duration::from_millis(300);
+    let (upstream, target) = server.client(&limits(Duration::from_secs(30)), Some(idle));
+    let upstream = Arc::new(upstream);
+
+    // One long stream outlasts the idle timeout; no call takes the connection meanwhile.
+    let long = spawn_calls(&upstream, &target, 1);
+    assert!(reaches(&received, 1, Duration::from_secs(10)).await);
+    tokio::time::sleep(idle * 3).await;
+    let next = spawn_calls(&upstream, &target, 1);
+    assert!(reaches(&received, 2, Duration::from_secs(10)).await);
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "the connection was retired while it carried a stream"
+    );
+    gate.add_permits(2);
+    for call in long.into_iter().chain(next) {
+        assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn goaway_on_every_pooled_connection_costs_no_call() {
+    // Streams to /hold wait for `hold`, to /short for `short`; `goaway` makes every connection
+    // announce its shutdown while its held streams keep it open, as a restarting upstream does.
+    let hold = Arc::new(tokio::sync::Semaphore::new(0));
+    let short = Arc::new(tokio::sync::Semaphore::new(0));
+    let received = Arc::new(AtomicUsize::new(0));
+    let (goaway, _) = tokio::sync::watch::channel(false);
+    let goaway = Arc::new(goaway);
+    let connections = Arc::new(AtomicUsize::new(0));
+    let server = {
+        let (hold, short, seen, goaway) = (
+            hold.clone(),
+            short.clone(),
+            received.clone(),
+            goaway.clone(),
+        );
+        Server::bind().await.run(connections.clone(), move |tls| {
+            let (hold, short, seen) = (hold.clone(), short.clone(), seen.clone());
+            let mut shutdown = goaway.subscribe();
+            async move {
+                let mut conn = h2::server::Builder::new()
+                    .max_concurrent_streams(2)
+                    .handshake::<_, Bytes>(tls)
+                    .await
+                    .unwrap();
+                let mut announced = false;
+                loop {
+                    let next = tokio::select! {
+                        next = conn.accept() => next,
+                        _ = shutdown.changed(), if !announced => {
+                            announced = true;
+                            conn.graceful_shutdown();
+                            continue;
+                        }
+                    };
+                    let Some(Ok((req, mut respond))) = next else {
+                        break;
+                    };
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let gate = if req.uri().path() == "/hold" {
+                        hold.clone()
+                    } else {
+                        short.clone()
+                    };
+                    tokio::spawn(async move {
+                        gate.acquire().await.unwrap().forget();
+                        answer(&mut respond, StatusCode::OK, "ok");
+                    });
+                }
+            }
+        })
+    };
+    let (upstream, target) = server.client(&limits(Duration::from_secs(30)), None);
+    let upstream = Arc::new(upstream);
+    let call = |path: &'static str| {
+        let (upstream, target) = (upstream.clone(), target.clone());
+        tokio::spawn(async move { upstream.send(&target, get(path)).await })
+    };
+
+    // Two connections, each left with one held stream and room for another.
+    let first = call("/hold");
+    assert!(reaches(&received, 1, Duration::from_secs(10)).await);
+    let filler = call("/short");
+    assert!(reaches(&received, 2, Duration::from_secs(10)).await);
+    let second = call("/hold");
+    assert!(reaches(&received, 3, Duration::from_secs(10)).await);
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    short.add_permits(1);
+    let _ = filler.await.unwrap().unwrap().into_body().collect().await;
+
+    goaway.send_replace(true);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Both pooled connections refuse new streams now; the call must end on a new one.
+    short.add_permits(1);
+    let response = call("/short")
+        .await
+        .unwrap()
+        .expect("a fresh connection served it");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
+    hold.add_permits(2);
+    for held in [first, second] {
+        assert_eq!(held.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn when_another_connection_fails_calls_wait_for_a_stream_on_an_open_one() {
+    // The upstream serves its first connection (one stream at a time) and drops every later
+    // one, as an upstream capping connections per client would.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let server = {
+        let (gate, served) = (gate.clone(), served.clone());
+        Server::bind().await.run(connections.clone(), move |tls| {
+            let (gate, served) = (gate.clone(), served.clone());
+            async move {
+                if served.fetch_add(1, Ordering::SeqCst) > 0 {
+                    return;
+                }
+                let mut conn = h2::server::Builder::new()
+                    .max_concurrent_streams(1)
+                    .handshake::<_, Bytes>(tls)
+                    .await
+                    .unwrap();
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let gate = gate.clone();
+                    tokio::spawn(async move {
+                        gate.acquire().await.unwrap().forget();
+                        answer(&mut respond, StatusCode::OK, "ok");
+                    });
+                }
+            }
+        })
+    };
+    let (upstream, target) = server.client(&limits(Duration::from_secs(30)), None);
+    let upstream = Arc::new(upstream);
+
+    let first = spawn_calls(&upstream, &target, 1);
+    assert!(reaches(&served, 1, Duration::from_secs(10)).await);
+    // The first connection is full; the second connect fails; the call queues instead.
+    let second = spawn_calls(&upstream, &target, 1);
+    assert!(reaches(&connections, 2, Duration::from_secs(10)).await);
+    gate.add_permits(2);
+    for call in first.into_iter().chain(second) {
+        let response = call.await.unwrap().expect("served on the open connection");
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+}

@@ -170,16 +170,22 @@ impl H2Conn {
         self.state.closed.store(true, Ordering::Release);
     }
 
-    /// True when one more stream fits under the upstream's limit. The limit is re-read only
-    /// when the cached one says full, since reading it takes h2's lock.
-    fn has_room(&self) -> bool {
-        let in_flight = self.state.in_flight.load(Ordering::Acquire);
-        if in_flight < self.state.limit.load(Ordering::Acquire) {
-            return true;
-        }
+    fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::Acquire)
+    }
+
+    /// True when one more stream fits under the upstream's limit as last read; cheap, so a
+    /// checkout can pass over full connections without taking h2's lock.
+    fn has_room_cached(&self) -> bool {
+        self.in_flight() < self.state.limit.load(Ordering::Acquire)
+    }
+
+    /// Re-reads the upstream's limit (it may change it at any time; this takes h2's lock)
+    /// and says whether one more stream fits under it.
+    fn has_room_now(&self) -> bool {
         let limit = self.sender.current_max_send_streams();
         self.state.limit.store(limit, Ordering::Release);
-        in_flight < limit
+        self.in_flight() < limit
     }
 
     /// Counts one more stream on this connection until the slot is dropped.
@@ -187,6 +193,14 @@ impl H2Conn {
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
         StreamSlot(self.state.clone())
     }
+}
+
+/// A connection handed to one call, with its stream counted; `fresh` when it was opened for
+/// this call rather than taken from the pool.
+struct Taken {
+    conn: H2Conn,
+    slot: StreamSlot,
+    fresh: bool,
 }
 
 /// One stream counted against its connection's limit, from checkout until the response body
@@ -233,22 +247,31 @@ impl Lane {
         req: Request<UpstreamBody>,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         let (head, body) = req.into_parts();
-        // A connection that went away between two requests is found out at `ready`, before
-        // anything is sent, so the request moves to a fresh connection once.
-        for _ in 0..2 {
-            let Some((conn, slot)) = self.h2_conn().await? else {
+        // A pooled connection that went away (an upstream restart sends GOAWAY on all of
+        // them) is found out at `ready`, before anything is sent: it is dropped and the call
+        // tries the next, until one works or a connection opened for it fails too.
+        for _ in 0..=MAX_H2_CONNECTIONS {
+            let Some(taken) = self.h2_conn().await? else {
                 break;
             };
-            match conn.sender.clone().ready().await {
-                Ok(sender) => return self.send_h2(&conn, slot, sender, head, body).await,
-                Err(_) => conn.close(),
+            match taken.conn.sender.clone().ready().await {
+                Ok(sender) => {
+                    return self
+                        .send_h2(&taken.conn, taken.slot, sender, head, body)
+                        .await;
+                }
+                Err(e) => {
+                    taken.conn.close();
+                    if taken.fresh {
+                        return Err(self.failed(&e));
+                    }
+                }
             }
         }
         if !self.http1_only.load(Ordering::Acquire) {
             return Err(UpstreamError::Failed {
                 host: self.host.clone(),
-                reason: "the HTTP/2 connection closed twice before the request could be sent"
-                    .into(),
+                reason: "every HTTP/2 connection closed before the request could be sent".into(),
             });
         }
         match self.http1.request(Request::from_parts(head, body)).await {
@@ -296,14 +319,15 @@ impl Lane {
         Ok(response.map(|recv| ResponseBody::h2(recv, pump, slot)))
     }
 
-    /// An HTTP/2 connection with room for one more stream, opened if there is none (or the
-    /// least busy one once the lane holds [`MAX_H2_CONNECTIONS`]); `None` when the lane speaks
-    /// HTTP/1.1.
-    async fn h2_conn(&self) -> Result<Option<(H2Conn, StreamSlot)>, UpstreamError> {
+    /// An HTTP/2 connection with room for one more stream, opened if there is none; `None`
+    /// when the lane speaks HTTP/1.1. When no connection may or can be opened (the lane
+    /// holds [`MAX_H2_CONNECTIONS`], or connecting fails while others are open), the call
+    /// queues on the least busy one instead.
+    async fn h2_conn(&self) -> Result<Option<Taken>, UpstreamError> {
         if self.http1_only.load(Ordering::Acquire) {
             return Ok(None);
         }
-        if let Some(taken) = self.checkout(false) {
+        if let Some(taken) = self.checkout() {
             return Ok(Some(taken));
         }
         let asked = Instant::now();
@@ -311,32 +335,41 @@ impl Lane {
         if self.http1_only.load(Ordering::Acquire) {
             return Ok(None);
         }
-        if let Some(taken) = self.checkout(false) {
+        if let Some(taken) = self.checkout_refreshed() {
             return Ok(Some(taken));
         }
-        if let Some(taken) = self.checkout(true) {
-            return Ok(Some(taken));
-        }
-        if let Some((at, reason)) = lock(&self.last_failure).as_ref()
-            && *at >= asked
-        {
-            return Err(UpstreamError::Unreachable {
+        let failed_meanwhile = lock(&self.last_failure)
+            .as_ref()
+            .filter(|(at, _)| *at >= asked)
+            .map(|(_, reason)| reason.clone());
+        let result = match failed_meanwhile {
+            Some(reason) => Err(UpstreamError::Unreachable {
                 host: self.host.clone(),
-                reason: reason.clone(),
-            });
-        }
-        match self.connect().await {
-            Err(UpstreamError::Unreachable { host, reason }) => {
-                *lock(&self.last_failure) = Some((Instant::now(), reason.clone()));
-                Err(UpstreamError::Unreachable { host, reason })
-            }
-            other => other,
+                reason,
+            }),
+            None if lock(&self.pool).len() >= MAX_H2_CONNECTIONS => Ok(None),
+            None => match self.connect().await {
+                Err(UpstreamError::Unreachable { host, reason }) => {
+                    *lock(&self.last_failure) = Some((Instant::now(), reason.clone()));
+                    Err(UpstreamError::Unreachable { host, reason })
+                }
+                other => other,
+            },
+        };
+        match result {
+            Ok(Some(taken)) => Ok(Some(taken)),
+            Ok(None) if self.http1_only.load(Ordering::Acquire) => Ok(None),
+            // At the limit, or connecting failed: wait for a stream on an open connection.
+            other => match self.least_busy() {
+                Some(taken) => Ok(Some(taken)),
+                None => other,
+            },
         }
     }
 
     /// Opens a connection (the caller holds the connect gate): HTTP/2 if ALPN says so,
     /// otherwise the stream goes to the HTTP/1.1 client and `None` is returned.
-    async fn connect(&self) -> Result<Option<(H2Conn, StreamSlot)>, UpstreamError> {
+    async fn connect(&self) -> Result<Option<Taken>, UpstreamError> {
         let unreachable = |reason: String| UpstreamError::Unreachable {
             host: self.host.clone(),
             reason,
@@ -393,33 +426,63 @@ impl Lane {
             conn: conn.clone(),
             last_used: Instant::now(),
         });
-        Ok(Some((conn, slot)))
+        Ok(Some(Taken {
+            conn,
+            slot,
+            fresh: true,
+        }))
     }
 
-    /// A connection with room for one more stream, counted against it; with `full_ok`,
-    /// the least busy one when the lane may open no more. Forgets closed connections.
-    fn checkout(&self, full_ok: bool) -> Option<(H2Conn, StreamSlot)> {
+    /// An open connection with room for one more stream, counted against it. Connections
+    /// full by their cached limit are passed over without touching h2; the chosen one's
+    /// limit is re-read, in case the upstream lowered it. Forgets closed connections.
+    fn checkout(&self) -> Option<Taken> {
         let mut pool = lock(&self.pool);
         pool.retain(|p| !p.conn.is_closed());
-        let pooled = match pool.iter_mut().position(|p| p.conn.has_room()) {
-            Some(at) => &mut pool[at],
-            None if full_ok && pool.len() >= MAX_H2_CONNECTIONS => pool
-                .iter_mut()
-                .min_by_key(|p| p.conn.state.in_flight.load(Ordering::Acquire))?,
-            None => return None,
-        };
-        pooled.last_used = Instant::now();
-        Some((pooled.conn.clone(), pooled.conn.slot()))
+        let pooled = pool
+            .iter_mut()
+            .find(|p| p.conn.has_room_cached() && p.conn.has_room_now())?;
+        Some(Self::take(pooled))
     }
 
-    /// Drops the lane's handle on `state`'s connection if no request took it for the idle
-    /// timeout. Streams still open keep the connection alive: h2 closes it
+    /// [`Lane::checkout`] after re-reading every connection's limit, which the upstream may
+    /// have raised; done only before deciding to open a connection.
+    fn checkout_refreshed(&self) -> Option<Taken> {
+        let mut pool = lock(&self.pool);
+        pool.retain(|p| !p.conn.is_closed());
+        let pooled = pool.iter_mut().find(|p| p.conn.has_room_now())?;
+        Some(Self::take(pooled))
+    }
+
+    /// The open connection with the fewest streams, to queue on when no other may be opened.
+    fn least_busy(&self) -> Option<Taken> {
+        let mut pool = lock(&self.pool);
+        pool.retain(|p| !p.conn.is_closed());
+        let pooled = pool.iter_mut().min_by_key(|p| p.conn.in_flight())?;
+        Some(Self::take(pooled))
+    }
+
+    fn take(pooled: &mut Pooled) -> Taken {
+        pooled.last_used = Instant::now();
+        Taken {
+            conn: pooled.conn.clone(),
+            slot: pooled.conn.slot(),
+            fresh: false,
+        }
+    }
+
+    /// Drops the lane's handle on `state`'s connection if it carries no stream and no request
+    /// took it for the idle timeout. Streams still open keep the connection alive: h2 closes it
     /// once the last one ends.
     fn retire_if_idle(&self, state: &Arc<ConnState>) {
         let mut pool = lock(&self.pool);
-        let idle = pool
-            .iter()
-            .position(|p| Arc::ptr_eq(&p.conn.state, state) && p.last_used.elapsed() >= self.idle);
+        // A connection full of long streams is passed over by checkouts, so `last_used` says
+        // nothing while it carries streams: only an empty one is idle.
+        let idle = pool.iter().position(|p| {
+            Arc::ptr_eq(&p.conn.state, state)
+                && p.conn.in_flight() == 0
+                && p.last_used.elapsed() >= self.idle
+        });
         if let Some(at) = idle {
             pool.remove(at).conn.close();
         }
