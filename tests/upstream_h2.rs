@@ -626,9 +626,85 @@ async fn when_another_connection_fails_calls_wait_for_a_stream_on_an_open_one() 
     // The first connection is full; the second connect fails; the call queues instead.
     let second = spawn_calls(&upstream, &target, 1);
     assert!(reaches(&connections, 2, Duration::from_secs(10)).await);
-    gate.add_permits(2);
-    for call in first.into_iter().chain(second) {
+    // Calls right after the failure queue too, without each trying to connect again.
+    let more = spawn_calls(&upstream, &target, 3);
+    assert!(
+        !reaches(&connections, 3, Duration::from_millis(300)).await,
+        "a call connected again right after a failed connect"
+    );
+    gate.add_permits(5);
+    for call in first.into_iter().chain(second).chain(more) {
         let response = call.await.unwrap().expect("served on the open connection");
         assert_eq!(response.status(), StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn a_connection_that_announced_goaway_is_not_a_fallback() {
+    // The first connection (one stream at a time) keeps serving a held stream after it
+    // announces GOAWAY; every later connection is dropped at once.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let received = Arc::new(AtomicUsize::new(0));
+    let (goaway, _) = tokio::sync::watch::channel(false);
+    let goaway = Arc::new(goaway);
+    let connections = Arc::new(AtomicUsize::new(0));
+    let server = {
+        let (gate, served, seen, goaway) = (
+            gate.clone(),
+            served.clone(),
+            received.clone(),
+            goaway.clone(),
+        );
+        Server::bind().await.run(connections.clone(), move |tls| {
+            let (gate, served, seen) = (gate.clone(), served.clone(), seen.clone());
+            let mut shutdown = goaway.subscribe();
+            async move {
+                if served.fetch_add(1, Ordering::SeqCst) > 0 {
+                    return;
+                }
+                let mut conn = h2::server::Builder::new()
+                    .max_concurrent_streams(1)
+                    .handshake::<_, Bytes>(tls)
+                    .await
+                    .unwrap();
+                let mut announced = false;
+                loop {
+                    let next = tokio::select! {
+                        next = conn.accept() => next,
+                        _ = shutdown.changed(), if !announced => {
+                            announced = true;
+                            conn.graceful_shutdown();
+                            continue;
+                        }
+                    };
+                    let Some(Ok((_req, mut respond))) = next else {
+                        break;
+                    };
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let gate = gate.clone();
+                    tokio::spawn(async move {
+                        gate.acquire().await.unwrap().forget();
+                        answer(&mut respond, StatusCode::OK, "ok");
+                    });
+                }
+            }
+        })
+    };
+    let (upstream, target) = server.client(&limits(Duration::from_secs(30)), None);
+    let upstream = Arc::new(upstream);
+    let held = spawn_calls(&upstream, &target, 1);
+    assert!(reaches(&received, 1, Duration::from_secs(10)).await);
+    goaway.send_replace(true);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The only open connection refuses new streams and a new one cannot be opened: the call
+    // fails with the connect's reason after one attempt, not one attempt per retry.
+    let err = upstream.send(&target, get("/x")).await.unwrap_err();
+    assert!(matches!(err, UpstreamError::Unreachable { .. }), "{err}");
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    gate.add_permits(1);
+    for call in held {
+        assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
     }
 }

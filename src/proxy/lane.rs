@@ -51,6 +51,9 @@ const INITIAL_MAX_STREAMS: usize = 100;
 /// How long a new connection may take to answer the first PING, which proves its SETTINGS
 /// arrived.
 const SETTINGS_WAIT: Duration = Duration::from_secs(10);
+/// After a failed connect, how long calls that find every connection full queue on an open
+/// one instead of trying to connect again.
+const CONNECT_BACKOFF: Duration = Duration::from_secs(1);
 /// HTTP/2 connections one lane may hold; past this, calls queue for a stream on the least
 /// busy one. Bounds what a flood of calls can make keyward open toward one provider.
 pub(super) const MAX_H2_CONNECTIONS: usize = 64;
@@ -168,6 +171,17 @@ impl H2Conn {
 
     fn close(&self) {
         self.state.closed.store(true, Ordering::Release);
+    }
+
+    /// True when h2 already knows the connection takes no new stream (it got GOAWAY or
+    /// failed); asks without waiting, and marks it closed if so.
+    fn refuses_streams(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let refuses = matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Err(_)));
+        if refuses {
+            self.close();
+        }
+        refuses
     }
 
     fn in_flight(&self) -> usize {
@@ -338,16 +352,27 @@ impl Lane {
         if let Some(taken) = self.checkout_refreshed() {
             return Ok(Some(taken));
         }
-        let failed_meanwhile = lock(&self.last_failure)
-            .as_ref()
-            .filter(|(at, _)| *at >= asked)
-            .map(|(_, reason)| reason.clone());
-        let result = match failed_meanwhile {
+        let (shared_failure, backing_off) = match lock(&self.last_failure).as_ref() {
+            // Calls that waited for a connect that failed take its failure.
+            Some((at, reason)) if *at >= asked => (Some(reason.clone()), false),
+            Some((at, _)) => (None, at.elapsed() < CONNECT_BACKOFF),
+            None => (None, false),
+        };
+        if shared_failure.is_none() {
+            // At the limit, or shortly after a failed connect while others are open: queue
+            // on an open connection rather than connect (again).
+            let full = lock(&self.pool).len() >= MAX_H2_CONNECTIONS;
+            if (full || backing_off)
+                && let Some(taken) = self.least_busy()
+            {
+                return Ok(Some(taken));
+            }
+        }
+        let result = match shared_failure {
             Some(reason) => Err(UpstreamError::Unreachable {
                 host: self.host.clone(),
                 reason,
             }),
-            None if lock(&self.pool).len() >= MAX_H2_CONNECTIONS => Ok(None),
             None => match self.connect().await {
                 Err(UpstreamError::Unreachable { host, reason }) => {
                     *lock(&self.last_failure) = Some((Instant::now(), reason.clone()));
@@ -357,13 +382,15 @@ impl Lane {
             },
         };
         match result {
-            Ok(Some(taken)) => Ok(Some(taken)),
-            Ok(None) if self.http1_only.load(Ordering::Acquire) => Ok(None),
-            // At the limit, or connecting failed: wait for a stream on an open connection.
-            other => match self.least_busy() {
-                Some(taken) => Ok(Some(taken)),
-                None => other,
+            // Connecting failed: wait for a stream on an open connection if there is one.
+            Err(UpstreamError::Unreachable { host, reason }) => match self.least_busy() {
+                Some(taken) => {
+                    tracing::warn!(upstream = %host, %reason, "could not open another HTTP/2 connection; the call waits for a stream on an open one");
+                    Ok(Some(taken))
+                }
+                None => Err(UpstreamError::Unreachable { host, reason }),
             },
+            other => other,
         }
     }
 
@@ -455,9 +482,11 @@ impl Lane {
     }
 
     /// The open connection with the fewest streams, to queue on when no other may be opened.
+    /// Connections h2 already knows take no new stream (GOAWAY) are dropped first, so a call
+    /// is not handed one after another of them.
     fn least_busy(&self) -> Option<Taken> {
         let mut pool = lock(&self.pool);
-        pool.retain(|p| !p.conn.is_closed());
+        pool.retain_mut(|p| !p.conn.is_closed() && !p.conn.refuses_streams());
         let pooled = pool.iter_mut().min_by_key(|p| p.conn.in_flight())?;
         Some(Self::take(pooled))
     }
