@@ -27,3 +27,10 @@ pub mod seal;
 pub mod store;
 pub mod systemd;
 pub mod units;
+
+/// Locks `m`, carrying on if a thread panicked while holding it. Every mutex here guards state
+/// that stays consistent at each step (a queue, a pool, a counter map), and a daemon that
+/// stopped serving because one request panicked would be worse than the panic.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

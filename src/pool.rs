@@ -309,7 +309,7 @@ pub struct ExpiryWatch {
 impl ExpiryWatch {
     /// Versions of `catalog` that expire within a week of `now` and were not announced yet.
     pub fn newly_expiring(&self, catalog: &Catalog, now: i64) -> Vec<Expiring> {
-        let mut announced = self.announced.lock().unwrap_or_else(|p| p.into_inner());
+        let mut announced = crate::lock(&self.announced);
         let mut out = Vec::new();
         for (tenant_id, creds) in &catalog.credentials_by_tenant {
             let Some(tenant) = catalog.tenant(tenant_id) else {

@@ -381,7 +381,7 @@ impl Store {
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.accesses.fetch_add(1, Ordering::Relaxed);
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.conn)
     }
 
     /// How many transactions, snapshots and checkpoints have used the database since start.

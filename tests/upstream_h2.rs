@@ -18,6 +18,7 @@ use keyward::config::Limits;
 use keyward::providers::{Target, TargetSpec, Targets};
 use keyward::proxy::upstream::{BoxError, Upstream, UpstreamBody, UpstreamError};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::server::TlsStream;
 
 fn limits(upstream_timeout: Duration) -> Limits {
@@ -193,34 +194,91 @@ fn stuck_upload(dropped: &Arc<AtomicBool>) -> Request<UpstreamBody> {
     Request::post("/upload").body(body.boxed()).unwrap()
 }
 
-/// An upstream allowing `limit` streams per connection that answers a call only once the test
-/// adds a permit to `gate`, counting the calls it has received.
-async fn holding_server(
-    limit: u32,
-    connections: &Arc<AtomicUsize>,
-) -> (Running, Arc<AtomicUsize>, Arc<tokio::sync::Semaphore>) {
-    let received = Arc::new(AtomicUsize::new(0));
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let (seen, held) = (received.clone(), gate.clone());
-    let server = Server::bind().await.run(connections.clone(), move |tls| {
-        let (seen, held) = (seen.clone(), held.clone());
-        async move {
-            let mut conn = h2::server::Builder::new()
-                .max_concurrent_streams(limit)
-                .handshake::<_, Bytes>(tls)
-                .await
-                .unwrap();
-            while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                seen.fetch_add(1, Ordering::SeqCst);
-                let held = held.clone();
-                tokio::spawn(async move {
-                    held.acquire().await.unwrap().forget();
-                    answer(&mut respond, StatusCode::OK, "ok");
-                });
-            }
+/// An upstream that holds every call until the test lets it go, counting what reached it.
+struct Holding {
+    server: Running,
+    /// TCP connections accepted.
+    connections: Arc<AtomicUsize>,
+    /// Calls received.
+    received: Arc<AtomicUsize>,
+    /// One permit answers one held call to any path but `/short`.
+    hold: Arc<Semaphore>,
+    /// One permit answers one call to `/short`.
+    short: Arc<Semaphore>,
+    /// Set to make every connection announce GOAWAY; streams still held keep it open, as on
+    /// an upstream that is restarting.
+    goaway: watch::Sender<bool>,
+}
+
+impl Holding {
+    /// Allows `limit` streams per connection; with `first_only`, every connection after the
+    /// first is dropped at once, as an upstream capping connections per client would.
+    async fn start(limit: u32, first_only: bool) -> Holding {
+        let connections = Arc::new(AtomicUsize::new(0));
+        let received = Arc::new(AtomicUsize::new(0));
+        let (hold, short) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+        let goaway = watch::channel(false).0;
+        let server = {
+            let (seen, hold, short) = (received.clone(), hold.clone(), short.clone());
+            let (goaway, served) = (goaway.clone(), Arc::new(AtomicUsize::new(0)));
+            Server::bind().await.run(connections.clone(), move |tls| {
+                let (seen, hold, short) = (seen.clone(), hold.clone(), short.clone());
+                let refuse = first_only && served.fetch_add(1, Ordering::SeqCst) > 0;
+                let mut shutdown = goaway.subscribe();
+                async move {
+                    if refuse {
+                        return;
+                    }
+                    let mut conn = h2::server::Builder::new()
+                        .max_concurrent_streams(limit)
+                        .handshake::<_, Bytes>(tls)
+                        .await
+                        .unwrap();
+                    let mut announced = false;
+                    loop {
+                        let next = tokio::select! {
+                            next = conn.accept() => next,
+                            _ = shutdown.changed(), if !announced => {
+                                announced = true;
+                                conn.graceful_shutdown();
+                                continue;
+                            }
+                        };
+                        let Some(Ok((req, mut respond))) = next else {
+                            break;
+                        };
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        let gate = if req.uri().path() == "/short" {
+                            short.clone()
+                        } else {
+                            hold.clone()
+                        };
+                        tokio::spawn(async move {
+                            gate.acquire().await.unwrap().forget();
+                            answer(&mut respond, StatusCode::OK, "ok");
+                        });
+                    }
+                }
+            })
+        };
+        Holding {
+            server,
+            connections,
+            received,
+            hold,
+            short,
+            goaway,
         }
-    });
-    (server, received, gate)
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Waits (bounded) until `n` calls in all reached the upstream.
+    async fn received(&self, n: usize) -> bool {
+        reaches(&self.received, n, Duration::from_secs(20)).await
+    }
 }
 
 /// Waits until `count` reaches `want`, for at most `within`; true if it did.
@@ -254,9 +312,10 @@ fn spawn_calls(
 
 #[tokio::test]
 async fn streams_beyond_the_upstream_limit_go_to_another_connection_not_refused() {
-    let connections = Arc::new(AtomicUsize::new(0));
-    let (server, received, gate) = holding_server(10, &connections).await;
-    let (upstream, target) = server.client(&limits(Duration::from_secs(30)), None);
+    let upstream_side = Holding::start(10, false).await;
+    let (upstream, target) = upstream_side
+        .server
+        .client(&limits(Duration::from_secs(30)), None);
     let upstream = Arc::new(upstream);
 
     // Forty calls arrive before any connection exists; the upstream allows ten streams per
@@ -264,39 +323,40 @@ async fn streams_beyond_the_upstream_limit_go_to_another_connection_not_refused(
     for wave in 1..=2 {
         let calls = spawn_calls(&upstream, &target, 40);
         assert!(
-            reaches(&received, 40 * wave, Duration::from_secs(10)).await,
+            upstream_side.received(40 * wave).await,
             "only {} of 40 calls reached the upstream: the rest queue behind held streams",
-            received.load(Ordering::SeqCst) - 40 * (wave - 1)
+            upstream_side.received.load(Ordering::SeqCst) - 40 * (wave - 1)
         );
-        gate.add_permits(40);
+        upstream_side.hold.add_permits(40);
         for call in calls {
             let response = call.await.unwrap().expect("answered, not refused");
             assert_eq!(response.status(), StatusCode::OK);
         }
         // The second wave finds the streams of the first given back.
-        assert_eq!(connections.load(Ordering::SeqCst), 4);
+        assert_eq!(upstream_side.connections(), 4);
     }
 }
 
 #[tokio::test]
 async fn a_lane_opens_at_most_64_connections_then_queues() {
-    let connections = Arc::new(AtomicUsize::new(0));
-    let (server, received, gate) = holding_server(1, &connections).await;
-    let (upstream, target) = server.client(&limits(Duration::from_secs(60)), None);
+    let upstream_side = Holding::start(1, false).await;
+    let (upstream, target) = upstream_side
+        .server
+        .client(&limits(Duration::from_secs(60)), None);
     let upstream = Arc::new(upstream);
 
     // One stream per connection and 65 held calls: the 65th must wait for a stream rather
     // than open a 65th connection (the lane's MAX_H2_CONNECTIONS is 64).
     let calls = spawn_calls(&upstream, &target, 65);
     assert!(
-        reaches(&received, 64, Duration::from_secs(20)).await,
+        upstream_side.received(64).await,
         "the first 64 calls got through"
     );
     assert!(
-        !reaches(&connections, 65, Duration::from_secs(1)).await,
+        !reaches(&upstream_side.connections, 65, Duration::from_secs(1)).await,
         "a 65th connection was opened"
     );
-    gate.add_permits(65);
+    upstream_side.hold.add_permits(65);
     for call in calls {
         let response = call
             .await
@@ -304,7 +364,7 @@ async fn a_lane_opens_at_most_64_connections_then_queues() {
             .expect("answered once a stream was free");
         assert_eq!(response.status(), StatusCode::OK);
     }
-    assert_eq!(connections.load(Ordering::SeqCst), 64);
+    assert_eq!(upstream_side.connections(), 64);
 }
 
 #[tokio::test]
@@ -478,24 +538,25 @@ async fn the_injected_key_is_in_no_error() {
 
 #[tokio::test]
 async fn a_connection_carrying_a_stream_is_not_retired_as_idle() {
-    let connections = Arc::new(AtomicUsize::new(0));
-    let (server, received, gate) = holding_server(10, &connections).await;
+    let upstream_side = Holding::start(10, false).await;
     let idle = Duration::from_millis(300);
-    let (upstream, target) = server.client(&limits(Duration::from_secs(30)), Some(idle));
+    let (upstream, target) = upstream_side
+        .server
+        .client(&limits(Duration::from_secs(30)), Some(idle));
     let upstream = Arc::new(upstream);
 
     // One long stream outlasts the idle timeout; no call takes the connection meanwhile.
     let long = spawn_calls(&upstream, &target, 1);
-    assert!(reaches(&received, 1, Duration::from_secs(10)).await);
+    assert!(upstream_side.received(1).await);
     tokio::time::sleep(idle * 3).await;
     let next = spawn_calls(&upstream, &target, 1);
-    assert!(reaches(&received, 2, Duration::from_secs(10)).await);
+    assert!(upstream_side.received(2).await);
     assert_eq!(
-        connections.load(Ordering::SeqCst),
+        upstream_side.connections(),
         1,
         "the connection was retired while it carried a stream"
     );
-    gate.add_permits(2);
+    upstream_side.hold.add_permits(2);
     for call in long.into_iter().chain(next) {
         assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
     }
@@ -503,58 +564,10 @@ async fn a_connection_carrying_a_stream_is_not_retired_as_idle() {
 
 #[tokio::test]
 async fn goaway_on_every_pooled_connection_costs_no_call() {
-    // Streams to /hold wait for `hold`, to /short for `short`; `goaway` makes every connection
-    // announce its shutdown while its held streams keep it open, as a restarting upstream does.
-    let hold = Arc::new(tokio::sync::Semaphore::new(0));
-    let short = Arc::new(tokio::sync::Semaphore::new(0));
-    let received = Arc::new(AtomicUsize::new(0));
-    let (goaway, _) = tokio::sync::watch::channel(false);
-    let goaway = Arc::new(goaway);
-    let connections = Arc::new(AtomicUsize::new(0));
-    let server = {
-        let (hold, short, seen, goaway) = (
-            hold.clone(),
-            short.clone(),
-            received.clone(),
-            goaway.clone(),
-        );
-        Server::bind().await.run(connections.clone(), move |tls| {
-            let (hold, short, seen) = (hold.clone(), short.clone(), seen.clone());
-            let mut shutdown = goaway.subscribe();
-            async move {
-                let mut conn = h2::server::Builder::new()
-                    .max_concurrent_streams(2)
-                    .handshake::<_, Bytes>(tls)
-                    .await
-                    .unwrap();
-                let mut announced = false;
-                loop {
-                    let next = tokio::select! {
-                        next = conn.accept() => next,
-                        _ = shutdown.changed(), if !announced => {
-                            announced = true;
-                            conn.graceful_shutdown();
-                            continue;
-                        }
-                    };
-                    let Some(Ok((req, mut respond))) = next else {
-                        break;
-                    };
-                    seen.fetch_add(1, Ordering::SeqCst);
-                    let gate = if req.uri().path() == "/hold" {
-                        hold.clone()
-                    } else {
-                        short.clone()
-                    };
-                    tokio::spawn(async move {
-                        gate.acquire().await.unwrap().forget();
-                        answer(&mut respond, StatusCode::OK, "ok");
-                    });
-                }
-            }
-        })
-    };
-    let (upstream, target) = server.client(&limits(Duration::from_secs(30)), None);
+    let upstream_side = Holding::start(2, false).await;
+    let (upstream, target) = upstream_side
+        .server
+        .client(&limits(Duration::from_secs(30)), None);
     let upstream = Arc::new(upstream);
     let call = |path: &'static str| {
         let (upstream, target) = (upstream.clone(), target.clone());
@@ -563,26 +576,26 @@ async fn goaway_on_every_pooled_connection_costs_no_call() {
 
     // Two connections, each left with one held stream and room for another.
     let first = call("/hold");
-    assert!(reaches(&received, 1, Duration::from_secs(10)).await);
+    assert!(upstream_side.received(1).await);
     let filler = call("/short");
-    assert!(reaches(&received, 2, Duration::from_secs(10)).await);
+    assert!(upstream_side.received(2).await);
     let second = call("/hold");
-    assert!(reaches(&received, 3, Duration::from_secs(10)).await);
-    assert_eq!(connections.load(Ordering::SeqCst), 2);
-    short.add_permits(1);
+    assert!(upstream_side.received(3).await);
+    assert_eq!(upstream_side.connections(), 2);
+    upstream_side.short.add_permits(1);
     let _ = filler.await.unwrap().unwrap().into_body().collect().await;
 
-    goaway.send_replace(true);
+    upstream_side.goaway.send_replace(true);
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Both pooled connections refuse new streams now; the call must end on a new one.
-    short.add_permits(1);
+    upstream_side.short.add_permits(1);
     let response = call("/short")
         .await
         .unwrap()
         .expect("a fresh connection served it");
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(connections.load(Ordering::SeqCst), 3);
-    hold.add_permits(2);
+    assert_eq!(upstream_side.connections(), 3);
+    upstream_side.hold.add_permits(2);
     for held in [first, second] {
         assert_eq!(held.await.unwrap().unwrap().status(), StatusCode::OK);
     }
@@ -590,49 +603,24 @@ async fn goaway_on_every_pooled_connection_costs_no_call() {
 
 #[tokio::test]
 async fn when_another_connection_fails_calls_wait_for_a_stream_on_an_open_one() {
-    // The upstream serves its first connection (one stream at a time) and drops every later
-    // one, as an upstream capping connections per client would.
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let served = Arc::new(AtomicUsize::new(0));
-    let connections = Arc::new(AtomicUsize::new(0));
-    let server = {
-        let (gate, served) = (gate.clone(), served.clone());
-        Server::bind().await.run(connections.clone(), move |tls| {
-            let (gate, served) = (gate.clone(), served.clone());
-            async move {
-                if served.fetch_add(1, Ordering::SeqCst) > 0 {
-                    return;
-                }
-                let mut conn = h2::server::Builder::new()
-                    .max_concurrent_streams(1)
-                    .handshake::<_, Bytes>(tls)
-                    .await
-                    .unwrap();
-                while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                    let gate = gate.clone();
-                    tokio::spawn(async move {
-                        gate.acquire().await.unwrap().forget();
-                        answer(&mut respond, StatusCode::OK, "ok");
-                    });
-                }
-            }
-        })
-    };
-    let (upstream, target) = server.client(&limits(Duration::from_secs(30)), None);
+    let upstream_side = Holding::start(1, true).await;
+    let (upstream, target) = upstream_side
+        .server
+        .client(&limits(Duration::from_secs(30)), None);
     let upstream = Arc::new(upstream);
 
     let first = spawn_calls(&upstream, &target, 1);
-    assert!(reaches(&served, 1, Duration::from_secs(10)).await);
+    assert!(upstream_side.received(1).await);
     // The first connection is full; the second connect fails; the call queues instead.
     let second = spawn_calls(&upstream, &target, 1);
-    assert!(reaches(&connections, 2, Duration::from_secs(10)).await);
+    assert!(reaches(&upstream_side.connections, 2, Duration::from_secs(10)).await);
     // Calls right after the failure queue too, without each trying to connect again.
     let more = spawn_calls(&upstream, &target, 3);
     assert!(
-        !reaches(&connections, 3, Duration::from_millis(300)).await,
+        !reaches(&upstream_side.connections, 3, Duration::from_millis(300)).await,
         "a call connected again right after a failed connect"
     );
-    gate.add_permits(5);
+    upstream_side.hold.add_permits(5);
     for call in first.into_iter().chain(second).chain(more) {
         let response = call.await.unwrap().expect("served on the open connection");
         assert_eq!(response.status(), StatusCode::OK);
@@ -641,69 +629,22 @@ async fn when_another_connection_fails_calls_wait_for_a_stream_on_an_open_one() 
 
 #[tokio::test]
 async fn a_connection_that_announced_goaway_is_not_a_fallback() {
-    // The first connection (one stream at a time) keeps serving a held stream after it
-    // announces GOAWAY; every later connection is dropped at once.
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let served = Arc::new(AtomicUsize::new(0));
-    let received = Arc::new(AtomicUsize::new(0));
-    let (goaway, _) = tokio::sync::watch::channel(false);
-    let goaway = Arc::new(goaway);
-    let connections = Arc::new(AtomicUsize::new(0));
-    let server = {
-        let (gate, served, seen, goaway) = (
-            gate.clone(),
-            served.clone(),
-            received.clone(),
-            goaway.clone(),
-        );
-        Server::bind().await.run(connections.clone(), move |tls| {
-            let (gate, served, seen) = (gate.clone(), served.clone(), seen.clone());
-            let mut shutdown = goaway.subscribe();
-            async move {
-                if served.fetch_add(1, Ordering::SeqCst) > 0 {
-                    return;
-                }
-                let mut conn = h2::server::Builder::new()
-                    .max_concurrent_streams(1)
-                    .handshake::<_, Bytes>(tls)
-                    .await
-                    .unwrap();
-                let mut announced = false;
-                loop {
-                    let next = tokio::select! {
-                        next = conn.accept() => next,
-                        _ = shutdown.changed(), if !announced => {
-                            announced = true;
-                            conn.graceful_shutdown();
-                            continue;
-                        }
-                    };
-                    let Some(Ok((_req, mut respond))) = next else {
-                        break;
-                    };
-                    seen.fetch_add(1, Ordering::SeqCst);
-                    let gate = gate.clone();
-                    tokio::spawn(async move {
-                        gate.acquire().await.unwrap().forget();
-                        answer(&mut respond, StatusCode::OK, "ok");
-                    });
-                }
-            }
-        })
-    };
-    let (upstream, target) = server.client(&limits(Duration::from_secs(30)), None);
+    let upstream_side = Holding::start(1, true).await;
+    let (upstream, target) = upstream_side
+        .server
+        .client(&limits(Duration::from_secs(30)), None);
     let upstream = Arc::new(upstream);
     let held = spawn_calls(&upstream, &target, 1);
-    assert!(reaches(&received, 1, Duration::from_secs(10)).await);
-    goaway.send_replace(true);
+    assert!(upstream_side.received(1).await);
+    upstream_side.goaway.send_replace(true);
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // The only open connection refuses new streams and a new one cannot be opened: the call
     // fails with the connect's reason after one attempt, not one attempt per retry.
     let err = upstream.send(&target, get("/x")).await.unwrap_err();
     assert!(matches!(err, UpstreamError::Unreachable { .. }), "{err}");
-    assert_eq!(connections.load(Ordering::SeqCst), 2);
-    gate.add_permits(1);
+    assert_eq!(upstream_side.connections(), 2);
+    upstream_side.hold.add_permits(1);
     for call in held {
         assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
     }

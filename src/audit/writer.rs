@@ -15,7 +15,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
@@ -26,6 +26,7 @@ use super::chain::{self, MacKey, Position};
 use super::db::{self, DB_FILE, INSERT, META_CHECKPOINT, RawRow};
 use super::event::{Event, canonical};
 use super::journal::{self, Segment};
+use crate::lock;
 
 /// Most events put into one batch; bounds the time the first waiter of a batch waits.
 const BATCH_CAP: usize = 4096;
@@ -77,10 +78,6 @@ pub(crate) struct Shared {
     linger_armed: AtomicBool,
     /// The journal holds rows the database does not have yet.
     unfolded: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {

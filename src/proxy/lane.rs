@@ -1,6 +1,6 @@
-//! One upstream authority under one trust set: a single shared HTTP/2 connection driven on the
-//! `h2` crate directly or, when the upstream does not offer h2 (or the target is plain
-//! `http://`), HTTP/1.1 through hyper's pooled client.
+//! One upstream authority under one trust set: shared HTTP/2 connections driven on the `h2`
+//! crate directly or, when the upstream does not offer h2 (or the target is plain `http://`),
+//! HTTP/1.1 through hyper's pooled client.
 //!
 //! Why not hyper's client for HTTP/2: it hands every request to a connection task over a
 //! channel, and because a new stream has no send capacity until that task opens it, it moves
@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::upstream::{BoxError, UpstreamBody, UpstreamError, classify, connect_error};
+use crate::lock;
 
 /// The TLS (or plain) connector every connection of a trust set is made with.
 pub(super) type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -341,7 +342,7 @@ impl Lane {
         if self.http1_only.load(Ordering::Acquire) {
             return Ok(None);
         }
-        if let Some(taken) = self.checkout() {
+        if let Some(taken) = self.checkout(false) {
             return Ok(Some(taken));
         }
         let asked = Instant::now();
@@ -349,7 +350,8 @@ impl Lane {
         if self.http1_only.load(Ordering::Acquire) {
             return Ok(None);
         }
-        if let Some(taken) = self.checkout_refreshed() {
+        // The upstream may have raised a limit since: re-read them all before connecting.
+        if let Some(taken) = self.checkout(true) {
             return Ok(Some(taken));
         }
         let (shared_failure, backing_off) = match lock(&self.last_failure).as_ref() {
@@ -368,29 +370,26 @@ impl Lane {
                 return Ok(Some(taken));
             }
         }
-        let result = match shared_failure {
-            Some(reason) => Err(UpstreamError::Unreachable {
+        let reason = match shared_failure {
+            Some(reason) => reason,
+            None => match self.connect().await {
+                Err(UpstreamError::Unreachable { reason, .. }) => {
+                    *lock(&self.last_failure) = Some((Instant::now(), reason.clone()));
+                    reason
+                }
+                other => return other,
+            },
+        };
+        // Connecting failed: wait for a stream on an open connection if there is one.
+        match self.least_busy() {
+            Some(taken) => {
+                tracing::warn!(upstream = %self.host, %reason, "could not open another HTTP/2 connection; the call waits for a stream on an open one");
+                Ok(Some(taken))
+            }
+            None => Err(UpstreamError::Unreachable {
                 host: self.host.clone(),
                 reason,
             }),
-            None => match self.connect().await {
-                Err(UpstreamError::Unreachable { host, reason }) => {
-                    *lock(&self.last_failure) = Some((Instant::now(), reason.clone()));
-                    Err(UpstreamError::Unreachable { host, reason })
-                }
-                other => other,
-            },
-        };
-        match result {
-            // Connecting failed: wait for a stream on an open connection if there is one.
-            Err(UpstreamError::Unreachable { host, reason }) => match self.least_busy() {
-                Some(taken) => {
-                    tracing::warn!(upstream = %host, %reason, "could not open another HTTP/2 connection; the call waits for a stream on an open one");
-                    Ok(Some(taken))
-                }
-                None => Err(UpstreamError::Unreachable { host, reason }),
-            },
-            other => other,
         }
     }
 
@@ -460,24 +459,16 @@ impl Lane {
         }))
     }
 
-    /// An open connection with room for one more stream, counted against it. Connections
-    /// full by their cached limit are passed over without touching h2; the chosen one's
-    /// limit is re-read, in case the upstream lowered it. Forgets closed connections.
-    fn checkout(&self) -> Option<Taken> {
+    /// An open connection with room for one more stream, counted against it. Unless
+    /// `refresh_all`, connections full by their cached limit are passed over without touching
+    /// h2; the chosen one's limit is re-read either way, in case the upstream lowered it.
+    /// Forgets closed connections.
+    fn checkout(&self, refresh_all: bool) -> Option<Taken> {
         let mut pool = lock(&self.pool);
         pool.retain(|p| !p.conn.is_closed());
         let pooled = pool
             .iter_mut()
-            .find(|p| p.conn.has_room_cached() && p.conn.has_room_now())?;
-        Some(Self::take(pooled))
-    }
-
-    /// [`Lane::checkout`] after re-reading every connection's limit, which the upstream may
-    /// have raised; done only before deciding to open a connection.
-    fn checkout_refreshed(&self) -> Option<Taken> {
-        let mut pool = lock(&self.pool);
-        pool.retain(|p| !p.conn.is_closed());
-        let pooled = pool.iter_mut().find(|p| p.conn.has_room_now())?;
+            .find(|p| (refresh_all || p.conn.has_room_cached()) && p.conn.has_room_now())?;
         Some(Self::take(pooled))
     }
 
@@ -770,12 +761,6 @@ impl Body for ResponseBody {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -805,30 +790,19 @@ mod tests {
         hyper_rustls::MaybeHttpsStream::Http(TokioIo::new(tcp))
     }
 
+    /// Whether the stash hands out a stream for `uri`.
+    fn takes(stash: &StashConnector, uri: &str) -> bool {
+        stash.take(&uri.parse().unwrap()).is_some()
+    }
+
     #[tokio::test]
     async fn a_stashed_probe_goes_only_to_the_same_https_authority_and_only_once() {
         let stash = connector();
         stash.put("api.example:443".parse().unwrap(), some_stream().await);
-        assert!(
-            stash
-                .take(&"http://api.example:443/".parse().unwrap())
-                .is_none()
-        );
-        assert!(
-            stash
-                .take(&"https://other.example:443/".parse().unwrap())
-                .is_none()
-        );
-        assert!(
-            stash
-                .take(&"https://api.example:443/".parse().unwrap())
-                .is_some()
-        );
-        assert!(
-            stash
-                .take(&"https://api.example:443/".parse().unwrap())
-                .is_none()
-        );
+        assert!(!takes(&stash, "http://api.example:443/"));
+        assert!(!takes(&stash, "https://other.example:443/"));
+        assert!(takes(&stash, "https://api.example:443/"));
+        assert!(!takes(&stash, "https://api.example:443/"), "only once");
     }
 
     #[tokio::test]
@@ -837,11 +811,7 @@ mod tests {
         stash.put("api.example:443".parse().unwrap(), some_stream().await);
         tokio::time::pause();
         tokio::time::advance(STASH_FRESH).await;
-        assert!(
-            stash
-                .take(&"https://api.example:443/".parse().unwrap())
-                .is_none()
-        );
+        assert!(!takes(&stash, "https://api.example:443/"));
         assert!(lock(&stash.stash).is_empty(), "stale probes are dropped");
     }
 }

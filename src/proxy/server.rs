@@ -44,6 +44,7 @@ use crate::audit::usage::UsageTap;
 use crate::audit::{Event, EventKind, Fingerprinter};
 use crate::auth::{AuthError, PeerCred, Principal, authenticate};
 use crate::daemon::State;
+use crate::lock;
 use crate::pool::{Change, Outcome, parse_retry_after, unix_secs};
 use crate::providers::{Target, prepare_upstream_headers};
 use crate::scope::attrs::{ModelScanner, ModelSource, ScanState, capability, model_source};
@@ -657,10 +658,6 @@ fn name_credential(event: &mut Event, c: &Candidate) {
     if c.expired_warn {
         event.flags.push("expired_key_warn".into());
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Reads body frames until the model is known or the body ends. Returns the model and whether

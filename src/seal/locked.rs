@@ -51,7 +51,7 @@ fn class(len: usize) -> Option<(usize, usize)> {
 }
 
 fn pool() -> std::sync::MutexGuard<'static, [Vec<Slot>; 8]> {
-    POOL.lock().unwrap_or_else(|p| p.into_inner())
+    crate::lock(&POOL)
 }
 
 // SAFETY: `Secret` owns its allocation exclusively (no aliasing pointers escape except through
