@@ -271,6 +271,12 @@ impl Holding {
         }
     }
 
+    /// An upstream client toward this server, with this call deadline and idle timeout.
+    fn client(&self, deadline: Duration, idle: Option<Duration>) -> (Arc<Upstream>, Target) {
+        let (upstream, target) = self.server.client(&limits(deadline), idle);
+        (Arc::new(upstream), target)
+    }
+
     fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
     }
@@ -313,10 +319,7 @@ fn spawn_calls(
 #[tokio::test]
 async fn streams_beyond_the_upstream_limit_go_to_another_connection_not_refused() {
     let upstream_side = Holding::start(10, false).await;
-    let (upstream, target) = upstream_side
-        .server
-        .client(&limits(Duration::from_secs(30)), None);
-    let upstream = Arc::new(upstream);
+    let (upstream, target) = upstream_side.client(Duration::from_secs(30), None);
 
     // Forty calls arrive before any connection exists; the upstream allows ten streams per
     // connection and holds every answer, as long SSE streams do.
@@ -340,10 +343,7 @@ async fn streams_beyond_the_upstream_limit_go_to_another_connection_not_refused(
 #[tokio::test]
 async fn a_lane_opens_at_most_64_connections_then_queues() {
     let upstream_side = Holding::start(1, false).await;
-    let (upstream, target) = upstream_side
-        .server
-        .client(&limits(Duration::from_secs(60)), None);
-    let upstream = Arc::new(upstream);
+    let (upstream, target) = upstream_side.client(Duration::from_secs(60), None);
 
     // One stream per connection and 65 held calls: the 65th must wait for a stream rather
     // than open a 65th connection (the lane's MAX_H2_CONNECTIONS is 64).
@@ -540,10 +540,7 @@ async fn the_injected_key_is_in_no_error() {
 async fn a_connection_carrying_a_stream_is_not_retired_as_idle() {
     let upstream_side = Holding::start(10, false).await;
     let idle = Duration::from_millis(300);
-    let (upstream, target) = upstream_side
-        .server
-        .client(&limits(Duration::from_secs(30)), Some(idle));
-    let upstream = Arc::new(upstream);
+    let (upstream, target) = upstream_side.client(Duration::from_secs(30), Some(idle));
 
     // One long stream outlasts the idle timeout; no call takes the connection meanwhile.
     let long = spawn_calls(&upstream, &target, 1);
@@ -565,10 +562,7 @@ async fn a_connection_carrying_a_stream_is_not_retired_as_idle() {
 #[tokio::test]
 async fn goaway_on_every_pooled_connection_costs_no_call() {
     let upstream_side = Holding::start(2, false).await;
-    let (upstream, target) = upstream_side
-        .server
-        .client(&limits(Duration::from_secs(30)), None);
-    let upstream = Arc::new(upstream);
+    let (upstream, target) = upstream_side.client(Duration::from_secs(30), None);
     let call = |path: &'static str| {
         let (upstream, target) = (upstream.clone(), target.clone());
         tokio::spawn(async move { upstream.send(&target, get(path)).await })
@@ -604,10 +598,7 @@ async fn goaway_on_every_pooled_connection_costs_no_call() {
 #[tokio::test]
 async fn when_another_connection_fails_calls_wait_for_a_stream_on_an_open_one() {
     let upstream_side = Holding::start(1, true).await;
-    let (upstream, target) = upstream_side
-        .server
-        .client(&limits(Duration::from_secs(30)), None);
-    let upstream = Arc::new(upstream);
+    let (upstream, target) = upstream_side.client(Duration::from_secs(30), None);
 
     let first = spawn_calls(&upstream, &target, 1);
     assert!(upstream_side.received(1).await);
@@ -630,10 +621,7 @@ async fn when_another_connection_fails_calls_wait_for_a_stream_on_an_open_one() 
 #[tokio::test]
 async fn a_connection_that_announced_goaway_is_not_a_fallback() {
     let upstream_side = Holding::start(1, true).await;
-    let (upstream, target) = upstream_side
-        .server
-        .client(&limits(Duration::from_secs(30)), None);
-    let upstream = Arc::new(upstream);
+    let (upstream, target) = upstream_side.client(Duration::from_secs(30), None);
     let held = spawn_calls(&upstream, &target, 1);
     assert!(upstream_side.received(1).await);
     upstream_side.goaway.send_replace(true);
