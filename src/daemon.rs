@@ -134,6 +134,38 @@ struct Listeners {
     admin: std::os::unix::net::UnixListener,
     tcp: Option<std::net::TcpListener>,
     activated: bool,
+    /// Socket files bound here (not passed by systemd), removed on a clean exit.
+    bound: Vec<BoundSocket>,
+}
+
+/// A socket file this process created, identified by its inode so that a file another process
+/// put at the same path later is never removed.
+struct BoundSocket {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl BoundSocket {
+    fn new(path: &Path) -> Option<BoundSocket> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        Some(BoundSocket {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// Removes the file if it is still the socket bound here.
+    fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino);
+        if ours && let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the socket file");
+        }
+    }
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns after a drain.
@@ -298,19 +330,29 @@ fn take_or_bind(config: &Config) -> Result<Listeners, ServeError> {
         ),
     };
     let was_activated = !activated.is_empty();
+    let mut bound = Vec::new();
     let data = match activated.data {
         Some(l) => l,
-        None => bind_unix(&config.socket, 0o660, config.socket_group.as_deref())?,
+        None => {
+            let l = bind_unix(&config.socket, 0o660, config.socket_group.as_deref())?;
+            bound.extend(BoundSocket::new(&config.socket));
+            l
+        }
     };
     let admin = match activated.admin {
         Some(l) => l,
-        None => bind_unix(&config.admin_socket, 0o600, None)?,
+        None => {
+            let l = bind_unix(&config.admin_socket, 0o600, None)?;
+            bound.extend(BoundSocket::new(&config.admin_socket));
+            l
+        }
     };
     Ok(Listeners {
         data,
         admin,
         tcp,
         activated: was_activated,
+        bound,
     })
 }
 
@@ -486,6 +528,11 @@ async fn run(
     );
     notify("STOPPING=1");
     let _ = stop_tx.send(true);
+    // No longer accepting: a socket file left behind would tell a health check (or the next
+    // start) that someone serves there. Sockets systemd passed in are its to keep.
+    for socket in &listeners.bound {
+        socket.remove();
+    }
     let grace = state.config.limits.shutdown_grace;
     let drained = tokio::time::timeout(grace, async {
         let _ = data_task.await;

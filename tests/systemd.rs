@@ -377,3 +377,38 @@ fn ready_is_sent_once_the_admin_socket_answers() {
         .unwrap_or_else(|| panic!("daemon did not exit after SIGTERM\n{}", daemon.output()));
     assert!(exit.success(), "exit {exit}\n{}", daemon.output());
 }
+
+// === clean exit ===
+
+#[test]
+fn sigterm_keeps_the_passed_socket_and_removes_the_one_keyward_bound() {
+    let home = home();
+    let data = home.path().join("keyward.sock");
+    let admin = home.path().join("admin.sock");
+    // Only the data socket comes from the manager; keyward binds the admin socket itself.
+    let mut daemon = Daemon::spawn(
+        socket_activated(home.path(), &[&data], Some("data")),
+        home.path(),
+    );
+    wait_for_path(&data, &mut daemon);
+    let passed = inode(&data);
+    let _poke = UnixStream::connect(&data).unwrap();
+    status_until_ok(&admin, &mut daemon);
+    let pid = nix::unistd::Pid::from_raw(daemon.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let exit = daemon
+        .wait_exit(START_TIMEOUT)
+        .unwrap_or_else(|| panic!("daemon did not exit after SIGTERM\n{}", daemon.output()));
+    assert!(exit.success(), "exit {exit}\n{}", daemon.output());
+    assert_eq!(
+        inode(&data),
+        passed,
+        "the socket systemd passed in was removed or replaced\n{}",
+        daemon.output()
+    );
+    assert!(
+        !admin.exists(),
+        "the admin socket keyward bound itself is still there after a clean exit\n{}",
+        daemon.output()
+    );
+}
