@@ -26,7 +26,8 @@ fn event(i: u64) -> Event {
 }
 
 fn open(dir: &std::path::Path, sync: AuditSync) -> Audit {
-    let master = MasterKey::from_secret(Secret::from_slice(&[7; 32]));
+    let master: keyward::seal::MasterKeyProvider =
+        MasterKey::from_secret(Secret::from_slice(&[7; 32])).into();
     Audit::open(dir, &master, sync, None).expect("open audit")
 }
 

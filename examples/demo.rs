@@ -49,8 +49,7 @@ async fn main() -> anyhow::Result<()> {
     println!("  data socket      {}", socket.display());
     let server = Server::open(
         config,
-        MasterKey::generate(),
-        "random, in memory (demo)".into(),
+        MasterKey::generate().into(),
         "secret pages".into(),
         tokio::runtime::Handle::current(),
     )?;

@@ -17,7 +17,7 @@ use zeroize::Zeroize;
 use crate::audit::{Event, EventKind};
 use crate::catalog::{Catalog, version_state};
 use crate::daemon::State;
-use crate::seal::{Context, CredentialRef, Secret};
+use crate::seal::{CredentialRef, Purpose, Secret, seal_with_tenant_key};
 use crate::store::{self, ClientRow, CredentialRow, StoreError, TenantRow, VersionRow};
 use crate::units::{format_duration, now_unix};
 
@@ -343,7 +343,9 @@ fn status(state: &State) -> Value {
         "clients": cat.clients_by_token.len(),
         "credentials": cat.credentials_by_tenant.values().map(Vec::len).sum::<usize>(),
         "memory_lock": state.memory_lock.clone(),
-        "master_key_source": state.master_key_source.clone(),
+        "master_key_source": state.master.identity(),
+        "master_key_provider": state.master.provider(),
+        "kek_operations": state.master.operations(),
         "in_flight": state.in_flight(),
         "store_accesses": state.store.accesses(),
     })
@@ -475,13 +477,15 @@ fn tenant_add(
         )));
     }
     let id = store::new_id("ten");
-    let row = TenantRow {
-        wrapped_key: state
+    let wrap = |purpose| {
+        state
             .master
-            .new_wrapped_key(Context::TenantKey { tenant: &id }),
-        wrapped_fp_key: state.master.new_wrapped_key(Context::AuxKey {
-            purpose: &fingerprint_purpose(&id),
-        }),
+            .new_wrapped_key(purpose)
+            .map_err(|e| AdminError(format!("cannot create the tenant's keys: {e}")))
+    };
+    let row = TenantRow {
+        wrapped_key: wrap(Purpose::TenantKey { tenant: &id })?,
+        wrapped_fp_key: wrap(Purpose::FingerprintKey { tenant: &id })?,
         id,
         name,
         max_key_age_s: max_key_age_s.map(|s| s as i64),
@@ -501,11 +505,6 @@ fn tenant_add(
         )
     })?;
     Ok(tenant_json(&row))
-}
-
-/// The aux-key purpose of a tenant's fingerprint key.
-pub fn fingerprint_purpose(tenant_id: &str) -> String {
-    format!("fingerprint:{tenant_id}")
 }
 
 fn tenant_policy_text(t: &TenantRow) -> String {
@@ -599,10 +598,10 @@ fn cred_add(state: &State, new: NewCredential) -> Reply {
             versions: vec![],
         };
         store::insert_credential(tx, &cred, &t.name)?;
-        let sealed = state
-            .master
-            .seal_credential(&t.wrapped_key, CredentialRef { tenant: &t.id, credential: &id, version: 1 }, &secret)
+        let keys = state
+            .tenant_keys_of(&t)
             .map_err(|e| StoreError::Conflict(format!("cannot seal: {e}")))?;
+        let sealed = seal_with_tenant_key(&keys.tenant, CredentialRef { tenant: &t.id, credential: &id, version: 1 }, &secret);
         store::insert_version(
             tx,
             &id,
@@ -668,10 +667,10 @@ fn cred_rotate(state: &State, id: &str, overlap_s: Option<u64>, secret: Secret) 
         let version = store::latest_version(tx, id)? + 1;
         let overlap = overlap_s.map(|s| s as i64).or(tenant.rotation_overlap_s).unwrap_or(86_400);
         let superseded = store::start_overlap(tx, id, version, now + overlap)?;
-        let sealed = state
-            .master
-            .seal_credential(&tenant.wrapped_key, CredentialRef { tenant: &tenant.id, credential: id, version }, &secret)
+        let keys = state
+            .tenant_keys_of(&tenant)
             .map_err(|e| StoreError::Conflict(format!("cannot seal: {e}")))?;
+        let sealed = seal_with_tenant_key(&keys.tenant, CredentialRef { tenant: &tenant.id, credential: id, version }, &secret);
         store::insert_version(
             tx,
             id,
@@ -957,7 +956,7 @@ fn audit_query(state: &State, args: AuditQueryArgs) -> Reply {
             let payload = crate::hex::decode(hex)
                 .ok_or_else(|| AdminError("payload_hex is not hex".into()))?;
             Some(crate::audit::fingerprint(
-                &fingerprint_key(state, t)?,
+                &fingerprint_key(state, t)?.fingerprint,
                 &payload,
             ))
         }
@@ -997,15 +996,13 @@ fn audit_lifecycle(state: &State, id: &str) -> Reply {
     Ok(serde_json::to_value(rows)?)
 }
 
-/// Unwraps a tenant's fingerprint key.
-pub fn fingerprint_key(state: &State, tenant: &TenantRow) -> Result<Secret, AdminError> {
-    let purpose = fingerprint_purpose(&tenant.id);
+/// A tenant's fingerprint key, from the tenant key cache.
+pub fn fingerprint_key(
+    state: &State,
+    tenant: &TenantRow,
+) -> Result<std::sync::Arc<crate::seal::TenantKeys>, AdminError> {
     state
-        .master
-        .unwrap_key(
-            Context::AuxKey { purpose: &purpose },
-            &tenant.wrapped_fp_key,
-        )
+        .tenant_keys_of(tenant)
         .map_err(|e| AdminError(format!("tenant `{}` fingerprint key: {e}", tenant.name)))
 }
 

@@ -61,6 +61,52 @@ pub struct PoolSettings {
     pub quarantine: Duration,
 }
 
+/// Where the master key is held: the `[master_key]` table (README, "Key custody").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MasterKeyConfig {
+    /// `provider = "file"`: 64 hex characters in this process's locked memory.
+    File {
+        /// `path`; without it, the sources of the README's "Master key" section
+        /// (`master_key_file`, `$CREDENTIALS_DIRECTORY/master-key`, `$KEYWARD_MASTER_KEY`, the
+        /// generated `<state dir>/master.key`).
+        path: Option<PathBuf>,
+    },
+    /// `provider = "pkcs11"`: an AES-256 key inside an HSM, used through a PKCS#11 module.
+    Pkcs11 {
+        /// The PKCS#11 module (shared library), e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+        module: PathBuf,
+        /// `CKA_LABEL` of the token.
+        token_label: String,
+        /// `CKA_LABEL` of the AES-256 secret key on it.
+        key_label: String,
+        /// File holding the user PIN (one trailing newline trimmed).
+        pin_file: PathBuf,
+    },
+    /// `provider = "aws-kms"`: a symmetric AWS KMS key, used through `Encrypt`/`Decrypt`.
+    AwsKms {
+        /// Key ARN, key id or `alias/NAME`.
+        key_id: String,
+        /// AWS region, e.g. `eu-west-1`.
+        region: String,
+        /// `https://` endpoint; default `https://kms.<region>.amazonaws.com`.
+        endpoint: Option<String>,
+        /// PEM CA bundle trusted for the endpoint instead of the public roots (a private CA in
+        /// front of a VPC endpoint, a test server).
+        ca_file: Option<PathBuf>,
+    },
+}
+
+impl MasterKeyConfig {
+    /// The provider's name as written in the config.
+    pub fn provider(&self) -> &'static str {
+        match self {
+            MasterKeyConfig::File { .. } => "file",
+            MasterKeyConfig::Pkcs11 { .. } => "pkcs11",
+            MasterKeyConfig::AwsKms { .. } => "aws-kms",
+        }
+    }
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -78,6 +124,11 @@ pub struct Config {
     pub master_key_file: Option<PathBuf>,
     /// Refuse to generate a master key.
     pub require_external_master_key: bool,
+    /// Where the master key is held (`[master_key]`; without it, the file sources).
+    pub master_key: MasterKeyConfig,
+    /// The key to migrate from (`[master_key.previous]`): `serve` rewraps every key it wrapped
+    /// under [`Config::master_key`] before serving.
+    pub previous_master_key: Option<MasterKeyConfig>,
     /// Optional TCP listener (token auth only).
     pub listen_tcp: Option<SocketAddr>,
     /// Memory locking mode.
@@ -139,6 +190,7 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     master_key_file: Option<PathBuf>,
     require_external_master_key: Option<bool>,
+    master_key: Option<RawMasterKey>,
     listen_tcp: Option<String>,
     lock_memory: Option<String>,
     audit_sync: Option<String>,
@@ -150,6 +202,22 @@ struct RawConfig {
     pool: RawPool,
     #[serde(default)]
     targets: BTreeMap<String, TargetSpec>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMasterKey {
+    provider: Option<String>,
+    path: Option<PathBuf>,
+    module: Option<PathBuf>,
+    token_label: Option<String>,
+    key_label: Option<String>,
+    pin_file: Option<PathBuf>,
+    key_id: Option<String>,
+    region: Option<String>,
+    endpoint: Option<String>,
+    ca_file: Option<PathBuf>,
+    previous: Option<Box<RawMasterKey>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -245,6 +313,117 @@ fn without_value(message: &str) -> String {
         }
     }
     message.to_string()
+}
+
+/// Validates one `[master_key]` table; errors are (dotted key, reason).
+fn master_key_table(raw: RawMasterKey, at: &str) -> Result<MasterKeyConfig, (String, String)> {
+    let key = |name: &str| format!("{at}.{name}");
+    let provider = raw.provider.as_deref().ok_or_else(|| {
+        (
+            key("provider"),
+            "missing: say where the master key is held: \"file\", \"pkcs11\" or \"aws-kms\"".into(),
+        )
+    })?;
+    let given: [(&str, bool); 9] = [
+        ("path", raw.path.is_some()),
+        ("module", raw.module.is_some()),
+        ("token_label", raw.token_label.is_some()),
+        ("key_label", raw.key_label.is_some()),
+        ("pin_file", raw.pin_file.is_some()),
+        ("key_id", raw.key_id.is_some()),
+        ("region", raw.region.is_some()),
+        ("endpoint", raw.endpoint.is_some()),
+        ("ca_file", raw.ca_file.is_some()),
+    ];
+    let allowed: &[&str] = match provider {
+        "file" => &["path"],
+        "pkcs11" => &["module", "token_label", "key_label", "pin_file"],
+        "aws-kms" => &["key_id", "region", "endpoint", "ca_file"],
+        _ => {
+            return Err((
+                key("provider"),
+                "unknown provider: use \"file\", \"pkcs11\" or \"aws-kms\"".into(),
+            ));
+        }
+    };
+    if let Some((name, _)) = given.iter().find(|(n, set)| *set && !allowed.contains(n)) {
+        return Err((
+            key(name),
+            format!(
+                "not a setting of provider \"{provider}\" (its settings: {})",
+                allowed.join(", ")
+            ),
+        ));
+    }
+    let text = |name: &str, v: Option<String>| -> Result<String, (String, String)> {
+        match v {
+            Some(v) if !v.trim().is_empty() => Ok(v),
+            Some(_) => Err((key(name), "must not be empty".into())),
+            None => Err((
+                key(name),
+                format!("missing: provider \"{provider}\" needs it"),
+            )),
+        }
+    };
+    let absolute = |name: &str, v: Option<PathBuf>| -> Result<PathBuf, (String, String)> {
+        match v {
+            Some(p) if p.is_absolute() => Ok(p),
+            Some(_) => Err((key(name), "must be an absolute path".into())),
+            None => Err((
+                key(name),
+                format!("missing: provider \"{provider}\" needs it"),
+            )),
+        }
+    };
+    Ok(match provider {
+        "file" => MasterKeyConfig::File {
+            path: raw.path.map(|p| absolute("path", Some(p))).transpose()?,
+        },
+        "pkcs11" => MasterKeyConfig::Pkcs11 {
+            module: absolute("module", raw.module)?,
+            token_label: text("token_label", raw.token_label)?,
+            key_label: text("key_label", raw.key_label)?,
+            pin_file: absolute("pin_file", raw.pin_file)?,
+        },
+        _ => {
+            let region = text("region", raw.region)?;
+            if !region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err((
+                    key("region"),
+                    "must be an AWS region name such as \"eu-west-1\"".into(),
+                ));
+            }
+            let endpoint = match raw.endpoint {
+                None => None,
+                Some(e) => Some(kms_endpoint(&e).map_err(|r| (key("endpoint"), r))?),
+            };
+            MasterKeyConfig::AwsKms {
+                key_id: text("key_id", raw.key_id)?,
+                region,
+                endpoint,
+                ca_file: raw
+                    .ca_file
+                    .map(|p| absolute("ca_file", Some(p)))
+                    .transpose()?,
+            }
+        }
+    })
+}
+
+/// A KMS endpoint must be `https://host[:port]` with no path: the request carries the master
+/// key's wraps, so it is never sent in the clear.
+fn kms_endpoint(text: &str) -> Result<String, String> {
+    let Some(rest) = text.strip_prefix("https://") else {
+        return Err("must start with https:// (wrapped keys never travel in the clear)".into());
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
+        return Err("must be https://HOST or https://HOST:PORT, without a path".into());
+    }
+    Ok(format!("https://{authority}"))
 }
 
 /// Default state directory (SPEC §2).
@@ -497,8 +676,49 @@ fn build(
             ));
         }
     };
+    let (master_key, previous_master_key) = match raw.master_key {
+        None => (MasterKeyConfig::File { path: None }, None),
+        Some(mut table) => {
+            if raw.master_key_file.is_some() {
+                return Err(value_err(
+                    "master_key_file",
+                    "the [master_key] table names the master key too: keep one (for a key file, \
+                     [master_key] provider = \"file\" with path = ...)"
+                        .into(),
+                ));
+            }
+            let previous = table.previous.take();
+            let new = master_key_table(table, "master_key").map_err(|(k, r)| value_err(&k, r))?;
+            let previous = match previous {
+                None => None,
+                Some(p) => {
+                    if p.previous.is_some() {
+                        return Err(value_err(
+                            "master_key.previous.previous",
+                            "migration goes from one key to one key: migrate once, then again"
+                                .into(),
+                        ));
+                    }
+                    let old = master_key_table(*p, "master_key.previous")
+                        .map_err(|(k, r)| value_err(&k, r))?;
+                    if old == new {
+                        return Err(value_err(
+                            "master_key.previous",
+                            "it names the same key as [master_key]: remove [master_key.previous] \
+                             once a migration is done"
+                                .into(),
+                        ));
+                    }
+                    Some(old)
+                }
+            };
+            (new, previous)
+        }
+    };
     Ok(Config {
         source,
+        master_key,
+        previous_master_key,
         worker_threads,
         state_dir,
         socket,
@@ -668,6 +888,123 @@ mod tests {
         ];
         for (text, needles) in cases {
             let e = Config::from_toml(text, f, &env).unwrap_err().to_string();
+            for needle in needles {
+                assert!(e.contains(needle), "{text}: {e} lacks {needle}");
+            }
+        }
+    }
+
+    #[test]
+    fn master_key_tables_parse_per_provider() {
+        let env = env_of(&[("KEYWARD_HOME", "/tmp/x")]);
+        let f = Path::new("/etc/kw.toml");
+        let c = Config::from_toml("", f, &env).unwrap();
+        assert_eq!(c.master_key, MasterKeyConfig::File { path: None });
+        assert_eq!(c.previous_master_key, None);
+        let c = Config::from_toml(
+            r#"
+            [master_key]
+            provider = "pkcs11"
+            module = "/usr/lib/softhsm/libsofthsm2.so"
+            token_label = "keyward"
+            key_label = "keyward-master"
+            pin_file = "/run/credentials/keyward.service/hsm-pin"
+            [master_key.previous]
+            provider = "file"
+            path = "/etc/keyward/master.key"
+            "#,
+            f,
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.master_key.provider(), "pkcs11");
+        assert_eq!(
+            c.previous_master_key,
+            Some(MasterKeyConfig::File {
+                path: Some("/etc/keyward/master.key".into())
+            })
+        );
+        let c = Config::from_toml(
+            "[master_key]\nprovider = \"aws-kms\"\nkey_id = \"alias/keyward\"\nregion = \"eu-west-1\"\nendpoint = \"https://kms.eu-west-1.amazonaws.com/\"\n",
+            f,
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            c.master_key,
+            MasterKeyConfig::AwsKms {
+                key_id: "alias/keyward".into(),
+                region: "eu-west-1".into(),
+                endpoint: Some("https://kms.eu-west-1.amazonaws.com".into()),
+                ca_file: None,
+            }
+        );
+    }
+
+    #[test]
+    fn bad_master_key_tables_name_the_key_and_the_fix() {
+        let env = env_of(&[("KEYWARD_HOME", "/tmp/x")]);
+        let f = Path::new("/etc/kw.toml");
+        let pkcs11 = "provider = \"pkcs11\"\nmodule = \"/m.so\"\ntoken_label = \"t\"\nkey_label = \"k\"\npin_file = \"/p\"\n";
+        let kms = "provider = \"aws-kms\"\nkey_id = \"alias/k\"\nregion = \"eu-west-1\"\n";
+        let cases: Vec<(String, &[&str])> = vec![
+            (
+                "[master_key]\npath = \"/k\"".into(),
+                &["master_key.provider", "missing", "pkcs11"],
+            ),
+            (
+                "[master_key]\nprovider = \"vault\"".into(),
+                &["master_key.provider", "unknown provider", "aws-kms"],
+            ),
+            (
+                "[master_key]\nprovider = \"pkcs11\"\nmodule = \"/m.so\"".into(),
+                &["master_key.token_label", "missing"],
+            ),
+            (
+                format!("[master_key]\n{pkcs11}region = \"eu-west-1\""),
+                &["master_key.region", "not a setting of provider \"pkcs11\""],
+            ),
+            (
+                format!("[master_key]\n{pkcs11}").replace("/m.so", "m.so"),
+                &["master_key.module", "absolute"],
+            ),
+            (
+                format!("[master_key]\n{pkcs11}").replace("key_label = \"k\"", "key_label = \" \""),
+                &["master_key.key_label", "empty"],
+            ),
+            (
+                format!("[master_key]\n{kms}endpoint = \"http://127.0.0.1:1\""),
+                &["master_key.endpoint", "https://"],
+            ),
+            (
+                format!("[master_key]\n{kms}endpoint = \"https://kms.example/x\""),
+                &["master_key.endpoint", "without a path"],
+            ),
+            (
+                format!("[master_key]\n{kms}").replace("eu-west-1", "EU West"),
+                &["master_key.region", "region name"],
+            ),
+            (
+                format!("master_key_file = \"/k\"\n[master_key]\n{kms}"),
+                &["master_key_file", "keep one"],
+            ),
+            (
+                format!("[master_key]\n{kms}[master_key.previous]\n{kms}"),
+                &["master_key.previous", "same key"],
+            ),
+            (
+                format!(
+                    "[master_key]\n{kms}[master_key.previous]\n{pkcs11}[master_key.previous.previous]\n{kms}"
+                ),
+                &["master_key.previous.previous", "migrate once"],
+            ),
+            (
+                "[master_key]\nprovider = \"file\"\npin = \"1234\"".into(),
+                &["/etc/kw.toml", "pin"],
+            ),
+        ];
+        for (text, needles) in cases {
+            let e = Config::from_toml(&text, f, &env).unwrap_err().to_string();
             for needle in needles {
                 assert!(e.contains(needle), "{text}: {e} lacks {needle}");
             }

@@ -15,7 +15,7 @@ use crate::catalog::{Catalog, CatalogHandle};
 use crate::config::{Config, process_env};
 use crate::harden::{MemoryLock, harden};
 use crate::proxy::upstream::Upstream;
-use crate::seal::{MasterKey, MasterKeySource, load_master_key};
+use crate::seal::MasterKeyProvider;
 use crate::store::{self, Store, StoreError};
 
 /// Options of `keyward serve`.
@@ -68,10 +68,8 @@ pub enum ServeError {
 pub struct State {
     /// The validated configuration.
     pub config: Config,
-    /// The master key, in locked memory.
-    pub master: MasterKey,
-    /// Where the master key came from (printed by `status`).
-    pub master_key_source: String,
+    /// The master key's provider (in locked memory, or an HSM or KMS holding it).
+    pub master: MasterKeyProvider,
     /// What memory locking achieved (printed by `status`).
     pub memory_lock: String,
     /// The credential store.
@@ -101,6 +99,20 @@ pub struct State {
 }
 
 impl State {
+    /// A tenant's unwrapped tenant and fingerprint keys, asking the master key's provider only
+    /// the first time in this process. Blocks on a miss: call it from a blocking thread.
+    pub fn tenant_keys_of(
+        &self,
+        tenant: &crate::store::TenantRow,
+    ) -> Result<Arc<crate::seal::TenantKeys>, crate::seal::SealError> {
+        self.tenant_keys.get(
+            &self.master,
+            &tenant.id,
+            &tenant.wrapped_key,
+            &tenant.wrapped_fp_key,
+        )
+    }
+
     /// Rebuilds the catalog from the store after a change.
     pub fn reload_catalog(&self) -> Result<(), StoreError> {
         self.catalog.replace(Catalog::build(self.store.snapshot()?));
@@ -193,18 +205,39 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
         source: e,
     })?;
     let _ = std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700));
-    let (master, source) = load_master_key(
+    if options.master_key_file.is_some()
+        && !matches!(
+            config.master_key,
+            crate::config::MasterKeyConfig::File { .. }
+        )
+    {
+        return Err(crate::config::ConfigError::Value {
+            origin: config
+                .source
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            key: "master_key.provider".into(),
+            reason: format!(
+                "--master-key-file names a key file, but the master key is held by provider \"{}\": drop the flag",
+                config.master_key.provider()
+            ),
+        }
+        .into());
+    }
+    let opened = crate::custody::open_provider(
+        &config.master_key,
         config.master_key_file.as_deref(),
         &config.state_dir,
         config.require_external_master_key,
     )?;
-    if let MasterKeySource::Generated(path) = &source {
+    if let Some(path) = &opened.generated {
         eprintln!(
             "\n*** WARNING: generated a new master key at {} ***\n\
              Anyone who can read this file and the database can decrypt every stored key.\n\
              For production, keep the master key outside the state directory (master_key_file,\n\
-             systemd LoadCredential=master-key:..., or $KEYWARD_MASTER_KEY) and set\n\
-             require_external_master_key = true.\n",
+             systemd LoadCredential=master-key:..., $KEYWARD_MASTER_KEY, or an HSM or KMS\n\
+             through [master_key]) and set require_external_master_key = true.\n",
             path.display()
         );
     }
@@ -216,8 +249,7 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
         .map_err(ServeError::Runtime)?;
     let server = Server::open(
         config,
-        master,
-        source.to_string(),
+        opened.provider,
         memory_lock,
         runtime.handle().clone(),
     )?;
@@ -242,8 +274,7 @@ impl Server {
     /// clients, then takes or binds the sockets. Must be called with `runtime` available.
     pub fn open(
         config: Config,
-        master: MasterKey,
-        master_key_source: String,
+        master: MasterKeyProvider,
         memory_lock: String,
         runtime: tokio::runtime::Handle,
     ) -> Result<Server, ServeError> {
@@ -262,7 +293,6 @@ impl Server {
                 .map_err(|e| ServeError::Upstream(e.to_string()))?
         };
         let state = Arc::new(State {
-            master_key_source,
             memory_lock,
             master,
             store,
@@ -443,7 +473,11 @@ fn print_banner(state: &State, hardening: &crate::harden::Hardening, listeners: 
     if let Some(addr) = c.listen_tcp {
         println!("  tcp           {addr} (client tokens only)");
     }
-    println!("  master key    {}", state.master_key_source);
+    println!(
+        "  master key    {} ({})",
+        state.master.identity(),
+        state.master.provider()
+    );
     println!(
         "  hardening     core dumps {}, memory locked: {}",
         if hardening.not_dumpable && hardening.no_core {

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod custody;
 pub mod daemon;
 pub mod harden;
 mod hex;

@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use crate::seal::MasterKey;
+use crate::seal::{MasterKeyProvider, SealError};
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -75,13 +75,20 @@ CREATE TABLE IF NOT EXISTS credential_versions (
 pub enum StoreError {
     /// The master key in use is not the one this store was created with.
     #[error(
-        "master key does not match this store ({path}): start with the master key it was created \
-         with (check master_key_file, $CREDENTIALS_DIRECTORY/master-key, $KEYWARD_MASTER_KEY)"
+        "master key does not match this store ({path}): {given} is not the key that wrapped it \
+         ({recorded}); start with that key, or name it in [master_key.previous] to migrate"
     )]
     WrongMasterKey {
         /// The database file.
         path: String,
+        /// The key given (provider identity, never key bytes).
+        given: String,
+        /// The key recorded as having wrapped the store, with a hint where to find it.
+        recorded: String,
     },
+    /// The master key's provider could not be asked.
+    #[error(transparent)]
+    Custody(#[from] SealError),
     /// The database was written by a newer keyward.
     #[error(
         "database {path} has schema version {found}; this keyward supports up to {supported}: upgrade keyward"
@@ -290,6 +297,35 @@ pub struct Store {
     accesses: AtomicU64,
 }
 
+/// Records which key wraps the store's keys (meta `master_key`: provider and identity, never
+/// key bytes), for error messages and migrations.
+pub fn set_master_key_record(
+    tx: &Transaction<'_>,
+    master: &MasterKeyProvider,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('master_key', ?1)",
+        [format!("{}: {}", master.provider(), master.identity())],
+    )?;
+    Ok(())
+}
+
+/// The recorded wrapping key, or where a store made before the record existed got its key.
+fn recorded_master_key(tx: &Transaction<'_>) -> Result<String, StoreError> {
+    let recorded: Option<String> = tx
+        .query_row(
+            "SELECT CAST(value AS TEXT) FROM meta WHERE key = 'master_key'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(match recorded {
+        Some(r) => format!("it was wrapped by {r}"),
+        None => "check master_key_file, $CREDENTIALS_DIRECTORY/master-key, $KEYWARD_MASTER_KEY"
+            .to_string(),
+    })
+}
+
 /// A new random id with a type prefix, e.g. `cred_3f9a1c0b7e2d4a65`.
 pub fn new_id(prefix: &str) -> String {
     let mut bytes = [0u8; 8];
@@ -308,7 +344,7 @@ fn parse_list(text: String) -> Vec<String> {
 impl Store {
     /// Opens (creating if needed) `<state_dir>/keyward.db` and checks that `master` is the key
     /// the store was created with; a new store records `master`'s check value.
-    pub fn open(state_dir: &Path, master: &MasterKey) -> Result<Store, StoreError> {
+    pub fn open(state_dir: &Path, master: &MasterKeyProvider) -> Result<Store, StoreError> {
         let io = |source| StoreError::Io {
             path: state_dir.display().to_string(),
             source,
@@ -355,15 +391,20 @@ impl Store {
             })
             .optional()?;
         match kcv {
-            Some(stored) if !master.matches_check_value(&stored) => {
-                return Err(StoreError::WrongMasterKey { path: display });
+            Some(stored) if !master.matches_check_value(&stored)? => {
+                return Err(StoreError::WrongMasterKey {
+                    path: display,
+                    given: master.identity(),
+                    recorded: recorded_master_key(&tx)?,
+                });
             }
             Some(_) => {}
             None => {
                 tx.execute(
                     "INSERT INTO meta (key, value) VALUES ('key_check', ?1)",
-                    [master.key_check_value()],
+                    [master.key_check_value()?],
                 )?;
+                set_master_key_record(&tx, master)?;
             }
         }
         tx.commit()?;
@@ -835,13 +876,17 @@ fn restrict_permissions(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::seal::{Context, MasterKey};
+    use crate::seal::{MasterKey, Purpose};
 
-    fn tenant(master: &MasterKey, name: &str) -> TenantRow {
+    fn tenant(master: &MasterKeyProvider, name: &str) -> TenantRow {
         let id = new_id("ten");
         TenantRow {
-            wrapped_key: master.new_wrapped_key(Context::TenantKey { tenant: &id }),
-            wrapped_fp_key: master.new_wrapped_key(Context::AuxKey { purpose: "fp" }),
+            wrapped_key: master
+                .new_wrapped_key(Purpose::TenantKey { tenant: &id })
+                .unwrap(),
+            wrapped_fp_key: master
+                .new_wrapped_key(Purpose::FingerprintKey { tenant: &id })
+                .unwrap(),
             id,
             name: name.into(),
             max_key_age_s: None,
@@ -854,10 +899,10 @@ mod tests {
     #[test]
     fn reopening_with_another_master_key_fails() {
         let dir = tempfile::tempdir().unwrap();
-        let master = MasterKey::generate();
+        let master = MasterKeyProvider::from(MasterKey::generate());
         drop(Store::open(dir.path(), &master).unwrap());
         assert!(Store::open(dir.path(), &master).is_ok());
-        let err = Store::open(dir.path(), &MasterKey::generate())
+        let err = Store::open(dir.path(), &MasterKey::generate().into())
             .err()
             .unwrap()
             .to_string();
@@ -870,7 +915,7 @@ mod tests {
     #[test]
     fn duplicate_names_and_unknown_ids_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let master = MasterKey::generate();
+        let master = MasterKeyProvider::from(MasterKey::generate());
         let store = Store::open(dir.path(), &master).unwrap();
         store
             .write(|tx| insert_tenant(tx, &tenant(&master, "acme")))

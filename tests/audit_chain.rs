@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use keyward::audit::{Audit, AuditError, Event, EventKind, Filter, fingerprint, verify_dir};
 use keyward::config::AuditSync;
-use keyward::seal::{Context, MasterKey, Secret};
+use keyward::seal::{MasterKey, MasterKeyProvider, Purpose, Secret};
 
-fn master(byte: u8) -> MasterKey {
-    MasterKey::from_secret(Secret::from_slice(&[byte; 32]))
+fn master(byte: u8) -> MasterKeyProvider {
+    MasterKey::from_secret(Secret::from_slice(&[byte; 32])).into()
 }
 
 fn open(dir: &Path) -> Audit {
@@ -678,14 +678,7 @@ async fn files_hold_neither_the_audit_key_nor_the_master_key() {
             |r| r.get(0),
         )
         .unwrap();
-    let mac_key = master(7)
-        .unwrap_key(
-            Context::AuxKey {
-                purpose: "audit-mac",
-            },
-            &wrapped,
-        )
-        .unwrap();
+    let mac_key = master(7).unwrap(Purpose::AuditMacKey, &wrapped).unwrap();
     for bytes in [journaled, folded] {
         let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
         assert!(

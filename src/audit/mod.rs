@@ -71,7 +71,7 @@ pub use event::{Event, EventKind, MAX_DETAIL_LEN, MAX_FIELD_LEN, Row, UnknownEve
 pub use fingerprint::{Fingerprinter, fingerprint};
 
 use crate::config::AuditSync;
-use crate::seal::{Context, MasterKey};
+use crate::seal::{MasterKeyProvider, Purpose, SealError};
 use chain::{Anchor, MacKey, Position};
 use writer::{Db, Refused, Shared, Writer};
 
@@ -80,8 +80,6 @@ const QUEUE_CAPACITY: usize = 8192;
 /// Longest a caller waits for its commit; the writer's own waits are bounded by the busy
 /// timeout, so this only fires on a stalled disk.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The purpose string the audit MAC key is wrapped under.
-const KEY_PURPOSE: &str = "audit-mac";
 
 /// Why the audit trail refused an operation. Nothing here carries key material or payloads.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +100,9 @@ pub enum AuditError {
         /// The audit database.
         path: String,
     },
+    /// The master key's provider could not be asked.
+    #[error(transparent)]
+    Custody(SealError),
     /// `audit.head` records rows the database no longer has.
     #[error(
         "audit trail truncated: {dir}/audit.head records seq {anchored_seq} but audit.db ends \
@@ -239,7 +240,7 @@ impl Audit {
     /// does not match the anchor.
     pub fn open(
         state_dir: &Path,
-        master: &MasterKey,
+        master: &MasterKeyProvider,
         sync: AuditSync,
         retention: Option<Duration>,
     ) -> Result<Audit, AuditError> {
@@ -454,7 +455,10 @@ fn stopped() -> AuditError {
 }
 
 /// Verifies the trail in `state_dir` without a running writer (offline checks, forensics).
-pub fn verify_dir(state_dir: &Path, master: &MasterKey) -> Result<VerifyReport, AuditError> {
+pub fn verify_dir(
+    state_dir: &Path,
+    master: &MasterKeyProvider,
+) -> Result<VerifyReport, AuditError> {
     let mut conn = db::open_reader(state_dir)?;
     let key = load_key(&mut conn, state_dir, master, false)?;
     let anchor = chain::read_anchor(&key, state_dir).map_err(|source| AuditError::Io {
@@ -561,7 +565,7 @@ fn replay_journal(
 fn load_key(
     conn: &mut Connection,
     dir: &Path,
-    master: &MasterKey,
+    master: &MasterKeyProvider,
     create: bool,
 ) -> Result<MacKey, AuditError> {
     let path = dir.join(db::DB_FILE).display().to_string();
@@ -569,9 +573,7 @@ fn load_key(
         path: path.clone(),
         source,
     };
-    let context = Context::AuxKey {
-        purpose: KEY_PURPOSE,
-    };
+    let purpose = Purpose::AuditMacKey;
     let mut wrapped = db::get_meta(conn, db::META_MAC_KEY).map_err(db_err)?;
     if wrapped.is_none() && create {
         let tx = conn
@@ -589,7 +591,12 @@ fn load_key(
         // OR IGNORE: another process may have created it first; its key wins.
         tx.execute(
             "INSERT OR IGNORE INTO audit_meta (key, value) VALUES (?1, ?2)",
-            rusqlite::params![db::META_MAC_KEY, master.new_wrapped_key(context)],
+            rusqlite::params![
+                db::META_MAC_KEY,
+                master
+                    .new_wrapped_key(purpose)
+                    .map_err(AuditError::Custody)?
+            ],
         )
         .map_err(db_err)?;
         tx.commit().map_err(db_err)?;
@@ -601,9 +608,10 @@ fn load_key(
             dir: dir.display().to_string(),
         });
     };
-    let secret = master
-        .unwrap_key(context, &wrapped)
-        .map_err(|_| AuditError::WrongMasterKey { path: path.clone() })?;
+    let secret = master.unwrap(purpose, &wrapped).map_err(|e| match e {
+        SealError::Unreachable { .. } => AuditError::Custody(e),
+        _ => AuditError::WrongMasterKey { path: path.clone() },
+    })?;
     Ok(MacKey::new(&secret))
 }
 
@@ -675,8 +683,8 @@ mod tests {
     use super::*;
     use crate::seal::Secret;
 
-    fn master() -> MasterKey {
-        MasterKey::from_secret(Secret::from_slice(&[3; 32]))
+    fn master() -> MasterKeyProvider {
+        crate::seal::MasterKey::from_secret(Secret::from_slice(&[3; 32])).into()
     }
 
     fn event(i: u64) -> Event {

@@ -362,7 +362,7 @@ async fn process(
     // Fail closed: the resolution is durable before the key is unsealed or anything is sent.
     let mut resolved = known.event(EventKind::RequestResolved, call_id);
     name_credential(&mut resolved, first);
-    let keys = tenant_keys(state, &tenant).map_err(|e| {
+    let keys = tenant_keys(state, &tenant).await.map_err(|e| {
         Reject::new(
             ErrorCode::AuditUnavailable,
             format!("fingerprint key unavailable: {e}"),
@@ -744,18 +744,19 @@ fn unseal(
         })
 }
 
-/// The tenant's unwrapped keys, from the cache.
-fn tenant_keys(
-    state: &State,
+/// The tenant's unwrapped keys, from the cache; a miss asks the master key's provider (an HSM
+/// or KMS round trip) on a blocking thread.
+async fn tenant_keys(
+    state: &Arc<State>,
     tenant: &crate::store::TenantRow,
 ) -> Result<Arc<crate::seal::TenantKeys>, crate::seal::SealError> {
-    state.tenant_keys.get(
-        &state.master,
-        &tenant.id,
-        &tenant.wrapped_key,
-        || crate::admin::fingerprint_purpose(&tenant.id),
-        &tenant.wrapped_fp_key,
-    )
+    if let Some(keys) = state.tenant_keys.cached(&tenant.id) {
+        return Ok(keys);
+    }
+    let (st, tenant) = (state.clone(), tenant.clone());
+    tokio::task::spawn_blocking(move || st.tenant_keys_of(&tenant))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -37,7 +37,7 @@ pub enum Context<'a> {
 
 impl Context<'_> {
     /// Unambiguous encoding: a level tag, then each field length-prefixed.
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         fn field(out: &mut Vec<u8>, value: &[u8]) {
             out.extend_from_slice(&(value.len() as u32).to_be_bytes());
             out.extend_from_slice(value);

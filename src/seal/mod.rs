@@ -8,10 +8,12 @@ pub mod alloc;
 mod envelope;
 mod locked;
 mod master;
+mod provider;
 
 pub use envelope::{Context, KEY_LEN, open, seal};
 pub use locked::Secret;
 pub use master::{MasterKeySource, load_master_key};
+pub use provider::{FileKek, Kek, MasterKeyProvider, Purpose};
 
 use ring::hmac;
 
@@ -40,6 +42,16 @@ pub enum SealError {
          --master-key-file, $CREDENTIALS_DIRECTORY/master-key or $KEYWARD_MASTER_KEY is given"
     )]
     MissingMasterKey,
+    /// The provider holding the master key (an HSM, a KMS) could not be asked.
+    #[error("cannot reach {provider}: {reason}; {hint}")]
+    Unreachable {
+        /// `pkcs11`, `aws-kms`.
+        provider: &'static str,
+        /// What failed (never a PIN or a secret).
+        reason: String,
+        /// What to check.
+        hint: String,
+    },
     /// Reading or creating the key file failed.
     #[error("master key file {path}: {source}")]
     Io {
@@ -85,49 +97,19 @@ impl MasterKey {
         let key = hmac::Key::new(hmac::HMAC_SHA256, self.0.expose_secret());
         hmac::verify(&key, b"keyward/v1 key-check", stored).is_ok()
     }
+}
 
-    /// Creates a random key for `context` (a tenant or auxiliary key) and returns it wrapped.
-    pub fn new_wrapped_key(&self, context: Context<'_>) -> Vec<u8> {
-        seal(&self.0, context, Secret::random(KEY_LEN).expose_secret())
-    }
-
-    /// Unwraps a key made by [`MasterKey::new_wrapped_key`] into locked memory.
-    pub fn unwrap_key(&self, context: Context<'_>, wrapped: &[u8]) -> Result<Secret, SealError> {
-        let key = open(&self.0, context, wrapped)?;
-        if key.len() != KEY_LEN {
-            return Err(SealError::Malformed);
-        }
-        Ok(key)
-    }
-
-    /// Seals a provider secret for one credential version: a fresh data key seals the secret,
-    /// the tenant key wraps the data key.
-    pub fn seal_credential(
-        &self,
-        wrapped_tenant_key: &[u8],
-        at: CredentialRef<'_>,
-        secret: &Secret,
-    ) -> Result<SealedCredential, SealError> {
-        let tenant_key =
-            self.unwrap_key(Context::TenantKey { tenant: at.tenant }, wrapped_tenant_key)?;
-        let data_key = Secret::random(KEY_LEN);
-        Ok(SealedCredential {
-            wrapped_data_key: seal(&tenant_key, at.data_key_context(), data_key.expose_secret()),
-            ciphertext: seal(&data_key, at.secret_context(), secret.expose_secret()),
-        })
-    }
-
-    /// Opens a credential version's secret into locked memory for one request.
-    pub fn open_credential(
-        &self,
-        wrapped_tenant_key: &[u8],
-        at: CredentialRef<'_>,
-        wrapped_data_key: &[u8],
-        ciphertext: &[u8],
-    ) -> Result<Secret, SealError> {
-        let tenant_key =
-            self.unwrap_key(Context::TenantKey { tenant: at.tenant }, wrapped_tenant_key)?;
-        open_with_tenant_key(&tenant_key, at, wrapped_data_key, ciphertext)
+/// Seals a provider secret for one credential version with an unwrapped tenant key (see
+/// [`TenantKeyCache`]): a fresh data key seals the secret, the tenant key wraps the data key.
+pub fn seal_with_tenant_key(
+    tenant_key: &Secret,
+    at: CredentialRef<'_>,
+    secret: &Secret,
+) -> SealedCredential {
+    let data_key = Secret::random(KEY_LEN);
+    SealedCredential {
+        wrapped_data_key: seal(tenant_key, at.data_key_context(), data_key.expose_secret()),
+        ciphertext: seal(&data_key, at.secret_context(), secret.expose_secret()),
     }
 }
 
@@ -151,8 +133,8 @@ pub struct TenantKeys {
     pub fingerprint: Secret,
 }
 
-/// Unwrapped tenant keys, kept for the life of the process like the master key that unwraps
-/// them, so a request unseals only its own data key and secret (two AES-GCM opens, not four).
+/// Unwrapped tenant keys, kept for the life of the process, so the master key's provider is
+/// asked once per tenant per process and a request unseals only its own data key and secret.
 #[derive(Default)]
 pub struct TenantKeyCache {
     /// By tenant id. Tenant keys never change, so entries never go stale.
@@ -160,36 +142,40 @@ pub struct TenantKeyCache {
 }
 
 impl TenantKeyCache {
-    /// The keys of `tenant`, unwrapping them with `master` on first use.
-    pub fn get(
-        &self,
-        master: &MasterKey,
-        tenant: &str,
-        wrapped_tenant_key: &[u8],
-        fingerprint_purpose: impl FnOnce() -> String,
-        wrapped_fingerprint_key: &[u8],
-    ) -> Result<std::sync::Arc<TenantKeys>, SealError> {
-        if let Some(keys) = self
-            .keys
+    /// The keys of `tenant` if they were unwrapped already (never asks the provider).
+    pub fn cached(&self, tenant: &str) -> Option<std::sync::Arc<TenantKeys>> {
+        self.keys
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(tenant)
-        {
-            return Ok(keys.clone());
+            .cloned()
+    }
+
+    /// The keys of `tenant` (its id), unwrapping them with `master` on first use. Blocks while
+    /// the provider is asked: call it from a blocking thread when it may miss.
+    pub fn get(
+        &self,
+        master: &MasterKeyProvider,
+        tenant: &str,
+        wrapped_tenant_key: &[u8],
+        wrapped_fingerprint_key: &[u8],
+    ) -> Result<std::sync::Arc<TenantKeys>, SealError> {
+        if let Some(keys) = self.cached(tenant) {
+            return Ok(keys);
         }
-        let purpose = fingerprint_purpose();
         let keys = std::sync::Arc::new(TenantKeys {
-            tenant: master.unwrap_key(Context::TenantKey { tenant }, wrapped_tenant_key)?,
-            fingerprint: master.unwrap_key(
-                Context::AuxKey { purpose: &purpose },
-                wrapped_fingerprint_key,
-            )?,
+            tenant: master.unwrap(Purpose::TenantKey { tenant }, wrapped_tenant_key)?,
+            fingerprint: master
+                .unwrap(Purpose::FingerprintKey { tenant }, wrapped_fingerprint_key)?,
         });
-        self.keys
+        // Two threads missing at once both unwrap; the first insert wins and both are correct.
+        Ok(self
+            .keys
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(tenant.to_string(), keys.clone());
-        Ok(keys)
+            .entry(tenant.to_string())
+            .or_insert(keys)
+            .clone())
     }
 }
 
@@ -260,129 +246,127 @@ mod tests {
         }
     }
 
+    fn tenant_key(master: &MasterKeyProvider, tenant: &str) -> Vec<u8> {
+        master
+            .new_wrapped_key(Purpose::TenantKey { tenant })
+            .unwrap()
+    }
+
+    fn seal_credential(
+        master: &MasterKeyProvider,
+        wrapped_tenant_key: &[u8],
+        at: CredentialRef<'_>,
+        secret: &Secret,
+    ) -> SealedCredential {
+        let tk = master
+            .unwrap(Purpose::TenantKey { tenant: at.tenant }, wrapped_tenant_key)
+            .unwrap();
+        seal_with_tenant_key(&tk, at, secret)
+    }
+
+    fn open_credential(
+        master: &MasterKeyProvider,
+        wrapped_tenant_key: &[u8],
+        at: CredentialRef<'_>,
+        wrapped_data_key: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Secret, SealError> {
+        let tk = master.unwrap(Purpose::TenantKey { tenant: at.tenant }, wrapped_tenant_key)?;
+        open_with_tenant_key(&tk, at, wrapped_data_key, ciphertext)
+    }
+
     #[test]
     fn three_level_round_trip() {
-        let master = MasterKey::generate();
-        let tk = master.new_wrapped_key(Context::TenantKey { tenant: "t1" });
+        let master = MasterKeyProvider::from(MasterKey::generate());
+        let tk = tenant_key(&master, "t1");
         let secret = Secret::from_slice(b"sk-proj-abcdefghijklmnop");
-        let sealed = master
-            .seal_credential(&tk, at("t1", "c1", 1), &secret)
-            .unwrap();
-        let opened = master
-            .open_credential(
-                &tk,
-                at("t1", "c1", 1),
-                &sealed.wrapped_data_key,
-                &sealed.ciphertext,
-            )
-            .unwrap();
+        let sealed = seal_credential(&master, &tk, at("t1", "c1", 1), &secret);
+        let opened = open_credential(
+            &master,
+            &tk,
+            at("t1", "c1", 1),
+            &sealed.wrapped_data_key,
+            &sealed.ciphertext,
+        )
+        .unwrap();
         assert_eq!(opened.expose_secret(), secret.expose_secret());
     }
 
     #[test]
     fn moved_ciphertext_fails_for_other_tenant_credential_or_version() {
-        let master = MasterKey::generate();
-        let tk1 = master.new_wrapped_key(Context::TenantKey { tenant: "t1" });
-        let tk2 = master.new_wrapped_key(Context::TenantKey { tenant: "t2" });
-        let sealed = master
-            .seal_credential(
-                &tk1,
-                at("t1", "c1", 1),
-                &Secret::from_slice(b"sk-secret-value-1"),
-            )
-            .unwrap();
+        let master = MasterKeyProvider::from(MasterKey::generate());
+        let tk1 = tenant_key(&master, "t1");
+        let tk2 = tenant_key(&master, "t2");
+        let sealed = seal_credential(
+            &master,
+            &tk1,
+            at("t1", "c1", 1),
+            &Secret::from_slice(b"sk-secret-value-1"),
+        );
         let (dk, ct) = (&sealed.wrapped_data_key, &sealed.ciphertext);
         // Another tenant's key and id, the same tenant's key under another id, another
         // credential, another version: all must fail.
-        assert!(
-            master
-                .open_credential(&tk2, at("t2", "c1", 1), dk, ct)
-                .is_err()
-        );
-        assert!(
-            master
-                .open_credential(&tk1, at("t2", "c1", 1), dk, ct)
-                .is_err()
-        );
-        assert!(
-            master
-                .open_credential(&tk1, at("t1", "c2", 1), dk, ct)
-                .is_err()
-        );
-        assert!(
-            master
-                .open_credential(&tk1, at("t1", "c1", 2), dk, ct)
-                .is_err()
-        );
+        assert!(open_credential(&master, &tk2, at("t2", "c1", 1), dk, ct).is_err());
+        assert!(open_credential(&master, &tk1, at("t2", "c1", 1), dk, ct).is_err());
+        assert!(open_credential(&master, &tk1, at("t1", "c2", 1), dk, ct).is_err());
+        assert!(open_credential(&master, &tk1, at("t1", "c1", 2), dk, ct).is_err());
         // A tenant key copied to another tenant's row does not unwrap there.
         assert!(
             master
-                .unwrap_key(Context::TenantKey { tenant: "t2" }, &tk1)
+                .unwrap(Purpose::TenantKey { tenant: "t2" }, &tk1)
                 .is_err()
         );
     }
 
     #[test]
     fn flipping_any_byte_of_any_level_fails() {
-        let master = MasterKey::generate();
-        let tk = master.new_wrapped_key(Context::TenantKey { tenant: "t1" });
-        let sealed = master
-            .seal_credential(
-                &tk,
-                at("t1", "c1", 1),
-                &Secret::from_slice(b"sk-0123456789abcdef"),
-            )
-            .unwrap();
+        let master = MasterKeyProvider::from(MasterKey::generate());
+        let tk = tenant_key(&master, "t1");
+        let sealed = seal_credential(
+            &master,
+            &tk,
+            at("t1", "c1", 1),
+            &Secret::from_slice(b"sk-0123456789abcdef"),
+        );
         let a = at("t1", "c1", 1);
+        let (dk, ct) = (&sealed.wrapped_data_key, &sealed.ciphertext);
         for i in 0..tk.len() {
             let mut bad = tk.clone();
             bad[i] ^= 0x80;
-            assert!(
-                master
-                    .open_credential(&bad, a, &sealed.wrapped_data_key, &sealed.ciphertext)
-                    .is_err()
-            );
+            assert!(open_credential(&master, &bad, a, dk, ct).is_err());
         }
-        for i in 0..sealed.wrapped_data_key.len() {
-            let mut bad = sealed.wrapped_data_key.clone();
+        for i in 0..dk.len() {
+            let mut bad = dk.clone();
             bad[i] ^= 0x80;
-            assert!(
-                master
-                    .open_credential(&tk, a, &bad, &sealed.ciphertext)
-                    .is_err()
-            );
+            assert!(open_credential(&master, &tk, a, &bad, ct).is_err());
         }
-        for i in 0..sealed.ciphertext.len() {
-            let mut bad = sealed.ciphertext.clone();
+        for i in 0..ct.len() {
+            let mut bad = ct.clone();
             bad[i] ^= 0x80;
-            assert!(
-                master
-                    .open_credential(&tk, a, &sealed.wrapped_data_key, &bad)
-                    .is_err()
-            );
+            assert!(open_credential(&master, &tk, a, dk, &bad).is_err());
         }
     }
 
     #[test]
     fn tenant_keys_are_unwrapped_once_and_open_credentials() {
-        let master = MasterKey::generate();
-        let tk = master.new_wrapped_key(Context::TenantKey { tenant: "t1" });
-        let fk = master.new_wrapped_key(Context::AuxKey { purpose: "fp:t1" });
-        let sealed = master
-            .seal_credential(
-                &tk,
-                at("t1", "c1", 1),
-                &Secret::from_slice(b"sk-cached-path-key"),
-            )
+        let master = MasterKeyProvider::from(MasterKey::generate());
+        let tk = tenant_key(&master, "t1");
+        let fk = master
+            .new_wrapped_key(Purpose::FingerprintKey { tenant: "t1" })
             .unwrap();
+        let sealed = seal_credential(
+            &master,
+            &tk,
+            at("t1", "c1", 1),
+            &Secret::from_slice(b"sk-cached-path-key"),
+        );
         let cache = TenantKeyCache::default();
-        let a = cache
-            .get(&master, "t1", &tk, || "fp:t1".into(), &fk)
-            .unwrap();
-        let b = cache
-            .get(&master, "t1", &tk, || "fp:t1".into(), &fk)
-            .unwrap();
+        let before = master.operations();
+        let a = cache.get(&master, "t1", &tk, &fk).unwrap();
+        let b = cache.get(&master, "t1", &tk, &fk).unwrap();
         assert!(std::sync::Arc::ptr_eq(&a, &b));
+        // Two unwraps (tenant key, fingerprint key) for the first get, none for the second.
+        assert_eq!(master.operations() - before, 2);
         let opened = open_with_tenant_key(
             &a.tenant,
             at("t1", "c1", 1),
@@ -391,13 +375,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(opened.expose_secret(), b"sk-cached-path-key");
-        // Another tenant's wrapped key under this id fails to unwrap, and is not cached.
-        let other = master.new_wrapped_key(Context::TenantKey { tenant: "t2" });
-        assert!(
-            cache
-                .get(&master, "t3", &other, || "fp:t3".into(), &fk)
-                .is_err()
-        );
+        // Another tenant's wrapped keys under this id fail to unwrap, and are not cached.
+        let other = tenant_key(&master, "t2");
+        assert!(cache.get(&master, "t3", &other, &fk).is_err());
+        assert!(cache.cached("t3").is_none());
     }
 
     #[test]
