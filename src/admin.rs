@@ -235,8 +235,12 @@ fn peer_allowed(stream: &UnixStream) -> Result<u32, String> {
     let cred = stream
         .peer_cred()
         .map_err(|e| format!("cannot read peer credentials: {e}"))?;
-    let uid = cred.uid();
-    let own = nix::unistd::geteuid().as_raw();
+    admit(cred.uid(), nix::unistd::geteuid().as_raw())
+}
+
+/// The admin socket's rule: peer `uid` may administer a daemon running as `own` when it is
+/// root or `own`.
+fn admit(uid: u32, own: u32) -> Result<u32, String> {
     if uid == 0 || uid == own {
         Ok(uid)
     } else {
@@ -1018,4 +1022,26 @@ pub fn dev_client(state: &State) -> Result<String, AdminError> {
     let reply = client_add(state, "dev", name, None, None, vec![])?;
     state.reload_catalog()?;
     Ok(reply["token"].as_str().unwrap_or_default().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admit;
+
+    #[test]
+    fn only_root_and_the_daemons_own_uid_are_admitted() {
+        // A daemon running as root.
+        assert_eq!(admit(0, 0), Ok(0));
+        let refused = admit(1000, 0).unwrap_err();
+        assert_eq!(
+            refused,
+            "uid 1000 may not use the admin socket (allowed: root and uid 0)"
+        );
+        // A daemon running as an unprivileged user: root and that user, no one else.
+        assert_eq!(admit(0, 998), Ok(0));
+        assert_eq!(admit(998, 998), Ok(998));
+        for other in [1, 997, 999, 1000, 65534, u32::MAX] {
+            assert!(admit(other, 998).is_err(), "uid {other} was admitted");
+        }
+    }
 }

@@ -1,6 +1,9 @@
 //! The audit trail against real SQLite files: chain verification, tampering through a separate
 //! connection, fail-closed behaviour under a held lock and a full disk, retention, queries.
 
+#[path = "support/needs.rs"]
+mod needs;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -305,8 +308,9 @@ impl Drop for Mount {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_fails_commit_then_recovers() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping full_disk_fails_commit_then_recovers: mounting a tmpfs needs root");
+    if !needs::root("full_disk_fails_commit_then_recovers")
+        || !needs::program("full_disk_fails_commit_then_recovers", "mount", "--version")
+    {
         return;
     }
     let base = tempfile::tempdir().unwrap();
@@ -691,4 +695,106 @@ async fn files_hold_neither_the_audit_key_nor_the_master_key() {
             "the unwrapped audit MAC key"
         );
     }
+}
+
+/// An event of `kind` with every field set.
+fn every_field(kind: EventKind, i: usize) -> Event {
+    Event {
+        call_id: Some(format!("call-{i}")),
+        tenant: Some("acme".into()),
+        client_id: Some("cli_1".into()),
+        peer_uid: Some(1000),
+        peer_pid: Some(4242),
+        target: Some("openai".into()),
+        model: Some("gpt-4o".into()),
+        capability: Some("chat".into()),
+        team: Some("search".into()),
+        workflow: Some("batch".into()),
+        credential_id: Some("cred_1".into()),
+        credential_version: Some(2),
+        fingerprint: Some("ab".repeat(32)),
+        upstream_status: Some(200),
+        latency_ms: Some(123),
+        bytes_in: Some(456),
+        bytes_out: Some(789),
+        input_tokens: Some(10),
+        output_tokens: Some(20),
+        total_tokens: Some(30),
+        detail: Some("detail".into()),
+        flags: vec!["expired_key_warn".into()],
+        ..Event::new(kind)
+    }
+}
+
+#[tokio::test]
+async fn every_field_of_every_event_kind_is_covered_by_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = open(dir.path());
+    // Each kind twice: once with every field set, once with only the kind, so both a changed
+    // value and a value put into an empty column are tried.
+    let mut rows = Vec::new();
+    for (i, kind) in EventKind::ALL.into_iter().enumerate() {
+        rows.push((kind, audit.commit(every_field(kind, i)).await.unwrap()));
+        rows.push((kind, audit.commit(Event::new(kind)).await.unwrap()));
+    }
+    audit.flush().await;
+    assert!(audit.verify().unwrap().ok());
+    let conn = raw(dir.path());
+    let columns: Vec<(String, String)> = conn
+        .prepare("SELECT name, type FROM pragma_table_info('audit_events')")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut checked = 0;
+    for (kind, seq) in &rows {
+        for (column, kind_of_column) in &columns {
+            if column == "seq" || column == "mac" {
+                continue;
+            }
+            let changed = match (column.as_str(), kind_of_column.as_str()) {
+                // Another valid kind, so the row still decodes and only the MAC can tell.
+                ("event", _) => "CASE event WHEN 'request.completed' THEN 'request.denied' \
+                                  ELSE 'request.completed' END"
+                    .to_string(),
+                ("fingerprint", _) => format!("'{}'", "cd".repeat(32)),
+                ("flags", _) => {
+                    "CASE WHEN flags IS NULL THEN 'forged' ELSE flags || ',forged' END".into()
+                }
+                (_, "INTEGER") => format!("COALESCE({column} + 1, 1)"),
+                _ => format!("COALESCE({column} || 'x', 'x')"),
+            };
+            let original: rusqlite::types::Value = conn
+                .query_row(
+                    &format!("SELECT {column} FROM audit_events WHERE seq = ?1"),
+                    [*seq as i64],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            conn.execute(
+                &format!("UPDATE audit_events SET {column} = {changed} WHERE seq = ?1"),
+                [*seq as i64],
+            )
+            .unwrap();
+            let report = audit.verify().unwrap();
+            assert!(
+                !report.ok() && report.first_bad_seq == Some(*seq),
+                "editing {column} of a {kind} row (seq {seq}) went unnoticed: {report:?}"
+            );
+            conn.execute(
+                &format!("UPDATE audit_events SET {column} = ?2 WHERE seq = ?1"),
+                rusqlite::params![*seq as i64, original],
+            )
+            .unwrap();
+            checked += 1;
+        }
+        assert!(audit.verify().unwrap().ok(), "restoring seq {seq} failed");
+    }
+    assert_eq!(checked, rows.len() * (columns.len() - 2));
+    assert_eq!(
+        columns.len(),
+        26,
+        "a new column must be covered above: {columns:?}"
+    );
 }

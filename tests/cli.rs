@@ -8,6 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use support::daemon::{Daemon, KEYWARD, contains, random_key};
+use support::needs;
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -505,8 +506,7 @@ fn daemon_not_running_exits_69_naming_the_socket() {
 
 #[test]
 fn admin_socket_refuses_a_uid_that_is_not_root_or_the_daemon() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to run a client as another uid");
+    if !needs::root("admin_socket_refuses_a_uid_that_is_not_root_or_the_daemon") {
         return;
     }
     let d = Daemon::builder().start();
@@ -557,6 +557,58 @@ fn admin_socket_refuses_a_uid_that_is_not_root_or_the_daemon() {
 }
 
 #[test]
+fn a_daemon_running_as_a_user_admits_root_and_that_user_and_refuses_any_other_uid() {
+    if !needs::root(
+        "a_daemon_running_as_a_user_admits_root_and_that_user_and_refuses_any_other_uid",
+    ) {
+        return;
+    }
+    // The daemon runs as nobody; its home and admin socket are opened up so that the kernel
+    // lets every uid connect and only the daemon's peer-uid check decides.
+    let d = Daemon::builder().uid(65534).start();
+    std::fs::set_permissions(&d.home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(d.admin_socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let socket = d.admin_socket();
+    let as_uid = |uid: u32, args: &[&str]| {
+        Command::new(KEYWARD)
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&socket)
+            .env_clear()
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap()
+    };
+    let out = as_uid(0, &["tenant", "add", "by-root"]);
+    assert!(out.status.success(), "root was refused: {}", stderr(&out));
+    let out = as_uid(65534, &["tenant", "add", "by-owner"]);
+    assert!(
+        out.status.success(),
+        "the daemon's own uid was refused: {}",
+        stderr(&out)
+    );
+    for uid in [1, 4242, 65533] {
+        let out = as_uid(uid, &["tenant", "add", &format!("by-{uid}")]);
+        assert_eq!(out.status.code(), Some(1), "uid {uid}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!(
+                "uid {uid} may not use the admin socket (allowed: root and uid 65534)"
+            )),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let mut names: Vec<String> = d
+        .json_lines(&["tenant", "list"])
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["by-owner", "by-root"]);
+}
+
+#[test]
 fn sigterm_drains_and_exits_zero() {
     let mut d = Daemon::builder().start();
     assert_eq!(d.terminate(), Some(0));
@@ -588,8 +640,9 @@ fn data_socket_group_comes_from_the_config_and_an_unknown_group_is_refused() {
 
 #[test]
 fn hardening_disables_core_dumps_and_falls_back_to_secret_pages_without_privilege() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to start a daemon as another uid");
+    if !needs::root(
+        "hardening_disables_core_dumps_and_falls_back_to_secret_pages_without_privilege",
+    ) {
         return;
     }
     let d = Daemon::builder().start();
@@ -645,12 +698,11 @@ fn hardening_disables_core_dumps_and_falls_back_to_secret_pages_without_privileg
 #[test]
 fn a_terminal_gets_a_prompt_without_echo() {
     // `script` runs the CLI on a pseudo-terminal, as a person typing the key would.
-    if std::process::Command::new("script")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: util-linux `script` is not installed");
+    if !needs::program(
+        "a_terminal_gets_a_prompt_without_echo",
+        "script",
+        "--version",
+    ) {
         return;
     }
     let d = Daemon::builder().start();

@@ -5,6 +5,7 @@
 
 pub mod daemon;
 pub mod mock_upstream;
+pub mod needs;
 pub mod uds;
 
 use daemon::Daemon;
