@@ -39,6 +39,12 @@ pub struct Limits {
     pub max_request_body: u64,
     /// Requests served at once (503 `overloaded` above it).
     pub max_concurrent_requests: usize,
+    /// Requests one client may have in flight at once (503 `overloaded` above it), so one
+    /// client cannot hold every slot.
+    pub max_requests_per_client: usize,
+    /// Requests the clients of one tenant may have in flight together (503 `overloaded` above
+    /// it), so one tenant cannot hold every slot.
+    pub max_requests_per_tenant: usize,
     /// Time allowed for the upstream to answer with headers.
     pub upstream_timeout: Duration,
     /// Time allowed between two chunks of a streamed response.
@@ -46,10 +52,31 @@ pub struct Limits {
     /// Time allowed between two chunks of a request body from the app (a stalled upload must
     /// not hold a concurrency slot).
     pub request_idle_timeout: Duration,
+    /// Time allowed for the app to send its whole request body, from the request's headers
+    /// on (a body trickled a byte at a time must not hold a slot for long).
+    pub request_body_timeout: Duration,
     /// Largest total size of request or response headers.
     pub max_header_bytes: usize,
     /// How long SIGTERM waits for in-flight requests before exiting.
     pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    /// The defaults the README's deployment checklist lists.
+    fn default() -> Limits {
+        Limits {
+            max_request_body: 16 << 20,
+            max_concurrent_requests: 4096,
+            max_requests_per_client: 256,
+            max_requests_per_tenant: 1024,
+            upstream_timeout: Duration::from_secs(600),
+            stream_idle_timeout: Duration::from_secs(300),
+            request_idle_timeout: Duration::from_secs(30),
+            request_body_timeout: Duration::from_secs(60),
+            max_header_bytes: 64 << 10,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Key-pool behaviour on upstream failures.
@@ -225,9 +252,12 @@ struct RawMasterKey {
 struct RawLimits {
     max_request_body: Option<String>,
     max_concurrent_requests: Option<i64>,
+    max_requests_per_client: Option<i64>,
+    max_requests_per_tenant: Option<i64>,
     upstream_timeout: Option<String>,
     stream_idle_timeout: Option<String>,
     request_idle_timeout: Option<String>,
+    request_body_timeout: Option<String>,
     max_header_bytes: Option<String>,
     shutdown_grace: Option<String>,
 }
@@ -587,8 +617,9 @@ fn build(
             Some(keep)
         }
     };
+    let d = Limits::default();
     let max_request_body = match &raw.limits.max_request_body {
-        None => 16 << 20,
+        None => d.max_request_body,
         Some(t) => {
             match parse_size(t).map_err(|e| value_err("limits.max_request_body", e.to_string()))? {
                 0 => {
@@ -603,44 +634,60 @@ fn build(
         }
     };
     let max_header_bytes = match &raw.limits.max_header_bytes {
-        None => 64 << 10,
+        None => d.max_header_bytes,
         Some(t) => {
             parse_size(t).map_err(|e| value_err("limits.max_header_bytes", e.to_string()))? as usize
         }
     };
-    let max_concurrent_requests = match raw.limits.max_concurrent_requests {
-        None => 4096,
-        Some(n) if n >= 1 => n as usize,
-        Some(n) => {
-            return Err(value_err(
-                "limits.max_concurrent_requests",
-                format!("{n} must be at least 1"),
-            ));
+    let count = |key: &str, v: Option<i64>, default: usize| -> Result<usize, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(n) if n >= 1 => Ok(n as usize),
+            Some(n) => Err(value_err(key, format!("{n} must be at least 1"))),
         }
     };
     let limits = Limits {
         max_request_body,
-        max_concurrent_requests,
+        max_concurrent_requests: count(
+            "limits.max_concurrent_requests",
+            raw.limits.max_concurrent_requests,
+            d.max_concurrent_requests,
+        )?,
+        max_requests_per_client: count(
+            "limits.max_requests_per_client",
+            raw.limits.max_requests_per_client,
+            d.max_requests_per_client,
+        )?,
+        max_requests_per_tenant: count(
+            "limits.max_requests_per_tenant",
+            raw.limits.max_requests_per_tenant,
+            d.max_requests_per_tenant,
+        )?,
         upstream_timeout: timeout(
             "limits.upstream_timeout",
             &raw.limits.upstream_timeout,
-            Duration::from_secs(600),
+            d.upstream_timeout,
         )?,
         stream_idle_timeout: timeout(
             "limits.stream_idle_timeout",
             &raw.limits.stream_idle_timeout,
-            Duration::from_secs(300),
+            d.stream_idle_timeout,
         )?,
         request_idle_timeout: timeout(
             "limits.request_idle_timeout",
             &raw.limits.request_idle_timeout,
-            Duration::from_secs(30),
+            d.request_idle_timeout,
+        )?,
+        request_body_timeout: timeout(
+            "limits.request_body_timeout",
+            &raw.limits.request_body_timeout,
+            d.request_body_timeout,
         )?,
         max_header_bytes,
         shutdown_grace: duration(
             "limits.shutdown_grace",
             &raw.limits.shutdown_grace,
-            Duration::from_secs(30),
+            d.shutdown_grace,
         )?,
     };
     let pool = PoolSettings {

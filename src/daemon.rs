@@ -88,6 +88,8 @@ pub struct State {
     in_flight: AtomicUsize,
     /// Permits for `limits.max_concurrent_requests`; a request without one gets 503.
     pub limiter: Arc<tokio::sync::Semaphore>,
+    /// Requests in flight per client and per tenant, against their shares of the limiter.
+    pub shares: Arc<crate::proxy::limits::RequestShares>,
     /// Unwrapped tenant and fingerprint keys, in locked memory.
     pub tenant_keys: crate::seal::TenantKeyCache,
     /// Round-robin counter for pools of equal priority.
@@ -305,6 +307,10 @@ impl Server {
             limiter: Arc::new(tokio::sync::Semaphore::new(
                 config.limits.max_concurrent_requests,
             )),
+            shares: crate::proxy::limits::RequestShares::new(
+                config.limits.max_requests_per_client,
+                config.limits.max_requests_per_tenant,
+            ),
             rotation: AtomicUsize::new(0),
             tenant_keys: Default::default(),
             pool: crate::pool::Pool::new(&config.pool),

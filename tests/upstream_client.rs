@@ -32,6 +32,7 @@ fn limits(upstream_timeout: Duration, idle: Duration) -> Limits {
         request_idle_timeout: idle,
         max_header_bytes: 64 << 10,
         shutdown_grace: Duration::from_secs(1),
+        ..Limits::default()
     }
 }
 

@@ -30,6 +30,7 @@ fn limits(upstream_timeout: Duration) -> Limits {
         request_idle_timeout: Duration::from_secs(10),
         max_header_bytes: 64 << 10,
         shutdown_grace: Duration::from_secs(1),
+        ..Limits::default()
     }
 }
 

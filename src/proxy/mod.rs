@@ -5,6 +5,7 @@
 
 pub mod error;
 mod lane;
+pub mod limits;
 pub mod route;
 pub mod scrub;
 pub mod server;

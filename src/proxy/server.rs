@@ -37,6 +37,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::watch;
 
 use super::error::{CALL_ID_HEADER, ErrorCode, error_response};
+use super::limits::ShareGuard;
 use super::route::{Route, upstream_uri};
 use super::scrub::{ScrubBody, Scrubber};
 use super::upstream::{BoxError, IdleTimeoutBody, ResponseBody, UpstreamBody, UpstreamError};
@@ -179,6 +180,8 @@ struct Known {
     /// The candidate of the latest attempt, once the request was resolved: a failure after
     /// that point completes the call rather than denying it.
     attempted: Option<Candidate>,
+    /// The request's place in its client's and tenant's shares, held until the response ends.
+    share: Option<ShareGuard>,
 }
 
 impl Known {
@@ -250,7 +253,7 @@ async fn handle(
         Ok(response) => response.map(|inner| {
             Held {
                 inner,
-                _guards: (permit, in_flight),
+                _guards: (permit, in_flight, known.share.take()),
             }
             .boxed()
         }),
@@ -292,6 +295,12 @@ async fn process(
         }
         other => Reject::new(ErrorCode::Unauthenticated, other.to_string()),
     })?;
+    // Its share is taken before anything else is read, so a client at its limit costs no more.
+    let share = state
+        .shares
+        .try_take(&principal.client_id, &principal.tenant_id)
+        .map_err(|e| Reject::new(ErrorCode::Overloaded, e.message()))?;
+    known.share = Some(share);
     known.principal = Some(principal.clone());
     let route =
         Route::from_request(&req).map_err(|e| Reject::new(ErrorCode::BadRequest, e.to_string()))?;
@@ -310,7 +319,11 @@ async fn process(
     let cap = capability(target.family, route.path());
     known.capability = Some(cap.as_str().to_string());
     let (parts, body) = req.into_parts();
-    let mut body = IdleTimeoutBody::for_app(body, state.config.limits.request_idle_timeout);
+    let mut body = IdleTimeoutBody::for_app(
+        body,
+        state.config.limits.request_idle_timeout,
+        state.config.limits.request_body_timeout,
+    );
     let mut prefix = Vec::new();
     let mut scanner = None;
     let model = match model_source(target.family, route.path()) {

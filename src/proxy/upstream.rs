@@ -451,6 +451,9 @@ pub struct IdleTimeoutBody<B> {
     expired: bool,
     /// The error reported when the deadline fires.
     on_idle: fn(Duration) -> BoxError,
+    /// For the app's body: when the whole body must have arrived, and the allowance it came
+    /// from (for the message). A body trickled faster than `idle` is still cut here.
+    total: Option<(Pin<Box<Sleep>>, Duration)>,
 }
 
 impl<B> IdleTimeoutBody<B> {
@@ -462,15 +465,19 @@ impl<B> IdleTimeoutBody<B> {
         })
     }
 
-    /// Wraps the app's request body; the error names `limits.request_idle_timeout`.
-    pub fn for_app(inner: B, idle: Duration) -> Self {
-        Self::with_error(inner, idle, |after| {
+    /// Wraps the app's request body: it fails when nothing arrives for `idle`
+    /// (`limits.request_idle_timeout`) or when the whole body has not arrived within `total`
+    /// from now (`limits.request_body_timeout`); each error names its limit.
+    pub fn for_app(inner: B, idle: Duration, total: Duration) -> Self {
+        let mut body = Self::with_error(inner, idle, |after| {
             format!(
                 "the app sent nothing for {} (limits.request_idle_timeout); cut off",
                 humantime::format_duration(after)
             )
             .into()
-        })
+        });
+        body.total = Some((Box::pin(tokio::time::sleep(total)), total));
+        body
     }
 
     fn with_error(inner: B, idle: Duration, on_idle: fn(Duration) -> BoxError) -> Self {
@@ -480,6 +487,7 @@ impl<B> IdleTimeoutBody<B> {
             deadline: Box::pin(tokio::time::sleep(idle)),
             expired: false,
             on_idle,
+            total: None,
         }
     }
 }
@@ -499,6 +507,17 @@ where
         let this = self.get_mut();
         if this.expired {
             return Poll::Ready(None);
+        }
+        if let Some((deadline, total)) = this.total.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            this.expired = true;
+            return Poll::Ready(Some(Err(format!(
+                "the app did not send the whole request body within {} \
+                 (limits.request_body_timeout); cut off",
+                humantime::format_duration(*total)
+            )
+            .into())));
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -662,5 +681,34 @@ mod tests {
             "body ends after the idle error"
         );
         drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_app_body_trickled_past_its_total_allowance_is_cut() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let stream =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|f| (f, rx)) },
+            );
+        let inner = http_body_util::StreamBody::new(Box::pin(stream));
+        let mut body =
+            IdleTimeoutBody::for_app(inner, Duration::from_secs(10), Duration::from_secs(30));
+        // One byte every 5 s never trips the 10 s idle limit, but 30 s end the body.
+        let mut got = 0;
+        let err = loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let _ = tx.try_send(Ok(Frame::data(Bytes::from_static(b"x"))));
+            match body.frame().await.unwrap() {
+                Ok(_) => got += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(got, 5, "bytes within the allowance pass");
+        assert!(
+            err.to_string().contains("limits.request_body_timeout"),
+            "{err}"
+        );
+        assert!(body.frame().await.is_none());
     }
 }

@@ -1,0 +1,267 @@
+//! Resource bounds through the real binary: no client can hold the slots, connections, file
+//! descriptors or memory the other tenants need.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use support::daemon::random_key;
+use support::uds::{call_as, chat_body};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+/// What one attacking request ended with: status, `keyward-error`, body.
+type Outcome = (u16, String, String);
+
+/// Opens a chat request on an HTTP/2 connection that sends `{"messages":[` and then one
+/// space a second, until keyward answers or `for_how_long` passes.
+async fn trickle_h2(
+    sender: h2::client::SendRequest<Bytes>,
+    token: String,
+    for_how_long: Duration,
+    out: mpsc::UnboundedSender<Outcome>,
+) {
+    let Ok(mut sender) = sender.ready().await else {
+        return;
+    };
+    let req = http::Request::post("http://keyward/openai/v1/chat/completions")
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let Ok((response, mut body)) = sender.send_request(req, false) else {
+        return;
+    };
+    let _ = body.send_data(Bytes::from_static(b"{\"messages\":["), false);
+    let trickle = async {
+        let until = Instant::now() + for_how_long;
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            body.reserve_capacity(1);
+            if body.send_data(Bytes::from_static(b" "), false).is_err() {
+                break;
+            }
+        }
+        std::future::pending::<()>().await;
+    };
+    let answered = async {
+        let response = response.await.ok()?;
+        let status = response.status().as_u16();
+        let code = response
+            .headers()
+            .get("keyward-error")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let mut recv = response.into_body();
+        let mut text = Vec::new();
+        while let Some(Ok(chunk)) = recv.data().await {
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            text.extend_from_slice(&chunk);
+        }
+        Some((status, code, String::from_utf8_lossy(&text).into_owned()))
+    };
+    tokio::select! {
+        _ = trickle => {}
+        got = tokio::time::timeout(for_how_long, answered) => {
+            // A request that got no answer is missing from the count the test checks.
+            if let Ok(Some(outcome)) = got {
+                let _ = out.send(outcome);
+            }
+        }
+    }
+}
+
+/// The same over an HTTP/1.1 connection of its own.
+async fn trickle_h1(
+    socket: PathBuf,
+    token: String,
+    for_how_long: Duration,
+    out: mpsc::UnboundedSender<Outcome>,
+) {
+    let Ok(stream) = UnixStream::connect(&socket).await else {
+        return;
+    };
+    let (mut read, mut write) = stream.into_split();
+    let head = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: keyward\r\n\
+         authorization: Bearer {token}\r\ncontent-type: application/json\r\n\
+         content-length: 100000\r\n\r\n{{\"messages\":["
+    );
+    if write.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let trickle = async {
+        let until = Instant::now() + for_how_long;
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if write.write_all(b" ").await.is_err() {
+                break;
+            }
+        }
+        std::future::pending::<()>().await;
+    };
+    let answered = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // Enough of the answer to read its status line, headers and JSON error.
+        loop {
+            match read.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if let Some(end) = find(&buf, b"\r\n\r\n")
+                && buf[end..].contains(&b'}')
+            {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let code = text
+            .lines()
+            .find_map(|l| l.strip_prefix("keyward-error: "))
+            .unwrap_or_default()
+            .to_string();
+        Some((status, code, text))
+    };
+    tokio::select! {
+        _ = trickle => {}
+        got = tokio::time::timeout(for_how_long, answered) => {
+            // A request that got no answer is missing from the count the test checks.
+            if let Ok(Some(outcome)) = got {
+                let _ = out.send(outcome);
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Starts `streams` trickling requests on each of `connections` HTTP/2 connections.
+async fn h2_attack(
+    socket: &Path,
+    token: &str,
+    connections: usize,
+    streams: usize,
+    for_how_long: Duration,
+    out: &mpsc::UnboundedSender<Outcome>,
+) {
+    for _ in 0..connections {
+        let io = UnixStream::connect(socket).await.unwrap();
+        let (sender, conn) = h2::client::handshake(io).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        for _ in 0..streams {
+            tokio::spawn(trickle_h2(
+                sender.clone(),
+                token.to_string(),
+                for_how_long,
+                out.clone(),
+            ));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_client_trickling_request_bodies_cannot_starve_another_tenant() {
+    let s = support::setup(
+        &["openai"],
+        "[limits]\nmax_concurrent_requests = 64\nmax_requests_per_client = 16\n\
+         max_requests_per_tenant = 24\nrequest_body_timeout = \"4s\"\n",
+    )
+    .await;
+    let (greedy_a, _) = s
+        .daemon
+        .provision("greedy", "openai", &random_key("sk-"), &[]);
+    let (greedy_b, _) = s
+        .daemon
+        .provision("greedy", "openai", &random_key("sk-"), &[]);
+    let (victim, _) = s
+        .daemon
+        .provision("victim", "openai", &random_key("sk-"), &[]);
+    let socket = s.daemon.socket();
+
+    // Two clients of one tenant: 2 × (4 HTTP/2 connections × 32 streams + 16 HTTP/1
+    // connections), each request trickling a byte a second: 288 requests, 4.5 times the
+    // daemon's 64 slots.
+    let attack = Duration::from_secs(15);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for token in [&greedy_a, &greedy_b] {
+        h2_attack(&socket, token, 4, 32, attack, &tx).await;
+        for _ in 0..16 {
+            tokio::spawn(trickle_h1(
+                socket.clone(),
+                token.clone(),
+                attack,
+                tx.clone(),
+            ));
+        }
+    }
+    drop(tx);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Meanwhile another tenant calls as usual.
+    let started = Instant::now();
+    let mut refused = Vec::new();
+    for _ in 0..20 {
+        let (status, _, body) = call_as(
+            &socket,
+            &victim,
+            "/openai/v1/chat/completions",
+            &chat_body("gpt-4o", false),
+        )
+        .await;
+        if status != 200 {
+            refused.push(format!("{status} {body}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "victim refused on {} of 20 calls over {:?} of attack",
+        refused.len(),
+        started.elapsed()
+    );
+    assert!(
+        refused.is_empty(),
+        "another tenant was refused: {refused:?}"
+    );
+
+    let mut outcomes = Vec::new();
+    while let Some(o) = rx.recv().await {
+        outcomes.push(o);
+    }
+    let overloaded: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|(status, code, _)| *status == 503 && code == "overloaded")
+        .collect();
+    let cut: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|(status, _, body)| *status == 400 && body.contains("limits.request_body_timeout"))
+        .collect();
+    assert_eq!(
+        overloaded.len() + cut.len(),
+        outcomes.len(),
+        "every attacking request is refused or cut: {outcomes:?}"
+    );
+    // The tenant's share (24) is what the two clients got, never all 64 slots.
+    assert_eq!(cut.len(), 24, "admitted attacking requests");
+    assert_eq!(outcomes.len(), 288, "every attacking request was answered");
+    assert!(
+        overloaded
+            .iter()
+            .any(|(_, _, b)| b.contains("limits.max_requests_per_client")),
+        "a refusal names the per-client limit"
+    );
+    assert!(
+        overloaded
+            .iter()
+            .any(|(_, _, b)| b.contains("limits.max_requests_per_tenant")),
+        "a refusal names the per-tenant limit"
+    );
+}
