@@ -31,6 +31,10 @@ pub struct Cli {
     /// Print one JSON object per line instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The user the daemon runs as, when it is neither root nor you (a name or a uid; default:
+    /// $KEYWARD_DAEMON_USER). The CLI sends nothing to an admin socket served by anyone else.
+    #[arg(long, global = true, value_name = "USER")]
+    pub daemon_user: Option<String>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -241,7 +245,14 @@ struct Failure(u8, String);
 /// Runs a parsed client command (everything except `serve`).
 pub fn run(cli: Cli) -> ExitCode {
     let socket = admin_socket_for_cli(cli.admin_socket.as_deref(), &process_env);
-    match execute(&cli.command, &socket, cli.json) {
+    let daemon = match trusted_daemon_uids(cli.daemon_user.as_deref()) {
+        Ok(uids) => uids,
+        Err(Failure(code, message)) => {
+            eprintln!("keyward: {message}");
+            return ExitCode::from(code);
+        }
+    };
+    match execute(&cli.command, &Endpoint { socket, daemon }, cli.json) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, message)) => {
             eprintln!("keyward: {message}");
@@ -250,9 +261,44 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn execute(command: &Command, socket: &std::path::Path, json: bool) -> Result<(), Failure> {
+/// The admin socket and the uids its server may run as.
+struct Endpoint {
+    /// The socket path.
+    socket: PathBuf,
+    /// Root, this process's uid and `--daemon-user`: the only servers a request is sent to.
+    daemon: Vec<u32>,
+}
+
+/// Root, our own uid and the `--daemon-user` / `$KEYWARD_DAEMON_USER` (a name or a uid):
+/// mirrors the daemon's own rule for its peers (root and its uid).
+fn trusted_daemon_uids(flag: Option<&str>) -> Result<Vec<u32>, Failure> {
+    let mut uids = vec![0, nix::unistd::getuid().as_raw()];
+    let named = flag
+        .map(str::to_string)
+        .or_else(|| process_env("KEYWARD_DAEMON_USER"));
+    if let Some(name) = named.filter(|n| !n.is_empty()) {
+        let uid = match name.parse::<u32>() {
+            Ok(uid) => uid,
+            Err(_) => match nix::unistd::User::from_name(&name) {
+                Ok(Some(user)) => user.uid.as_raw(),
+                _ => {
+                    return Err(Failure(
+                        2,
+                        format!(
+                            "--daemon-user {name:?}: no such user; give the name or uid the                              daemon runs as"
+                        ),
+                    ));
+                }
+            },
+        };
+        uids.push(uid);
+    }
+    Ok(uids)
+}
+
+fn execute(command: &Command, endpoint: &Endpoint, json: bool) -> Result<(), Failure> {
     let request = build_request(command)?;
-    let data = call(socket, &request)?;
+    let data = call(endpoint, &request)?;
     print(command, &data, json)
 }
 
@@ -406,8 +452,43 @@ fn disable_echo() -> Option<nix::sys::termios::Termios> {
     Some(saved)
 }
 
+/// Refuses to talk to an admin socket served by a uid the CLI does not trust: whoever controls
+/// the socket's directory could otherwise bind a fake `admin.sock` and collect the secrets
+/// `cred add` sends. Checked on the connected socket (SO_PEERCRED) before a byte is written.
+fn check_server(stream: &UnixStream, endpoint: &Endpoint) -> Result<(), Failure> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let cred = getsockopt(stream, PeerCredentials).map_err(|e| {
+        Failure(
+            1,
+            format!(
+                "cannot read who serves the admin socket {}: {e}; nothing was sent",
+                endpoint.socket.display()
+            ),
+        )
+    })?;
+    let uid = cred.uid() as u32;
+    if endpoint.daemon.contains(&uid) {
+        return Ok(());
+    }
+    let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| format!(" ({})", u.name))
+        .unwrap_or_default();
+    Err(Failure(
+        1,
+        format!(
+            "refusing to talk to the admin socket {}: it is served by uid {uid}{name} (pid {}),              which is neither root nor you (uid {}); nothing was sent. If keyward really runs as              that user, name it with --daemon-user or $KEYWARD_DAEMON_USER; otherwise someone              else controls that socket",
+            endpoint.socket.display(),
+            cred.pid(),
+            nix::unistd::getuid()
+        ),
+    ))
+}
+
 /// Sends one request and returns the `data` of a successful answer.
-fn call(socket: &std::path::Path, request: &Request) -> Result<Value, Failure> {
+fn call(endpoint: &Endpoint, request: &Request) -> Result<Value, Failure> {
+    let socket = endpoint.socket.as_path();
     let unreachable = |reason: String| {
         Failure(
             EXIT_UNREACHABLE,
@@ -433,6 +514,7 @@ fn call(socket: &std::path::Path, request: &Request) -> Result<Value, Failure> {
             unreachable(e.to_string())
         }
     })?;
+    check_server(&stream, endpoint)?;
     let mut line =
         Zeroizing::new(serde_json::to_vec(request).map_err(|e| Failure(1, e.to_string()))?);
     line.push(b'\n');

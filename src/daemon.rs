@@ -4,7 +4,7 @@
 //! Everything that can fail because of the operator's input fails here, before any socket is
 //! bound. `daemon` wires modules together and holds no request logic.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,6 +45,9 @@ pub enum ServeError {
     /// The audit trail could not be opened.
     #[error("audit trail: {0}")]
     Audit(#[from] crate::audit::AuditError),
+    /// A state or socket directory, database or key file another user could have planted.
+    #[error(transparent)]
+    Untrusted(#[from] crate::ownership::OwnershipError),
     /// The upstream TLS setup failed.
     #[error("upstream TLS setup: {0}")]
     Upstream(String),
@@ -202,11 +205,7 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
             "secret pages (fallback)".to_string()
         }
     };
-    std::fs::create_dir_all(&config.state_dir).map_err(|e| StoreError::Io {
-        path: config.state_dir.display().to_string(),
-        source: e,
-    })?;
-    let _ = std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700));
+    open_state_dir(&config.state_dir)?;
     if options.master_key_file.is_some()
         && !matches!(
             config.master_key,
@@ -352,6 +351,25 @@ fn check_socket_group(config: &Config) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// Creates the state directory (0700) if it is missing, then refuses it, or anything in it,
+/// when another user could have planted or could replace it (README "Deployment checklist").
+/// Never changes the mode or owner of a directory that already exists.
+fn open_state_dir(dir: &Path) -> Result<(), ServeError> {
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| StoreError::Io {
+                path: dir.display().to_string(),
+                source: e,
+            })?;
+    }
+    crate::ownership::check_private_dir("state directory", dir)?;
+    crate::ownership::check_state_entries(dir)?;
+    Ok(())
+}
+
 fn take_or_bind(config: &Config) -> Result<Listeners, ServeError> {
     let activated = crate::systemd::listen_fds()?;
     let tcp = match config.listen_tcp {
@@ -404,8 +422,12 @@ fn bind_unix(
         reason,
     };
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
             .map_err(|e| bind_err(format!("cannot create {}: {e}", parent.display())))?;
+        crate::ownership::check_private_dir("socket directory", parent)?;
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;

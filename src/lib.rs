@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod harden;
 mod hex;
 pub mod logging;
+pub mod ownership;
 pub mod pool;
 pub mod providers;
 pub mod proxy;

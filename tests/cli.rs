@@ -271,6 +271,11 @@ fn master_key_from_environment_is_removed_from_the_process_environment() {
 fn master_key_from_credentials_directory_and_file_and_required_external() {
     let creds = tempfile::tempdir().unwrap();
     std::fs::write(creds.path().join("master-key"), "cd".repeat(32) + "\n").unwrap();
+    std::fs::set_permissions(
+        creds.path().join("master-key"),
+        std::fs::Permissions::from_mode(0o400),
+    )
+    .unwrap();
     let d = Daemon::builder()
         .env("CREDENTIALS_DIRECTORY", creds.path().to_str().unwrap())
         .start();
@@ -279,6 +284,7 @@ fn master_key_from_credentials_directory_and_file_and_required_external() {
 
     let file = creds.path().join("mk.hex");
     std::fs::write(&file, "ef".repeat(32)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let d = Daemon::builder()
         .arg("--master-key-file")
         .arg(file.to_str().unwrap())

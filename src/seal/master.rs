@@ -113,11 +113,7 @@ fn scrub_environment_variable(name: &str) {
 }
 
 fn read_key_file(path: &Path) -> Result<MasterKey, SealError> {
-    let io = |source| SealError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let bytes = Zeroizing::new(fs::read(path).map_err(io)?);
+    let bytes = crate::ownership::read_key_file("master key file", path)?;
     let text = std::str::from_utf8(&bytes).map_err(|_| SealError::BadMasterKey {
         source_name: path.display().to_string(),
         problem: "the file is not text",

@@ -52,6 +52,9 @@ pub enum SealError {
         /// What to check.
         hint: String,
     },
+    /// A key file another user could have planted, replaced or read.
+    #[error(transparent)]
+    Untrusted(#[from] crate::ownership::OwnershipError),
     /// Reading or creating the key file failed.
     #[error("master key file {path}: {source}")]
     Io {

@@ -127,6 +127,7 @@ impl DaemonBuilder {
         let child = cmd.spawn().expect("spawn keyward serve");
         let mut daemon = Daemon {
             child: Some(child),
+            uid: self.uid,
             _tmp: tmp,
             home,
             out,
@@ -154,6 +155,8 @@ impl DaemonBuilder {
 /// A running daemon.
 pub struct Daemon {
     child: Option<Child>,
+    /// The uid the daemon runs as, when not the test's own (the CLI is told to trust it).
+    uid: Option<u32>,
     _tmp: Option<tempfile::TempDir>,
     /// `KEYWARD_HOME`.
     pub home: PathBuf,
@@ -189,6 +192,10 @@ impl Daemon {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("KEYWARD_ADMIN_SOCKET", self.admin_socket())
+            .env(
+                "KEYWARD_DAEMON_USER",
+                self.uid.map(|u| u.to_string()).unwrap_or_default(),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
