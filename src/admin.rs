@@ -971,8 +971,10 @@ fn audit_query(state: &State, args: AuditQueryArgs) -> Reply {
         client_id: args.client,
         call_id: args.call_id,
         event,
-        since_ms: args.since.map(|s| s * 1000),
-        until_ms: args.until.map(|s| s * 1000),
+        // Saturating: a bound near the integer limits means "beyond every row", never a wrap
+        // to the other end of time.
+        since_ms: args.since.map(|s| s.saturating_mul(1000)),
+        until_ms: args.until.map(|s| s.saturating_mul(1000)),
         fingerprint,
         limit: Some(args.limit.unwrap_or(100)),
     };

@@ -219,6 +219,7 @@ struct RawConfig {
     require_external_master_key: Option<bool>,
     master_key: Option<RawMasterKey>,
     listen_tcp: Option<String>,
+    listen_tcp_allow_remote: Option<bool>,
     lock_memory: Option<String>,
     audit_sync: Option<String>,
     audit_retention: Option<String>,
@@ -582,6 +583,17 @@ fn build(
             )
         })?),
     };
+    if let Some(addr) = listen_tcp
+        && !addr.ip().is_loopback()
+        && raw.listen_tcp_allow_remote != Some(true)
+    {
+        return Err(value_err(
+            "listen_tcp",
+            format!(
+                "{addr} is not a loopback address: the TCP listener has no TLS, so client                  tokens, prompts and answers would cross the network in clear text; use                  127.0.0.1 or [::1], or put a TLS-terminating proxy in front and set                  listen_tcp_allow_remote = true"
+            ),
+        ));
+    }
     let lock_memory = match raw.lock_memory.as_deref() {
         None | Some("all") => LockMemory::All,
         Some("secrets") => LockMemory::Secrets,
@@ -909,7 +921,20 @@ mod tests {
         let env = env_of(&[("KEYWARD_HOME", "/tmp/x")]);
         let f = Path::new("/etc/kw.toml");
         // Each bad value, and every text its error must name.
-        let cases: [(&str, &[&str]); 7] = [
+        let cases: [(&str, &[&str]); 9] = [
+            (
+                "listen_tcp = \"0.0.0.0:8787\"",
+                &[
+                    "listen_tcp",
+                    "not a loopback address",
+                    "clear text",
+                    "listen_tcp_allow_remote",
+                ],
+            ),
+            (
+                "listen_tcp = \"[::]:8787\"",
+                &["listen_tcp", "not a loopback address"],
+            ),
             (
                 "[limits]\nupstream_timeout = \"soon\"",
                 &["/etc/kw.toml", "limits.upstream_timeout", "30s"],
@@ -939,6 +964,21 @@ mod tests {
                 assert!(e.contains(needle), "{text}: {e} lacks {needle}");
             }
         }
+    }
+
+    #[test]
+    fn a_remote_tcp_listener_needs_the_explicit_setting() {
+        let env = env_of(&[("KEYWARD_HOME", "/tmp/x")]);
+        let f = Path::new("/etc/kw.toml");
+        let c = Config::from_toml("listen_tcp = \"127.0.0.1:8787\"", f, &env).unwrap();
+        assert!(c.listen_tcp.unwrap().ip().is_loopback());
+        let c = Config::from_toml(
+            "listen_tcp = \"0.0.0.0:8787\"\nlisten_tcp_allow_remote = true",
+            f,
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.listen_tcp.unwrap().to_string(), "0.0.0.0:8787");
     }
 
     #[test]

@@ -100,7 +100,8 @@ pub fn format_time_ms(unix_ms: i64) -> String {
 /// Returns Unix seconds.
 pub fn parse_time(text: &str, now_unix: i64) -> Result<i64, UnitError> {
     if let Ok(d) = parse_duration(text) {
-        return Ok(now_unix - d.as_secs() as i64);
+        let ago = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        return Ok(now_unix.saturating_sub(ago));
     }
     humantime::parse_rfc3339_weak(text.trim())
         .map(|t| {
@@ -120,6 +121,14 @@ pub fn parse_time(text: &str, now_unix: i64) -> Result<i64, UnitError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_duration_longer_than_time_itself_saturates_instead_of_wrapping() {
+        let t = parse_time(&format!("{}s", u64::MAX), 1_000).unwrap();
+        assert_eq!(t, 1_000 - i64::MAX);
+        let t = parse_time(&format!("{}s", i64::MAX), 1_000).unwrap();
+        assert!(t < 0, "{t}");
+    }
 
     #[test]
     fn durations() {

@@ -1149,3 +1149,62 @@ async fn request_trailers_never_reach_the_upstream() {
         seen.trailers
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn encoded_forms_of_a_key_with_reserved_bytes_are_scrubbed() {
+    // Keys of custom targets may hold `/`, `+` and `=`; an upstream may echo them encoded.
+    let key = format!("{}/a+b=", random_key("cu"));
+    let pct = |hex: fn(u8) -> String| {
+        key.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    hex(b)
+                }
+            })
+            .collect::<String>()
+    };
+    let upper = pct(|b| format!("%{b:02X}"));
+    let lower = pct(|b| format!("%{b:02x}"));
+    let unicode = pct(|b| format!("\\u{b:04x}"));
+    let body = format!(r#"{{"url":"https://x/?k={upper}","json":"{unicode}"}}"#);
+    let mock = MockUpstream::builder()
+        .http1_only()
+        .on_key(
+            &key,
+            support::mock_upstream::Reply::status(200)
+                .header("x-echo", &format!("k={lower}"))
+                .body(body.clone()),
+        )
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::builder()
+        .config(&config_for(&mock, dir.path(), ""))
+        .start();
+    let (token, _) = d.provision("acme", "openai", &key, &[]);
+    let (status, h, got) = call_as(
+        &d.socket(),
+        &token,
+        "/openai/v1/chat/completions",
+        &chat_body("gpt-4o", false),
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(
+        key_of(&mock.last_request().unwrap()).as_deref(),
+        Some(&*key)
+    );
+    for form in [&key, &upper, &lower, &unicode] {
+        assert!(
+            !got.contains(form.as_str()),
+            "{form} reached the app: {got}"
+        );
+    }
+    assert_eq!(
+        got,
+        r#"{"url":"https://x/?k=[REDACTED]","json":"[REDACTED]"}"#
+    );
+    assert_eq!(h["x-echo"], "k=[REDACTED]");
+}

@@ -15,21 +15,6 @@ use support::daemon::{Daemon, KEYWARD, random_key};
 
 const NOBODY: u32 = 65534;
 
-/// These tests are about a second local user: they must run as root (as CI does). Elsewhere
-/// they fail unless `KEYWARD_TESTS_WITHOUT_ROOT=1` says, loudly, that they did not run.
-fn require_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("KEYWARD_TESTS_WITHOUT_ROOT").is_some(),
-        "{test} needs root to act as a second uid; run the suite as root, or set \
-         KEYWARD_TESTS_WITHOUT_ROOT=1 to accept that it does not run"
-    );
-    eprintln!("NOT RUN: {test} needs root (KEYWARD_TESTS_WITHOUT_ROOT is set)");
-    false
-}
-
 fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
@@ -122,7 +107,7 @@ impl Drop for FakeAdmin {
 
 #[test]
 fn the_cli_sends_no_secret_to_an_admin_socket_served_by_another_user() {
-    if !require_root("the_cli_sends_no_secret_to_an_admin_socket_served_by_another_user") {
+    if !support::needs::root("the_cli_sends_no_secret_to_an_admin_socket_served_by_another_user") {
         return;
     }
     let fake = FakeAdmin::start();
@@ -180,7 +165,9 @@ fn the_cli_sends_no_secret_to_an_admin_socket_served_by_another_user() {
 
 #[test]
 fn a_state_directory_planted_by_another_user_is_refused_and_left_untouched() {
-    if !require_root("a_state_directory_planted_by_another_user_is_refused_and_left_untouched") {
+    if !support::needs::root(
+        "a_state_directory_planted_by_another_user_is_refused_and_left_untouched",
+    ) {
         return;
     }
     let outer = tempfile::Builder::new()
@@ -250,7 +237,7 @@ fn a_state_directory_planted_by_another_user_is_refused_and_left_untouched() {
 
 #[test]
 fn key_files_readable_by_others_or_behind_a_symlink_are_refused() {
-    if !require_root("key_files_readable_by_others_or_behind_a_symlink_are_refused") {
+    if !support::needs::root("key_files_readable_by_others_or_behind_a_symlink_are_refused") {
         return;
     }
     let keys = tempfile::tempdir().unwrap();
@@ -299,7 +286,7 @@ fn key_files_readable_by_others_or_behind_a_symlink_are_refused() {
 
 #[test]
 fn a_state_file_planted_by_another_user_is_refused() {
-    if !require_root("a_state_file_planted_by_another_user_is_refused") {
+    if !support::needs::root("a_state_file_planted_by_another_user_is_refused") {
         return;
     }
     let d = Daemon::builder().start();
@@ -333,4 +320,61 @@ fn a_state_file_planted_by_another_user_is_refused() {
     chmod(&home.join("keyward.db"), 0o600);
     Daemon::builder().home(&home).start();
     drop(d);
+}
+
+#[test]
+fn a_remote_tcp_listener_is_refused_unless_explicitly_allowed() {
+    let err = Daemon::builder()
+        .config("listen_tcp = \"0.0.0.0:0\"\n")
+        .try_start()
+        .err()
+        .expect("a non-loopback listener must be refused");
+    assert!(
+        err.1.contains("not a loopback address")
+            && err.1.contains("clear text")
+            && err.1.contains("listen_tcp_allow_remote"),
+        "{}",
+        err.1
+    );
+    let d = Daemon::builder()
+        .config("listen_tcp = \"0.0.0.0:0\"\nlisten_tcp_allow_remote = true\n")
+        .start();
+    assert!(
+        d.json_lines(&["status"])[0]["listen_tcp"]
+            .as_str()
+            .unwrap()
+            .starts_with("0.0.0.0:")
+    );
+}
+
+#[test]
+fn audit_time_bounds_near_the_integer_limits_do_not_wrap() {
+    use std::io::{BufRead, BufReader};
+    let d = Daemon::builder().start();
+    d.ok(&["tenant", "add", "acme"]);
+    let ask = |filter: &str| -> serde_json::Value {
+        let mut stream = std::os::unix::net::UnixStream::connect(d.admin_socket()).unwrap();
+        stream
+            .write_all(format!("{{\"op\":\"audit_query\",{filter}}}\n").as_bytes())
+            .unwrap();
+        let mut reply = String::new();
+        BufReader::new(&stream).read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap()
+    };
+    let rows = |v: &serde_json::Value| v["data"].as_array().map(Vec::len);
+    // Sanity: the tenant row is there without bounds.
+    assert!(rows(&ask("\"limit\":10")).unwrap() >= 1);
+    for filter in [
+        format!("\"since\":{}", i64::MAX),
+        format!("\"since\":{}", i64::MAX / 1000 + 1),
+        format!("\"until\":{}", i64::MIN),
+        format!("\"until\":{}", i64::MIN / 1000 - 1),
+    ] {
+        let answer = ask(&filter);
+        assert_eq!(answer["ok"], true, "{filter}: {answer}");
+        assert_eq!(rows(&answer), Some(0), "{filter} wrapped around: {answer}");
+    }
+    // A "that long ago" longer than time itself means every row, not none.
+    let out = d.json_lines(&["audit", "query", "--since", &format!("{}s", u64::MAX)]);
+    assert!(!out.is_empty());
 }

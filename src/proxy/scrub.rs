@@ -14,9 +14,14 @@
 //!   `\\`, and, when the key contains `/`, both with `/` left as is and escaped as `\/` (PHP and
 //!   some Java encoders do the latter). Typical provider keys (`[A-Za-z0-9_-]`) have one form.
 //!
-//! Not handled: percent-encoding, base64, `\uXXXX` escapes of printable characters, control
-//! characters (a key cannot hold them: it travels in a header), and case changes, except in
-//! header *names*, which HTTP lowercases and which are compared case-insensitively.
+//! - when the key holds bytes outside RFC 3986's unreserved set (`/`, `+`, `=` in the keys of
+//!   custom targets), those bytes percent-encoded (`%2F`, as in a URL or form body) and
+//!   `\u`-escaped (`\u002F`, as .NET's and HTML-safe JSON encoders write them), each with
+//!   upper- and lowercase hex digits.
+//!
+//! Not handled: mixtures of those forms within one occurrence, base64, control characters (a
+//! key cannot hold them: it travels in a header), and case changes, except in header *names*,
+//! which HTTP lowercases and which are compared case-insensitively.
 //!
 //! This module must not log, return or store the key anywhere but locked memory ([`Secret`]),
 //! and must not decide which responses are scrubbed: the proxy scrubs every upstream response.
@@ -108,7 +113,69 @@ fn needles_for(secret: &Secret) -> Vec<Needle> {
     if slash {
         needles.push(Needle::new(json_escaped(raw, true)));
     }
+    if raw.iter().any(|&b| !unreserved(b)) {
+        for form in [
+            Encoding::Percent(HEX_UPPER),
+            Encoding::Percent(HEX_LOWER),
+            Encoding::Unicode(HEX_UPPER),
+            Encoding::Unicode(HEX_LOWER),
+        ] {
+            let needle = encoded(raw, form);
+            if !needles
+                .iter()
+                .any(|n| n.bytes.expose_secret() == needle.expose_secret())
+            {
+                needles.push(Needle::new(needle));
+            }
+        }
+    }
     needles
+}
+
+const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+const HEX_LOWER: &[u8; 16] = b"0123456789abcdef";
+
+/// RFC 3986 unreserved characters: the only bytes no encoder changes.
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// How an encoder writes a byte that is not [`unreserved`].
+#[derive(Clone, Copy)]
+enum Encoding {
+    /// `%2F` (RFC 3986 percent-encoding, as in a URL or a form body), with these hex digits.
+    Percent(&'static [u8; 16]),
+    /// `\u002F` (a JSON string escape, as .NET and HTML-safe JSON encoders write `+`, `/`, `=`).
+    Unicode(&'static [u8; 16]),
+}
+
+/// `raw` with every byte that is not [`unreserved`] written in `form`, straight into locked
+/// memory.
+fn encoded(raw: &[u8], form: Encoding) -> Secret {
+    let (prefix, hex): (&[u8], _) = match form {
+        Encoding::Percent(hex) => (b"%", hex),
+        Encoding::Unicode(hex) => (b"\\u00", hex),
+    };
+    let wide = prefix.len() + 2;
+    let len = raw
+        .iter()
+        .map(|&b| if unreserved(b) { 1 } else { wide })
+        .sum();
+    let mut out = Secret::zeroed(len);
+    let buf = out.expose_secret_mut();
+    let mut at = 0;
+    for &b in raw {
+        if unreserved(b) {
+            buf[at] = b;
+            at += 1;
+        } else {
+            buf[at..at + prefix.len()].copy_from_slice(prefix);
+            buf[at + prefix.len()] = hex[usize::from(b >> 4)];
+            buf[at + prefix.len() + 1] = hex[usize::from(b & 15)];
+            at += wide;
+        }
+    }
+    out
 }
 
 /// `raw` with `"` and `\` (and `/` when `escape_slash`) backslash-escaped, written straight into
@@ -131,7 +198,7 @@ fn json_escaped(raw: &[u8], escape_slash: bool) -> Secret {
 }
 
 /// The distinct first bytes of a needle set, for skipping input that cannot start a match.
-/// The forms of one key start with its first byte or with `\`, so there are at most two.
+/// The forms of one key start with its first byte, `\` or `%`, so there are at most three.
 struct FirstBytes {
     bytes: [u8; 3],
     len: usize,
@@ -729,6 +796,42 @@ mod tests {
                 assert_eq!(scrub_all(key, &[b"<", a, b, b">"]), b"<[REDACTED]>");
             }
         }
+    }
+
+    #[test]
+    fn percent_encoded_and_unicode_escaped_forms_are_scrubbed_at_every_split() {
+        let key = "kw/Ab+c=d";
+        let inputs: [&[u8]; 5] = [
+            b"kw%2FAb%2Bc%3Dd",
+            b"kw%2fAb%2bc%3dd",
+            br"kw/Ab+c=d",
+            br"kw/Ab+c=d",
+            br"kw\/Ab+c=d",
+        ];
+        for input in inputs {
+            for cut in 0..=input.len() {
+                let (a, b) = input.split_at(cut);
+                assert_eq!(
+                    scrub_all(key, &[b"<", a, b, b">"]),
+                    b"<[REDACTED]>",
+                    "{}",
+                    String::from_utf8_lossy(input)
+                );
+            }
+        }
+        // A key of unreserved bytes only has no encoded forms to find.
+        assert_eq!(scrub_all("sk-abc", &[b"sk%2Dabc"]), b"sk%2Dabc");
+    }
+
+    #[test]
+    fn a_key_starting_with_a_reserved_byte_is_found_in_every_form() {
+        let key = "/abc=";
+        let text = br#"a /abc= b %2Fabc%3D c /abc= d"#;
+        let chunks: Vec<&[u8]> = text.chunks(1).collect();
+        assert_eq!(
+            scrub_all(key, &chunks),
+            b"a [REDACTED] b [REDACTED] c [REDACTED] d"
+        );
     }
 
     #[test]
