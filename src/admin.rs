@@ -350,6 +350,8 @@ fn status(state: &State) -> Value {
         "master_key_source": state.master.identity(),
         "master_key_provider": state.master.provider(),
         "kek_operations": state.master.operations(),
+        "instance": state.instance,
+        "audit_export": state.audit.export_status(),
         "in_flight": state.in_flight(),
         "store_accesses": state.store.accesses(),
     })

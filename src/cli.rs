@@ -194,13 +194,32 @@ pub enum ClientCommand {
 pub enum AuditCommand {
     /// Show audit rows, newest first.
     Query(AuditQuery),
-    /// Recompute the chain; exit 1 if any row fails.
-    Verify,
+    /// Recompute the chain; exit 1 if any row fails. With --jsonl, check shipped audit lines
+    /// instead (locally, with the master key; no daemon needed).
+    Verify(AuditVerify),
     /// Replay a credential's history.
     Lifecycle {
         /// Credential id.
         credential_id: String,
     },
+}
+
+/// Options of `audit verify`.
+#[derive(Debug, Args)]
+pub struct AuditVerify {
+    /// A file of audit lines shipped by `audit_export` (many instances may be interleaved);
+    /// checked here with the master key rather than by a daemon.
+    #[arg(long, value_name = "FILE")]
+    pub jsonl: Option<PathBuf>,
+    /// Only this instance's lines.
+    #[arg(long, value_name = "ID", requires = "jsonl")]
+    pub instance: Option<String>,
+    /// Config whose master key settings to use (default: $KEYWARD_CONFIG).
+    #[arg(long, value_name = "FILE", requires = "jsonl")]
+    pub config: Option<PathBuf>,
+    /// Master key file (64 hex characters).
+    #[arg(long, value_name = "FILE", requires = "jsonl")]
+    pub master_key_file: Option<PathBuf>,
 }
 
 /// Filters of `audit query`.
@@ -244,6 +263,17 @@ struct Failure(u8, String);
 
 /// Runs a parsed client command (everything except `serve`).
 pub fn run(cli: Cli) -> ExitCode {
+    if let Command::Audit(AuditCommand::Verify(v)) = &cli.command
+        && let Some(file) = &v.jsonl
+    {
+        return match verify_jsonl(v, file, cli.json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(Failure(code, message)) => {
+                eprintln!("keyward: {message}");
+                ExitCode::from(code)
+            }
+        };
+    }
     let socket = admin_socket_for_cli(cli.admin_socket.as_deref(), &process_env);
     let daemon = match trusted_daemon_uids(cli.daemon_user.as_deref()) {
         Ok(uids) => uids,
@@ -387,7 +417,7 @@ fn build_request(command: &Command) -> Result<Request, Failure> {
                 },
             }
         }
-        Command::Audit(AuditCommand::Verify) => Request::AuditVerify,
+        Command::Audit(AuditCommand::Verify(_)) => Request::AuditVerify,
         Command::Audit(AuditCommand::Lifecycle { credential_id }) => Request::AuditLifecycle {
             id: credential_id.clone(),
         },
@@ -555,7 +585,7 @@ fn print(command: &Command, data: &Value, json: bool) -> Result<(), Failure> {
         for row in rows(data) {
             println!("{row}");
         }
-        if let Command::Audit(AuditCommand::Verify) = command {
+        if let Command::Audit(AuditCommand::Verify(_)) = command {
             return verify_outcome(data).map(|_| ());
         }
         return Ok(());
@@ -668,7 +698,7 @@ fn print(command: &Command, data: &Value, json: bool) -> Result<(), Failure> {
                 ],
             )
         }
-        Command::Audit(AuditCommand::Verify) => {
+        Command::Audit(AuditCommand::Verify(_)) => {
             let (ok, text) = verify_outcome(data)?;
             if ok {
                 println!("{text}");
@@ -676,6 +706,108 @@ fn print(command: &Command, data: &Value, json: bool) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// The master key for work done here rather than by a daemon (`audit verify --jsonl`): the
+/// sources `serve` uses, in its order — `--master-key-file`, else `master_key_file` of the
+/// config (`--config`, else `$KEYWARD_CONFIG`), `$CREDENTIALS_DIRECTORY/master-key`,
+/// `$KEYWARD_MASTER_KEY`, and an existing `<state dir>/master.key`. Never creates one.
+pub fn local_master_key(
+    config: Option<&std::path::Path>,
+    master_key_file: Option<&std::path::Path>,
+) -> Result<crate::seal::MasterKeyProvider, String> {
+    let config = crate::config::Config::load(config, &process_env).map_err(|e| e.to_string())?;
+    let file = master_key_file.or(config.master_key_file.as_deref());
+    let generated = config.state_dir.join("master.key");
+    let require_external = config.require_external_master_key || !generated.exists();
+    match crate::custody::open_provider(
+        &config.master_key,
+        file,
+        &config.state_dir,
+        require_external,
+    ) {
+        Ok(opened) => Ok(opened.provider),
+        Err(crate::seal::SealError::MissingMasterKey) => Err(
+            "no master key: give --master-key-file FILE, a --config (or $KEYWARD_CONFIG) whose \
+             master_key_file or [master_key] names it, $CREDENTIALS_DIRECTORY/master-key or \
+             $KEYWARD_MASTER_KEY"
+                .into(),
+        ),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `audit verify --jsonl FILE`: checks shipped lines here, with the master key.
+fn verify_jsonl(v: &AuditVerify, file: &std::path::Path, json: bool) -> Result<(), Failure> {
+    let master = local_master_key(v.config.as_deref(), v.master_key_file.as_deref())
+        .map_err(|e| Failure(1, e))?;
+    let report = crate::audit::verify_jsonl_file(file, &master, v.instance.as_deref())
+        .map_err(|e| Failure(1, format!("cannot read {}: {e}", file.display())))?;
+    if let Some(only) = &v.instance
+        && report.instances.is_empty()
+    {
+        return Err(Failure(
+            1,
+            format!("{} holds no audit lines of instance {only}", file.display()),
+        ));
+    }
+    if report.instances.is_empty() && report.problem.is_none() {
+        return Err(Failure(
+            1,
+            format!(
+                "{} holds no audit lines (is it the output of audit_export?)",
+                file.display()
+            ),
+        ));
+    }
+    let rows: Vec<Value> = report
+        .instances
+        .iter()
+        .map(|i| serde_json::to_value(i).expect("a report serializes"))
+        .collect();
+    if json {
+        for row in &rows {
+            println!("{row}");
+        }
+    } else {
+        table(
+            &rows,
+            &[
+                ("INSTANCE", "instance"),
+                ("ROWS", "rows_checked"),
+                ("FIRST", "first_seq"),
+                ("LAST", "last_seq"),
+                ("DUPLICATES", "duplicates"),
+                ("STOPPED", "stopped"),
+                ("PROBLEM", "problem"),
+            ],
+        );
+    }
+    if report.ok() {
+        if !json {
+            let total: u64 = report.instances.iter().map(|i| i.rows_checked).sum();
+            println!(
+                "audit lines ok: {total} rows of {} instance(s) checked",
+                report.instances.len()
+            );
+        }
+        return Ok(());
+    }
+    let first = report
+        .problem
+        .clone()
+        .or_else(|| {
+            report.instances.iter().find_map(|i| {
+                i.problem
+                    .as_ref()
+                    .map(|p| format!("instance {}: {p}", i.instance))
+            })
+        })
+        .unwrap_or_default();
+    Err(Failure(
+        1,
+        format!("audit lines FAILED verification: {first}"),
+    ))
 }
 
 /// Reads a verify report; a broken chain is a failure (exit 1).

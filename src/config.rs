@@ -32,6 +32,24 @@ pub enum AuditSync {
     Full,
 }
 
+/// Where committed audit rows are also written as JSON lines (`audit_export`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditExport {
+    /// Standard output (the container log stream).
+    Stdout,
+    /// Appended to this file (created 0600).
+    File(PathBuf),
+}
+
+impl std::fmt::Display for AuditExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuditExport::Stdout => f.write_str("stdout"),
+            AuditExport::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
 /// Resource limits for the data plane.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -167,6 +185,11 @@ pub struct Config {
     pub worker_threads: usize,
     /// Audit rows older than this are pruned (None keeps everything).
     pub audit_retention: Option<Duration>,
+    /// Where committed audit rows are also shipped as JSON lines.
+    pub audit_export: Option<AuditExport>,
+    /// Most bytes of audit lines that may wait for the export sink before commits are
+    /// refused.
+    pub audit_export_buffer: usize,
     /// Data-plane limits.
     pub limits: Limits,
     /// Pool failure handling.
@@ -223,6 +246,8 @@ struct RawConfig {
     lock_memory: Option<String>,
     audit_sync: Option<String>,
     audit_retention: Option<String>,
+    audit_export: Option<String>,
+    audit_export_buffer: Option<String>,
     worker_threads: Option<i64>,
     #[serde(default)]
     limits: RawLimits,
@@ -629,6 +654,35 @@ fn build(
             Some(keep)
         }
     };
+    let audit_export = match raw.audit_export.as_deref() {
+        None => None,
+        Some("stdout") => Some(AuditExport::Stdout),
+        Some(other) => match other.strip_prefix("file:") {
+            Some(path) if Path::new(path).is_absolute() => {
+                Some(AuditExport::File(PathBuf::from(path)))
+            }
+            _ => {
+                return Err(value_err(
+                    "audit_export",
+                    "must be \"stdout\" or \"file:/absolute/path\"".into(),
+                ));
+            }
+        },
+    };
+    let audit_export_buffer = match &raw.audit_export_buffer {
+        None => 8 << 20,
+        Some(t) => {
+            match parse_size(t).map_err(|e| value_err("audit_export_buffer", e.to_string()))? {
+                n if n >= 4096 => n as usize,
+                _ => {
+                    return Err(value_err(
+                        "audit_export_buffer",
+                        "must be at least 4KiB (one batch of lines)".into(),
+                    ));
+                }
+            }
+        }
+    };
     let d = Limits::default();
     let max_request_body = match &raw.limits.max_request_body {
         None => d.max_request_body,
@@ -789,6 +843,8 @@ fn build(
         lock_memory,
         audit_sync,
         audit_retention,
+        audit_export,
+        audit_export_buffer,
         limits,
         pool,
         targets,

@@ -81,6 +81,9 @@ pub struct State {
     pub catalog: CatalogHandle,
     /// The audit trail.
     pub audit: Audit,
+    /// This keyward's instance id (`<state_dir>/instance.id`; in shipped audit lines and
+    /// bundles).
+    pub instance: String,
     /// Pooled upstream TLS clients.
     pub upstream: Upstream,
     /// Start time.
@@ -280,11 +283,30 @@ impl Server {
         runtime: tokio::runtime::Handle,
     ) -> Result<Server, ServeError> {
         let store = Store::open(&config.state_dir, &master)?;
-        let audit = Audit::open(
+        let instance =
+            crate::audit::instance_id(&config.state_dir).map_err(|source| StoreError::Io {
+                path: config
+                    .state_dir
+                    .join(crate::audit::INSTANCE_FILE)
+                    .display()
+                    .to_string(),
+                source,
+            })?;
+        let export = config
+            .audit_export
+            .clone()
+            .map(|sink| crate::audit::ExportOptions {
+                sink,
+                buffer: config.audit_export_buffer,
+                instance: instance.clone(),
+                master_key: crate::audit::master_identity(&master),
+            });
+        let audit = Audit::open_exporting(
             &config.state_dir,
             &master,
             config.audit_sync,
             config.audit_retention,
+            export,
         )?;
         let listeners = take_or_bind(&config)?;
         let catalog = CatalogHandle::new(Catalog::build(store.snapshot()?));
@@ -299,6 +321,7 @@ impl Server {
             store,
             catalog,
             audit,
+            instance,
             upstream,
             started: Instant::now(),
             runtime,
@@ -467,6 +490,13 @@ fn bind_unix(
 
 fn print_banner(state: &State, hardening: &crate::harden::Hardening, listeners: &Listeners) {
     let c = &state.config;
+    // With `audit_export = "stdout"`, standard output carries only audit lines.
+    let to_stderr = c.audit_export == Some(crate::config::AuditExport::Stdout);
+    macro_rules! println {
+        ($($arg:tt)*) => {
+            if to_stderr { eprintln!($($arg)*) } else { std::println!($($arg)*) }
+        };
+    }
     let how = if listeners.activated {
         " (socket-activated)"
     } else {
@@ -506,6 +536,10 @@ fn print_banner(state: &State, hardening: &crate::harden::Hardening, listeners: 
         state.master.identity(),
         state.master.provider()
     );
+    println!("  instance      {}", state.instance);
+    if let Some(export) = &c.audit_export {
+        println!("  audit export  {export}");
+    }
     println!(
         "  hardening     core dumps {}, memory locked: {}",
         if hardening.not_dumpable && hardening.no_core {
@@ -614,6 +648,12 @@ async fn run(
     let _ = admin_task.await;
     let _ = retire_task.await;
     state.audit.flush().await;
+    if !state.audit.stop_export(Duration::from_secs(5)).await {
+        tracing::warn!(
+            "audit lines still waiting for the export sink at exit; the next start over this \
+             state directory writes them again"
+        );
+    }
     Ok(())
 }
 

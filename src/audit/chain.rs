@@ -43,6 +43,19 @@ impl MacKey {
         to_mac(ctx.sign().as_ref())
     }
 
+    /// Tag over length-prefixed `parts` under the domain `keyward/<domain>/v1`, for records
+    /// outside the chain that must not be forged or moved (the shipped stream's key and stop
+    /// lines, `export.rs`).
+    pub(crate) fn tag(&self, domain: &str, parts: &[&[u8]]) -> [u8; MAC_LEN] {
+        let mut ctx = hmac::Context::with_key(&self.0);
+        ctx.update(format!("keyward/{domain}/v1").as_bytes());
+        for part in parts {
+            ctx.update(&(part.len() as u32).to_be_bytes());
+            ctx.update(part);
+        }
+        to_mac(ctx.sign().as_ref())
+    }
+
     /// Tag over a (seq, mac) position, domain-separated by `what` so an anchor cannot be
     /// passed off as a checkpoint or the reverse.
     fn position_tag(&self, what: &[u8], pos: &Position) -> [u8; MAC_LEN] {

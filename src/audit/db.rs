@@ -373,6 +373,35 @@ fn collect(conn: &Connection, sql: &str, args: Vec<Value>) -> rusqlite::Result<V
     Ok(out)
 }
 
+/// Rows after `seq`, oldest first, exactly as stored (to write again what the export did not).
+pub(crate) fn rows_after(conn: &Connection, seq: u64) -> Result<Vec<RawRow>, String> {
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT {COLUMNS} FROM audit_events WHERE seq > ?1 ORDER BY seq ASC"
+        ))
+        .map_err(|e| e.to_string())?;
+    let mut rows = stmt.query([seq as i64]).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().map_err(|e| e.to_string())? {
+        out.push(
+            decode(r)
+                .map_err(|e| e.to_string())?
+                .map_err(|(seq, why)| format!("row {seq} is malformed: {why}"))?,
+        );
+    }
+    Ok(out)
+}
+
+/// The stored MAC of row `seq`, if that row is in the database.
+pub(crate) fn mac_at(conn: &Connection, seq: u64) -> rusqlite::Result<Option<Vec<u8>>> {
+    conn.query_row(
+        "SELECT mac FROM audit_events WHERE seq = ?1",
+        [seq as i64],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
 // === verification ===
 
 /// Checks rows `start.seq + 1 ..= last` against the chain and returns the position at `last`.

@@ -53,6 +53,7 @@
 mod chain;
 mod db;
 mod event;
+mod export;
 mod fingerprint;
 mod journal;
 pub mod usage;
@@ -68,9 +69,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 pub use event::{Event, EventKind, MAX_DETAIL_LEN, MAX_FIELD_LEN, Row, UnknownEventKind};
+pub use export::{
+    INSTANCE_FILE, InstanceReport, JsonlReport, instance_id, master_identity, verify_jsonl,
+};
 pub use fingerprint::{Fingerprinter, fingerprint};
 
-use crate::config::AuditSync;
+use crate::config::{AuditExport, AuditSync};
 use crate::seal::{MasterKeyProvider, Purpose, SealError};
 use chain::{Anchor, MacKey, Position};
 use writer::{Db, Refused, Shared, Writer};
@@ -200,6 +204,19 @@ impl VerifyReport {
     }
 }
 
+/// How committed rows are shipped (`audit_export`, README "Running many sidecars").
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// Standard output or a file.
+    pub sink: AuditExport,
+    /// Most bytes of lines that may wait for the sink before commits are refused.
+    pub buffer: usize,
+    /// This keyward's instance id ([`instance_id`]).
+    pub instance: String,
+    /// Which master key wraps the audit key ([`master_identity`]).
+    pub master_key: String,
+}
+
 /// Handle to the audit trail; cheap to clone, all clones share one writer.
 #[derive(Clone)]
 pub struct Audit {
@@ -209,6 +226,8 @@ pub struct Audit {
 struct Inner {
     /// The queue and the write connection.
     shared: Arc<Shared>,
+    /// Ships committed rows as JSON lines, when `audit_export` is set.
+    export: Option<Arc<export::Exporter>>,
     /// The state directory.
     dir: PathBuf,
     /// For verification on read connections.
@@ -244,6 +263,19 @@ impl Audit {
         sync: AuditSync,
         retention: Option<Duration>,
     ) -> Result<Audit, AuditError> {
+        Audit::open_exporting(state_dir, master, sync, retention, None)
+    }
+
+    /// [`Audit::open`], also shipping every committed row as a JSON line per `export`. Rows
+    /// an earlier run committed but did not write out (per `audit.export.seq`) are written
+    /// first; when export was never on here, it starts with the next row.
+    pub fn open_exporting(
+        state_dir: &Path,
+        master: &MasterKeyProvider,
+        sync: AuditSync,
+        retention: Option<Duration>,
+        export: Option<ExportOptions>,
+    ) -> Result<Audit, AuditError> {
         let dir = state_dir.to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|source| AuditError::Io {
             path: dir.display().to_string(),
@@ -278,13 +310,18 @@ impl Audit {
                 path: dir.join(db::DB_FILE).display().to_string(),
                 source,
             })?;
-        let writer = Writer::new(
+        let mut writer = Writer::new(
             key.clone(),
             dir.clone(),
             sync == AuditSync::Full,
             tip,
             last_time,
         );
+        let exporter = match export {
+            None => None,
+            Some(options) => Some(start_export(&conn, &key, &dir, tip, options)?),
+        };
+        writer.export = exporter.clone();
         let db = Db {
             conn,
             key: key.clone(),
@@ -304,6 +341,7 @@ impl Audit {
             })?;
         let inner = Arc::new(Inner {
             shared,
+            export: exporter,
             dir: dir.clone(),
             key,
             readers: Mutex::new(Vec::new()),
@@ -418,6 +456,25 @@ impl Audit {
         let _ = tokio::task::spawn_blocking(move || shared.with_db(|_| ())).await;
     }
 
+    /// Writes the export's stop line after the last committed row and waits up to `grace`
+    /// for every line to reach the sink. Call once, at shutdown, after the last commit; true
+    /// when there is no export or everything was written.
+    pub async fn stop_export(&self, grace: Duration) -> bool {
+        let Some(export) = self.inner.export.clone() else {
+            return true;
+        };
+        let shared = self.inner.shared.clone();
+        tokio::task::spawn_blocking(move || export.stop(shared.drained_head(), grace))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// The export's sink, last written seq, bytes waiting and last error (`status`), or
+    /// `None` without `audit_export`.
+    pub fn export_status(&self) -> Option<serde_json::Value> {
+        self.inner.export.as_ref().map(|e| e.status())
+    }
+
     /// [`Audit::flush`] for blocking callers.
     fn fold_now(&self) {
         self.inner.shared.with_db(|_| ());
@@ -452,6 +509,114 @@ fn stopped() -> AuditError {
     AuditError::Unavailable {
         reason: "the audit writer has shut down".into(),
     }
+}
+
+/// Starts the exporter and queues the rows an earlier run committed but did not write out.
+fn start_export(
+    conn: &Connection,
+    key: &Arc<MacKey>,
+    dir: &Path,
+    tip: Position,
+    options: ExportOptions,
+) -> Result<Arc<export::Exporter>, AuditError> {
+    let io = |source| AuditError::Io {
+        path: dir.join(export::EXPORTED_FILE).display().to_string(),
+        source,
+    };
+    let db_err = |source| AuditError::Database {
+        path: dir.join(db::DB_FILE).display().to_string(),
+        source,
+    };
+    let wrapped_key = db::get_meta(conn, db::META_MAC_KEY)
+        .map_err(db_err)?
+        .unwrap_or_default();
+    // Where the stream continues: after the last row written, when that row is still here
+    // to chain from; otherwise (export newly on, rows pruned meanwhile) with the next row.
+    let written = export::exported_seq(dir).map_err(io)?;
+    let checkpoint = db::checkpoint(conn, key).unwrap_or(Position::START);
+    let resume = match written {
+        Some(0) if checkpoint.seq == 0 => Some(Position::START),
+        Some(seq) if seq < tip.seq && seq == checkpoint.seq => Some(checkpoint),
+        Some(seq) if seq < tip.seq => db::mac_at(conn, seq)
+            .map_err(db_err)?
+            .and_then(|m| m.try_into().ok())
+            .map(|mac| Position { seq, mac }),
+        _ => None,
+    };
+    let start = resume.unwrap_or(tip);
+    if let (Some(seq), None) = (written, resume)
+        && seq < tip.seq
+    {
+        tracing::warn!(
+            from = seq + 1,
+            to = tip.seq,
+            "audit rows committed while the export was off or before retention pruned them \
+             are not in the exported stream"
+        );
+    }
+    let exporter = export::Exporter::start(
+        &options.sink,
+        options.buffer,
+        export::ExportIdentity {
+            instance: options.instance,
+            wrapped_key,
+            master_key: options.master_key,
+        },
+        key.clone(),
+        dir,
+        start.seq,
+    )
+    .map_err(|source| AuditError::Io {
+        path: format!("audit_export {}", options.sink),
+        source,
+    })?;
+    if start.seq < tip.seq {
+        let rows = db::rows_after(conn, start.seq).map_err(|reason| AuditError::Tampered {
+            reason,
+            dir: dir.display().to_string(),
+        })?;
+        let mut lines = Vec::new();
+        let mut prev = start.mac;
+        let mut with_key = true;
+        let mut last = start.seq;
+        for row in rows.iter().take_while(|r| r.seq as u64 <= tip.seq) {
+            let Ok(mac) = <[u8; chain::MAC_LEN]>::try_from(row.mac.as_slice()) else {
+                break;
+            };
+            exporter.render(
+                &mut lines,
+                export::LineRow {
+                    seq: row.seq as u64,
+                    time_ms: row.time_ms,
+                    event: &row.event,
+                    prev: &prev,
+                    mac: &mac,
+                },
+                with_key,
+            );
+            with_key = false;
+            prev = mac;
+            last = row.seq as u64;
+        }
+        tracing::info!(
+            rows = last - start.seq,
+            "writing audit rows an earlier run committed but did not export"
+        );
+        exporter.push(&lines, last);
+    }
+    Ok(exporter)
+}
+
+/// Checks a file of shipped audit lines (`keyward audit verify --jsonl`) with `master`, which
+/// unwraps each instance's audit key from its key line. See [`verify_jsonl`].
+pub fn verify_jsonl_file(
+    path: &Path,
+    master: &MasterKeyProvider,
+    only: Option<&str>,
+) -> std::io::Result<JsonlReport> {
+    let file = std::fs::File::open(path)?;
+    let unwrap = |wrapped: &[u8]| master.unwrap(Purpose::AuditMacKey, wrapped).ok();
+    verify_jsonl(std::io::BufReader::new(file), &unwrap, only)
 }
 
 /// Verifies the trail in `state_dir` without a running writer (offline checks, forensics).

@@ -160,6 +160,12 @@ impl Shared {
         }
     }
 
+    /// Commits everything queued up to now and returns the chain head after it.
+    pub(crate) fn drained_head(&self) -> Position {
+        self.drain();
+        lock(&self.writer).head
+    }
+
     /// Waits for the writer and commits everything queued up to now.
     pub(crate) fn drain(&self) {
         let mut writer = lock(&self.writer);
@@ -307,6 +313,10 @@ pub(crate) struct Writer {
     pub batch: Vec<Queued>,
     /// The batch's journal records (kept for its capacity).
     pub records: Vec<u8>,
+    /// Ships every committed row as a JSON line (`audit_export`), if configured.
+    pub export: Option<Arc<super::export::Exporter>>,
+    /// The batch's export lines (kept for its capacity).
+    pub lines: Vec<u8>,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -337,6 +347,8 @@ impl Writer {
             refusing: None,
             batch: Vec::new(),
             records: Vec::new(),
+            export: None,
+            lines: Vec::new(),
         }
     }
 
@@ -414,6 +426,29 @@ impl Writer {
             macs.push(mac);
             pos = Position { seq, mac };
         }
+        // The export lines must fit before anything is journaled: a row is never committed
+        // without its line (export.rs).
+        if let Some(export) = self.export.clone() {
+            self.lines.clear();
+            let mut prev = self.head.mac;
+            let mut with_key = export.needs_key();
+            for (i, (event, _)) in batch.iter().enumerate() {
+                let seq = self.head.seq + 1 + i as u64;
+                let row = super::export::LineRow {
+                    seq,
+                    time_ms: time,
+                    event,
+                    prev: &prev,
+                    mac: &macs[i],
+                };
+                export.render(&mut self.lines, row, with_key);
+                with_key = false;
+                prev = macs[i];
+            }
+            if let Err(reason) = export.check_room(self.lines.len()) {
+                return (None, Err(reason));
+            }
+        }
         if self.segment.is_none() {
             let first = self.head.seq + 1;
             match Segment::create(&self.dir, first, self.durable) {
@@ -435,6 +470,9 @@ impl Writer {
         }
         self.head = pos;
         self.last_time = time;
+        if let Some(export) = &self.export {
+            export.push(&self.lines, pos.seq);
+        }
         let anchored = self
             .write_anchor()
             .map_err(|e| io_reason(&e, &self.dir.join(chain::HEAD_FILE)));

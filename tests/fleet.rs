@@ -1,0 +1,513 @@
+//! From one sidecar to a fleet, through the real binary: audit rows shipped as JSON lines and
+//! verified with the master key alone, across instances interleaved in one file.
+
+mod support;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::daemon::{Daemon, KEYWARD, contains, random_key};
+use support::mock_upstream::MockUpstream;
+use support::uds::{call_as, chat_body, error_code};
+
+/// A random master key file (64 hex characters) in `dir`.
+fn master_key_file(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!("{}{}", random_key(""), &random_key("")[..16]),
+    )
+    .unwrap();
+    path
+}
+
+/// Runs `keyward` here (not against a daemon) and returns (exit code, stdout, stderr).
+fn local(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(KEYWARD)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("KEYWARD_HOME", "/nonexistent-keyward-home")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `keyward audit verify --jsonl FILE --master-key-file KEY [extra]`.
+fn verify(file: &Path, key: &Path, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec![
+        "audit",
+        "verify",
+        "--jsonl",
+        file.to_str().unwrap(),
+        "--master-key-file",
+        key.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    local(&args)
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+fn status(d: &Daemon) -> Value {
+    serde_json::from_str(d.ok(&["status", "--json"]).trim()).unwrap()
+}
+
+/// Waits until `path` holds at least `n` lines that are audit rows.
+fn wait_rows(path: &Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let all = std::fs::read_to_string(path).unwrap_or_default();
+        let rows: Vec<String> = all
+            .lines()
+            .filter(|l| l.contains("\"seq\"") && !l.contains("\"export\""))
+            .map(str::to_string)
+            .collect();
+        if rows.len() >= n || Instant::now() > deadline {
+            return rows;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Index of the line of `instance` with this seq.
+fn find_row(lines: &[String], instance: &str, seq: u64) -> usize {
+    lines
+        .iter()
+        .position(|l| {
+            let Ok(v) = serde_json::from_str::<Value>(l) else {
+                return false;
+            };
+            v["instance"] == instance && v["seq"] == seq && v.get("export").is_none()
+        })
+        .unwrap_or_else(|| panic!("row {seq} of {instance}"))
+}
+
+/// Two sidecars under one master key ship to their own files; the lines, interleaved as a log
+/// pipeline would deliver them, verify with the master key alone, and every kind of damage is
+/// named.
+#[tokio::test(flavor = "multi_thread")]
+async fn shipped_rows_of_two_instances_verify_interleaved_and_damage_is_named() {
+    let mock = MockUpstream::builder().start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = master_key_file(dir.path(), "master.key");
+    let mut sidecars = Vec::new();
+    let mut secrets = Vec::new();
+    for name in ["a", "b"] {
+        let out = dir.path().join(format!("{name}.jsonl"));
+        let extra = format!(
+            "master_key_file = \"{}\"\naudit_export = \"file:{}\"",
+            key.display(),
+            out.display()
+        );
+        let d = Daemon::builder()
+            .config(&support::targets_config(
+                &mock,
+                dir.path(),
+                &["openai"],
+                &extra,
+            ))
+            .start();
+        let provider_key = random_key("sk-proj-");
+        let (token, _) = d.provision("acme", "openai", &provider_key, &[]);
+        for _ in 0..3 {
+            let (code, _, _) = call_as(
+                &d.socket(),
+                &token,
+                "/openai/v1/chat/completions",
+                &chat_body("gpt-4o", false),
+            )
+            .await;
+            assert_eq!(code, 200);
+        }
+        secrets.push(provider_key);
+        secrets.push(token);
+        sidecars.push((d, out));
+    }
+    // Every committed row is shipped: as many lines as `audit query` has rows.
+    let mut instances = Vec::new();
+    for (d, out) in &mut sidecars {
+        let instance = status(d)["instance"].as_str().unwrap().to_string();
+        assert!(!instance.is_empty());
+        let committed = d.json_lines(&["audit", "query", "--limit", "100000"]).len();
+        let shipped = wait_rows(out, committed);
+        assert_eq!(shipped.len(), committed, "one line per committed row");
+        let first: Value = serde_json::from_str(&shipped[0]).unwrap();
+        assert_eq!(first["instance"], instance.as_str());
+        assert_eq!(first["seq"], 1);
+        assert!(first["audit_key"].is_string() && first["instance_tag"].is_string());
+        assert!(first["prev_mac"].is_string() && first["mac"].is_string());
+        // A clean stop ends the stream with a stop line.
+        assert_eq!(d.terminate(), Some(0));
+        let last: Value = serde_json::from_str(lines(out).last().unwrap()).unwrap();
+        assert_eq!(last["export"], "stop");
+        assert_eq!(last["seq"], committed as u64);
+        instances.push(instance);
+    }
+    let (a, b) = (lines(&sidecars[0].1), lines(&sidecars[1].1));
+    for secret in &secrets {
+        for l in a.iter().chain(&b) {
+            assert!(
+                !l.contains(secret.as_str()),
+                "a key or token in a shipped line"
+            );
+        }
+    }
+    // Interleave the two streams line by line, with other log output in between.
+    let mut merged = Vec::new();
+    for i in 0..a.len().max(b.len()) {
+        merged.extend(a.get(i).cloned());
+        merged.push("some other log line".to_string());
+        merged.extend(b.get(i).cloned());
+    }
+    let file = dir.path().join("merged.jsonl");
+    write_lines(&file, &merged);
+    let (code, out, err) = verify(&file, &key, &["--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let reports: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(reports.len(), 2);
+    for r in &reports {
+        assert!(r["problem"].is_null(), "{r}");
+        assert_eq!(r["stopped"], true);
+        assert_eq!(r["first_seq"], 1);
+    }
+    assert_eq!(
+        reports[0]["rows_checked"].as_u64().unwrap() as usize,
+        a.len() - 1
+    );
+    // --instance checks one instance only.
+    let (code, out, _) = verify(&file, &key, &["--instance", &instances[1], "--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 1);
+    assert!(out.contains(&instances[1]));
+    // A line delivered twice (at-least-once pipelines) is a duplicate, not an error.
+    let mut twice = merged.clone();
+    twice.insert(10, merged[find_row(&merged, &instances[0], 3)].clone());
+    write_lines(&file, &twice);
+    let (code, out, err) = verify(&file, &key, &["--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("\"duplicates\":1"), "{out}");
+
+    let damaged = |name: &str, edit: &dyn Fn(&mut Vec<String>), expect: &[&str]| {
+        let mut copy = merged.clone();
+        edit(&mut copy);
+        write_lines(&file, &copy);
+        let (code, out, err) = verify(&file, &key, &[]);
+        assert_eq!(code, 1, "{name}: {out}{err}");
+        for needle in expect {
+            assert!(
+                err.contains(needle) || out.contains(needle),
+                "{name}: {needle} not in {out}{err}"
+            );
+        }
+    };
+    let ia = instances[0].clone();
+    damaged(
+        "edit",
+        &|l| {
+            let i = find_row(l, &ia, 4);
+            let mut v: Value = serde_json::from_str(&l[i]).unwrap();
+            v["tenant"] = "evil".into();
+            l[i] = v.to_string();
+        },
+        &["edited: row 4", &ia],
+    );
+    damaged(
+        "gap",
+        &|l| {
+            let i = find_row(l, &ia, 5);
+            l.remove(i);
+        },
+        &["gap: rows 5..=5 are missing"],
+    );
+    damaged(
+        "reorder",
+        &|l| {
+            let (i, j) = (find_row(l, &ia, 5), find_row(l, &ia, 6));
+            l.swap(i, j);
+        },
+        &["reordered"],
+    );
+    damaged(
+        "truncation before the stop line",
+        &|l| {
+            let last = a.len() as u64 - 1;
+            let i = find_row(l, &ia, last);
+            l.remove(i);
+        },
+        &["truncated: the instance stopped after row"],
+    );
+    damaged(
+        "a cut last line",
+        &|l| {
+            let last = l.pop().unwrap();
+            l.push(last[..last.len() / 2].to_string());
+        },
+        &["truncated: the last line"],
+    );
+    damaged(
+        "relabelled instance",
+        &|l| {
+            for line in l.iter_mut() {
+                *line = line.replace(&ia, "impostor");
+            }
+        },
+        &["instance tag does not match"],
+    );
+    // Another master key cannot unwrap the audit keys: named, exit 1.
+    write_lines(&file, &merged);
+    let other = master_key_file(dir.path(), "other.key");
+    let (code, _, err) = verify(&file, &other, &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("does not unwrap under this master key"),
+        "{err}"
+    );
+    // No master key at all: a clear message, exit 1.
+    let (code, _, err) = local(&["audit", "verify", "--jsonl", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no master key") && err.contains("--master-key-file"),
+        "{err}"
+    );
+}
+
+/// The instance id survives a restart; rows committed by a run that died before writing them
+/// out are written by the next start, so the stream has no gap.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_keeps_the_instance_and_continues_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = master_key_file(dir.path(), "master.key");
+    let out = dir.path().join("audit.jsonl");
+    let config = format!(
+        "master_key_file = \"{}\"\naudit_export = \"file:{}\"",
+        key.display(),
+        out.display()
+    );
+    let mut d = Daemon::builder().config(&config).start();
+    let home = d.home.clone();
+    let instance = status(&d)["instance"].as_str().unwrap().to_string();
+    d.ok(&["tenant", "add", "one"]);
+    wait_rows(&out, 1);
+    d.kill9();
+    // A run whose rows never reached the sink: pretend the last write was lost.
+    std::fs::write(home.join("audit.export.seq"), "0\n").unwrap();
+    std::fs::write(&out, "").unwrap();
+    let d = Daemon::builder().config(&config).home(&home).start();
+    assert_eq!(status(&d)["instance"], instance.as_str());
+    d.ok(&["tenant", "add", "two"]);
+    let rows = wait_rows(&out, 2);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let (code, out_text, err) = verify(&out, &key, &["--json"]);
+    assert_eq!(code, 0, "{out_text}{err}");
+    assert!(out_text.contains("\"rows_checked\":2"), "{out_text}");
+}
+
+/// A started daemon whose stdout is a pipe the test controls.
+struct PipedDaemon {
+    child: Child,
+    home: tempfile::TempDir,
+}
+
+impl Drop for PipedDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl PipedDaemon {
+    fn start(config: &str) -> PipedDaemon {
+        let home = tempfile::Builder::new()
+            .prefix("kw")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let mut cmd = Daemon::builder().config(config).command(home.path());
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(home.path().join("serve.err")).unwrap())
+            .spawn()
+            .unwrap();
+        let d = PipedDaemon { child, home };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !d.cli(&["status"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start: {}",
+                d.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(KEYWARD)
+            .args(args)
+            .env_clear()
+            .env("KEYWARD_ADMIN_SOCKET", self.home.path().join("admin.sock"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.home.path().join("serve.err")).unwrap_or_default()
+    }
+}
+
+/// When nobody reads standard output, commits are refused (503 audit_unavailable, nothing sent
+/// upstream) instead of rows being dropped; once the pipe is read again, requests pass, and
+/// every committed row is in the stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blocked_stdout_refuses_requests_and_loses_no_row() {
+    let mock = MockUpstream::builder().start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::targets_config(
+        &mock,
+        dir.path(),
+        &["openai"],
+        "audit_export = \"stdout\"\naudit_export_buffer = \"4KiB\"",
+    );
+    let mut d = PipedDaemon::start(&config);
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    ok(d.cli(&["tenant", "add", "acme"]));
+    let client: Value = serde_json::from_str(
+        ok(d.cli(&[
+            "client", "add", "--tenant", "acme", "--name", "app", "--json",
+        ]))
+        .trim(),
+    )
+    .unwrap();
+    let token = client["token"].as_str().unwrap().to_string();
+    let provider_key = random_key("sk-");
+    let mut cmd = Command::new(KEYWARD);
+    cmd.args([
+        "cred", "add", "--tenant", "acme", "--target", "openai", "--name", "k",
+    ])
+    .env_clear()
+    .env("KEYWARD_ADMIN_SOCKET", d.home.path().join("admin.sock"))
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), provider_key.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success());
+    let socket = d.home.path().join("keyward.sock");
+    // Fill the pipe (64 KiB) and the export buffer (4 KiB) until requests are refused.
+    let mut refused = None;
+    let mut served = 0;
+    for _ in 0..2000 {
+        let (code, headers, body) = call_as(
+            &socket,
+            &token,
+            "/openai/v1/chat/completions",
+            &chat_body("gpt-4o", false),
+        )
+        .await;
+        if code == 200 {
+            served += 1;
+            continue;
+        }
+        refused = Some((code, error_code(&headers), body));
+        break;
+    }
+    let (code, error, body) = refused.expect("requests refused once stdout blocks");
+    assert_eq!((code, error.as_str()), (503, "audit_unavailable"), "{body}");
+    assert!(body.contains("not keeping up"), "{body}");
+    let upstream_calls = mock.request_count();
+    assert_eq!(
+        upstream_calls, served,
+        "nothing was sent for the refused request"
+    );
+    let status: Value = serde_json::from_str(ok(d.cli(&["status", "--json"])).trim()).unwrap();
+    assert!(
+        status["audit_export"]["waiting_bytes"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    // Read the pipe again: requests pass.
+    let mut stdout = d.child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = stdout.read_to_end(&mut all);
+        all
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, _, _) = call_as(
+            &socket,
+            &token,
+            "/openai/v1/chat/completions",
+            &chat_body("gpt-4o", false),
+        )
+        .await;
+        if code == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "requests still refused after the pipe drained"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let committed: Vec<Value> = ok(d.cli(&["audit", "query", "--limit", "100000", "--json"]))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // A clean stop flushes the stream; then every committed row is in it, each once, in order.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(d.child.wait().unwrap().success());
+    let shipped = String::from_utf8(reader.join().unwrap()).unwrap();
+    assert!(!contains(shipped.as_bytes(), &provider_key));
+    assert!(!contains(shipped.as_bytes(), &token));
+    let seqs: Vec<u64> = shipped
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("stdout holds only audit lines"))
+        .filter(|v| v.get("export").is_none())
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    let max = committed
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert!(seqs.len() as u64 >= max);
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    let file = dir.path().join("stdout.jsonl");
+    std::fs::write(&file, &shipped).unwrap();
+    let key_file = d.home.path().join("master.key");
+    let (code, out, err) = verify(&file, &key_file, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+}
