@@ -4,7 +4,8 @@
 
 mod support;
 
-use support::daemon::Daemon;
+use support::daemon::{Daemon, random_key};
+use support::uds::{chat_body, raw};
 
 #[test]
 fn a_clean_exit_removes_the_sockets_keyward_bound() {
@@ -31,4 +32,345 @@ fn a_clean_exit_leaves_a_socket_file_another_process_put_there() {
     assert!(data.exists(), "keyward removed a socket it did not bind");
     assert!(!d.admin_socket().exists());
     drop(other);
+}
+
+// === ambiguous framing ===
+
+/// A chat request head with `framing` lines, authenticated with `token`.
+fn head(token: &str, framing: &str) -> String {
+    format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: keyward\r\n\
+         Authorization: Bearer {token}\r\nContent-Type: application/json\r\n{framing}\r\n"
+    )
+}
+
+/// `body` in the chunked coding, as one chunk and the last chunk.
+fn chunked(body: &str) -> String {
+    format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len())
+}
+
+/// The responses in a raw answer: their status lines.
+fn status_lines(answer: &str) -> Vec<&str> {
+    answer
+        .lines()
+        .filter(|l| l.starts_with("HTTP/1."))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn content_length_with_transfer_encoding_is_refused_and_nothing_after_it_is_read() {
+    let s = support::setup(&["openai"], "").await;
+    let (token, _) = s
+        .daemon
+        .provision("acme", "openai", &random_key("sk-"), &[]);
+    let body = chat_body("gpt-4o", false);
+    // The chunked body carries a second request: a server that takes Content-Length would
+    // see it as the next request on the connection.
+    let smuggled = "GET /openai/v1/models HTTP/1.1\r\nHost: keyward\r\n\r\n";
+    for framing in [
+        format!(
+            "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+            body.len()
+        ),
+        format!(
+            "Transfer-Encoding: chunked\r\nContent-Length: {}\r\n",
+            body.len()
+        ),
+    ] {
+        let request = format!("{}{}{smuggled}", head(&token, &framing), chunked(&body));
+        let answer = raw(&s.daemon.socket(), request.as_bytes()).await;
+        assert_eq!(
+            status_lines(&answer),
+            ["HTTP/1.1 400 Bad Request"],
+            "{answer}"
+        );
+        assert!(answer.contains("keyward-error: bad_request"), "{answer}");
+        assert!(
+            answer.contains("both Content-Length and Transfer-Encoding"),
+            "{answer}"
+        );
+        assert!(answer.contains("connection: close"), "{answer}");
+    }
+    assert_eq!(
+        s.mock.request_count(),
+        0,
+        "an ambiguous request reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_kind_of_ambiguous_framing_gets_keywards_400() {
+    let s = support::setup(&["openai"], "").await;
+    let (token, _) = s
+        .daemon
+        .provision("acme", "openai", &random_key("sk-"), &[]);
+    let body = chat_body("gpt-4o", false);
+    let n = body.len();
+    // (framing lines, body as sent, what the message must say)
+    let cases: Vec<(String, String, &str)> = vec![
+        (
+            format!("Content-Length: {n}\r\nContent-Length: {}\r\n", n + 1),
+            body.clone(),
+            "several Content-Length headers that differ",
+        ),
+        (
+            format!("Content-Length: {n}x\r\n"),
+            body.clone(),
+            "Content-Length is not a number",
+        ),
+        ("Transfer-Encoding: gzip\r\n".into(), body.clone(), "`gzip`"),
+        (
+            "Transfer-Encoding: gzip, chunked\r\n".into(),
+            chunked(&body),
+            "`gzip, chunked`",
+        ),
+        (
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n".into(),
+            chunked(&body),
+            "`chunked, chunked`",
+        ),
+        (
+            "Transfer-Encoding: identity\r\n".into(),
+            body.clone(),
+            "`identity`",
+        ),
+    ];
+    for (framing, sent, needle) in &cases {
+        let request = format!("{}{sent}", head(&token, framing));
+        let answer = raw(&s.daemon.socket(), request.as_bytes()).await;
+        assert_eq!(
+            status_lines(&answer),
+            ["HTTP/1.1 400 Bad Request"],
+            "{framing}: {answer}"
+        );
+        assert!(
+            answer.contains("keyward-error: bad_request"),
+            "{framing}: {answer}"
+        );
+        assert!(answer.contains(needle), "{needle} not in {answer}");
+    }
+    // HTTP/1.0 has no chunked coding.
+    let request = format!(
+        "POST /openai/v1/chat/completions HTTP/1.0\r\nAuthorization: Bearer {token}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n{}",
+        chunked(&body)
+    );
+    let answer = raw(&s.daemon.socket(), request.as_bytes()).await;
+    assert!(
+        answer.starts_with("HTTP/1.0 400") || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    assert!(answer.contains("keyward-error: bad_request"), "{answer}");
+    assert!(
+        answer.contains("HTTP/1.0 with a Transfer-Encoding"),
+        "{answer}"
+    );
+    assert_eq!(s.mock.request_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn well_framed_requests_share_a_connection_until_an_ambiguous_one() {
+    let s = support::setup(&["openai"], "").await;
+    let (token, _) = s
+        .daemon
+        .provision("acme", "openai", &random_key("sk-"), &[]);
+    let body = chat_body("gpt-4o", false);
+    // Chunked with an extension and a trailer, then Content-Length, then one that is refused,
+    // then one that must never be read: all written at once.
+    let chunked_odd = format!(
+        "{:X};ext=1\r\n{}\r\n3\r\n{}\r\n0\r\nx-trailer: 1\r\n\r\n",
+        body.len() - 3,
+        &body[..body.len() - 3],
+        &body[body.len() - 3..]
+    );
+    let request = format!(
+        "{}{chunked_odd}{}{body}{}{}{}{body}",
+        head(&token, "Transfer-Encoding: chunked\r\n"),
+        head(&token, &format!("Content-Length: {}\r\n", body.len())),
+        head(
+            &token,
+            &format!(
+                "Transfer-Encoding: chunked\r\nContent-Length: {}\r\n",
+                body.len()
+            )
+        ),
+        chunked(&body),
+        head(&token, &format!("Content-Length: {}\r\n", body.len())),
+    );
+    let answer = raw(&s.daemon.socket(), request.as_bytes()).await;
+    assert_eq!(
+        status_lines(&answer),
+        [
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 400 Bad Request"
+        ],
+        "{answer}"
+    );
+    assert_eq!(s.mock.request_count(), 2);
+    for seen in s.mock.requests() {
+        assert_eq!(seen.json()["model"], "gpt-4o");
+    }
+}
+
+// === early answers reach the app ===
+
+/// Like Python's `http.client` or curl without `Expect`: writes the whole request, and only
+/// then reads. Returns the answer, or why writing or reading failed (a reset, a broken pipe).
+fn write_all_then_read(socket: &std::path::Path, request: Vec<u8>) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(&request)
+        .map_err(|e| format!("writing the request failed: {e}"))?;
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("reading the answer failed: {e}"))?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// A POST of `body` to `path` with `Content-Length`, authenticated with `token`.
+fn big_post(path: &str, token: &str, body: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: keyward\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
+/// A chat body of about `size` bytes naming `model` first.
+fn sized_body(model: &str, size: usize) -> Vec<u8> {
+    let filler = "a".repeat(size);
+    format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"{filler}"}}]}}"#)
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_given_before_the_body_is_read_reach_an_app_that_writes_it_all_first() {
+    let s = support::setup(
+        &["openai"],
+        "[limits]\nmax_request_body = \"512KiB\"\nmax_concurrent_requests = 1",
+    )
+    .await;
+    let (token, _) = s.daemon.provision(
+        "acme",
+        "openai",
+        &random_key("sk-"),
+        &["--model", "gpt-4o*"],
+    );
+    let socket = s.daemon.socket();
+    let big = sized_body("gpt-4o", 1 << 20);
+    // (what, request, expected status line start, keyward-error code)
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "wrong token, 1 MB body",
+            big_post("/openai/v1/chat/completions", "kw_wrong", &big),
+            "HTTP/1.1 401",
+            "unauthenticated",
+        ),
+        (
+            // Under max_request_body, so that scope is what refuses it.
+            "model outside the scope, 400 KB body",
+            big_post(
+                "/openai/v1/chat/completions",
+                &token,
+                &sized_body("o1", 400 << 10),
+            ),
+            "HTTP/1.1 403",
+            "scope_denied",
+        ),
+        (
+            "unknown target, 1 MB body",
+            big_post("/nosuch/v1/chat/completions", &token, &big),
+            "HTTP/1.1 404",
+            "unknown_target",
+        ),
+        (
+            "steering path, 1 MB body",
+            big_post("/openai/v1/%2e%2e/x", &token, &big),
+            "HTTP/1.1 400",
+            "bad_request",
+        ),
+        (
+            "over max_request_body, 1 MB body",
+            big_post("/openai/v1/chat/completions", &token, &big),
+            "HTTP/1.1 413",
+            "body_too_large",
+        ),
+        (
+            "ambiguous framing, 1 MB body",
+            {
+                let mut r = format!(
+                    "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: keyward\r\n\
+                     Authorization: Bearer {token}\r\nContent-Length: {}\r\n\
+                     Transfer-Encoding: chunked\r\n\r\n",
+                    big.len()
+                )
+                .into_bytes();
+                r.extend_from_slice(&big);
+                r
+            },
+            "HTTP/1.1 400",
+            "bad_request",
+        ),
+    ];
+    for (what, request, status, code) in cases {
+        let sock = socket.clone();
+        let answer = tokio::task::spawn_blocking(move || write_all_then_read(&sock, request))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(answer.starts_with(status), "{what}: {answer}");
+        assert!(
+            answer.contains(&format!("keyward-error: {code}")),
+            "{what}: {answer}"
+        );
+    }
+    // A 200 KB request header: the server's own 431.
+    let sock = socket.clone();
+    let request = format!(
+        "GET /openai/v1/models HTTP/1.1\r\nHost: keyward\r\nx-big: {}\r\n\r\n",
+        "b".repeat(200 << 10)
+    );
+    let answer = tokio::task::spawn_blocking(move || write_all_then_read(&sock, request.into()))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("200 KB header: {e}"));
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    // Over max_concurrent_requests: one stream holds the only slot.
+    let held = support::uds::send(
+        &socket,
+        support::uds::post(
+            "/openai/gated-sse",
+            &[("authorization", &support::uds::bearer(&token))],
+            &chat_body("gpt-4o", true),
+        ),
+    )
+    .await;
+    assert_eq!(held.status(), 200);
+    let sock = socket.clone();
+    let padded = big_post("/openai/v1/chat/completions", &token, &big);
+    let answer = tokio::task::spawn_blocking(move || write_all_then_read(&sock, padded))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("overloaded: {e}"));
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("keyward-error: overloaded"), "{answer}");
+    drop(held);
+    assert_eq!(
+        s.mock.request_count(),
+        1,
+        "only the held stream reached the upstream"
+    );
 }

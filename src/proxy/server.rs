@@ -36,6 +36,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::watch;
 
+use super::app_conn::{AppConn, ConnCheck};
 use super::error::{CALL_ID_HEADER, ErrorCode, error_response};
 use super::limits::ShareGuard;
 use super::route::{Route, upstream_uri};
@@ -104,7 +105,11 @@ pub async fn serve(
         tokio::select! {
             _ = stopped(&mut stop) => break,
             accepted = listener.accept_peer() => match accepted {
-                Ok((stream, peer)) => serve_connection(TokioIo::new(stream), peer, &state, &graceful),
+                Ok((stream, peer)) => {
+                    let max_head = state.config.limits.max_header_bytes.max(8192);
+                    let (conn, check) = AppConn::new(stream, max_head);
+                    serve_connection(TokioIo::new(conn), peer, check, &state, &graceful)
+                }
                 Err(e) => accept_failed(e).await,
             },
         }
@@ -127,6 +132,7 @@ async fn accept_failed(e: std::io::Error) {
 fn serve_connection<I>(
     io: I,
     peer: Option<PeerCred>,
+    check: Arc<ConnCheck>,
     state: &Arc<State>,
     graceful: &GracefulShutdown,
 ) where
@@ -146,7 +152,8 @@ fn serve_connection<I>(
     let st = state.clone();
     let service = service_fn(move |req| {
         let st = st.clone();
-        async move { Ok::<_, Infallible>(handle(st, req, peer).await) }
+        let refused = check.next_request();
+        async move { Ok::<_, Infallible>(handle(st, req, peer, refused).await) }
     });
     let conn = builder.serve_connection(io, service).into_owned();
     let watched = graceful.watch(conn);
@@ -235,9 +242,20 @@ async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
     peer: Option<PeerCred>,
+    bad_framing: Option<String>,
 ) -> Response<UpstreamBody> {
     let started = Instant::now();
     let call_id = new_call_id();
+    if let Some(reason) = bad_framing {
+        // Nothing after this head is read (see `app_conn`): the connection ends with the answer.
+        drop(req);
+        tracing::info!(call_id, code = "bad_request", %reason, "request refused");
+        let mut response = error_response(ErrorCode::BadRequest, &reason, &call_id);
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
     let Ok(permit) = state.limiter.clone().try_acquire_owned() else {
         return error_response(
             ErrorCode::Overloaded,
