@@ -4,6 +4,7 @@
 //! The data plane reads only this (no SQLite read per request). `catalog` must not decrypt.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::store::{ClientRow, CredentialRow, Snapshot, TenantRow, VersionRow};
@@ -97,6 +98,12 @@ impl Catalog {
     }
 
     /// The credentials of a tenant.
+    /// Whether an active (not revoked) client has this id.
+    pub fn has_client(&self, id: &str) -> bool {
+        self.clients_by_token.values().any(|c| c.id == id)
+            || self.clients_by_uid.values().any(|c| c.id == id)
+    }
+
     pub fn credentials(&self, tenant_id: &str) -> &[Arc<CredentialRow>] {
         self.credentials_by_tenant
             .get(tenant_id)
@@ -111,6 +118,9 @@ impl Catalog {
 pub struct CatalogHandle {
     /// The snapshot in force.
     current: RwLock<Arc<Catalog>>,
+    /// Bumped on every replace, so a long-lived reader (a streaming response) notices a change
+    /// with one atomic load and looks at the new snapshot only then.
+    generation: AtomicU64,
 }
 
 impl CatalogHandle {
@@ -118,7 +128,13 @@ impl CatalogHandle {
     pub fn new(catalog: Catalog) -> CatalogHandle {
         CatalogHandle {
             current: RwLock::new(Arc::new(catalog)),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// How many times the snapshot was replaced.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The snapshot in force now.
@@ -132,5 +148,17 @@ impl CatalogHandle {
     /// Replaces the snapshot.
     pub fn replace(&self, catalog: Catalog) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(catalog);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether client `id` is still active, re-checked only when the snapshot changed since
+    /// `seen` (which is updated): a streaming response asks this for every chunk.
+    pub fn client_still_active(&self, id: &str, seen: &mut u64) -> bool {
+        let now = self.generation();
+        if now == *seen {
+            return true;
+        }
+        *seen = now;
+        self.load().has_client(id)
     }
 }

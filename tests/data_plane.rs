@@ -1208,3 +1208,118 @@ async fn encoded_forms_of_a_key_with_reserved_bytes_are_scrubbed() {
     );
     assert_eq!(h["x-echo"], "k=[REDACTED]");
 }
+
+/// Reads frames until `needle` shows up or the body ends; returns what was read and whether
+/// the body ended in an error.
+async fn read_until(
+    body: &mut hyper::body::Incoming,
+    seen: &mut String,
+    needle: &str,
+) -> Option<bool> {
+    while !seen.contains(needle) {
+        match tokio::time::timeout(Duration::from_secs(20), body.frame())
+            .await
+            .expect("the stream stalled")
+        {
+            None => return Some(false),
+            Some(Err(_)) => return Some(true),
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    seen.push_str(&String::from_utf8_lossy(d));
+                }
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_revoke_stops_its_streaming_responses_cred_revoke_lets_them_finish() {
+    let s = setup("").await;
+    let (token, cred) = s
+        .daemon
+        .provision("acme", "openai", &random_key("sk-"), &[]);
+    let socket = s.daemon.socket();
+    // Revoking the credential: the call it already served finishes.
+    let resp = send(
+        &socket,
+        post(
+            "/openai/gated-sse?events=3",
+            &[("authorization", &bearer(&token))],
+            "{}",
+        ),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    assert_eq!(read_until(&mut body, &mut seen, "\"n\":1").await, None);
+    s.daemon.ok(&["cred", "revoke", &cred]);
+    s.mock.release();
+    s.mock.release();
+    assert_eq!(
+        read_until(&mut body, &mut seen, "\"n\":3").await,
+        None,
+        "{seen}"
+    );
+
+    // Revoking the client: nothing more reaches it, even what the upstream sends next.
+    let (token2, _) = s
+        .daemon
+        .provision("acme", "openai", &random_key("sk-"), &[]);
+    let resp = send(
+        &socket,
+        post(
+            "/openai/gated-sse?events=3",
+            &[("authorization", &bearer(&token2))],
+            "{}",
+        ),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let call_id = resp.headers()["keyward-call-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    assert_eq!(read_until(&mut body, &mut seen, "\"n\":1").await, None);
+    let resolved = s
+        .daemon
+        .json_lines(&["audit", "query", "--call-id", &call_id]);
+    let client = resolved
+        .iter()
+        .find_map(|r| r["client_id"].as_str().map(str::to_string))
+        .expect("the call's client id");
+    s.daemon.ok(&["client", "revoke", &client]);
+    s.mock.release();
+    s.mock.release();
+    let ended = read_until(&mut body, &mut seen, "\"n\":2").await;
+    assert_eq!(
+        ended,
+        Some(true),
+        "event 2 reached a revoked client: {seen}"
+    );
+    assert!(!seen.contains("\"n\":3"));
+    // The trail says why the call ended early.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = s.daemon.json_lines(&[
+            "audit",
+            "query",
+            "--call-id",
+            &call_id,
+            "--event",
+            "request.completed",
+        ]);
+        if let Some(row) = rows.first() {
+            assert!(
+                row["detail"].as_str().unwrap_or("").contains("revoked"),
+                "{row}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no completion row");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -830,6 +830,8 @@ fn respond(
     name_credential(&mut completed, chosen);
     completed.upstream_status = Some(parts.status.as_u16());
     let body = CompletionBody {
+        client: known.principal.as_ref().map(|p| p.client_id.clone()),
+        catalog_seen: state.catalog.generation(),
         inner: ScrubBody::new(state.upstream.idle_guard(body), scrubber),
         usage: Some(UsageTap::new(content_type.as_deref())),
         bytes_out: 0,
@@ -1084,6 +1086,10 @@ where
 /// The response body on its way to the app: counts bytes, taps token usage, and writes the
 /// `request.completed` row when the stream ends or the app goes away.
 struct CompletionBody<B> {
+    /// The client the response is for: once it is revoked, no further byte reaches it.
+    client: Option<String>,
+    /// The catalog generation the client was last seen active in.
+    catalog_seen: u64,
     inner: B,
     usage: Option<UsageTap>,
     bytes_out: u64,
@@ -1139,6 +1145,18 @@ where
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(client) = &this.client
+                    && !this
+                        .state
+                        .catalog
+                        .client_still_active(client, &mut this.catalog_seen)
+                {
+                    this.complete(Some(
+                        "the client was revoked while the response streamed; the rest was not                          delivered"
+                            .into(),
+                    ));
+                    return Poll::Ready(Some(Err("client revoked".into())));
+                }
                 if let Some(data) = frame.data_ref() {
                     this.bytes_out += data.len() as u64;
                     if let Some(tap) = this.usage.as_mut() {
