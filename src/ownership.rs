@@ -153,9 +153,9 @@ fn check_not_writable(
 
 /// Checks a directory keyward keeps secrets or sockets in: `dir` itself must be owned by
 /// keyward's uid or root and not writable by group or others (sticky or not), and each
-/// directory above it owned by keyward's uid or root and, when group- or world-writable,
-/// sticky. Symlinks in the path are resolved first, so the checks apply to what is really
-/// there.
+/// directory above it owned by keyward's uid or root; one of keyward's own (not root's) must
+/// also be closed to group and others unless sticky. Symlinks in the path are resolved first,
+/// so the checks apply to what is really there.
 ///
 /// # Errors
 /// [`OwnershipError`] naming the first path that fails and the fix.
@@ -181,8 +181,11 @@ pub fn check_private_dir(what: &'static str, dir: &Path) -> Result<(), Ownership
     while let Some(parent) = above {
         let meta = std::fs::metadata(&parent).map_err(io_error("parent directory", &parent))?;
         check_owner("parent directory", &parent, &meta)?;
+        // A root-owned parent is the system's or the container runtime's (a Kubernetes emptyDir
+        // is root-owned 0777): whoever may write there is decided outside keyward. A parent of
+        // keyward's own must be as closed as the directory itself, or sticky like /tmp.
         let sticky = meta.mode() & 0o1000 != 0;
-        if !sticky {
+        if meta.uid() != 0 && !sticky {
             check_not_writable("parent directory", &parent, &meta, "")?;
         }
         above = parent.parent().map(Path::to_path_buf);
@@ -311,18 +314,31 @@ mod tests {
     }
 
     #[test]
-    fn a_non_sticky_world_writable_parent_is_refused_a_sticky_one_is_not() {
+    fn a_parent_owned_by_another_user_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            // Making a directory another user's needs root; the CI suite runs as root, and
+            // tests/local_trust.rs covers the same rule through the binary.
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI must run this test as root"
+            );
+            return;
+        }
         let outer = tempfile::tempdir().unwrap();
         let inner = outer.path().join("kw");
         std::fs::create_dir(&inner).unwrap();
         chmod(&inner, 0o700);
-        chmod(outer.path(), 0o1777);
-        check_private_dir("state directory", &inner).unwrap();
+        // Root-owned and world-writable, as a Kubernetes emptyDir is: trusted.
         chmod(outer.path(), 0o777);
+        check_private_dir("state directory", &inner).unwrap();
+        nix::unistd::chown(outer.path(), Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
         let e = check_private_dir("state directory", &inner)
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("parent directory"), "{e}");
+        assert!(
+            e.starts_with("parent directory") && e.contains("owned by uid 65534"),
+            "{e}"
+        );
     }
 
     #[test]
