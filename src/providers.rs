@@ -678,8 +678,51 @@ const CLIENT_CREDENTIAL_HEADERS: &[&str] = &[
     "x-goog-api-key",
 ];
 
+/// Headers by which a front proxy tells a backend where a request came from or where to route
+/// it, and the URL and method overrides some frameworks honour. The app is not a proxy: a
+/// gateway in front of a custom target could route on them and take the key to another backend
+/// or another method. Listed in the README; every name starting with a prefix in
+/// [`FORWARDING_PREFIXES`] goes too.
+pub const FORWARDING_HEADERS: &[&str] = &[
+    "forwarded",
+    "via",
+    "x-real-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "cf-connecting-ipv6",
+    "fastly-client-ip",
+    "x-proxyuser-ip",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+    "client-ip",
+    "x-host",
+    "x-original-host",
+    "x-original-url",
+    "x-original-uri",
+    "x-original-method",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-http-host-override",
+];
+
+/// Prefixes of forwarding and proxy-routing header families (`X-Forwarded-For`, `-Host`,
+/// `-Proto`, `-Prefix`, ...; Envoy's `x-envoy-original-path`, `x-envoy-internal`, ...).
+pub const FORWARDING_PREFIXES: &[&str] = &["x-forwarded-", "x-envoy-"];
+
+/// True for a header in [`FORWARDING_HEADERS`] or with a prefix in [`FORWARDING_PREFIXES`].
+pub fn is_forwarding_header(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    FORWARDING_HEADERS.contains(&name) || FORWARDING_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
 /// Makes `headers` fit to send upstream: removes app credentials, hop-by-hop headers, `Host`,
-/// `Accept-Encoding` and `keyward-*` headers, adds the target's default headers when absent,
+/// `Accept-Encoding`, forwarding and override headers ([`is_forwarding_header`]) and
+/// `keyward-*` headers, adds the target's default headers when absent,
 /// and puts `key` into the target's auth header marked sensitive.
 ///
 /// This is the one place the key is exposed on the request path: it has to become header bytes.
@@ -718,9 +761,18 @@ pub fn prepare_upstream_headers(
     Ok(())
 }
 
-/// Removes everything an app must not pass through to an upstream (step 2 of SPEC §4).
+/// Removes everything an app must not pass through to an upstream (README, "What an app cannot
+/// do").
 fn strip_client_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop_and_keyward(headers);
+    let forwarding: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_forwarding_header(n))
+        .cloned()
+        .collect();
+    for name in forwarding {
+        headers.remove(name);
+    }
     for name in CLIENT_CREDENTIAL_HEADERS
         .iter()
         .chain(&["host", "accept-encoding"])
@@ -842,6 +894,17 @@ mod tests {
             ("keyward-anything", "x"),
             ("content-type", "application/json"),
             ("openai-organization", "org-1"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-prefix", "/admin"),
+            ("forwarded", "for=10.0.0.1;host=evil.example"),
+            ("x-original-url", "/admin"),
+            ("x-http-method-override", "DELETE"),
+            ("x-envoy-original-path", "/admin"),
+            ("via", "1.1 evil"),
+            ("x-real-ip", "10.0.0.1"),
+            ("true-client-ip", "10.0.0.1"),
+            ("x-forwardedness", "kept: not a forwarding header"),
         ] {
             h.append(n, HeaderValue::from_static(v));
         }
@@ -971,9 +1034,20 @@ mod tests {
             "accept-encoding",
             "keyward-workflow",
             "keyward-anything",
+            "x-forwarded-host",
+            "x-forwarded-for",
+            "x-forwarded-prefix",
+            "forwarded",
+            "x-original-url",
+            "x-http-method-override",
+            "x-envoy-original-path",
+            "via",
+            "x-real-ip",
+            "true-client-ip",
         ] {
             assert!(h.get(gone).is_none(), "{gone} survived");
         }
+        assert!(h.get("x-forwardedness").is_some());
         assert_eq!(h.get("content-type").unwrap(), "application/json");
         assert_eq!(h.get("openai-organization").unwrap(), "org-1");
         assert!(

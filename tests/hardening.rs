@@ -374,3 +374,58 @@ async fn answers_given_before_the_body_is_read_reach_an_app_that_writes_it_all_f
         "only the held stream reached the upstream"
     );
 }
+
+// === forwarding headers ===
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarding_and_override_headers_never_reach_the_provider() {
+    let s = support::setup(&["openai"], "").await;
+    let (token, _) = s
+        .daemon
+        .provision("acme", "openai", &random_key("sk-"), &[]);
+    let dropped = [
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-for", "10.0.0.1"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-port", "8443"),
+        ("x-forwarded-prefix", "/admin"),
+        ("x-forwarded-server", "evil"),
+        ("forwarded", "for=10.0.0.1;host=evil.example;proto=http"),
+        ("via", "1.1 evil"),
+        ("x-real-ip", "10.0.0.1"),
+        ("x-client-ip", "10.0.0.1"),
+        ("x-cluster-client-ip", "10.0.0.1"),
+        ("true-client-ip", "10.0.0.1"),
+        ("cf-connecting-ip", "10.0.0.1"),
+        ("fastly-client-ip", "10.0.0.1"),
+        ("x-proxyuser-ip", "10.0.0.1"),
+        ("x-originating-ip", "10.0.0.1"),
+        ("x-host", "evil.example"),
+        ("x-original-host", "evil.example"),
+        ("x-original-url", "/admin/keys"),
+        ("x-original-uri", "/admin/keys"),
+        ("x-rewrite-url", "/admin/keys"),
+        ("x-http-method-override", "DELETE"),
+        ("x-http-method", "DELETE"),
+        ("x-method-override", "DELETE"),
+        ("x-envoy-original-path", "/admin/keys"),
+        ("x-envoy-internal", "true"),
+    ];
+    let mut headers = vec![("authorization", support::uds::bearer(&token))];
+    headers.extend(dropped.iter().map(|(k, v)| (*k, v.to_string())));
+    headers.push(("x-request-id", "kept-1".into()));
+    headers.push(("openai-beta", "assistants=v2".into()));
+    let hdrs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, _, body) = support::uds::call(
+        &s.daemon.socket(),
+        support::uds::post("/openai/echo/x", &hdrs, &chat_body("gpt-4o", false)),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let seen = s.mock.last_request().unwrap();
+    for (name, _) in dropped {
+        assert_eq!(seen.header(name), None, "{name} reached the provider");
+    }
+    assert_eq!(seen.header("x-request-id"), Some("kept-1"));
+    assert_eq!(seen.header("openai-beta"), Some("assistants=v2"));
+}
