@@ -353,6 +353,8 @@ fn status(state: &State) -> Value {
         "instance": state.instance,
         "audit_export": state.audit.export_status(),
         "in_flight": state.in_flight(),
+        "connections": state.connections.open(),
+        "max_connections": state.connections.max_total(),
         "store_accesses": state.store.accesses(),
     })
 }

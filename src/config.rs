@@ -75,6 +75,14 @@ pub struct Limits {
     pub request_body_timeout: Duration,
     /// Largest total size of request or response headers.
     pub max_header_bytes: usize,
+    /// A data connection with no request open for this long is closed (HTTP/1 keep-alive,
+    /// HTTP/2 without a stream, a connection that never sent a request).
+    pub idle_connection_timeout: Duration,
+    /// Data connections open at once; more are closed as soon as they are accepted. Lowered at
+    /// start to what the file-descriptor limit leaves room for.
+    pub max_connections: usize,
+    /// Data connections one peer uid may hold open (TCP peers count as one peer).
+    pub max_connections_per_uid: usize,
     /// How long SIGTERM waits for in-flight requests before exiting.
     pub shutdown_grace: Duration,
 }
@@ -92,6 +100,9 @@ impl Default for Limits {
             request_idle_timeout: Duration::from_secs(30),
             request_body_timeout: Duration::from_secs(60),
             max_header_bytes: 64 << 10,
+            idle_connection_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            max_connections_per_uid: 1024,
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -285,6 +296,9 @@ struct RawLimits {
     request_idle_timeout: Option<String>,
     request_body_timeout: Option<String>,
     max_header_bytes: Option<String>,
+    idle_connection_timeout: Option<String>,
+    max_connections: Option<i64>,
+    max_connections_per_uid: Option<i64>,
     shutdown_grace: Option<String>,
 }
 
@@ -750,6 +764,21 @@ fn build(
             d.request_body_timeout,
         )?,
         max_header_bytes,
+        idle_connection_timeout: timeout(
+            "limits.idle_connection_timeout",
+            &raw.limits.idle_connection_timeout,
+            d.idle_connection_timeout,
+        )?,
+        max_connections: count(
+            "limits.max_connections",
+            raw.limits.max_connections,
+            d.max_connections,
+        )?,
+        max_connections_per_uid: count(
+            "limits.max_connections_per_uid",
+            raw.limits.max_connections_per_uid,
+            d.max_connections_per_uid,
+        )?,
         shutdown_grace: duration(
             "limits.shutdown_grace",
             &raw.limits.shutdown_grace,

@@ -94,6 +94,9 @@ pub struct State {
     in_flight: AtomicUsize,
     /// Permits for `limits.max_concurrent_requests`; a request without one gets 503.
     pub limiter: Arc<tokio::sync::Semaphore>,
+    /// Open data connections against `limits.max_connections` (as fitted to the descriptor
+    /// limit) and `limits.max_connections_per_uid`.
+    pub connections: Arc<crate::proxy::conn::ConnectionLimits>,
     /// Requests in flight per client and per tenant, against their shares of the limiter.
     pub shares: Arc<crate::proxy::limits::RequestShares>,
     /// Unwrapped tenant and fingerprint keys, in locked memory.
@@ -309,6 +312,7 @@ impl Server {
             export,
         )?;
         let listeners = take_or_bind(&config)?;
+        let max_connections = fit_connections(config.limits.max_connections);
         let catalog = CatalogHandle::new(Catalog::build(store.snapshot()?));
         let upstream = {
             let _guard = runtime.enter();
@@ -329,6 +333,10 @@ impl Server {
             limiter: Arc::new(tokio::sync::Semaphore::new(
                 config.limits.max_concurrent_requests,
             )),
+            connections: crate::proxy::conn::ConnectionLimits::new(
+                max_connections,
+                config.limits.max_connections_per_uid,
+            ),
             shares: crate::proxy::limits::RequestShares::new(
                 config.limits.max_requests_per_client,
                 config.limits.max_requests_per_tenant,
@@ -355,6 +363,37 @@ impl Server {
     ) -> Result<(), ServeError> {
         run(self.state, self.listeners, shutdown).await
     }
+}
+
+/// Raises the soft descriptor limit to the hard one, then lowers `max_connections` to what
+/// fits in it (see [`crate::proxy::conn::connections_that_fit`]) with a warning, so that app
+/// connections can never take the descriptors the admin socket and the audit trail need.
+fn fit_connections(configured: usize) -> usize {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return configured;
+    };
+    let soft = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let fits = crate::proxy::conn::connections_that_fit(soft);
+    if fits < configured {
+        tracing::warn!(
+            configured,
+            lowered_to = fits,
+            nofile = soft,
+            "limits.max_connections does not fit the file-descriptor limit (RLIMIT_NOFILE); \
+             raise it (systemd LimitNOFILE=, ulimit -n) to allow more connections"
+        );
+        eprintln!(
+            "warning: limits.max_connections lowered from {configured} to {fits}: the \
+             file-descriptor limit is {soft} (raise it with LimitNOFILE= or ulimit -n)"
+        );
+        return fits;
+    }
+    configured
 }
 
 fn check_socket_group(config: &Config) -> Result<(), ServeError> {

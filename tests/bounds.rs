@@ -265,3 +265,157 @@ async fn one_client_trickling_request_bodies_cannot_starve_another_tenant() {
         "a refusal names the per-tenant limit"
     );
 }
+
+/// Descriptors the process holds now.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Waits until the peer closes `stream` (EOF or reset), up to `within`; false if it did not.
+async fn closed_by_peer(stream: &mut UnixStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let until = Instant::now() + within;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // A GOAWAY or an error response before the close.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_connections_are_capped_and_closed_and_the_admin_socket_still_answers() {
+    let mock = support::mock_upstream::MockUpstream::builder()
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    // 256 descriptors: without a cap, 600 connections exhaust them.
+    let daemon = support::daemon::Daemon::builder()
+        .nofile(256)
+        .config(&support::targets_config(
+            &mock,
+            dir.path(),
+            &["openai"],
+            "[limits]\nidle_connection_timeout = \"2s\"\nmax_connections_per_uid = 48\n",
+        ))
+        .start();
+    let (token, _) = daemon.provision("acme", "openai", &random_key("sk-"), &[]);
+    let socket = daemon.socket();
+    let pid = daemon.pid();
+    let baseline = descriptors(pid);
+
+    // A third send nothing, a third only the HTTP/2 preface, a third half a request head.
+    let mut silent = Vec::new();
+    let mut refused_connects = 0;
+    for i in 0..600 {
+        let Ok(mut s) = UnixStream::connect(&socket).await else {
+            refused_connects += 1;
+            continue;
+        };
+        let _ = match i % 3 {
+            0 => Ok(()),
+            1 => s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await,
+            _ => {
+                s.write_all(b"POST /openai/v1/chat/completions HTTP/1.1\r\nhost: k")
+                    .await
+            }
+        };
+        silent.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = descriptors(pid);
+
+    // The admin socket answers while the data socket is at its cap.
+    let admin = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::task::spawn_blocking({
+            let admin = daemon.admin_socket();
+            move || {
+                std::process::Command::new(support::daemon::KEYWARD)
+                    .args(["status", "--json"])
+                    .env("KEYWARD_ADMIN_SOCKET", admin)
+                    .output()
+                    .unwrap()
+            }
+        }),
+    )
+    .await;
+    eprintln!(
+        "descriptors: {baseline} before, {held} with 600 silent connections \
+         ({refused_connects} connects refused); status answered: {}",
+        admin.is_ok()
+    );
+    let status = admin.expect("keyward status hangs").unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["connections"], 48, "{status}");
+    assert!(
+        held <= baseline + 48 + 8,
+        "descriptors grew from {baseline} to {held} for at most 48 connections"
+    );
+
+    // Connections past the cap were closed at once; the rest once idle for 2 s.
+    let started = Instant::now();
+    let mut open = 0;
+    for s in &mut silent {
+        if !closed_by_peer(s, Duration::from_secs(10)).await {
+            open += 1;
+        }
+    }
+    eprintln!("silent connections closed after {:?}", started.elapsed());
+    assert_eq!(
+        open, 0,
+        "silent connections still open after the idle timeout"
+    );
+    drop(silent);
+
+    // A connection that made a request is closed once idle, on HTTP/1 and on HTTP/2.
+    let mut h1 = UnixStream::connect(&socket).await.unwrap();
+    let req = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: k\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{}",
+        chat_body("gpt-4o", false).len(),
+        chat_body("gpt-4o", false)
+    );
+    h1.write_all(req.as_bytes()).await.unwrap();
+    assert!(closed_by_peer(&mut h1, Duration::from_secs(10)).await);
+    let io = UnixStream::connect(&socket).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(io).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get("http://keyward/openai/v1/models")
+        .header("authorization", format!("Bearer {token}"))
+        .body(())
+        .unwrap();
+    let (response, _) = h2.send_request(req, true).unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("an idle HTTP/2 connection is closed")
+        .unwrap()
+        .unwrap();
+
+    // Every descriptor is given back, and the data plane still serves.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = descriptors(pid);
+    assert!(
+        after <= baseline + 4,
+        "{baseline} descriptors before, {after} after"
+    );
+    let (status, _, body) = call_as(
+        &socket,
+        &token,
+        "/openai/v1/chat/completions",
+        &chat_body("gpt-4o", false),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -22,7 +22,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
@@ -33,10 +33,10 @@ use hyper::body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::watch;
 
 use super::app_conn::{AppConn, ConnCheck};
+use super::conn::{Activity, ConnectionGuard, Full, Throttle};
 use super::error::{CALL_ID_HEADER, ErrorCode, error_response};
 use super::limits::ShareGuard;
 use super::route::{Route, upstream_uri};
@@ -94,28 +94,42 @@ impl DataListener for tokio::net::TcpListener {
 }
 
 /// Serves `listener` until `stop` turns true, then closes it and waits for open connections to
-/// finish their in-flight requests (the caller bounds that wait).
+/// finish their in-flight requests (the caller bounds that wait). A connection over
+/// `limits.max_connections` or `limits.max_connections_per_uid` is closed as soon as it is
+/// accepted; one with no request open for `limits.idle_connection_timeout` is closed.
 pub async fn serve(
     listener: impl DataListener,
     state: Arc<State>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a sender; when the last one is gone, all have finished.
+    let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => break,
             accepted = listener.accept_peer() => match accepted {
-                Ok((stream, peer)) => {
-                    let max_head = state.config.limits.max_header_bytes.max(8192);
-                    let (conn, check) = AppConn::new(stream, max_head);
-                    serve_connection(TokioIo::new(conn), peer, check, &state, &graceful)
-                }
+                Ok((stream, peer)) => match state.connections.admit(peer.map(|p| p.uid)) {
+                    Ok(guard) => {
+                        let max_head = state.config.limits.max_header_bytes.max(8192);
+                        let (conn, check) = AppConn::new(stream, max_head);
+                        serve_connection(
+                            TokioIo::new(conn),
+                            peer,
+                            check,
+                            &state,
+                            stop.clone(),
+                            (guard, open_tx.clone()),
+                        )
+                    }
+                    Err(full) => refuse_connection(stream, full),
+                },
                 Err(e) => accept_failed(e).await,
             },
         }
     }
     drop(listener);
-    graceful.shutdown().await;
+    drop(open_tx);
+    let _ = open_rx.recv().await;
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).
@@ -124,9 +138,23 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 async fn accept_failed(e: std::io::Error) {
-    // EMFILE and friends: back off instead of spinning.
-    tracing::warn!(error = %e, "data socket accept failed");
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // EMFILE and friends: back off instead of spinning, and say so at most every 10 s, or the
+    // log grows as fast as the loop can fail.
+    static THROTTLE: Throttle = Throttle::new(Duration::from_secs(10));
+    if let Some(suppressed) = THROTTLE.tick(std::time::Instant::now()) {
+        tracing::warn!(error = %e, suppressed, "data socket accept failed");
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// Closes a connection over a cap at once: the peer sees it end instead of hanging in the
+/// listen backlog, and the descriptor is free again.
+fn refuse_connection<S>(stream: S, full: Full) {
+    static THROTTLE: Throttle = Throttle::new(Duration::from_secs(10));
+    if let Some(suppressed) = THROTTLE.tick(std::time::Instant::now()) {
+        tracing::warn!(reason = %full, suppressed, "data connection closed at once");
+    }
+    drop(stream);
 }
 
 fn serve_connection<I>(
@@ -134,7 +162,8 @@ fn serve_connection<I>(
     peer: Option<PeerCred>,
     check: Arc<ConnCheck>,
     state: &Arc<State>,
-    graceful: &GracefulShutdown,
+    mut stop: watch::Receiver<bool>,
+    guards: (ConnectionGuard, tokio::sync::mpsc::Sender<()>),
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -150,15 +179,44 @@ fn serve_connection<I>(
         .max_concurrent_streams(256)
         .timer(hyper_util::rt::TokioTimer::new());
     let st = state.clone();
+    let activity = Activity::new();
+    let requests = activity.clone();
     let service = service_fn(move |req| {
         let st = st.clone();
         let refused = check.next_request();
-        async move { Ok::<_, Infallible>(handle(st, req, peer, refused).await) }
+        // Counted from the request's headers until its response body is gone.
+        let busy = requests.enter();
+        async move {
+            let response = handle(st, req, peer, refused).await;
+            Ok::<_, Infallible>(response.map(|inner| {
+                Held {
+                    inner,
+                    _guards: busy,
+                }
+                .boxed()
+            }))
+        }
     });
+    let idle = limits.idle_connection_timeout;
     let conn = builder.serve_connection(io, service).into_owned();
-    let watched = graceful.watch(conn);
     tokio::spawn(async move {
-        let _ = watched.await;
+        let _guards = guards;
+        tokio::pin!(conn);
+        let idled = tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = activity.idle_for(idle) => true,
+            _ = stopped(&mut stop) => false,
+        };
+        // HTTP/1 closes between requests, HTTP/2 sends GOAWAY and closes once its open streams
+        // are done, a connection that never sent a byte closes at once. On shutdown the caller
+        // bounds this wait; an idle connection has nothing open, and a peer that does not even
+        // read the GOAWAY is dropped after another idle period.
+        conn.as_mut().graceful_shutdown();
+        if idled {
+            let _ = tokio::time::timeout(idle, conn).await;
+        } else {
+            let _ = conn.await;
+        }
     });
 }
 

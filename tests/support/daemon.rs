@@ -36,6 +36,7 @@ pub struct DaemonBuilder {
     args: Vec<String>,
     home: Option<PathBuf>,
     uid: Option<u32>,
+    nofile: Option<u64>,
 }
 
 impl DaemonBuilder {
@@ -63,6 +64,13 @@ impl DaemonBuilder {
         self
     }
 
+    /// Runs the daemon with this many file descriptors at most (soft and hard `RLIMIT_NOFILE`,
+    /// set by util-linux `prlimit`, which then execs the daemon: same pid).
+    pub fn nofile(mut self, n: u64) -> Self {
+        self.nofile = Some(n);
+        self
+    }
+
     /// Reuses an existing home (to restart over the same store).
     pub fn home(mut self, home: &Path) -> Self {
         self.home = Some(home.to_path_buf());
@@ -71,7 +79,14 @@ impl DaemonBuilder {
 
     /// The `serve` command this builder describes, with a fresh or given home.
     pub fn command(&self, home: &Path) -> Command {
-        let mut cmd = Command::new(KEYWARD);
+        let mut cmd = match self.nofile {
+            Some(n) => {
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={n}:{n}")).arg("--").arg(KEYWARD);
+                cmd
+            }
+            None => Command::new(KEYWARD),
+        };
         cmd.arg("serve").args(&self.args);
         if let Some(uid) = self.uid {
             use std::os::unix::process::CommandExt;
