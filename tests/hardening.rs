@@ -429,3 +429,133 @@ async fn forwarding_and_override_headers_never_reach_the_provider() {
     assert_eq!(seen.header("x-request-id"), Some("kept-1"));
     assert_eq!(seen.header("openai-beta"), Some("assistants=v2"));
 }
+
+// === delivered answers are audited as delivered ===
+
+/// The `request.completed` row of `call_id`, once the writer committed it.
+async fn completed_row(d: &Daemon, call_id: &str) -> serde_json::Value {
+    for _ in 0..200 {
+        let rows = d.json_lines(&["audit", "query", "--call-id", call_id]);
+        if let Some(row) = rows.into_iter().find(|r| r["event"] == "request.completed") {
+            return row;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no request.completed row for {call_id}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_read_to_the_end_are_audited_as_delivered_for_every_framing() {
+    use support::mock_upstream::{MockUpstream, Reply};
+    for http1 in [true, false] {
+        let builder = MockUpstream::builder();
+        let mock = if http1 { builder.http1_only() } else { builder }
+            .start()
+            .await;
+        let dir = tempfile::tempdir().unwrap();
+        let d = Daemon::builder()
+            .config(&support::targets_config(&mock, dir.path(), &["openai"], ""))
+            .start();
+        let key = random_key("sk-");
+        let (token, _) = d.provision("acme", "openai", &key, &[]);
+        let sse = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n";
+        // (what, programmed reply or None for the mock's own streaming route, path)
+        let cases: Vec<(&str, Option<Reply>, &str)> = vec![
+            (
+                "JSON with Content-Length",
+                Some(Reply::json(serde_json::json!({"ok": true}))),
+                "/openai/v1/chat/completions",
+            ),
+            (
+                "SSE whose last frame ends the stream",
+                Some(
+                    Reply::status(200)
+                        .header("content-type", "text/event-stream")
+                        .body(sse),
+                ),
+                "/openai/v1/chat/completions",
+            ),
+            (
+                "empty 204",
+                Some(Reply::status(204).body("")),
+                "/openai/v1/chat/completions",
+            ),
+            ("streamed SSE", None, "/openai/v1/chat/completions"),
+            ("streamed bytes", None, "/openai/big?bytes=100000"),
+        ];
+        for (what, reply, path) in cases {
+            let what = format!("{what} over {}", if http1 { "HTTP/1.1" } else { "HTTP/2" });
+            match reply {
+                Some(reply) => mock.set_key_reply(&key, reply),
+                None => mock.clear_key_reply(&key),
+            }
+            let (status, headers, body) =
+                support::uds::call_as(&d.socket(), &token, path, &chat_body("gpt-4o", true)).await;
+            assert!(status == 200 || status == 204, "{what}: {status} {body}");
+            let call_id = headers["keyward-call-id"].to_str().unwrap();
+            let row = completed_row(&d, call_id).await;
+            assert!(row["detail"].is_null(), "{what}: {row}");
+            assert_eq!(row["bytes_out"], body.len() as u64, "{what}: {row}");
+            assert_eq!(row["upstream_status"], status, "{what}: {row}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_aborts_are_still_audited_as_aborts_on_either_side() {
+    use http_body_util::BodyExt;
+    use support::mock_upstream::MockUpstream;
+    for http1 in [true, false] {
+        let builder = MockUpstream::builder();
+        let mock = if http1 { builder.http1_only() } else { builder }
+            .start()
+            .await;
+        let dir = tempfile::tempdir().unwrap();
+        let d = Daemon::builder()
+            .config(&support::targets_config(&mock, dir.path(), &["openai"], ""))
+            .start();
+        let (token, _) = d.provision("acme", "openai", &random_key("sk-"), &[]);
+        let auth = support::uds::bearer(&token);
+        let gated = || {
+            support::uds::post(
+                "/openai/gated-sse?events=3",
+                &[("authorization", &auth)],
+                &chat_body("gpt-4o", true),
+            )
+        };
+
+        // The app reads the first event and goes away.
+        let resp = support::uds::send(&d.socket(), gated()).await;
+        let call_id = resp.headers()["keyward-call-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
+        drop(body);
+        let row = completed_row(&d, &call_id).await;
+        assert_eq!(
+            row["detail"], "the app closed the connection before the response ended",
+            "http1={http1}: {row}"
+        );
+
+        // The upstream goes away mid-stream.
+        let resp = support::uds::send(&d.socket(), gated()).await;
+        let call_id = resp.headers()["keyward-call-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let mut body = resp.into_body();
+        body.frame().await.unwrap().unwrap();
+        mock.cut_connections();
+        while let Some(Ok(_)) = body.frame().await {}
+        let row = completed_row(&d, &call_id).await;
+        assert!(
+            row["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("response stream failed")),
+            "http1={http1}: {row}"
+        );
+    }
+}

@@ -887,7 +887,7 @@ fn respond(
     let mut completed = known.event(EventKind::RequestCompleted, call_id);
     name_credential(&mut completed, chosen);
     completed.upstream_status = Some(parts.status.as_u16());
-    let body = CompletionBody {
+    let mut body = CompletionBody {
         client: known.principal.as_ref().map(|p| p.client_id.clone()),
         catalog_seen: state.catalog.generation(),
         inner: ScrubBody::new(state.upstream.idle_guard(body), scrubber),
@@ -898,6 +898,10 @@ fn respond(
         replay,
         state: state.clone(),
     };
+    // An empty body (204, 304, Content-Length: 0) is never polled: delivered with the head.
+    if body.inner.is_end_stream() {
+        body.complete(None);
+    }
     tracing::debug!(call_id, target = %target.name, status = parts.status.as_u16(), "upstream answered");
     Response::from_parts(parts, body.boxed())
 }
@@ -1220,6 +1224,12 @@ where
                     if let Some(tap) = this.usage.as_mut() {
                         tap.feed(data);
                     }
+                }
+                // A body whose end is known from its framing (Content-Length, HTTP/2
+                // END_STREAM on the last frame) ends with this frame: the server sends it and
+                // never polls again, so this is where the answer is delivered.
+                if this.inner.is_end_stream() {
+                    this.complete(None);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
