@@ -143,7 +143,8 @@ async fn inserted_rows_are_detected() {
              INSERT INTO audit_events SELECT 11, time_ms, event, call_id, tenant, client_id,
                 peer_uid, peer_pid, target, model, capability, team, workflow, credential_id,
                 credential_version, fingerprint, upstream_status, latency_ms, bytes_in,
-                bytes_out, input_tokens, output_tokens, total_tokens, detail, flags, mac
+                bytes_out, input_tokens, output_tokens, total_tokens, detail, flags, mac,
+                cached_input_tokens, cache_write_tokens, cost_micros
                 FROM audit_events WHERE seq = 10;",
         )
         .unwrap();
@@ -156,7 +157,8 @@ async fn inserted_rows_are_detected() {
             "INSERT INTO audit_events SELECT 21, time_ms, event, call_id, tenant, client_id,
                 peer_uid, peer_pid, target, model, capability, team, workflow, credential_id,
                 credential_version, fingerprint, upstream_status, latency_ms, bytes_in,
-                bytes_out, input_tokens, output_tokens, total_tokens, detail, flags, mac
+                bytes_out, input_tokens, output_tokens, total_tokens, detail, flags, mac,
+                cached_input_tokens, cache_write_tokens, cost_micros
                 FROM audit_events WHERE seq = 20;",
         )
         .unwrap();
@@ -240,6 +242,47 @@ async fn rows_beyond_a_stale_anchor_are_accepted_like_after_a_crash() {
     assert_eq!(audit.commit(request(10)).await.unwrap(), 10);
     let report = audit.verify().unwrap();
     assert!(report.ok() && report.anchored_seq == 10, "{report:?}");
+}
+
+/// A database written before the spend columns existed (they are dropped here, leaving the
+/// exact older schema and rows) opens, gains the columns, still verifies, and chains new rows
+/// that carry them; tampering with a new column on an old row is still caught.
+#[tokio::test]
+async fn a_trail_from_before_the_spend_columns_still_verifies_and_grows() {
+    let (dir, audit) = trail(5).await;
+    audit.shutdown().await;
+    raw(dir.path())
+        .execute_batch(
+            "ALTER TABLE audit_events DROP COLUMN cached_input_tokens;
+             ALTER TABLE audit_events DROP COLUMN cache_write_tokens;
+             ALTER TABLE audit_events DROP COLUMN cost_micros;",
+        )
+        .unwrap();
+    let audit = open(dir.path());
+    assert!(audit.verify().unwrap().ok());
+    let spend = Event {
+        input_tokens: Some(11_007),
+        cached_input_tokens: Some(9_800),
+        cache_write_tokens: Some(1_200),
+        output_tokens: Some(50),
+        cost_micros: Some(4_321),
+        ..request(6)
+    };
+    assert_eq!(audit.commit(spend).await.unwrap(), 6);
+    audit.flush().await;
+    assert!(audit.verify().unwrap().ok());
+    let rows = audit
+        .query(&Filter {
+            call_id: Some("call-6".into()),
+            ..Filter::default()
+        })
+        .unwrap();
+    assert_eq!(rows[0].event.cached_input_tokens, Some(9_800));
+    assert_eq!(rows[0].event.cost_micros, Some(4_321));
+    raw(dir.path())
+        .execute("UPDATE audit_events SET cost_micros = 1 WHERE seq = 3", [])
+        .unwrap();
+    assert_bad(&audit, 3);
 }
 
 #[tokio::test]
@@ -722,6 +765,9 @@ fn every_field(kind: EventKind, i: usize) -> Event {
         total_tokens: Some(30),
         detail: Some("detail".into()),
         flags: vec!["expired_key_warn".into()],
+        cached_input_tokens: Some(4),
+        cache_write_tokens: Some(2),
+        cost_micros: Some(1234),
         ..Event::new(kind)
     }
 }
@@ -794,7 +840,7 @@ async fn every_field_of_every_event_kind_is_covered_by_the_chain() {
     assert_eq!(checked, rows.len() * (columns.len() - 2));
     assert_eq!(
         columns.len(),
-        26,
+        29,
         "a new column must be covered above: {columns:?}"
     );
 }

@@ -50,7 +50,10 @@ CREATE TABLE IF NOT EXISTS audit_events (
     total_tokens       INTEGER,
     detail             TEXT,
     flags              TEXT,
-    mac                BLOB NOT NULL
+    mac                BLOB NOT NULL,
+    cached_input_tokens INTEGER,
+    cache_write_tokens INTEGER,
+    cost_micros        INTEGER
 );
 CREATE INDEX IF NOT EXISTS audit_events_time ON audit_events(time_ms);
 CREATE INDEX IF NOT EXISTS audit_events_credential ON audit_events(credential_id)
@@ -63,14 +66,18 @@ CREATE INDEX IF NOT EXISTS audit_events_tenant ON audit_events(tenant, seq)
 const COLUMNS: &str = "seq, time_ms, event, call_id, tenant, client_id, peer_uid, peer_pid, \
      target, model, capability, team, workflow, credential_id, credential_version, fingerprint, \
      upstream_status, latency_ms, bytes_in, bytes_out, input_tokens, output_tokens, \
-     total_tokens, detail, flags, mac";
+     total_tokens, detail, flags, cached_input_tokens, cache_write_tokens, cost_micros, mac";
+
+/// Columns added after the first schema, added to an older database when it is opened.
+const ADDED_COLUMNS: [&str; 3] = ["cached_input_tokens", "cache_write_tokens", "cost_micros"];
 
 pub(crate) const INSERT: &str = "INSERT INTO audit_events (seq, time_ms, event, call_id, \
      tenant, client_id, peer_uid, peer_pid, target, model, capability, team, workflow, \
      credential_id, credential_version, fingerprint, upstream_status, latency_ms, bytes_in, \
-     bytes_out, input_tokens, output_tokens, total_tokens, detail, flags, mac) VALUES (?1, ?2, \
-     ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, \
-     ?22, ?23, ?24, ?25, ?26)";
+     bytes_out, input_tokens, output_tokens, total_tokens, detail, flags, cached_input_tokens, \
+     cache_write_tokens, cost_micros, mac) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
+     ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, \
+     ?29)";
 
 pub(crate) const META_MAC_KEY: &str = "mac_key";
 pub(crate) const META_CHECKPOINT: &str = "checkpoint";
@@ -112,8 +119,26 @@ pub(crate) fn open_writer(dir: &Path, sync: AuditSync) -> Result<Connection, Aud
     conn.pragma_update(None, "cache_size", -16_384)
         .map_err(|e| db_err(&path, e))?;
     conn.execute_batch(SCHEMA).map_err(|e| db_err(&path, e))?;
+    add_missing_columns(&conn).map_err(|e| db_err(&path, e))?;
     restrict_permissions(&path);
     Ok(conn)
+}
+
+/// Brings a database created by an older version up to [`SCHEMA`]: the added columns are
+/// NULL on old rows, which is what their canonical encoding says, so they still verify.
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let have: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('audit_events')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for column in ADDED_COLUMNS {
+        if !have.iter().any(|h| h == column) {
+            conn.execute_batch(&format!(
+                "ALTER TABLE audit_events ADD COLUMN {column} INTEGER"
+            ))?;
+        }
+    }
+    Ok(())
 }
 
 /// Opens a read-only connection for queries and verification (WAL readers never block the
@@ -183,7 +208,12 @@ pub(crate) fn insert(
     let n = |v: Option<u64>| v.map(|n| n.min(i64::MAX as u64) as i64);
     let (latency, bytes_in, bytes_out) = (n(e.latency_ms), n(e.bytes_in), n(e.bytes_out));
     let (input, output, total) = (n(e.input_tokens), n(e.output_tokens), n(e.total_tokens));
-    let params: [&dyn ToSql; 26] = [
+    let (cached, cache_write, cost) = (
+        n(e.cached_input_tokens),
+        n(e.cache_write_tokens),
+        n(e.cost_micros),
+    );
+    let params: [&dyn ToSql; 29] = [
         &seq,
         &time_ms,
         &e.kind.as_str(),
@@ -209,6 +239,9 @@ pub(crate) fn insert(
         &total,
         &e.detail,
         &flags,
+        &cached,
+        &cache_write,
+        &cost,
         &mac,
     ];
     stmt.execute(&params[..]).map(|_| ())
@@ -230,8 +263,8 @@ fn decode(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<RawRow, (i64, String
     let Value::Integer(seq) = seq else {
         return Ok(Err((0, "seq is not an integer".into())));
     };
-    let mut cols = Vec::with_capacity(26);
-    for i in 0..26 {
+    let mut cols = Vec::with_capacity(29);
+    for i in 0..29 {
         cols.push(r.get::<_, Value>(i)?);
     }
     Ok(decode_values(cols).map_err(|m| (seq, m)))
@@ -294,6 +327,9 @@ fn decode_values(cols: Vec<Value>) -> Result<RawRow, String> {
         flags: opt_s(next(), "flags")?
             .map(|f| f.split(',').map(str::to_owned).collect())
             .unwrap_or_default(),
+        cached_input_tokens: opt_n(next(), "cached_input_tokens")?,
+        cache_write_tokens: opt_n(next(), "cache_write_tokens")?,
+        cost_micros: opt_n(next(), "cost_micros")?,
     };
     let mac = match next() {
         Value::Blob(b) => b,

@@ -183,10 +183,10 @@ pub struct Event {
     /// Response body bytes returned to the app.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_out: Option<u64>,
-    /// Prompt tokens the provider reported.
+    /// Every prompt token the provider reported, cached or not (see [`super::usage`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_tokens: Option<u64>,
-    /// Completion tokens the provider reported.
+    /// Completion tokens the provider reported, reasoning tokens included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_tokens: Option<u64>,
     /// Total tokens the provider reported (or input + output).
@@ -198,6 +198,15 @@ pub struct Event {
     /// Markers such as `expired_key_warn` (lowercase letters, digits, `_`, `.`, `-`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub flags: Vec<String>,
+    /// The part of `input_tokens` read from the provider's prompt cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_input_tokens: Option<u64>,
+    /// The part of `input_tokens` written to the provider's prompt cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_tokens: Option<u64>,
+    /// What the call cost at the configured prices, in micro-USD (1 USD = 1,000,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_micros: Option<u64>,
 }
 
 impl Event {
@@ -227,6 +236,9 @@ impl Event {
             total_tokens: None,
             detail: None,
             flags: Vec::new(),
+            cached_input_tokens: None,
+            cache_write_tokens: None,
+            cost_micros: None,
         }
     }
 
@@ -260,6 +272,9 @@ impl Event {
             &mut self.input_tokens,
             &mut self.output_tokens,
             &mut self.total_tokens,
+            &mut self.cached_input_tokens,
+            &mut self.cache_write_tokens,
+            &mut self.cost_micros,
         ]
         .into_iter()
         .flatten()
@@ -340,10 +355,19 @@ pub(crate) fn rfc3339_ms(time_ms: i64) -> String {
 
 // === canonical encoding ===
 
+/// Tag of the trailing block that holds the fields added after the first format:
+/// `cached_input_tokens`, `cache_write_tokens`, `cost_micros`.
+const EXT_SPEND: u8 = 1;
+
 /// The bytes the chain MAC covers for one row. Defined only here: a domain tag, then seq and
 /// time as fixed 8-byte big-endian, then the kind and every field in a fixed order, each
 /// optional field as a presence byte followed by a u32-length-prefixed string or an 8-byte
 /// big-endian number. Nothing is left out, so editing any column changes the MAC.
+///
+/// Fields added later go in a trailing block (tag byte [`EXT_SPEND`], then each as an
+/// optional number) written only when one of them is set, so a row without them encodes to
+/// exactly the bytes older versions wrote and MACed, and their rows keep verifying; setting
+/// or clearing one of them on any row changes its bytes.
 pub(crate) fn canonical(seq: u64, time_ms: i64, e: &Event) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"keyward/audit-row/v1");
@@ -374,6 +398,13 @@ pub(crate) fn canonical(seq: u64, time_ms: i64, e: &Event) -> Vec<u8> {
     out.extend_from_slice(&(e.flags.len() as u32).to_be_bytes());
     for f in &e.flags {
         put_str(&mut out, f);
+    }
+    let ext = [e.cached_input_tokens, e.cache_write_tokens, e.cost_micros];
+    if ext.iter().any(Option::is_some) {
+        out.push(EXT_SPEND);
+        for n in ext {
+            put_opt_num(&mut out, n);
+        }
     }
     out
 }
@@ -416,6 +447,23 @@ pub(crate) fn decode_canonical(b: &[u8]) -> Option<(u64, i64, Event)> {
     let flags = r.u32()?;
     for _ in 0..flags {
         event.flags.push(r.str()?);
+    }
+    if !r.0.is_empty() {
+        if r.take(1)? != [EXT_SPEND] {
+            return None;
+        }
+        event.cached_input_tokens = r.opt_num()?;
+        event.cache_write_tokens = r.opt_num()?;
+        event.cost_micros = r.opt_num()?;
+        // The block is written only when it holds something, so each row has one encoding.
+        let ext = [
+            event.cached_input_tokens,
+            event.cache_write_tokens,
+            event.cost_micros,
+        ];
+        if ext.iter().all(Option::is_none) {
+            return None;
+        }
     }
     r.0.is_empty().then_some((seq, time_ms, event))
 }
@@ -532,19 +580,37 @@ mod tests {
             total_tokens: Some(9),
             detail: Some("d".into()),
             flags: vec!["expired_key_warn".into(), "x".into()],
+            cached_input_tokens: Some(5),
+            cache_write_tokens: None,
+            cost_micros: Some(0),
             ..Event::new(EventKind::RequestCompleted)
         };
-        for e in [full, Event::new(EventKind::TenantCreated)] {
+        let older = Event {
+            cached_input_tokens: None,
+            cost_micros: None,
+            ..full.clone()
+        };
+        for e in [full, older, Event::new(EventKind::TenantCreated)] {
             let bytes = canonical(7, 1_700_000_000_123, &e);
             assert_eq!(
                 decode_canonical(&bytes),
                 Some((7, 1_700_000_000_123, e.clone()))
             );
-            // Every proper prefix and any trailing byte is refused.
+            // Every proper prefix and any trailing byte is refused, except the cut just before
+            // the trailing block, which is the same row without its newer fields (a different
+            // row, so a different MAC).
+            let first_format = Event {
+                cached_input_tokens: None,
+                cache_write_tokens: None,
+                cost_micros: None,
+                ..e.clone()
+            };
+            let first_len = canonical(7, 1_700_000_000_123, &first_format).len();
             for cut in 0..bytes.len() {
+                let want = (cut == first_len).then(|| (7, 1_700_000_000_123, first_format.clone()));
                 assert_eq!(
                     decode_canonical(&bytes[..cut]),
-                    None,
+                    want,
                     "prefix of {cut} bytes"
                 );
             }
@@ -552,6 +618,43 @@ mod tests {
             longer.push(0);
             assert_eq!(decode_canonical(&longer), None);
         }
+    }
+
+    /// A row written before the spend fields existed, encoded by hand in that format: the
+    /// encoder still produces exactly these bytes (so its MAC still verifies) and the decoder
+    /// reads them; a trailing block that holds nothing is refused, so no row has two encodings.
+    #[test]
+    fn rows_of_the_first_format_keep_their_bytes() {
+        let e = Event {
+            call_id: Some("c1".into()),
+            peer_uid: Some(7),
+            input_tokens: Some(11),
+            flags: vec!["f".into()],
+            ..Event::new(EventKind::RequestCompleted)
+        };
+        let mut want = b"keyward/audit-row/v1".to_vec();
+        want.extend_from_slice(&3u64.to_be_bytes());
+        want.extend_from_slice(&9i64.to_be_bytes());
+        want.extend_from_slice(&17u32.to_be_bytes());
+        want.extend_from_slice(b"request.completed");
+        want.extend_from_slice(&[1, 0, 0, 0, 2, b'c', b'1']); // call_id
+        want.extend_from_slice(&[0, 0]); // tenant, client_id
+        want.push(1);
+        want.extend_from_slice(&7u64.to_be_bytes()); // peer_uid
+        want.extend_from_slice(&[0; 10]); // peer_pid .. upstream_status
+        want.extend_from_slice(&[0, 0, 0]); // latency, bytes in/out
+        want.push(1);
+        want.extend_from_slice(&11u64.to_be_bytes()); // input_tokens
+        want.extend_from_slice(&[0, 0, 0]); // output, total, detail
+        want.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, b'f']); // one flag
+        assert_eq!(canonical(3, 9, &e), want);
+        assert_eq!(decode_canonical(&want), Some((3, 9, e)));
+        let mut empty_block = want.clone();
+        empty_block.extend_from_slice(&[EXT_SPEND, 0, 0, 0]);
+        assert_eq!(decode_canonical(&empty_block), None);
+        let mut other_tag = want;
+        other_tag.extend_from_slice(&[2, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]);
+        assert_eq!(decode_canonical(&other_tag), None);
     }
 
     #[test]

@@ -4,9 +4,23 @@
 //! only the few bytes of the current object key and, once it meets a `"usage"` (OpenAI,
 //! Anthropic) or `"usageMetadata"` (Gemini) key, the object that follows (capped). Later usage
 //! objects update earlier ones field by field, which is how Anthropic's stream reports input
-//! tokens in `message_start` and output tokens in `message_delta`, and how OpenAI's final
-//! stream chunk carries the totals. It never fails: anything it does not understand yields
-//! `None`.
+//! tokens in `message_start` and output tokens in `message_delta`, how OpenAI's final stream
+//! chunk (`stream_options.include_usage`) and the Responses API's `response.completed` event
+//! carry the totals, and how every Gemini `streamGenerateContent` chunk repeats the running
+//! counts. It never fails: anything it does not understand yields `None`.
+//!
+//! Each family reports the same four quantities differently; [`Usage`] holds them normalised:
+//!
+//! | | OpenAI chat | OpenAI Responses | Anthropic | Gemini |
+//! | --- | --- | --- | --- | --- |
+//! | input (all prompt tokens) | `prompt_tokens` | `input_tokens` | `input_tokens` + `cache_creation_input_tokens` + `cache_read_input_tokens` | `promptTokenCount` + `toolUsePromptTokenCount` |
+//! | cached input | `prompt_tokens_details.cached_tokens` | `input_tokens_details.cached_tokens` | `cache_read_input_tokens` | `cachedContentTokenCount` |
+//! | cache writes | — | — | `cache_creation_input_tokens` | — |
+//! | output (with reasoning) | `completion_tokens` | `output_tokens` | `output_tokens` | `candidatesTokenCount` + `thoughtsTokenCount` |
+//!
+//! Sources: the `usage` objects of the OpenAI Chat Completions and Responses API references,
+//! Anthropic's Messages API and prompt-caching documentation (its `input_tokens` leaves out
+//! the cached and cache-written tokens), and Gemini's `UsageMetadata` reference.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,15 +29,42 @@ const MAX_CAPTURE: usize = 4096;
 /// Longest key remembered while looking for `usage`.
 const MAX_KEY: usize = 16;
 
-/// Token counts the provider reported.
+/// Token counts the provider reported, normalised across families (see the module table).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
-    /// Prompt / input tokens.
+    /// Every prompt token, cached or not, including tokens written to a prompt cache.
     pub input_tokens: Option<u64>,
-    /// Completion / output tokens.
+    /// The part of `input_tokens` read from the provider's prompt cache.
+    pub cached_input_tokens: Option<u64>,
+    /// The part of `input_tokens` written to the provider's prompt cache (Anthropic).
+    pub cache_write_tokens: Option<u64>,
+    /// Completion / output tokens, reasoning ("thinking") tokens included.
     pub output_tokens: Option<u64>,
-    /// Total tokens (reported, or input + output).
+    /// Input + output when both are known, else what the provider reported as its total.
     pub total_tokens: Option<u64>,
+}
+
+/// The raw counts as last reported, before they are combined per family in
+/// [`UsageTap::finish`]. Later reports replace earlier ones field by field.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Raw {
+    /// `prompt_tokens` / `input_tokens` / `promptTokenCount`.
+    prompt: Option<u64>,
+    /// Gemini `toolUsePromptTokenCount`.
+    tool_prompt: Option<u64>,
+    /// `cached_tokens` under the prompt/input details, `cache_read_input_tokens`,
+    /// `cachedContentTokenCount`.
+    cache_read: Option<u64>,
+    /// Anthropic `cache_creation_input_tokens`.
+    cache_write: Option<u64>,
+    /// `completion_tokens` / `output_tokens` / `candidatesTokenCount`.
+    output: Option<u64>,
+    /// Gemini `thoughtsTokenCount` (not part of `candidatesTokenCount`).
+    thoughts: Option<u64>,
+    /// `total_tokens` / `totalTokenCount`.
+    total: Option<u64>,
+    /// Anthropic's cache fields were seen, so `prompt` leaves the cache tokens out.
+    anthropic_cache: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +101,7 @@ pub struct UsageTap {
     key: Vec<u8>,
     key_ok: bool,
     capture: Vec<u8>,
-    usage: Usage,
+    raw: Raw,
     found: bool,
 }
 
@@ -79,7 +120,7 @@ impl UsageTap {
             key: Vec::with_capacity(MAX_KEY),
             key_ok: false,
             capture: Vec::new(),
-            usage: Usage::default(),
+            raw: Raw::default(),
             found: false,
         }
     }
@@ -114,13 +155,27 @@ impl UsageTap {
         if !self.found {
             return None;
         }
-        let mut u = self.usage;
-        if u.total_tokens.is_none()
-            && let (Some(i), Some(o)) = (u.input_tokens, u.output_tokens)
-        {
-            u.total_tokens = Some(i.saturating_add(o));
+        let r = self.raw;
+        let add = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0).saturating_add(b.unwrap_or(0))),
+        };
+        let mut input = add(r.prompt, r.tool_prompt);
+        if r.anthropic_cache {
+            input = add(add(input, r.cache_read), r.cache_write);
         }
-        Some(u)
+        let output = add(r.output, r.thoughts);
+        let total = match (input, output) {
+            (Some(i), Some(o)) => Some(i.saturating_add(o)),
+            _ => r.total,
+        };
+        Some(Usage {
+            input_tokens: input,
+            cached_input_tokens: r.cache_read,
+            cache_write_tokens: r.cache_write,
+            output_tokens: output,
+            total_tokens: total,
+        })
     }
 
     #[cfg(test)]
@@ -221,21 +276,44 @@ impl UsageTap {
             return;
         };
         let get = |names: &[&str]| names.iter().find_map(|n| map.get(*n)?.as_u64());
-        let input = get(&["input_tokens", "prompt_tokens", "promptTokenCount"]);
+        let nested = |outer: &[&str], inner: &str| {
+            outer
+                .iter()
+                .find_map(|o| map.get(*o)?.as_object()?.get(inner)?.as_u64())
+        };
+        let prompt = get(&["input_tokens", "prompt_tokens", "promptTokenCount"]);
         let output = get(&["output_tokens", "completion_tokens", "candidatesTokenCount"]);
         let total = get(&["total_tokens", "totalTokenCount"]);
-        if input.is_none() && output.is_none() && total.is_none() {
+        if prompt.is_none() && output.is_none() && total.is_none() {
             return;
         }
         self.found = true;
-        if input.is_some() {
-            self.usage.input_tokens = input;
+        let anthropic_read = get(&["cache_read_input_tokens"]);
+        let cache_write = get(&["cache_creation_input_tokens"]);
+        let cache_read = anthropic_read
+            .or_else(|| {
+                nested(
+                    &["prompt_tokens_details", "input_tokens_details"],
+                    "cached_tokens",
+                )
+            })
+            .or_else(|| get(&["cachedContentTokenCount"]));
+        if anthropic_read.is_some() || cache_write.is_some() {
+            self.raw.anthropic_cache = true;
         }
-        if output.is_some() {
-            self.usage.output_tokens = output;
-        }
-        if total.is_some() {
-            self.usage.total_tokens = total;
+        let raw = &mut self.raw;
+        for (slot, value) in [
+            (&mut raw.prompt, prompt),
+            (&mut raw.tool_prompt, get(&["toolUsePromptTokenCount"])),
+            (&mut raw.cache_read, cache_read),
+            (&mut raw.cache_write, cache_write),
+            (&mut raw.output, output),
+            (&mut raw.thoughts, get(&["thoughtsTokenCount"])),
+            (&mut raw.total, total),
+        ] {
+            if value.is_some() {
+                *slot = value;
+            }
         }
     }
 }
@@ -288,7 +366,118 @@ data: {\"type\":\"message_stop\"}\n\n";
             input_tokens: Some(i),
             output_tokens: Some(o),
             total_tokens: Some(t),
+            ..Usage::default()
         }
+    }
+
+    /// Input, cached input, cache writes, output; total = input + output.
+    fn full(i: u64, cached: Option<u64>, write: Option<u64>, o: u64) -> Usage {
+        Usage {
+            input_tokens: Some(i),
+            cached_input_tokens: cached,
+            cache_write_tokens: write,
+            output_tokens: Some(o),
+            total_tokens: Some(i + o),
+        }
+    }
+
+    const OPENAI_CACHED_JSON: &str = r#"{"id":"chatcmpl-2","object":"chat.completion","model":"o3","choices":[{"index":0,"message":{"role":"assistant","content":"ok"}}],"usage":{"prompt_tokens":11007,"completion_tokens":50,"total_tokens":11057,"prompt_tokens_details":{"cached_tokens":9800,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":30,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#;
+
+    const OPENAI_CACHED_SSE: &str = "data: {\"id\":\"c2\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"}}],\"usage\":null}\n\n\
+data: {\"id\":\"c2\",\"choices\":[],\"usage\":{\"prompt_tokens\":11007,\"completion_tokens\":50,\"total_tokens\":11057,\"prompt_tokens_details\":{\"cached_tokens\":9800},\"completion_tokens_details\":{\"reasoning_tokens\":30}}}\n\n\
+data: [DONE]\n\n";
+
+    const RESPONSES_JSON: &str = r#"{"id":"resp_1","object":"response","status":"completed","model":"gpt-5","output":[{"type":"message","content":[{"type":"output_text","text":"usage"}]}],"usage":{"input_tokens":11007,"input_tokens_details":{"cached_tokens":9800},"output_tokens":50,"output_tokens_details":{"reasoning_tokens":30},"total_tokens":11057}}"#;
+
+    const RESPONSES_SSE: &str = "event: response.created\n\
+data: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"status\":\"in_progress\",\"usage\":null}}\n\n\
+event: response.output_text.delta\n\
+data: {\"type\":\"response.output_text.delta\",\"delta\":\"\\\"usage\\\": {\\\"input_tokens\\\": 5}\"}\n\n\
+event: response.completed\n\
+data: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"status\":\"completed\",\"usage\":{\"input_tokens\":11007,\"input_tokens_details\":{\"cached_tokens\":9800},\"output_tokens\":50,\"output_tokens_details\":{\"reasoning_tokens\":30},\"total_tokens\":11057}}}\n\n";
+
+    const ANTHROPIC_CACHED_JSON: &str = r#"{"id":"msg_2","type":"message","role":"assistant","content":[{"type":"text","text":"Hi"}],"model":"claude-sonnet-4-5","usage":{"input_tokens":7,"cache_creation_input_tokens":1200,"cache_read_input_tokens":9800,"cache_creation":{"ephemeral_5m_input_tokens":1200,"ephemeral_1h_input_tokens":0},"output_tokens":50,"service_tier":"standard"}}"#;
+
+    const ANTHROPIC_CACHED_SSE: &str = "event: message_start\n\
+data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_2\",\"content\":[],\"usage\":{\"input_tokens\":7,\"cache_creation_input_tokens\":1200,\"cache_read_input_tokens\":9800,\"output_tokens\":1}}}\n\n\
+event: content_block_delta\n\
+data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n\
+event: message_delta\n\
+data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":50}}\n\n\
+event: message_stop\n\
+data: {\"type\":\"message_stop\"}\n\n";
+
+    const GEMINI_CACHED_JSON: &str = r#"{"candidates":[{"content":{"parts":[{"text":"ok"}],"role":"model"}}],"usageMetadata":{"promptTokenCount":11000,"cachedContentTokenCount":9800,"candidatesTokenCount":20,"thoughtsTokenCount":30,"toolUsePromptTokenCount":7,"totalTokenCount":11057},"modelVersion":"gemini-2.5-pro"}"#;
+
+    /// `streamGenerateContent` without `alt=sse` streams a JSON array whose every element
+    /// repeats the running counts; with `alt=sse` each element is an event.
+    const GEMINI_STREAM_ARRAY: &str = "[{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"o\"}]}}],\"usageMetadata\":{\"promptTokenCount\":11000,\"cachedContentTokenCount\":9800,\"toolUsePromptTokenCount\":7}}\r\n,{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"k\"}]}}],\"usageMetadata\":{\"promptTokenCount\":11000,\"cachedContentTokenCount\":9800,\"candidatesTokenCount\":20,\"thoughtsTokenCount\":30,\"toolUsePromptTokenCount\":7,\"totalTokenCount\":11057}}]";
+
+    const GEMINI_SSE: &str = "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"o\"}]}}],\"usageMetadata\":{\"promptTokenCount\":11000,\"cachedContentTokenCount\":9800,\"toolUsePromptTokenCount\":7,\"thoughtsTokenCount\":30,\"totalTokenCount\":11037}}\r\n\r\n\
+data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"k\"}]}}],\"usageMetadata\":{\"promptTokenCount\":11000,\"cachedContentTokenCount\":9800,\"candidatesTokenCount\":20,\"thoughtsTokenCount\":30,\"toolUsePromptTokenCount\":7,\"totalTokenCount\":11057}}\r\n\r\n";
+
+    /// The same prompt (11,007 tokens, 9,800 of them from the cache) and answer (50 tokens,
+    /// 30 of them reasoning) as every family reports it, JSON and streamed, whole, split at
+    /// every byte and byte by byte: the normalised counts agree.
+    #[test]
+    fn every_family_counts_cached_and_reasoning_tokens_the_same_way() {
+        let openai = full(11007, Some(9800), None, 50);
+        let anthropic = full(11007, Some(9800), Some(1200), 50);
+        let gemini = full(11007, Some(9800), None, 50);
+        for (name, ct, body, want) in [
+            (
+                "openai json",
+                "application/json",
+                OPENAI_CACHED_JSON,
+                openai,
+            ),
+            ("openai sse", "text/event-stream", OPENAI_CACHED_SSE, openai),
+            ("responses json", "application/json", RESPONSES_JSON, openai),
+            ("responses sse", "text/event-stream", RESPONSES_SSE, openai),
+            (
+                "anthropic json",
+                "application/json",
+                ANTHROPIC_CACHED_JSON,
+                anthropic,
+            ),
+            (
+                "anthropic sse",
+                "text/event-stream",
+                ANTHROPIC_CACHED_SSE,
+                anthropic,
+            ),
+            (
+                "gemini json",
+                "application/json",
+                GEMINI_CACHED_JSON,
+                gemini,
+            ),
+            (
+                "gemini array",
+                "application/json",
+                GEMINI_STREAM_ARRAY,
+                gemini,
+            ),
+            ("gemini sse", "text/event-stream", GEMINI_SSE, gemini),
+        ] {
+            eprintln!("{name}");
+            check_every_split(Some(ct), body, want);
+        }
+    }
+
+    /// Newer Anthropic streams repeat the cumulative input and cache counts in
+    /// `message_delta`; they replace, never add to, the `message_start` figures.
+    #[test]
+    fn anthropic_cumulative_message_delta_is_not_counted_twice() {
+        let sse = "event: message_start\n\
+data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":7,\"cache_creation_input_tokens\":1200,\"cache_read_input_tokens\":9800,\"output_tokens\":1}}}\n\n\
+event: message_delta\n\
+data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":7,\"cache_creation_input_tokens\":1200,\"cache_read_input_tokens\":9800,\"output_tokens\":50}}\n\n";
+        check_every_split(
+            Some("text/event-stream"),
+            sse,
+            full(11007, Some(9800), Some(1200), 50),
+        );
     }
 
     #[test]

@@ -1173,6 +1173,8 @@ impl<B> CompletionBody<B> {
         event.fingerprint = replay.fingerprint.clone();
         if let Some(usage) = self.usage.take().and_then(UsageTap::finish) {
             event.input_tokens = usage.input_tokens;
+            event.cached_input_tokens = usage.cached_input_tokens;
+            event.cache_write_tokens = usage.cache_write_tokens;
             event.output_tokens = usage.output_tokens;
             event.total_tokens = usage.total_tokens;
         }

@@ -564,6 +564,7 @@ async fn route(state: &Arc<State>, req: &RecordedRequest) -> Response<MockBody> 
     }
     match (method, path) {
         (&Method::POST, "/v1/chat/completions") => openai_chat(req, text),
+        (&Method::POST, "/v1/responses") => openai_responses(req, text),
         (&Method::POST, "/v1/embeddings") => openai_embeddings(req),
         (&Method::GET, "/v1/models") => openai_models(),
         (&Method::POST, "/v1/files") => json_response(
@@ -668,6 +669,57 @@ fn completion_tokens(text: &str) -> u64 {
     words(text).len() as u64
 }
 
+/// Request header that sets the token usage the mock reports, so cost and budgets in tests
+/// are exact: `mock-usage: input=11007,cached=9800,cache_write=1200,output=50,reasoning=30`
+/// (missing names are 0). Each provider shape reports it in that provider's own way:
+/// Anthropic's `input_tokens` leaves out the cached and cache-written tokens, Gemini's
+/// `candidatesTokenCount` leaves out the thinking tokens, OpenAI's counts include both.
+pub const MOCK_USAGE_HEADER: &str = "mock-usage";
+
+/// Token usage a mock answer reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MockUsage {
+    /// Every prompt token, cached or not.
+    pub input: u64,
+    /// Prompt tokens read from the cache.
+    pub cached: u64,
+    /// Prompt tokens written to the cache (Anthropic only).
+    pub cache_write: u64,
+    /// Output tokens, reasoning included.
+    pub output: u64,
+    /// The reasoning part of `output`.
+    pub reasoning: u64,
+}
+
+impl MockUsage {
+    /// The header value that asks the mock for this usage.
+    pub fn header(&self) -> String {
+        format!(
+            "input={},cached={},cache_write={},output={},reasoning={}",
+            self.input, self.cached, self.cache_write, self.output, self.reasoning
+        )
+    }
+
+    /// The usage `req` asked for with [`MOCK_USAGE_HEADER`], if it did.
+    fn requested(req: &RecordedRequest) -> Option<MockUsage> {
+        let spec = req.header(MOCK_USAGE_HEADER)?;
+        let mut u = MockUsage::default();
+        for part in spec.split(',') {
+            let (name, value) = part.split_once('=')?;
+            let value: u64 = value.trim().parse().ok()?;
+            match name.trim() {
+                "input" => u.input = value,
+                "cached" => u.cached = value,
+                "cache_write" => u.cache_write = value,
+                "output" => u.output = value,
+                "reasoning" => u.reasoning = value,
+                _ => return None,
+            }
+        }
+        Some(u)
+    }
+}
+
 fn model_of(body: &Value, fallback: &str) -> String {
     body.get("model")
         .and_then(Value::as_str)
@@ -679,11 +731,20 @@ fn openai_chat(req: &RecordedRequest, text: &str) -> Response<MockBody> {
     let body = req.json();
     let model = model_of(&body, "gpt-4o-mini");
     let completion = completion_tokens(text);
-    let usage = json!({
-        "prompt_tokens": MOCK_PROMPT_TOKENS,
-        "completion_tokens": completion,
-        "total_tokens": MOCK_PROMPT_TOKENS + completion,
-    });
+    let usage = match MockUsage::requested(req) {
+        None => json!({
+            "prompt_tokens": MOCK_PROMPT_TOKENS,
+            "completion_tokens": completion,
+            "total_tokens": MOCK_PROMPT_TOKENS + completion,
+        }),
+        Some(u) => json!({
+            "prompt_tokens": u.input,
+            "completion_tokens": u.output,
+            "total_tokens": u.input + u.output,
+            "prompt_tokens_details": {"cached_tokens": u.cached, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": u.reasoning, "audio_tokens": 0},
+        }),
+    };
     let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
     if !stream {
         return json_response(
@@ -743,6 +804,56 @@ fn openai_chat(req: &RecordedRequest, text: &str) -> Response<MockBody> {
     sse_response(events)
 }
 
+fn openai_responses(req: &RecordedRequest, text: &str) -> Response<MockBody> {
+    let body = req.json();
+    let model = model_of(&body, "gpt-4o-mini");
+    let u = MockUsage::requested(req).unwrap_or(MockUsage {
+        input: MOCK_PROMPT_TOKENS,
+        output: completion_tokens(text),
+        ..MockUsage::default()
+    });
+    let usage = json!({
+        "input_tokens": u.input,
+        "input_tokens_details": {"cached_tokens": u.cached},
+        "output_tokens": u.output,
+        "output_tokens_details": {"reasoning_tokens": u.reasoning},
+        "total_tokens": u.input + u.output,
+    });
+    let response = |status: &str, text: &str, usage: Value| {
+        json!({
+            "id": "resp_mock",
+            "object": "response",
+            "created_at": 1_700_000_000,
+            "status": status,
+            "model": model,
+            "output": [{
+                "type": "message", "id": "msg_mock", "status": status, "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }],
+            "usage": usage,
+        })
+    };
+    if body.get("stream").and_then(Value::as_bool) != Some(true) {
+        return json_response(StatusCode::OK, response("completed", text, usage));
+    }
+    let event = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+    let mut events = vec![event(
+        "response.created",
+        json!({"type": "response.created", "response": response("in_progress", "", Value::Null)}),
+    )];
+    for piece in words(text) {
+        events.push(event(
+            "response.output_text.delta",
+            json!({"type": "response.output_text.delta", "item_id": "msg_mock", "output_index": 0, "content_index": 0, "delta": piece}),
+        ));
+    }
+    events.push(event(
+        "response.completed",
+        json!({"type": "response.completed", "response": response("completed", text, usage)}),
+    ));
+    sse_response(events)
+}
+
 fn openai_embeddings(req: &RecordedRequest) -> Response<MockBody> {
     let body = req.json();
     let model = model_of(&body, "text-embedding-3-small");
@@ -788,7 +899,17 @@ fn openai_models() -> Response<MockBody> {
 fn anthropic_messages(req: &RecordedRequest, text: &str) -> Response<MockBody> {
     let body = req.json();
     let model = model_of(&body, "claude-3-5-haiku-latest");
-    let output = completion_tokens(text);
+    let mut output = completion_tokens(text);
+    let mut usage = json!({"input_tokens": MOCK_PROMPT_TOKENS, "output_tokens": output});
+    if let Some(u) = MockUsage::requested(req) {
+        output = u.output;
+        usage = json!({
+            "input_tokens": u.input - u.cached - u.cache_write,
+            "cache_creation_input_tokens": u.cache_write,
+            "cache_read_input_tokens": u.cached,
+            "output_tokens": u.output,
+        });
+    }
     let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
     if !stream {
         return json_response(
@@ -801,10 +922,13 @@ fn anthropic_messages(req: &RecordedRequest, text: &str) -> Response<MockBody> {
                 "content": [{"type": "text", "text": text}],
                 "stop_reason": "end_turn",
                 "stop_sequence": null,
-                "usage": {"input_tokens": MOCK_PROMPT_TOKENS, "output_tokens": output},
+                "usage": usage,
             }),
         );
     }
+    // `message_start` carries the input and cache counts, `message_delta` the final output.
+    let mut start_usage = usage.clone();
+    start_usage["output_tokens"] = json!(1);
     let event = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
     let mut events = vec![
         event(
@@ -812,7 +936,7 @@ fn anthropic_messages(req: &RecordedRequest, text: &str) -> Response<MockBody> {
             json!({"type": "message_start", "message": {
                 "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
                 "content": [], "stop_reason": null, "stop_sequence": null,
-                "usage": {"input_tokens": MOCK_PROMPT_TOKENS, "output_tokens": 1},
+                "usage": start_usage,
             }}),
         ),
         event(
@@ -848,11 +972,20 @@ fn gemini(req: &RecordedRequest, text: &str) -> Response<MockBody> {
         );
     };
     let candidates = completion_tokens(text);
-    let usage = json!({
-        "promptTokenCount": MOCK_PROMPT_TOKENS,
-        "candidatesTokenCount": candidates,
-        "totalTokenCount": MOCK_PROMPT_TOKENS + candidates,
-    });
+    let usage = match MockUsage::requested(req) {
+        None => json!({
+            "promptTokenCount": MOCK_PROMPT_TOKENS,
+            "candidatesTokenCount": candidates,
+            "totalTokenCount": MOCK_PROMPT_TOKENS + candidates,
+        }),
+        Some(u) => json!({
+            "promptTokenCount": u.input,
+            "cachedContentTokenCount": u.cached,
+            "candidatesTokenCount": u.output - u.reasoning,
+            "thoughtsTokenCount": u.reasoning,
+            "totalTokenCount": u.input + u.output,
+        }),
+    };
     let response = |parts_text: &str, finish: Option<&str>, usage: Option<&Value>| {
         let mut candidate = json!({
             "content": {"parts": [{"text": parts_text}], "role": "model"},
