@@ -355,6 +355,7 @@ fn status(state: &State) -> Value {
         "in_flight": state.in_flight(),
         "connections": state.connections.open(),
         "max_connections": state.connections.max_total(),
+        "buffered_body_bytes": state.bodies.held(),
         "store_accesses": state.store.accesses(),
     })
 }

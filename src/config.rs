@@ -55,6 +55,14 @@ impl std::fmt::Display for AuditExport {
 pub struct Limits {
     /// Largest request body accepted (413 above it).
     pub max_request_body: u64,
+    /// Most body bytes read (and held) while looking for a JSON body's top-level `model`
+    /// (400 when it is not within them).
+    pub max_model_scan: u64,
+    /// Most request-body bytes all requests together may hold in memory (bodies read while
+    /// looking for the model, bodies kept for a failover); a request that would need more
+    /// while looking for its model gets 503 `overloaded`, one kept for a failover stops being
+    /// kept (no failover for it).
+    pub max_buffered_bodies: u64,
     /// Requests served at once (503 `overloaded` above it).
     pub max_concurrent_requests: usize,
     /// Requests one client may have in flight at once (503 `overloaded` above it), so one
@@ -92,6 +100,8 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             max_request_body: 16 << 20,
+            max_model_scan: 4 << 20,
+            max_buffered_bodies: 256 << 20,
             max_concurrent_requests: 4096,
             max_requests_per_client: 256,
             max_requests_per_tenant: 1024,
@@ -288,6 +298,8 @@ struct RawMasterKey {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_request_body: Option<String>,
+    max_model_scan: Option<String>,
+    max_buffered_bodies: Option<String>,
     max_concurrent_requests: Option<i64>,
     max_requests_per_client: Option<i64>,
     max_requests_per_tenant: Option<i64>,
@@ -713,6 +725,18 @@ fn build(
             }
         }
     };
+    let size = |key: &str, v: &Option<String>, default: u64| -> Result<u64, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(t) => match parse_size(t).map_err(|e| value_err(key, e.to_string()))? {
+                0 => Err(value_err(
+                    key,
+                    "0 would refuse every request with a body; give a size such as \"4MiB\"".into(),
+                )),
+                n => Ok(n),
+            },
+        }
+    };
     let max_header_bytes = match &raw.limits.max_header_bytes {
         None => d.max_header_bytes,
         Some(t) => {
@@ -728,6 +752,16 @@ fn build(
     };
     let limits = Limits {
         max_request_body,
+        max_model_scan: size(
+            "limits.max_model_scan",
+            &raw.limits.max_model_scan,
+            d.max_model_scan,
+        )?,
+        max_buffered_bodies: size(
+            "limits.max_buffered_bodies",
+            &raw.limits.max_buffered_bodies,
+            d.max_buffered_bodies,
+        )?,
         max_concurrent_requests: count(
             "limits.max_concurrent_requests",
             raw.limits.max_concurrent_requests,

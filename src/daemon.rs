@@ -97,6 +97,8 @@ pub struct State {
     /// Open data connections against `limits.max_connections` (as fitted to the descriptor
     /// limit) and `limits.max_connections_per_uid`.
     pub connections: Arc<crate::proxy::conn::ConnectionLimits>,
+    /// Request-body bytes held in memory, against `limits.max_buffered_bodies`.
+    pub bodies: Arc<crate::proxy::limits::BodyBudget>,
     /// Requests in flight per client and per tenant, against their shares of the limiter.
     pub shares: Arc<crate::proxy::limits::RequestShares>,
     /// Unwrapped tenant and fingerprint keys, in locked memory.
@@ -337,6 +339,7 @@ impl Server {
                 max_connections,
                 config.limits.max_connections_per_uid,
             ),
+            bodies: crate::proxy::limits::BodyBudget::new(config.limits.max_buffered_bodies),
             shares: crate::proxy::limits::RequestShares::new(
                 config.limits.max_requests_per_client,
                 config.limits.max_requests_per_tenant,

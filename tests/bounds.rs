@@ -419,3 +419,87 @@ async fn silent_connections_are_capped_and_closed_and_the_admin_socket_still_ans
     .await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// A chat body whose top-level `model` comes after `filler` bytes of message text, the order
+/// the Python SDKs write.
+fn model_last(filler: usize) -> String {
+    format!(
+        "{{\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}],\"model\":\"gpt-4o\"}}",
+        "x".repeat(filler)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_hiding_its_model_is_bounded_alone_and_with_the_others() {
+    let s = support::setup(
+        &["openai"],
+        "[limits]\nmax_model_scan = \"64KiB\"\nmax_buffered_bodies = \"1MiB\"\n",
+    )
+    .await;
+    let (token, _) = s
+        .daemon
+        .provision("acme", "openai", &random_key("sk-"), &[]);
+    let socket = s.daemon.socket();
+    let path = "/openai/v1/chat/completions";
+
+    // Alone: the model must come within max_model_scan, wherever the rest of the body goes.
+    let (status, headers, body) = call_as(&socket, &token, path, &model_last(200 << 10)).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(support::uds::error_code(&headers), "bad_request");
+    assert!(
+        body.contains("limits.max_model_scan") && body.contains("65536"),
+        "{body}"
+    );
+    let (status, _, body) = call_as(&socket, &token, path, &model_last(10 << 10)).await;
+    assert_eq!(status, 200, "{body}");
+    let model_first = format!(
+        "{{\"model\":\"gpt-4o\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}",
+        "x".repeat(2 << 20)
+    );
+    let (status, _, body) = call_as(&socket, &token, path, &model_first).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Together: 60 KiB of model-less body held by each of 30 stalled requests would be
+    // 1.8 MiB; 17 fit in 1 MiB, the others are refused with 503, and the memory is given back.
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: k\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\ncontent-length: 1000000\r\n\r\n\
+         {{\"messages\":[{{\"role\":\"user\",\"content\":\"{}",
+        "x".repeat(60 << 10)
+    );
+    let mut stalled = Vec::new();
+    for _ in 0..30 {
+        let mut c = UnixStream::connect(&socket).await.unwrap();
+        c.write_all(head.as_bytes()).await.unwrap();
+        stalled.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut refused = Vec::new();
+    for c in &mut stalled {
+        let mut buf = vec![0u8; 4096];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(100), c.read(&mut buf)).await
+            && n > 0
+        {
+            refused.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    assert!(
+        refused.len() >= 13,
+        "at most 17 bodies of 60 KiB fit in 1 MiB: {} refused",
+        refused.len()
+    );
+    for answer in &refused {
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("keyward-error: overloaded"), "{answer}");
+        assert!(answer.contains("limits.max_buffered_bodies"), "{answer}");
+    }
+    let status = s.daemon.json_lines(&["status"]);
+    let held = status[0]["buffered_body_bytes"].as_u64().unwrap();
+    assert!(held <= 1 << 20, "{held} bytes held");
+    drop(stalled);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = s.daemon.json_lines(&["status"]);
+    assert_eq!(status[0]["buffered_body_bytes"], 0, "every hold given back");
+    let (status, _, body) = call_as(&socket, &token, path, &model_last(10 << 10)).await;
+    assert_eq!(status, 200, "{body}");
+}

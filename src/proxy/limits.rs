@@ -2,10 +2,14 @@
 //! flight at once, so that one authenticated caller holding its requests open (a body trickled
 //! a byte at a time, a stream left open) cannot take the slots every other tenant needs.
 //!
+//! It also counts the request-body bytes keyward holds (a body read while looking for its
+//! `model`, a body kept for a failover) against one budget for all requests together.
+//!
 //! This module only counts; `server` decides when a request takes its share and answers 503
 //! `overloaded` when there is none.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::lock;
@@ -109,6 +113,86 @@ impl Drop for ShareGuard {
     }
 }
 
+/// Request-body bytes held in memory by all requests together, against
+/// `limits.max_buffered_bodies`.
+pub struct BodyBudget {
+    /// Bytes held now.
+    held: AtomicU64,
+    /// Most bytes that may be held.
+    limit: u64,
+}
+
+impl BodyBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Arc<BodyBudget> {
+        Arc::new(BodyBudget {
+            held: AtomicU64::new(0),
+            limit,
+        })
+    }
+
+    /// An empty hold on the budget, for one request's body.
+    pub fn hold(self: &Arc<Self>) -> BodyHold {
+        BodyHold {
+            budget: self.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// Bytes held now by every request.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// The budget's size.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+}
+
+/// The body bytes one request holds; given back when it shrinks or drops.
+pub struct BodyHold {
+    budget: Arc<BodyBudget>,
+    bytes: u64,
+}
+
+impl BodyHold {
+    /// Holds `n` more bytes, or returns false (holding nothing more) when the budget would be
+    /// exceeded.
+    pub fn grow(&mut self, n: u64) -> bool {
+        let limit = self.budget.limit;
+        let taken = self
+            .budget
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(n).filter(|&total| total <= limit)
+            })
+            .is_ok();
+        if taken {
+            self.bytes += n;
+        }
+        taken
+    }
+
+    /// Gives back `n` of the bytes held.
+    pub fn shrink(&mut self, n: u64) {
+        let n = n.min(self.bytes);
+        self.bytes -= n;
+        self.budget.held.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Bytes this request holds.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for BodyHold {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +231,23 @@ mod tests {
         }
         let counts = lock(&shares.counts);
         assert!(counts.clients.is_empty() && counts.tenants.is_empty());
+    }
+
+    #[test]
+    fn body_bytes_are_held_within_one_budget_and_given_back() {
+        let budget = BodyBudget::new(100);
+        let mut a = budget.hold();
+        let mut b = budget.hold();
+        assert!(a.grow(60));
+        assert!(!b.grow(41), "over the budget");
+        assert_eq!(b.bytes(), 0);
+        assert!(b.grow(40));
+        assert_eq!(budget.held(), 100);
+        a.shrink(10);
+        assert!(b.grow(10));
+        drop(a);
+        assert_eq!(budget.held(), 50);
+        b.shrink(1000);
+        assert_eq!(budget.held(), 0);
     }
 }

@@ -38,7 +38,7 @@ use tokio::sync::watch;
 use super::app_conn::{AppConn, ConnCheck};
 use super::conn::{Activity, ConnectionGuard, Full, Throttle};
 use super::error::{CALL_ID_HEADER, ErrorCode, error_response};
-use super::limits::ShareGuard;
+use super::limits::{BodyHold, ShareGuard};
 use super::route::{Route, upstream_uri};
 use super::scrub::{ScrubBody, Scrubber};
 use super::upstream::{BoxError, IdleTimeoutBody, ResponseBody, UpstreamBody, UpstreamError};
@@ -401,13 +401,20 @@ async fn process(
         state.config.limits.request_body_timeout,
     );
     let mut prefix = Vec::new();
+    let mut held = state.bodies.hold();
     let mut scanner = None;
     let model = match model_source(target.family, route.path()) {
         ModelSource::Path(m) => Some(m),
         ModelSource::Unknown => None,
         ModelSource::JsonBody => {
             let mut s = ModelScanner::new();
-            let (model, ended) = read_model(&mut body, &mut s, &mut prefix, limit).await?;
+            let scan = Scan {
+                limit,
+                window: state.config.limits.max_model_scan,
+                budget: state.bodies.limit(),
+            };
+            let (model, ended) =
+                read_model(&mut body, &mut s, &mut prefix, &mut held, scan).await?;
             if !ended {
                 scanner = Some(s);
             }
@@ -459,7 +466,7 @@ async fn process(
     })?;
     let rest = (!body.is_end_stream()).then_some(body);
     let replay = Replay::new(
-        prefix,
+        (prefix, held),
         rest,
         scanner,
         Fingerprinter::new(&keys.fingerprint),
@@ -749,14 +756,32 @@ fn name_credential(event: &mut Event, c: &Candidate) {
     }
 }
 
-/// Reads body frames until the model is known or the body ends. Returns the model and whether
-/// the body has ended.
+/// The bounds on reading a body for its model.
+struct Scan {
+    /// `limits.max_request_body`.
+    limit: u64,
+    /// `limits.max_model_scan`.
+    window: u64,
+    /// `limits.max_buffered_bodies`.
+    budget: u64,
+}
+
+/// Reads body frames until the model is known or the body ends, holding what was read in
+/// `prefix` (counted in `held`). Returns the model and whether the body has ended. Refuses a
+/// body whose model is not within `max_model_scan` bytes (400), and one that would take the
+/// bodies held by all requests past `max_buffered_bodies` (503).
 async fn read_model(
     body: &mut AppBody,
     scanner: &mut ModelScanner,
     prefix: &mut Vec<Bytes>,
-    limit: u64,
+    held: &mut BodyHold,
+    scan: Scan,
 ) -> Result<(Option<String>, bool), Reject> {
+    let Scan {
+        limit,
+        window,
+        budget,
+    } = scan;
     let mut received = 0u64;
     loop {
         let Some(frame) = body.frame().await else {
@@ -779,9 +804,28 @@ async fn read_model(
         if received > limit {
             return Err(too_large(limit));
         }
+        if !held.grow(data.len() as u64) {
+            return Err(Reject::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "request bodies held while keyward reads their model have reached \
+                     limits.max_buffered_bodies ({budget} bytes); retry shortly"
+                ),
+            ));
+        }
         let state = scanner.feed(&data);
         prefix.push(data);
         match state {
+            ScanState::NeedMore if received >= window => {
+                return Err(Reject::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "the JSON body does not name its top-level \"model\" within its first \
+                         {window} bytes (limits.max_model_scan); put \"model\" before large \
+                         fields such as \"messages\", or ask the operator to raise the limit"
+                    ),
+                ));
+            }
             ScanState::NeedMore => {}
             ScanState::Found(m) => return Ok((Some(m), body.is_end_stream())),
             ScanState::Absent => return Ok((None, body.is_end_stream())),
@@ -918,6 +962,8 @@ fn header_value(text: &str) -> HeaderValue {
 struct Replay {
     /// Chunks kept for a replay; while `retain` is off, only those not sent yet.
     chunks: VecDeque<Bytes>,
+    /// The bytes of `chunks`, counted against `limits.max_buffered_bodies`.
+    held: BodyHold,
     /// Index in `chunks` of the next chunk the owner sends.
     next: usize,
     /// Keep sent chunks, because another attempt may follow.
@@ -944,7 +990,7 @@ struct Replay {
 
 impl Replay {
     fn new(
-        prefix: Vec<Bytes>,
+        (prefix, held): (Vec<Bytes>, BodyHold),
         rest: Option<AppBody>,
         scanner: Option<ModelScanner>,
         mut fingerprinter: Fingerprinter,
@@ -958,6 +1004,7 @@ impl Replay {
         }
         let mut replay = Replay {
             chunks: prefix.into(),
+            held,
             next: 0,
             retain,
             owner: 0,
@@ -993,7 +1040,8 @@ impl Replay {
     /// No more failover for this request: free what was sent.
     fn stop_retaining(&mut self) {
         self.retain = false;
-        self.chunks.drain(..self.next);
+        let sent: u64 = self.chunks.drain(..self.next).map(|c| c.len() as u64).sum();
+        self.held.shrink(sent);
         self.next = 0;
     }
 
@@ -1019,6 +1067,7 @@ impl Replay {
                 self.next += 1;
             } else {
                 self.chunks.pop_front();
+                self.held.shrink(chunk.len() as u64);
             }
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
@@ -1064,6 +1113,18 @@ impl Replay {
                         fp.update(&data);
                     }
                     self.received += data.len() as u64;
+                    // Past max_buffered_bodies the body is no longer kept: this request loses
+                    // its failover rather than another request its memory.
+                    if self.retain && !self.held.grow(data.len() as u64) {
+                        static THROTTLE: Throttle = Throttle::new(Duration::from_secs(10));
+                        if let Some(suppressed) = THROTTLE.tick(Instant::now()) {
+                            tracing::warn!(
+                                suppressed,
+                                "request body not kept for a failover: limits.max_buffered_bodies reached"
+                            );
+                        }
+                        self.stop_retaining();
+                    }
                     if self.retain {
                         self.chunks.push_back(data.clone());
                         self.next += 1;
