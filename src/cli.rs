@@ -315,7 +315,8 @@ fn trusted_daemon_uids(flag: Option<&str>) -> Result<Vec<u32>, Failure> {
                     return Err(Failure(
                         2,
                         format!(
-                            "--daemon-user {name:?}: no such user; give the name or uid the                              daemon runs as"
+                            "--daemon-user {name:?}: no such user; give the name or uid the \
+                             daemon runs as"
                         ),
                     ));
                 }
@@ -508,7 +509,10 @@ fn check_server(stream: &UnixStream, endpoint: &Endpoint) -> Result<(), Failure>
     Err(Failure(
         1,
         format!(
-            "refusing to talk to the admin socket {}: it is served by uid {uid}{name} (pid {}),              which is neither root nor you (uid {}); nothing was sent. If keyward really runs as              that user, name it with --daemon-user or $KEYWARD_DAEMON_USER; otherwise someone              else controls that socket",
+            "refusing to talk to the admin socket {}: it is served by uid {uid}{name} (pid {}), \
+             which is neither root nor you (uid {}); nothing was sent. If keyward really runs as \
+             that user, name it with --daemon-user or $KEYWARD_DAEMON_USER; otherwise someone \
+             else controls that socket",
             endpoint.socket.display(),
             cred.pid(),
             nix::unistd::getuid()

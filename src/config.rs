@@ -508,7 +508,7 @@ fn kms_endpoint(text: &str) -> Result<String, String> {
     Ok(format!("https://{authority}"))
 }
 
-/// Default state directory (SPEC §2).
+/// Default state directory (README, "Configuration").
 pub fn default_state_dir(env: EnvLookup<'_>) -> PathBuf {
     if let Some(home) = env("KEYWARD_HOME") {
         return PathBuf::from(home);
@@ -524,7 +524,7 @@ pub fn default_state_dir(env: EnvLookup<'_>) -> PathBuf {
     Path::new(&home).join(".local/state/keyward")
 }
 
-/// Default socket directory (SPEC §2), given the state directory in force.
+/// Default socket directory (README, "Configuration"), given the state directory in force.
 pub fn default_socket_dir(env: EnvLookup<'_>, state_dir: &Path) -> PathBuf {
     if let Some(home) = env("KEYWARD_HOME") {
         return PathBuf::from(home);
@@ -641,7 +641,10 @@ fn build(
         return Err(value_err(
             "listen_tcp",
             format!(
-                "{addr} is not a loopback address: the TCP listener has no TLS, so client                  tokens, prompts and answers would cross the network in clear text; use                  127.0.0.1 or [::1], or put a TLS-terminating proxy in front and set                  listen_tcp_allow_remote = true"
+                "{addr} is not a loopback address: the TCP listener has no TLS, so client \
+                 tokens, prompts and answers would cross the network in clear text; use \
+                 127.0.0.1 or [::1], or put a TLS-terminating proxy in front and set \
+                 listen_tcp_allow_remote = true"
             ),
         ));
     }

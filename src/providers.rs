@@ -1,6 +1,6 @@
-//! Provider targets: the built-in presets of SPEC §4, config overrides and custom targets, their
-//! validation, and the one pure function that prepares upstream request headers and injects a
-//! key (pingora's `upstream_request_filter`, without the I/O).
+//! Provider targets: the built-in presets (README, "Targets"), config overrides and custom
+//! targets, their validation, and the one pure function that prepares upstream request headers
+//! and injects a key (pingora's `upstream_request_filter`, without the I/O).
 //!
 //! `providers` must not do I/O beyond reading a target's `ca_file` while the config is
 //! validated, must not choose credentials, and must never put key bytes in an error, a log line
@@ -217,7 +217,7 @@ type Preset = (
 
 const BEARER: Option<(&str, &str)> = Some(("authorization", "Bearer {key}"));
 
-/// SPEC §4 presets.
+/// The built-in presets (README, "Targets").
 const PRESETS: &[Preset] = &[
     (
         "openai",

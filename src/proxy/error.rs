@@ -1,4 +1,4 @@
-//! The error contract of the data plane (SPEC §4): the closed set of codes keyward itself
+//! The error contract of the data plane (README, "How applications connect"): the closed set of codes keyward itself
 //! answers with, their HTTP statuses, and the one function that renders them.
 //!
 //! Every keyward-made error response goes through [`error_response`], so the header

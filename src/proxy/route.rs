@@ -1,9 +1,10 @@
 //! Request routing: turns the request target an app sent (`/{target}/{provider path}?query`)
 //! into a validated [`Route`], and a route plus a [`Target`] into the upstream URI.
 //!
-//! This is where SPEC §4 "the app cannot steer the key anywhere else" is enforced: anything
-//! that could make an upstream — or a proxy in front of it that decodes again — see a URL other
-//! than `{base_url}{provider path}` is rejected here, before credentials are even looked at.
+//! This is where "the app cannot steer the key anywhere else" (README, "What an app cannot
+//! do") is enforced: anything that could make an upstream — or a proxy in front of it that
+//! decodes again — see a URL other than `{base_url}{provider path}` is rejected here, before
+//! credentials are even looked at.
 //! `route` must not look up targets, credentials or bodies, and does no I/O.
 
 use http::uri::{PathAndQuery, Uri};

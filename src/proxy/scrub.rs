@@ -1,6 +1,7 @@
 //! Response scrubbing: replaces every occurrence of the injected key in upstream response
-//! headers, body and trailers with `[REDACTED]` (SPEC §4), so a provider that echoes the key
-//! (an "incorrect API key" error, an echo endpoint, a debug header) cannot hand it to the app.
+//! headers, body and trailers with `[REDACTED]` (README, "What an app cannot do"), so a
+//! provider that echoes the key (an "incorrect API key" error, an echo endpoint, a debug
+//! header) cannot hand it to the app.
 //!
 //! The body is scrubbed as a stream. [`Scrubber`] emits every byte the moment it is known not
 //! to start an occurrence and holds back only the longest suffix of what it has seen that is a

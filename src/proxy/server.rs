@@ -651,7 +651,9 @@ async fn attempt(
             reject: Reject::new(
                 ErrorCode::UpstreamUnreachable,
                 format!(
-                    "upstream {} answered with an encoded body (Content-Encoding or                      Transfer-Encoding other than chunked) although none was accepted; keyward                      cannot scrub it and refuses to relay it",
+                    "upstream {} answered with an encoded body (Content-Encoding or \
+                     Transfer-Encoding other than chunked) although none was accepted; keyward \
+                     cannot scrub it and refuses to relay it",
                     request.target.upstream.authority
                 ),
             ),
@@ -1277,7 +1279,8 @@ where
                         .client_still_active(client, &mut this.catalog_seen)
                 {
                     this.complete(Some(
-                        "the client was revoked while the response streamed; the rest was not                          delivered"
+                        "the client was revoked while the response streamed; the rest was not \
+                         delivered"
                             .into(),
                     ));
                     return Poll::Ready(Some(Err("client revoked".into())));

@@ -1,6 +1,6 @@
 //! Request attributes that scope decisions are made on: the capability a provider path
-//! exercises and the model a request names, read per provider [`Family`] (SPEC §4 "Model and
-//! capability"), including an incremental scanner for the top-level `"model"` of a JSON body.
+//! exercises and the model a request names, read per provider [`Family`] (README, "Targets"),
+//! including an incremental scanner for the top-level `"model"` of a JSON body.
 //!
 //! `attrs` only reads what it is given: it must not buffer bodies, do I/O or decide whether a
 //! request is allowed.
@@ -10,7 +10,7 @@ use std::str::FromStr;
 
 use crate::providers::Family;
 
-/// What a request does, in the SPEC §4 vocabulary.
+/// What a request does, in the vocabulary of the README ("Targets").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Capability {
     /// Chat-style generation (chat/completions, responses, messages, generateContent).

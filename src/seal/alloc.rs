@@ -3,7 +3,7 @@
 //! The provider key has to leave locked memory to be sent: it becomes header bytes, then hyper
 //! and rustls plaintext buffers. Those copies live on the ordinary heap; zeroing every block at
 //! free time guarantees that once a request's buffers are gone, freed memory holds no trace of
-//! the key (SPEC §8), without having to find every copy.
+//! the key (README, "The key model"), without having to find every copy.
 
 #![allow(unsafe_code)]
 

@@ -1,4 +1,4 @@
-//! Where the master key comes from (SPEC §2 order) and how a generated one is stored.
+//! Where the master key comes from (in the order the README gives under "The key model") and how a generated one is stored.
 
 #![allow(unsafe_code)]
 
