@@ -146,6 +146,11 @@ pub enum Request {
         /// Credential id.
         id: String,
     },
+    /// `bundle export`: seal the named tenants (every tenant when empty) into a bundle.
+    BundleExport {
+        /// Tenant names.
+        tenants: Vec<String>,
+    },
 }
 
 /// What `cred add` sends: the credential's scope and its first secret.
@@ -323,6 +328,9 @@ async fn dispatch(state: &Arc<State>, request: Request) -> Reply {
         Request::AuditQuery { filter } => blocking(move || audit_query(&state, filter)).await,
         Request::AuditVerify => blocking(move || audit_verify(&state)).await,
         Request::AuditLifecycle { id } => blocking(move || audit_lifecycle(&state, &id)).await,
+        Request::BundleExport { tenants } => {
+            blocking(move || bundle_export(&state, &tenants)).await
+        }
         other => blocking(move || mutate(&state, other)).await,
     }
 }
@@ -352,6 +360,7 @@ fn status(state: &State) -> Value {
         "kek_operations": state.master.operations(),
         "instance": state.instance,
         "audit_export": state.audit.export_status(),
+        "bundle": state.bundle.as_ref().map(|b| b.status()),
         "in_flight": state.in_flight(),
         "connections": state.connections.open(),
         "max_connections": state.connections.max_total(),
@@ -364,6 +373,13 @@ fn status(state: &State) -> Value {
 /// transaction (the audit commit happens first; if it fails the change rolls back), then
 /// refresh the catalog.
 fn mutate(state: &State, request: Request) -> Reply {
+    let listing = matches!(
+        request,
+        Request::TenantList | Request::CredList { .. } | Request::ClientList { .. }
+    );
+    if !listing && let Some(bundle) = &state.bundle {
+        return Err(AdminError(bundle.read_only()));
+    }
     let reply = match request {
         Request::TenantAdd {
             name,
@@ -393,7 +409,8 @@ fn mutate(state: &State, request: Request) -> Reply {
         Request::Status
         | Request::AuditQuery { .. }
         | Request::AuditVerify
-        | Request::AuditLifecycle { .. } => {
+        | Request::AuditLifecycle { .. }
+        | Request::BundleExport { .. } => {
             unreachable!("dispatched elsewhere")
         }
     }?;
@@ -881,7 +898,20 @@ fn client_add(
 }
 
 fn client_list(state: &State, tenant: Option<&str>) -> Reply {
-    let snapshot = state.store.snapshot()?;
+    let snapshot = match &state.bundle {
+        Some(bundle) => store::Snapshot {
+            tenants: state
+                .catalog
+                .load()
+                .tenants
+                .values()
+                .map(|t| t.as_ref().clone())
+                .collect(),
+            clients: bundle.clients(),
+            credentials: Vec::new(),
+        },
+        None => state.store.snapshot()?,
+    };
     let names: std::collections::HashMap<&str, &str> = snapshot
         .tenants
         .iter()
@@ -1029,6 +1059,37 @@ pub fn dev_client(state: &State) -> Result<String, AdminError> {
     let reply = client_add(state, "dev", name, None, None, vec![])?;
     state.reload_catalog()?;
     Ok(reply["token"].as_str().unwrap_or_default().to_string())
+}
+
+// === bundles ===
+
+/// `bundle export`: seals the named tenants (all when none are named) from the store into a
+/// bundle with the next serial.
+fn bundle_export(state: &State, tenants: &[String]) -> Reply {
+    if let Some(bundle) = &state.bundle {
+        return Err(AdminError(format!(
+            "this keyward serves bundle {} (serial {}); export bundles on the authoring keyward",
+            bundle.path().display(),
+            bundle.serial()
+        )));
+    }
+    let snapshot = state.store.snapshot()?;
+    let serial = crate::bundle::next_serial(&state.config.state_dir).map_err(|e| {
+        AdminError(format!(
+            "cannot record the bundle serial in {}: {e}",
+            state.config.state_dir.display()
+        ))
+    })?;
+    let exported =
+        crate::bundle::export(&state.master, &snapshot, tenants, &state.instance, serial)
+            .map_err(AdminError)?;
+    tracing::info!(
+        serial,
+        tenants = exported.tenants,
+        credentials = exported.credentials,
+        "bundle exported"
+    );
+    Ok(serde_json::to_value(exported)?)
 }
 
 #[cfg(test)]

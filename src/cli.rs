@@ -69,6 +69,9 @@ pub enum Command {
     /// Query and verify the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Seal tenants, clients and credentials into a bundle for sidecars.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
 }
 
 /// `keyward tenant …`
@@ -204,6 +207,20 @@ pub enum AuditCommand {
     },
 }
 
+/// `keyward bundle …`
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Write a sealed bundle of the named tenants (default: every tenant).
+    Export {
+        /// The bundle file to write (replaced atomically, mode 0600).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// A tenant to include (repeatable).
+        #[arg(long = "tenant", value_name = "T")]
+        tenants: Vec<String>,
+    },
+}
+
 /// Options of `audit verify`.
 #[derive(Debug, Args)]
 pub struct AuditVerify {
@@ -330,7 +347,51 @@ fn trusted_daemon_uids(flag: Option<&str>) -> Result<Vec<u32>, Failure> {
 fn execute(command: &Command, endpoint: &Endpoint, json: bool) -> Result<(), Failure> {
     let request = build_request(command)?;
     let data = call(endpoint, &request)?;
+    if let Command::Bundle(BundleCommand::Export { out, .. }) = command {
+        return write_bundle(out, &data, json);
+    }
     print(command, &data, json)
+}
+
+/// Writes an exported bundle next to `out` and renames it into place, so a reader (or a
+/// `kubectl create secret` run meanwhile) never sees half a bundle.
+fn write_bundle(out: &std::path::Path, data: &Value, json: bool) -> Result<(), Failure> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let text = data["text"].as_str().unwrap_or_default();
+    let fail = |e: std::io::Error| Failure(1, format!("cannot write {}: {e}", out.display()));
+    let mut tmp = out.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(fail)?;
+    file.write_all(text.as_bytes()).map_err(fail)?;
+    file.sync_all().map_err(fail)?;
+    std::fs::rename(&tmp, out).map_err(fail)?;
+    let summary = serde_json::json!({
+        "out": out,
+        "serial": data["serial"],
+        "tenants": data["tenants"],
+        "clients": data["clients"],
+        "credentials": data["credentials"],
+    });
+    if json {
+        println!("{summary}");
+    } else {
+        println!(
+            "bundle serial {} written to {}: {} tenants, {} clients, {} credentials",
+            plain(&data["serial"]),
+            out.display(),
+            plain(&data["tenants"]),
+            plain(&data["clients"]),
+            plain(&data["credentials"])
+        );
+    }
+    Ok(())
 }
 
 fn build_request(command: &Command) -> Result<Request, Failure> {
@@ -419,6 +480,9 @@ fn build_request(command: &Command) -> Result<Request, Failure> {
             }
         }
         Command::Audit(AuditCommand::Verify(_)) => Request::AuditVerify,
+        Command::Bundle(BundleCommand::Export { tenants, .. }) => Request::BundleExport {
+            tenants: tenants.clone(),
+        },
         Command::Audit(AuditCommand::Lifecycle { credential_id }) => Request::AuditLifecycle {
             id: credential_id.clone(),
         },
@@ -595,7 +659,7 @@ fn print(command: &Command, data: &Value, json: bool) -> Result<(), Failure> {
         return Ok(());
     }
     match command {
-        Command::Serve { .. } => {}
+        Command::Serve { .. } | Command::Bundle(_) => {}
         Command::Status => {
             if let Some(map) = data.as_object() {
                 for (k, v) in map {

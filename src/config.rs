@@ -211,6 +211,12 @@ pub struct Config {
     /// Most bytes of audit lines that may wait for the export sink before commits are
     /// refused.
     pub audit_export_buffer: usize,
+    /// A sealed bundle to serve read-only (a file, or a directory holding `keyward.bundle`).
+    pub bundle: Option<PathBuf>,
+    /// How a new bundle is noticed.
+    pub bundle_watch: crate::bundle::Watch,
+    /// How often the bundle file is read again regardless of inotify.
+    pub bundle_poll_interval: Duration,
     /// Data-plane limits.
     pub limits: Limits,
     /// Pool failure handling.
@@ -269,6 +275,9 @@ struct RawConfig {
     audit_retention: Option<String>,
     audit_export: Option<String>,
     audit_export_buffer: Option<String>,
+    bundle: Option<PathBuf>,
+    bundle_watch: Option<String>,
+    bundle_poll_interval: Option<String>,
     worker_threads: Option<i64>,
     #[serde(default)]
     limits: RawLimits,
@@ -698,6 +707,30 @@ fn build(
             }
         },
     };
+    let bundle_watch = match raw.bundle_watch.as_deref() {
+        None | Some("notify") => crate::bundle::Watch::Notify,
+        Some("poll") => crate::bundle::Watch::Poll,
+        Some(_) => {
+            return Err(value_err(
+                "bundle_watch",
+                "must be one of \"notify\", \"poll\"".into(),
+            ));
+        }
+    };
+    let bundle_poll_interval = timeout(
+        "bundle_poll_interval",
+        &raw.bundle_poll_interval,
+        Duration::from_secs(10),
+    )?;
+    if let Some(b) = &raw.bundle
+        && !b.is_absolute()
+    {
+        return Err(value_err(
+            "bundle",
+            "must be an absolute path (a bundle file, or a directory holding keyward.bundle)"
+                .into(),
+        ));
+    }
     let audit_export_buffer = match &raw.audit_export_buffer {
         None => 8 << 20,
         Some(t) => {
@@ -911,6 +944,9 @@ fn build(
         audit_retention,
         audit_export,
         audit_export_buffer,
+        bundle: raw.bundle,
+        bundle_watch,
+        bundle_poll_interval,
         limits,
         pool,
         targets,

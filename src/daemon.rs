@@ -62,6 +62,9 @@ pub enum ServeError {
     /// Socket activation was malformed.
     #[error("socket activation: {0}")]
     Activation(#[from] crate::systemd::SystemdError),
+    /// The configured bundle could not be served.
+    #[error("{0}")]
+    Bundle(String),
     /// The async runtime could not start.
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
@@ -81,6 +84,9 @@ pub struct State {
     pub catalog: CatalogHandle,
     /// The audit trail.
     pub audit: Audit,
+    /// The sealed bundle served read-only, when `bundle` is set; the catalog then comes from
+    /// it rather than from the store.
+    pub bundle: Option<crate::bundle::BundleSource>,
     /// This keyward's instance id (`<state_dir>/instance.id`; in shipped audit lines and
     /// bundles).
     pub instance: String,
@@ -128,6 +134,10 @@ impl State {
 
     /// Rebuilds the catalog from the store after a change.
     pub fn reload_catalog(&self) -> Result<(), StoreError> {
+        if self.bundle.is_some() {
+            // The bundle's watcher owns the catalog; the store holds none of it.
+            return Ok(());
+        }
         self.catalog.replace(Catalog::build(self.store.snapshot()?));
         Ok(())
     }
@@ -141,6 +151,18 @@ impl State {
     pub fn track_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+}
+
+impl crate::bundle::BundleHost for State {
+    fn bundle(&self) -> Option<&crate::bundle::BundleSource> {
+        self.bundle.as_ref()
+    }
+    fn master(&self) -> &MasterKeyProvider {
+        &self.master
+    }
+    fn catalog(&self) -> &CatalogHandle {
+        &self.catalog
     }
 }
 
@@ -313,9 +335,23 @@ impl Server {
             config.audit_retention,
             export,
         )?;
+        let (bundle, snapshot) = match &config.bundle {
+            Some(path) => {
+                let (source, snapshot) = crate::bundle::BundleSource::open(
+                    path,
+                    &config.state_dir,
+                    config.bundle_watch,
+                    config.bundle_poll_interval,
+                    &master,
+                )
+                .map_err(ServeError::Bundle)?;
+                (Some(source), snapshot)
+            }
+            None => (None, store.snapshot()?),
+        };
         let listeners = take_or_bind(&config)?;
         let max_connections = fit_connections(config.limits.max_connections);
-        let catalog = CatalogHandle::new(Catalog::build(store.snapshot()?));
+        let catalog = CatalogHandle::new(Catalog::build(snapshot));
         let upstream = {
             let _guard = runtime.enter();
             Upstream::new(&config.targets, &config.limits)
@@ -328,6 +364,7 @@ impl Server {
             catalog,
             audit,
             instance,
+            bundle,
             upstream,
             started: Instant::now(),
             runtime,
@@ -657,6 +694,9 @@ async fn run(
         None => None,
     };
     let retire_task = tokio::spawn(retire_loop(state.clone(), stop_rx.clone()));
+    if let Err(e) = crate::bundle::watch(&state) {
+        tracing::error!(error = %e, "cannot watch the bundle; new bundles need a restart");
+    }
     notify("READY=1");
 
     let signal = shutdown.await;
@@ -727,7 +767,8 @@ async fn retire_loop(state: Arc<State>, mut stop: tokio::sync::watch::Receiver<b
         announce_expiring(&state);
         let now = crate::units::now_unix();
         // The catalog mirrors the store, so the database is touched only when a version is due.
-        if !retirement_due(&state.catalog.load(), now) {
+        // A bundle's versions retire by their overlap time alone (read-only: nothing to mark).
+        if state.bundle.is_some() || !retirement_due(&state.catalog.load(), now) {
             continue;
         }
         let st = state.clone();

@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod bundle;
 pub mod catalog;
 pub mod cli;
 pub mod config;

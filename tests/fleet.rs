@@ -21,6 +21,8 @@ fn master_key_file(dir: &Path, name: &str) -> PathBuf {
         format!("{}{}", random_key(""), &random_key("")[..16]),
     )
     .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     path
 }
 
@@ -510,4 +512,491 @@ async fn a_blocked_stdout_refuses_requests_and_loses_no_row() {
     let key_file = d.home.path().join("master.key");
     let (code, out, err) = verify(&file, &key_file, &[]);
     assert_eq!(code, 0, "{out}{err}");
+}
+
+// === bundles ===
+
+/// A Kubernetes Secret volume as the kubelet writes it: `keyward.bundle` is a symlink to
+/// `..data/keyward.bundle`, `..data` a symlink to a timestamped directory, and an update
+/// writes a new directory and renames a new `..data` symlink over the old one.
+struct SecretDir {
+    dir: PathBuf,
+    current: Option<PathBuf>,
+    n: usize,
+}
+
+impl SecretDir {
+    fn new(dir: &Path, bundle: &[u8]) -> SecretDir {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut s = SecretDir {
+            dir: dir.to_path_buf(),
+            current: None,
+            n: 0,
+        };
+        s.swap(bundle);
+        std::os::unix::fs::symlink("..data/keyward.bundle", dir.join("keyward.bundle")).unwrap();
+        s
+    }
+
+    /// Atomically replaces the bundle, the way the kubelet updates a Secret volume.
+    fn swap(&mut self, bundle: &[u8]) {
+        self.n += 1;
+        let name = format!("..2026_11_30_12_00_{:02}.{}", self.n % 60, self.n);
+        let data = self.dir.join(&name);
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("keyward.bundle"), bundle).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&name, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+        if let Some(old) = self.current.replace(data) {
+            std::fs::remove_dir_all(old).unwrap();
+        }
+    }
+}
+
+/// An authoring keyward (its admin socket is where credentials are managed) and its master key.
+struct Author {
+    d: Daemon,
+    dir: PathBuf,
+    exports: usize,
+}
+
+impl Author {
+    fn start(mock: &MockUpstream, dir: &Path, key: &Path) -> Author {
+        let extra = format!("master_key_file = \"{}\"", key.display());
+        let d = Daemon::builder()
+            .config(&support::targets_config(
+                mock,
+                dir,
+                &["openai", "anthropic"],
+                &extra,
+            ))
+            .start();
+        Author {
+            d,
+            dir: dir.to_path_buf(),
+            exports: 0,
+        }
+    }
+
+    /// Exports every tenant; returns the bundle's bytes.
+    fn export(&mut self) -> Vec<u8> {
+        self.exports += 1;
+        let out = self.dir.join(format!("export-{}.bundle", self.exports));
+        let summary: Value = serde_json::from_str(
+            self.d
+                .ok(&["bundle", "export", "--out", out.to_str().unwrap(), "--json"])
+                .trim(),
+        )
+        .unwrap();
+        assert_eq!(summary["serial"], self.exports as u64);
+        std::fs::read(out).unwrap()
+    }
+
+    fn rotate(&self, cred: &str, secret: &str) {
+        self.d.ok_stdin(
+            &["cred", "rotate", cred, "--overlap", "0s"],
+            secret.as_bytes(),
+        );
+    }
+}
+
+/// A sidecar serving `bundle` (a path) with the authoring master key.
+fn sidecar(mock: &MockUpstream, dir: &Path, key: &Path, bundle: &Path, extra: &str) -> Daemon {
+    let extra = format!(
+        "master_key_file = \"{}\"\nbundle = \"{}\"\n{extra}",
+        key.display(),
+        bundle.display()
+    );
+    // A home the test owns, so it outlives the daemon (restarts over the same state dir).
+    let home = dir.join(format!("sidecar-{}", &random_key("")[..8]));
+    std::fs::create_dir(&home).unwrap();
+    Daemon::builder()
+        .config(&support::targets_config(
+            mock,
+            dir,
+            &["openai", "anthropic"],
+            &extra,
+        ))
+        .home(&home)
+        .start()
+}
+
+fn bundle_status(d: &Daemon) -> Value {
+    status(d)["bundle"].clone()
+}
+
+/// Waits until the sidecar serves `serial`, or its refusal reason contains `refused`; returns
+/// how long that took.
+fn wait_bundle(d: &Daemon, serial: u64, refused: Option<&str>) -> Duration {
+    let start = Instant::now();
+    loop {
+        let b = bundle_status(d);
+        match refused {
+            None if b["serial"] == serial => return start.elapsed(),
+            Some(text)
+                if b["refused"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains(text)) =>
+            {
+                assert_eq!(
+                    b["serial"], serial,
+                    "the last good bundle keeps serving: {b}"
+                );
+                return start.elapsed();
+            }
+            _ => {}
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "bundle serial {serial} / refusal {refused:?} not seen: {b}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+async fn chat(d: &Daemon, token: &str, target: &str) -> (u16, String) {
+    let path = if target == "anthropic" {
+        "/anthropic/v1/messages"
+    } else {
+        "/openai/v1/chat/completions"
+    };
+    let (code, headers, _) = call_as(&d.socket(), token, path, &chat_body("gpt-4o", false)).await;
+    (code, error_code(&headers))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bundle_is_served_read_only_and_replaced_like_a_kubernetes_secret() {
+    let mock = MockUpstream::builder().start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let key = master_key_file(tmp.path(), "master.key");
+    let mut author = Author::start(&mock, tmp.path(), &key);
+    let openai_v1 = random_key("sk-proj-");
+    let anthropic_key = random_key("sk-ant-");
+    let (token, openai_cred) = author.d.provision("acme", "openai", &openai_v1, &[]);
+    let (_, anthropic_cred) = author.d.provision("acme", "anthropic", &anthropic_key, &[]);
+    let bundle1 = author.export();
+    for secret in [&openai_v1, &anthropic_key, &token] {
+        assert!(!contains(&bundle1, secret), "a key or token in the bundle");
+    }
+    let v: Value = serde_json::from_slice(&bundle1).unwrap();
+    assert_eq!(v["format"], "keyward-bundle/v1");
+    assert_eq!(v["serial"], 1);
+    assert_eq!(v["instance"], status(&author.d)["instance"]);
+
+    let mut secret_dir = SecretDir::new(&tmp.path().join("secret"), &bundle1);
+    let s = sidecar(
+        &mock,
+        tmp.path(),
+        &key,
+        &secret_dir.dir,
+        "bundle_poll_interval = \"1h\"",
+    );
+    assert_eq!(bundle_status(&s)["serial"], 1);
+    assert_eq!(chat(&s, &token, "openai").await.0, 200);
+    assert_eq!(
+        support::mock_upstream::key_of(&mock.last_request().unwrap()).as_deref(),
+        Some(openai_v1.as_str())
+    );
+    assert_eq!(chat(&s, &token, "anthropic").await.0, 200);
+    // Read-only: changes are refused naming the bundle and its serial.
+    for args in [
+        vec!["tenant", "add", "other"],
+        vec!["client", "add", "--tenant", "acme", "--name", "x"],
+        vec!["cred", "revoke", &openai_cred],
+    ] {
+        let out = s.cli(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(secret_dir.dir.to_str().unwrap()) && err.contains("serial 1"),
+            "{err}"
+        );
+    }
+    let out = s.cli_stdin(
+        &[
+            "cred", "add", "--tenant", "acme", "--target", "openai", "--name", "y",
+        ],
+        Some(b"sk-some-key-123456789"),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("read-only"));
+    // Listings and the local audit trail still work.
+    assert_eq!(s.json_lines(&["cred", "list"]).len(), 2);
+    assert_eq!(s.json_lines(&["client", "list"]).len(), 2);
+    let rows = s.json_lines(&["audit", "query", "--tenant", "acme"]);
+    assert!(
+        rows.iter().any(|r| r["event"] == "request.resolved"),
+        "{rows:?}"
+    );
+
+    // Rotate one key, revoke the other, roll out: inotify sees the swap within seconds.
+    let openai_v2 = random_key("sk-proj-");
+    author.rotate(&openai_cred, &openai_v2);
+    author.d.ok(&["cred", "revoke", &anthropic_cred]);
+    let bundle2 = author.export();
+    assert!(!contains(&bundle2, &openai_v2));
+    secret_dir.swap(&bundle2);
+    let swapped = Instant::now();
+    loop {
+        let (code, _) = chat(&s, &token, "openai").await;
+        assert_eq!(code, 200);
+        let seen = support::mock_upstream::key_of(&mock.last_request().unwrap()).unwrap();
+        if seen == openai_v2 {
+            break;
+        }
+        assert_eq!(seen, openai_v1);
+        assert!(
+            swapped.elapsed() < Duration::from_secs(10),
+            "rotation not picked up"
+        );
+    }
+    eprintln!(
+        "reload latency (inotify, swap to rotated key serving): {:?}",
+        swapped.elapsed()
+    );
+    assert_eq!(bundle_status(&s)["serial"], 2);
+    let before = mock.request_count();
+    let (code, error) = chat(&s, &token, "anthropic").await;
+    assert_eq!((code, error.as_str()), (403, "scope_denied"));
+    assert_eq!(mock.request_count(), before, "a revoked key is never sent");
+
+    // Refused: the last good bundle keeps serving, status says why.
+    let mut flipped = bundle2.clone();
+    let at = flipped
+        .windows(8)
+        .position(|w| w == b"preview\\")
+        .expect("a preview in the payload");
+    flipped[at + 14] ^= 0x01;
+    let foreign = {
+        let other_dir = tmp.path().join("other");
+        std::fs::create_dir(&other_dir).unwrap();
+        let other_key = master_key_file(&other_dir, "master.key");
+        let mut other = Author::start(&mock, &other_dir, &other_key);
+        other.d.ok(&["tenant", "add", "acme"]);
+        for _ in 0..5 {
+            other.export();
+        }
+        other.export()
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("flipped byte", flipped, "fails its MAC"),
+        (
+            "truncated",
+            bundle2[..bundle2.len() / 2].to_vec(),
+            "truncated",
+        ),
+        (
+            "foreign master key",
+            foreign,
+            "exported under another master key",
+        ),
+        ("lower serial", bundle1.clone(), "not newer than serial 2"),
+        (
+            "not a bundle",
+            b"apiVersion: v1\nkind: Secret\n".to_vec(),
+            "is not a keyward bundle",
+        ),
+    ];
+    for (name, bytes, reason) in cases {
+        secret_dir.swap(&bytes);
+        wait_bundle(&s, 2, Some(reason));
+        let (code, _) = chat(&s, &token, "openai").await;
+        assert_eq!(code, 200, "{name}: still serving");
+        assert_eq!(
+            support::mock_upstream::key_of(&mock.last_request().unwrap()).as_deref(),
+            Some(openai_v2.as_str()),
+            "{name}"
+        );
+    }
+    // A good bundle after refusals is served, and the refusal is cleared.
+    let bundle3 = author.export();
+    secret_dir.swap(&bundle3);
+    wait_bundle(&s, 3, None);
+    assert!(bundle_status(&s)["refused"].is_null());
+
+    // Rollback across a restart: the state dir remembers serial 3.
+    let home = s.home.clone();
+    drop(s);
+    secret_dir.swap(&bundle2);
+    let extra = format!(
+        "master_key_file = \"{}\"\nbundle = \"{}\"",
+        key.display(),
+        secret_dir.dir.display()
+    );
+    let config = support::targets_config(&mock, tmp.path(), &["openai"], &extra);
+    let Err((_, err)) = Daemon::builder().config(&config).home(&home).try_start() else {
+        panic!("a sidecar started from an older bundle");
+    };
+    assert!(
+        err.contains("serial 2") && err.contains("already served serial 3"),
+        "{err}"
+    );
+    secret_dir.swap(&bundle3);
+    let s = Daemon::builder().config(&config).home(&home).start();
+    assert_eq!(bundle_status(&s)["serial"], 3);
+}
+
+/// Without inotify (`bundle_watch = "poll"`), a replaced bundle file is found by polling.
+#[tokio::test(flavor = "multi_thread")]
+async fn polling_finds_a_replaced_bundle_file() {
+    let mock = MockUpstream::builder().start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let key = master_key_file(tmp.path(), "master.key");
+    let mut author = Author::start(&mock, tmp.path(), &key);
+    let v1 = random_key("sk-");
+    let (token, cred) = author.d.provision("acme", "openai", &v1, &[]);
+    let file = tmp.path().join("served.bundle");
+    std::fs::write(&file, author.export()).unwrap();
+    let s = sidecar(
+        &mock,
+        tmp.path(),
+        &key,
+        &file,
+        "bundle_watch = \"poll\"\nbundle_poll_interval = \"200ms\"",
+    );
+    assert_eq!(bundle_status(&s)["watch"], "poll");
+    let v2 = random_key("sk-");
+    author.rotate(&cred, &v2);
+    let tmp_file = tmp.path().join("served.bundle.new");
+    std::fs::write(&tmp_file, author.export()).unwrap();
+    std::fs::rename(&tmp_file, &file).unwrap();
+    let took = wait_bundle(&s, 2, None);
+    eprintln!("reload latency (polling every 200ms, swap to serial served): {took:?}");
+    assert_eq!(chat(&s, &token, "openai").await.0, 200);
+    assert_eq!(
+        support::mock_upstream::key_of(&mock.last_request().unwrap()).as_deref(),
+        Some(v2.as_str())
+    );
+}
+
+fn proc_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap())
+        .unwrap()
+}
+
+/// Requests running through reloads keep working (0 failed of N), a request streaming across a
+/// swap finishes, and 100 swaps while serving leak neither file descriptors nor locked memory
+/// and end with the last bundle served.
+#[tokio::test(flavor = "multi_thread")]
+async fn reloads_under_load_fail_nothing_and_a_storm_leaks_nothing() {
+    let mock = MockUpstream::builder().start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let key = master_key_file(tmp.path(), "master.key");
+    let mut author = Author::start(&mock, tmp.path(), &key);
+    let (token, cred) = author
+        .d
+        .provision("acme", "openai", &random_key("sk-"), &[]);
+    let mut secret_dir = SecretDir::new(&tmp.path().join("secret"), &author.export());
+    let s = sidecar(
+        &mock,
+        tmp.path(),
+        &key,
+        &secret_dir.dir,
+        "lock_memory = \"secrets\"\nbundle_poll_interval = \"1h\"",
+    );
+    // A streamed response that started before a swap finishes after it, even though the swap
+    // rotated the key that serves it.
+    let stream = {
+        let req = support::uds::post(
+            "/openai/stall?ms=1500",
+            &[("authorization", &support::uds::bearer(&token))],
+            "{}",
+        );
+        support::uds::send(&s.socket(), req).await
+    };
+    assert_eq!(stream.status(), 200);
+    let mut body = stream.into_body();
+    let first = http_body_util::BodyExt::frame(&mut body)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "first\n");
+    author.rotate(&cred, &random_key("sk-"));
+    secret_dir.swap(&author.export());
+    wait_bundle(&s, 2, None);
+    let rest = http_body_util::BodyExt::collect(body)
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(rest, "rest\n");
+
+    // Warm up, then take the baseline.
+    for _ in 0..20 {
+        assert_eq!(chat(&s, &token, "openai").await.0, 200);
+    }
+    let pid = s.pid();
+    let (fds_before, locked_before) = (proc_fds(pid), proc_status_kb(pid, "VmLck:"));
+    // Load: 8 clients call in a loop while 100 bundles are swapped in.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (socket, token, stop) = (s.socket(), token.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (code, headers, body) = call_as(
+                    &socket,
+                    &token,
+                    "/openai/v1/chat/completions",
+                    &chat_body("gpt-4o", false),
+                )
+                .await;
+                if code == 200 {
+                    ok += 1;
+                } else {
+                    failed.push(format!("{code} {} {body}", error_code(&headers)));
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let bundles: Vec<Vec<u8>> = (0..100).map(|_| author.export()).collect();
+    let last_serial = author.exports as u64;
+    for b in &bundles {
+        secret_dir.swap(b);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_bundle(&s, last_serial, None);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for w in workers {
+        let (o, f) = w.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    eprintln!(
+        "during 100 swaps: {ok} requests served, {} failed; reloads: {}",
+        failed.len(),
+        bundle_status(&s)["reloads"]
+    );
+    assert!(
+        failed.is_empty(),
+        "0 failed of {}: {failed:?}",
+        ok as usize + failed.len()
+    );
+    assert!(ok > 0);
+    assert_eq!(bundle_status(&s)["serial"], last_serial);
+    assert_eq!(chat(&s, &token, "openai").await.0, 200);
+    std::thread::sleep(Duration::from_millis(200));
+    let (fds_after, locked_after) = (proc_fds(pid), proc_status_kb(pid, "VmLck:"));
+    eprintln!("fds {fds_before} -> {fds_after}, VmLck {locked_before} kB -> {locked_after} kB");
+    assert!(
+        fds_after <= fds_before + 2,
+        "fds {fds_before} -> {fds_after}"
+    );
+    assert!(
+        locked_after <= locked_before + 64,
+        "locked memory {locked_before} kB -> {locked_after} kB"
+    );
 }

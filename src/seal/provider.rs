@@ -26,6 +26,9 @@ pub enum Purpose<'a> {
     },
     /// The key of the audit trail's MAC chain.
     AuditMacKey,
+    /// The MAC key of one sealed bundle (README "Running many sidecars"): a sidecar that can
+    /// unwrap it shares the authoring keyward's master key.
+    BundleKey,
     /// A random value whose successful unwrap proves, at start, that the provider holds the key
     /// the store was created with.
     KeyCheck,
@@ -47,6 +50,9 @@ impl Purpose<'_> {
             Purpose::KeyCheck => f(Context::AuxKey {
                 purpose: "key-check",
             }),
+            Purpose::BundleKey => f(Context::AuxKey {
+                purpose: "bundle-mac",
+            }),
         }
     }
 
@@ -64,6 +70,7 @@ impl Purpose<'_> {
             Purpose::FingerprintKey { tenant } => ("fingerprint-key", Some(tenant)),
             Purpose::AuditMacKey => ("audit-mac-key", None),
             Purpose::KeyCheck => ("key-check", None),
+            Purpose::BundleKey => ("bundle-mac-key", None),
         };
         let mut pairs = vec![("keyward:purpose", purpose.to_string())];
         if let Some(tenant) = tenant {
