@@ -360,6 +360,44 @@ mod tests {
     }
 
     #[test]
+    fn a_workflow_header_must_be_a_short_printable_name() {
+        let (cat, t1, _) = catalog();
+        let with = |w: &str| {
+            authenticate(
+                &cat,
+                &headers(&[("x-api-key", &t1), ("keyward-workflow", w)]),
+                None,
+            )
+        };
+        assert_eq!(with(&"w".repeat(128)).unwrap().workflow.unwrap().len(), 128);
+        assert_eq!(
+            with(" nightly ").unwrap().workflow.as_deref(),
+            Some("nightly")
+        );
+        for bad in ["", "  ", &"w".repeat(129), "two words"] {
+            assert_eq!(with(bad).unwrap_err(), AuthError::BadWorkflow, "{bad:?}");
+        }
+        // No header, no workflow.
+        let none = authenticate(&cat, &headers(&[("x-api-key", &t1)]), None).unwrap();
+        assert_eq!(none.workflow, None);
+    }
+
+    #[test]
+    fn the_same_token_twice_is_one_token_and_other_schemes_are_not_tokens() {
+        let (cat, t1, _) = catalog();
+        let twice = headers(&[
+            ("authorization", &format!("bearer  {t1}")),
+            ("x-api-key", &format!(" {t1} ")),
+        ]);
+        assert_eq!(authenticate(&cat, &twice, None).unwrap().client_id, "cli_a");
+        let basic = headers(&[("authorization", &format!("Basic {t1}"))]);
+        assert_eq!(
+            authenticate(&cat, &basic, None).unwrap_err(),
+            AuthError::Missing
+        );
+    }
+
+    #[test]
     fn errors_never_echo_the_token() {
         let (cat, t1, _) = catalog();
         let mut wrong = t1.clone();

@@ -416,4 +416,61 @@ mod tests {
         let c = select(&warn, &principal(), &attrs(None), 100, 0).unwrap();
         assert!(c[0].expired_warn);
     }
+
+    #[test]
+    fn key_age_counts_from_the_versions_creation_and_the_limit_itself_is_allowed() {
+        let deny = setup(
+            vec![cred("a", 1, &[], vec![version(1, 1000, None)])],
+            Some(50),
+            "deny",
+        );
+        // Exactly max_key_age old still serves; a second more does not.
+        assert_eq!(
+            select(&deny, &principal(), &attrs(None), 1050, 0)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(matches!(
+            select(&deny, &principal(), &attrs(None), 1051, 0),
+            Err(Denial::Policy(_))
+        ));
+    }
+
+    #[test]
+    fn an_absent_model_team_or_workflow_does_not_pass_an_allowlist() {
+        let limited = |teams: &[&str], workflows: &[&str]| {
+            let mut c = cred("a", 1, &["gpt-4o*"], vec![version(1, 0, None)]);
+            c.teams = teams.iter().map(|s| s.to_string()).collect();
+            c.workflows = workflows.iter().map(|s| s.to_string()).collect();
+            setup(vec![c], None, "deny")
+        };
+        let cat = limited(&[], &[]);
+        assert!(matches!(
+            select(&cat, &principal(), &attrs(None), 10, 0),
+            Err(Denial::Scope { attribute: "model", message }) if message.contains("names no model")
+        ));
+        let cat = limited(&["search"], &[]);
+        assert!(matches!(
+            select(&cat, &principal(), &attrs(Some("gpt-4o")), 10, 0),
+            Err(Denial::Scope {
+                attribute: "team",
+                ..
+            })
+        ));
+        let mut member = principal();
+        member.team = Some("search".into());
+        assert!(select(&cat, &member, &attrs(Some("gpt-4o")), 10, 0).is_ok());
+        let cat = limited(&[], &["batch"]);
+        assert!(matches!(
+            select(&cat, &principal(), &attrs(Some("gpt-4o")), 10, 0),
+            Err(Denial::Scope {
+                attribute: "workflow",
+                ..
+            })
+        ));
+        let mut batch = principal();
+        batch.workflow = Some("batch".into());
+        assert!(select(&cat, &batch, &attrs(Some("gpt-4o")), 10, 0).is_ok());
+    }
 }
