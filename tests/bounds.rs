@@ -503,3 +503,158 @@ async fn a_body_hiding_its_model_is_bounded_alone_and_with_the_others() {
     let (status, _, body) = call_as(&socket, &token, path, &model_last(10 << 10)).await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -t tmpfs failed");
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the filesystem holding `path` by appending to one file until a write fails for lack
+/// of space.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    let block = vec![0u8; 64 << 10];
+    loop {
+        if let Err(e) = f.write_all(&block) {
+            assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}");
+            break;
+        }
+    }
+    // Whatever fits in the last partial block.
+    while f.write_all(&[0u8; 512]).is_ok() {}
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_full_disk_rows_nobody_waits_on_are_kept_and_written_once_there_is_room() {
+    if !support::needs::root(
+        "on_a_full_disk_rows_nobody_waits_on_are_kept_and_written_once_there_is_room",
+    ) {
+        return;
+    }
+    let mock = support::mock_upstream::MockUpstream::builder()
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::Builder::new()
+        .prefix("kwfull")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let _tmpfs = Tmpfs::mount(home.path(), "16m");
+    let daemon = support::daemon::Daemon::builder()
+        .home(home.path())
+        .config(&support::targets_config(&mock, dir.path(), &["openai"], ""))
+        .start();
+    let (token, _) = daemon.provision("acme", "openai", &random_key("sk-"), &[]);
+    let socket = daemon.socket();
+
+    // A call is served and streaming when the disk fills up.
+    let stream = support::uds::send(
+        &socket,
+        support::uds::post(
+            "/openai/gated-sse?events=2",
+            &[("authorization", &support::uds::bearer(&token))],
+            "{}",
+        ),
+    )
+    .await;
+    assert_eq!(stream.status(), 200);
+    let call_id = stream.headers()["keyward-call-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let filler = home.path().join("filler");
+    // Filled again after the daemon's own clean-ups (WAL checkpoints) had a chance to free
+    // pages.
+    for _ in 0..3 {
+        fill(&filler);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // It ends: its request.completed row cannot be written now.
+    mock.release();
+    let _ = http_body_util::BodyExt::collect(stream.into_body())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fill(&filler);
+    // Fail closed meanwhile: a new call is refused, nothing is sent.
+    let (status, headers, body) = call_as(
+        &socket,
+        &token,
+        "/openai/v1/chat/completions",
+        &chat_body("gpt-4o", false),
+    )
+    .await;
+    assert_eq!(
+        status,
+        503,
+        "{body}\n{}\n{:?}",
+        daemon.stderr(),
+        std::process::Command::new("df").arg(home.path()).output()
+    );
+    assert_eq!(support::uds::error_code(&headers), "audit_unavailable");
+
+    // Room again: the kept row is written without any new call to carry it.
+    std::fs::remove_file(&filler).unwrap();
+    let until = Instant::now() + Duration::from_secs(15);
+    let completed = loop {
+        let rows = daemon.json_lines(&["audit", "query", "--call-id", &call_id]);
+        if let Some(row) = rows.iter().find(|r| r["event"] == "request.completed") {
+            break row.clone();
+        }
+        assert!(
+            Instant::now() < until,
+            "request.completed of {call_id} never written after the disk had room: {rows:?}\n{}",
+            daemon.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(completed["upstream_status"], 200, "{completed}");
+    assert!(completed["bytes_out"].as_u64().unwrap() > 0, "{completed}");
+    let verify = daemon.cli(&["audit", "verify"]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let (status, _, body) = call_as(
+        &socket,
+        &token,
+        "/openai/v1/chat/completions",
+        &chat_body("gpt-4o", false),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    drop(daemon);
+}

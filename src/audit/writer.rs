@@ -12,6 +12,11 @@
 //! [`FOLD_INTERVAL`], runs retention, and drains everything at shutdown. While folding fails (another
 //! process holds `audit.db` locked, the disk is full) new commits are refused, so the journal
 //! cannot grow without bound and the trail stays fail-closed.
+//!
+//! A row nobody waits on (`request.completed` of a call already served) has no caller to
+//! refuse: when its batch fails it is kept, in order, and committed with the next batch or by
+//! the maintenance thread once writing works again. At most [`RETRY_CAP`] rows are kept; one
+//! beyond that is counted as lost and logged as an error, never dropped silently.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +41,10 @@ const LINGER: Duration = Duration::from_millis(5);
 const FOLD_INTERVAL: Duration = Duration::from_millis(50);
 /// How often the maintenance thread looks around when there is nothing to fold.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
+/// Most rows nobody waits on kept for another attempt after their batch failed. Every such
+/// row belongs to a call resolved before writing failed (no new call is resolved while it
+/// fails), so this is reached only by far more calls in flight than `max_concurrent_requests`.
+pub(crate) const RETRY_CAP: usize = 65_536;
 /// How often automatic retention runs.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -78,6 +87,8 @@ pub(crate) struct Shared {
     linger_armed: AtomicBool,
     /// The journal holds rows the database does not have yet.
     unfolded: AtomicBool,
+    /// The writer keeps rows of a failed batch for another attempt.
+    retry_pending: AtomicBool,
 }
 
 impl Shared {
@@ -94,6 +105,7 @@ impl Shared {
             db: Mutex::new(db),
             linger_armed: AtomicBool::new(false),
             unfolded: AtomicBool::new(false),
+            retry_pending: AtomicBool::new(false),
         })
     }
 
@@ -175,11 +187,14 @@ impl Shared {
     }
 
     fn commit_all(&self, writer: &mut Writer) {
+        // Rows kept from a failed batch go first, once per call: a failing disk must not make
+        // this loop spin.
+        let mut retried = writer.retry.is_empty();
         loop {
             {
                 let mut q = lock(&self.queue);
-                if q.events.is_empty() {
-                    return;
+                if q.events.is_empty() && retried {
+                    break;
                 }
                 if q.events.len() <= BATCH_CAP {
                     std::mem::swap(&mut q.events, &mut writer.batch);
@@ -188,11 +203,19 @@ impl Shared {
                 }
             }
             let mut batch = std::mem::take(&mut writer.batch);
+            if !retried {
+                retried = true;
+                let kept = std::mem::take(&mut writer.retry);
+                writer.kept_in_batch = kept.len();
+                batch.splice(0..0, kept.into_iter().map(|event| (event, None)));
+            }
             if writer.commit_batch(&mut batch) {
                 self.unfolded.store(true, Ordering::Release);
             }
             writer.batch = batch;
         }
+        self.retry_pending
+            .store(!writer.retry.is_empty(), Ordering::Release);
     }
 
     /// Moves every journaled row into `audit.db` and deletes the segments that held them. A
@@ -280,7 +303,21 @@ impl Shared {
                 this.fold();
                 last_fold = Instant::now();
             }
+            // Kept rows are retried even when no new commit comes along to take them.
+            if this.retry_pending.load(Ordering::Acquire) {
+                this.drive();
+                if closing {
+                    this.fold();
+                }
+            }
             if closing {
+                let w = lock(&this.writer);
+                if !w.retry.is_empty() || w.lost > 0 {
+                    tracing::error!(
+                        rows = w.retry.len() as u64 + w.lost,
+                        "audit rows nobody waited on could not be written before exit and are lost"
+                    );
+                }
                 return;
             }
         }
@@ -311,6 +348,12 @@ pub(crate) struct Writer {
     pub refusing: Option<String>,
     /// The batch being committed (kept for its capacity).
     pub batch: Vec<Queued>,
+    /// Rows nobody waits on whose batch failed, oldest first, for the next attempt.
+    pub retry: Vec<Event>,
+    /// Rows nobody waits on that could not be kept (over [`RETRY_CAP`]).
+    pub lost: u64,
+    /// How many rows at the head of the batch being committed are kept rows retried.
+    pub kept_in_batch: usize,
     /// The batch's journal records (kept for its capacity).
     pub records: Vec<u8>,
     /// Ships every committed row as a JSON line (`audit_export`), if configured.
@@ -346,9 +389,30 @@ impl Writer {
             spent: Vec::new(),
             refusing: None,
             batch: Vec::new(),
+            retry: Vec::new(),
+            lost: 0,
+            kept_in_batch: 0,
             records: Vec::new(),
             export: None,
             lines: Vec::new(),
+        }
+    }
+
+    /// Keeps a row nobody waits on for the next attempt, or counts it lost past
+    /// [`RETRY_CAP`].
+    fn keep_for_retry(&mut self, event: Event) {
+        if self.retry.len() < RETRY_CAP {
+            self.retry.push(event);
+            return;
+        }
+        self.lost += 1;
+        if self.lost.is_power_of_two() {
+            tracing::error!(
+                lost_total = self.lost,
+                "audit rows lost: {RETRY_CAP} rows already wait for the audit trail to be \
+                 writable again; {} not recorded",
+                event.kind
+            );
         }
     }
 
@@ -375,17 +439,25 @@ impl Writer {
             Some(reason) => (None, Err(reason)),
             None => self.append(batch, time),
         };
-        if let Err(reason) = &outcome {
+        // A batch of nothing but rows already kept fails again each second while the disk is
+        // full: it was reported when they were first kept.
+        let only_kept = batch.len() <= self.kept_in_batch;
+        self.kept_in_batch = 0;
+        if let Err(reason) = &outcome
+            && !only_kept
+        {
             let unwaited = batch.iter().filter(|(_, r)| r.is_none()).count();
             tracing::error!(
                 events = batch.len(),
                 unwaited,
-                "audit batch failed, callers refused: {reason}"
+                "audit batch failed, callers refused, rows nobody waits on kept for another \
+                 attempt: {reason}"
             );
         }
         let journaled = macs.is_some();
         for (i, (event, reply)) in batch.drain(..).enumerate() {
             let seq = first + i as u64;
+            let waited = reply.is_some();
             if let Some(reply) = reply {
                 let _ = reply.send(match &outcome {
                     Ok(()) => Ok(seq),
@@ -401,6 +473,8 @@ impl Writer {
                     event,
                     mac: macs[i].to_vec(),
                 });
+            } else if !waited {
+                self.keep_for_retry(event);
             }
         }
         journaled
