@@ -581,6 +581,8 @@ fn a_daemon_running_as_a_user_admits_root_and_that_user_and_refuses_any_other_ui
             .arg("--admin-socket")
             .arg(&socket)
             .env_clear()
+            // Every caller trusts the daemon's user, so the daemon's own check is what decides.
+            .env("KEYWARD_DAEMON_USER", "65534")
             .uid(uid)
             .gid(uid)
             .output()
