@@ -151,6 +151,11 @@ pub enum Request {
         /// Tenant names.
         tenants: Vec<String>,
     },
+    /// `prices`: the price table in effect.
+    Prices {
+        /// Only this target.
+        target: Option<String>,
+    },
 }
 
 /// What `cred add` sends: the credential's scope and its first secret.
@@ -331,6 +336,14 @@ async fn dispatch(state: &Arc<State>, request: Request) -> Reply {
         Request::BundleExport { tenants } => {
             blocking(move || bundle_export(&state, &tenants)).await
         }
+        Request::Prices { target } => Ok(Value::Array(
+            state
+                .config
+                .prices
+                .rows(target.as_deref())
+                .map(crate::prices::Price::to_json)
+                .collect(),
+        )),
         other => blocking(move || mutate(&state, other)).await,
     }
 }
@@ -410,7 +423,8 @@ fn mutate(state: &State, request: Request) -> Reply {
         | Request::AuditQuery { .. }
         | Request::AuditVerify
         | Request::AuditLifecycle { .. }
-        | Request::BundleExport { .. } => {
+        | Request::BundleExport { .. }
+        | Request::Prices { .. } => {
             unreachable!("dispatched elsewhere")
         }
     }?;

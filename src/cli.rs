@@ -72,6 +72,12 @@ pub enum Command {
     /// Seal tenants, clients and credentials into a bundle for sidecars.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Show the price table in effect (USD per million tokens): shipped rows and `[[prices]]`.
+    Prices {
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
 
 /// `keyward tenant …`
@@ -483,6 +489,9 @@ fn build_request(command: &Command) -> Result<Request, Failure> {
         Command::Bundle(BundleCommand::Export { tenants, .. }) => Request::BundleExport {
             tenants: tenants.clone(),
         },
+        Command::Prices { target } => Request::Prices {
+            target: target.clone(),
+        },
         Command::Audit(AuditCommand::Lifecycle { credential_id }) => Request::AuditLifecycle {
             id: credential_id.clone(),
         },
@@ -766,6 +775,19 @@ fn print(command: &Command, data: &Value, json: bool) -> Result<(), Failure> {
                 ],
             )
         }
+        Command::Prices { .. } => table(
+            &rows(data),
+            &[
+                ("TARGET", "target"),
+                ("MODEL", "model"),
+                ("INPUT", "input"),
+                ("CACHED_INPUT", "cached_input"),
+                ("CACHE_WRITE", "cache_write"),
+                ("OUTPUT", "output"),
+                ("AS_OF", "as_of"),
+                ("SOURCE", "source"),
+            ],
+        ),
         Command::Audit(AuditCommand::Verify(_)) => {
             let (ok, text) = verify_outcome(data)?;
             if ok {

@@ -223,6 +223,8 @@ pub struct Config {
     pub pool: PoolSettings,
     /// Presets merged with config overrides and custom targets.
     pub targets: Targets,
+    /// The shipped price table extended and overridden by `[[prices]]`.
+    pub prices: crate::prices::PriceTable,
 }
 
 /// An invalid configuration: names the file, the key and what is wrong.
@@ -285,6 +287,76 @@ struct RawConfig {
     pool: RawPool,
     #[serde(default)]
     targets: BTreeMap<String, TargetSpec>,
+    #[serde(default)]
+    prices: Vec<RawPrice>,
+}
+
+/// One `[[prices]]` row: USD per million tokens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    target: String,
+    model: String,
+    input: f64,
+    /// Defaults to `input`.
+    cached_input: Option<f64>,
+    /// Defaults to `input`.
+    cache_write: Option<f64>,
+    output: f64,
+    /// `YYYY-MM-DD` the figures were taken.
+    as_of: Option<String>,
+}
+
+/// Validates the `[[prices]]` rows; errors are (dotted key, reason).
+fn price_rows(raw: Vec<RawPrice>) -> Result<Vec<crate::prices::Price>, (String, String)> {
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let key = |name: &str| format!("prices[{i}].{name}");
+            if r.target.trim().is_empty() {
+                return Err((
+                    key("target"),
+                    "must name a target such as \"openai\"".into(),
+                ));
+            }
+            if r.model.trim().is_empty() {
+                return Err((
+                    key("model"),
+                    "must be a model name or glob such as \"gpt-4o*\"".into(),
+                ));
+            }
+            let usd = |name: &str, v: f64| {
+                crate::prices::pico_per_token(v).ok_or_else(|| {
+                    (
+                        key(name),
+                        "must be USD per million tokens, from 0 to 1000000".to_string(),
+                    )
+                })
+            };
+            if let Some(d) = &r.as_of
+                && !(d.len() == 10
+                    && d.bytes().enumerate().all(|(i, b)| {
+                        if i == 4 || i == 7 {
+                            b == b'-'
+                        } else {
+                            b.is_ascii_digit()
+                        }
+                    }))
+            {
+                return Err((key("as_of"), "must be a date YYYY-MM-DD".into()));
+            }
+            Ok(crate::prices::Price {
+                input: usd("input", r.input)?,
+                cached_input: usd("cached_input", r.cached_input.unwrap_or(r.input))?,
+                cache_write: usd("cache_write", r.cache_write.unwrap_or(r.input))?,
+                output: usd("output", r.output)?,
+                target: r.target,
+                model: r.model,
+                as_of: r.as_of,
+                source: "config",
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -927,7 +999,10 @@ fn build(
             (new, previous)
         }
     };
+    let prices =
+        crate::prices::PriceTable::new(price_rows(raw.prices).map_err(|(k, r)| value_err(&k, r))?);
     Ok(Config {
+        prices,
         source,
         master_key,
         previous_master_key,
@@ -1036,6 +1111,60 @@ mod tests {
         }
         // Zero stays allowed where it means "none": no drain wait.
         assert!(Config::from_toml("[limits]\nshutdown_grace = \"0s\"", f, &env).is_ok());
+    }
+
+    #[test]
+    fn price_rows_extend_the_table_and_bad_ones_name_their_key() {
+        let env = env_of(&[("KEYWARD_HOME", "/tmp/x")]);
+        let f = Path::new("/etc/keyward/keyward.toml");
+        let c = Config::from_toml(
+            "[[prices]]\ntarget = \"openai\"\nmodel = \"ft:*\"\ninput = 3.0\noutput = 12.0\n\
+             as_of = \"2026-01-02\"",
+            f,
+            &env,
+        )
+        .unwrap();
+        let p = c.prices.lookup("openai", "ft:gpt-4o:acme").unwrap();
+        assert_eq!(
+            (p.input, p.cached_input, p.cache_write),
+            (3_000_000, 3_000_000, 3_000_000)
+        );
+        assert_eq!((p.output, p.source), (12_000_000, "config"));
+        assert!(
+            c.prices.lookup("openai", "gpt-4o").is_some(),
+            "shipped rows stay"
+        );
+        for (text, key) in [
+            (
+                "target = \"openai\"\nmodel = \"x\"\ninput = -1.0\noutput = 1.0",
+                "prices[0].input",
+            ),
+            (
+                "target = \"openai\"\nmodel = \"\"\ninput = 1.0\noutput = 1.0",
+                "prices[0].model",
+            ),
+            (
+                "target = \"\"\nmodel = \"x\"\ninput = 1.0\noutput = 1.0",
+                "prices[0].target",
+            ),
+            (
+                "target = \"openai\"\nmodel = \"x\"\ninput = 1.0\noutput = 1.0\nas_of = \"June\"",
+                "prices[0].as_of",
+            ),
+        ] {
+            let e = Config::from_toml(&format!("[[prices]]\n{text}"), f, &env)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        let e = Config::from_toml(
+            "[[prices]]\ntarget = \"openai\"\nmodel = \"x\"\ninput = 1.0",
+            f,
+            &env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("output"), "{e}");
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod hex;
 pub mod logging;
 pub mod ownership;
 pub mod pool;
+pub mod prices;
 pub mod providers;
 pub mod proxy;
 pub mod scope;

@@ -147,3 +147,119 @@ async fn every_family_and_shape_is_audited_with_true_token_counts() {
     let verify = d.cli(&["audit", "verify"]);
     assert!(verify.status.success(), "{verify:?}");
 }
+
+/// `[[prices]]` rows override and extend the shipped table; `request.completed` carries the
+/// exact cost in micro-USD, or the flag `unpriced`; `keyward prices` prints the table.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_carry_their_cost_or_the_unpriced_flag() {
+    let mock = MockUpstream::builder().start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let prices = "[[prices]]\ntarget = \"openai\"\nmodel = \"gpt-4o\"\ninput = 2.0\n\
+                  cached_input = 0.5\noutput = 8.0\nas_of = \"2026-01-02\"\n\
+                  [[prices]]\ntarget = \"anthropic\"\nmodel = \"house-*\"\ninput = 1.0\n\
+                  cached_input = 0.1\ncache_write = 1.25\noutput = 5.0\n";
+    let d = Daemon::builder()
+        .config(&support::targets_config(
+            &mock,
+            dir.path(),
+            &["openai", "anthropic"],
+            prices,
+        ))
+        .start();
+    let (openai, _) = d.provision("acme", "openai", &random_key("sk-"), &[]);
+    let (anthropic, _) = d.provision("acme2", "anthropic", &random_key("sk-ant-"), &[]);
+    let usage = MockUsage {
+        input: 11_007,
+        cached: 9_800,
+        cache_write: 1_200,
+        output: 50,
+        reasoning: 0,
+    };
+    let chat = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5});
+    let openai_usage = MockUsage {
+        cache_write: 0,
+        ..usage
+    };
+    // gpt-4o from the config: 1,207 plain × 2 + 9,800 × 0.5 + 50 × 8 = 2,414 + 4,900 + 400.
+    // gpt-4o-mini stays shipped (0.15 / 0.075 / 0.60): 181.05 + 735 + 30 = 946.05 → 946.
+    // house-model from the config: 7 × 1 + 9,800 × 0.1 + 1,200 × 1.25 + 50 × 5 = 2,737.
+    for (token, path, model, u, want) in [
+        (
+            &openai,
+            "/openai/v1/chat/completions",
+            "gpt-4o",
+            openai_usage,
+            Some(7_714),
+        ),
+        (
+            &openai,
+            "/openai/v1/chat/completions",
+            "gpt-4o-mini",
+            openai_usage,
+            Some(946),
+        ),
+        (
+            &openai,
+            "/openai/v1/chat/completions",
+            "my-finetune",
+            openai_usage,
+            None,
+        ),
+        (
+            &anthropic,
+            "/anthropic/v1/messages",
+            "house-model",
+            usage,
+            Some(2_737),
+        ),
+    ] {
+        let (status, id) = spend_call(&d, token, path, &chat(model), &u).await;
+        assert_eq!(status, 200);
+        let row = completed(&d, &id).await;
+        match want {
+            Some(cost) => {
+                assert_eq!(row["cost_micros"], cost, "{model}: {row}");
+                assert!(row.get("flags").is_none(), "{model}: {row}");
+            }
+            None => {
+                assert!(row.get("cost_micros").is_none(), "{row}");
+                assert_eq!(row["flags"], json!(["unpriced"]), "{row}");
+            }
+        }
+    }
+    let table = d.json_lines(&["prices", "--target", "openai"]);
+    assert!(table.iter().all(|r| r["target"] == "openai"));
+    let mine = table
+        .iter()
+        .find(|r| r["model"] == "gpt-4o" && r["source"] == "config")
+        .expect("config row listed");
+    assert_eq!(mine["input"], 2.0);
+    assert_eq!(mine["cache_write"], 2.0, "cache_write defaults to input");
+    assert_eq!(mine["as_of"], "2026-01-02");
+    assert!(table.iter().any(|r| r["model"] == "gpt-4o-mini*"
+        && r["source"] == "shipped"
+        && r["as_of"].is_string()));
+    let text = d.ok(&["prices"]);
+    assert!(
+        text.contains("claude-sonnet-4*") && text.contains("house-*"),
+        "{text}"
+    );
+    assert!(
+        text.lines().next().unwrap().contains("CACHED_INPUT"),
+        "{text}"
+    );
+    let verify = d.cli(&["audit", "verify"]);
+    assert!(verify.status.success(), "{verify:?}");
+}
+
+/// A bad `[[prices]]` row stops the start with a message naming the key.
+#[test]
+fn a_bad_price_row_is_refused_at_start() {
+    let started = Daemon::builder()
+        .config("[[prices]]\ntarget = \"openai\"\nmodel = \"gpt-4o\"\ninput = -2.0\noutput = 1.0\n")
+        .try_start();
+    let Err((_, stderr)) = started else {
+        panic!("a negative price was accepted");
+    };
+    assert!(stderr.contains("prices[0].input"), "{stderr}");
+}

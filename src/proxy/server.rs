@@ -1240,6 +1240,14 @@ impl<B> CompletionBody<B> {
             event.cache_write_tokens = usage.cache_write_tokens;
             event.output_tokens = usage.output_tokens;
             event.total_tokens = usage.total_tokens;
+            let price = match (&event.target, &event.model) {
+                (Some(target), Some(model)) => self.state.config.prices.lookup(target, model),
+                _ => None,
+            };
+            match price {
+                Some(price) => event.cost_micros = Some(price.cost_micros(&usage)),
+                None => event.flags.push("unpriced".into()),
+            }
         }
         event.detail = detail;
         drop(replay);
