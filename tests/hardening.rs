@@ -559,3 +559,125 @@ async fn real_aborts_are_still_audited_as_aborts_on_either_side() {
         );
     }
 }
+
+// === the model of multipart/form-data uploads ===
+
+/// Runs curl against the data socket; returns (status, body).
+fn curl(socket: &std::path::Path, args: &[&str]) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--unix-socket"])
+        .arg(socket)
+        .args(["-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl is installed (.ci/run installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (
+        code.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("curl: {text} {out:?}")),
+        body.to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_model_of_a_form_upload_is_read_and_held_to_the_scope() {
+    let s = support::setup(&["openai"], "").await;
+    let (token, cred) = s.daemon.provision(
+        "acme",
+        "openai",
+        &random_key("sk-"),
+        &["--model", "whisper-1", "--model", "gpt-image-*"],
+    );
+    let audio = s.dir.path().join("a.mp3");
+    // Binary content with CRLFs and dashes, as a real file has.
+    let mut bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    bytes.extend_from_slice(b"\r\n--\r\n--not-a-boundary\r\n");
+    std::fs::write(&audio, &bytes).unwrap();
+    let auth = format!("Authorization: Bearer {token}");
+    let file = format!("file=@{}", audio.display());
+    let socket = s.daemon.socket();
+    let url = |path: &str| format!("http://keyward/openai/v1/{path}");
+
+    // The model first (as SDKs send it) and after the file (as `curl -F` in that order does).
+    for (path, fields) in [
+        ("audio/transcriptions", vec!["model=whisper-1", &file]),
+        ("audio/translations", vec![&file, "model=whisper-1"]),
+        (
+            "images/edits",
+            vec!["model=gpt-image-1", "prompt=a cat", &file],
+        ),
+    ] {
+        let before = s.mock.request_count();
+        let mut args = vec!["-H", &auth];
+        for f in &fields {
+            args.extend(["-F", f]);
+        }
+        let u = url(path);
+        args.push(&u);
+        let (status, body) = curl(&socket, &args);
+        // The mock has no such route: its 404 shows the call reached the provider.
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(body.contains("mock upstream: no route"), "{path}: {body}");
+        assert_eq!(s.mock.request_count(), before + 1);
+        let seen = s.mock.last_request().unwrap();
+        assert_eq!(seen.path(), format!("/v1/{path}"));
+        assert!(
+            seen.body_len > bytes.len() as u64,
+            "{path}: the whole upload reached the provider"
+        );
+    }
+    let rows = s
+        .daemon
+        .json_lines(&["audit", "query", "--event", "request.resolved"]);
+    let models: Vec<&str> = rows.iter().filter_map(|r| r["model"].as_str()).collect();
+    assert!(
+        models.contains(&"whisper-1") && models.contains(&"gpt-image-1"),
+        "{rows:?}"
+    );
+    assert!(rows.iter().all(|r| r["credential_id"] == cred.as_str()));
+
+    // Outside the scope, twice named, or not named: refused before the provider is called.
+    let before = s.mock.request_count();
+    for (fields, status, needle) in [
+        (vec!["model=whisper-2", &file], 403, "scope_denied"),
+        (
+            vec!["model=whisper-1", "model=whisper-2", &file],
+            400,
+            "bad_request",
+        ),
+        (vec![&file], 403, "scope_denied"),
+    ] {
+        let mut args = vec!["-H", &auth];
+        for f in &fields {
+            args.extend(["-F", f]);
+        }
+        let u = url("audio/transcriptions");
+        args.push(&u);
+        let (got, body) = curl(&socket, &args);
+        assert_eq!(got, status, "{fields:?}: {body}");
+        assert!(body.contains(needle), "{fields:?}: {body}");
+    }
+    assert_eq!(
+        s.mock.request_count(),
+        before,
+        "a refused upload reached the provider"
+    );
+
+    // A second model after the file is found while the upload streams: the call is cut before
+    // the field that names it leaves keyward.
+    let mut args = vec!["-H", &auth, "-F", "model=whisper-1", "-F", &file];
+    args.extend(["-F", "model=gpt-image-1"]);
+    let u = url("audio/transcriptions");
+    args.push(&u);
+    let (got, body) = curl(&socket, &args);
+    assert_eq!(got, 400, "{body}");
+    assert!(body.contains("bad_request"), "{body}");
+    if let Some(seen) = s.mock.requests().get(before) {
+        assert!(
+            !String::from_utf8_lossy(&seen.body).contains("gpt-image-1"),
+            "the second model reached the provider"
+        );
+    }
+}

@@ -50,6 +50,7 @@ use crate::lock;
 use crate::pool::{Change, Outcome, parse_retry_after, unix_secs};
 use crate::providers::{Target, prepare_upstream_headers};
 use crate::scope::attrs::{ModelScanner, ModelSource, ScanState, capability, model_source};
+use crate::scope::multipart::{MultipartScanner, form_data_boundary};
 use crate::scope::{Candidate, Denial, RequestAttrs, select};
 use crate::seal::{CredentialRef, Secret, open_with_tenant_key};
 use crate::units::format_time;
@@ -394,6 +395,11 @@ async fn process(
     }
     let cap = capability(target.family, route.path());
     known.capability = Some(cap.as_str().to_string());
+    let req_content_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let (parts, body) = req.into_parts();
     let mut body = IdleTimeoutBody::for_app(
         body,
@@ -407,7 +413,7 @@ async fn process(
         ModelSource::Path(m) => Some(m),
         ModelSource::Unknown => None,
         ModelSource::JsonBody => {
-            let mut s = ModelScanner::new();
+            let mut s = BodyScanner::for_content_type(req_content_type.as_deref());
             let scan = Scan {
                 limit,
                 window: state.config.limits.max_model_scan,
@@ -774,7 +780,7 @@ struct Scan {
 /// bodies held by all requests past `max_buffered_bodies` (503).
 async fn read_model(
     body: &mut AppBody,
-    scanner: &mut ModelScanner,
+    scanner: &mut BodyScanner,
     prefix: &mut Vec<Bytes>,
     held: &mut BodyHold,
     scan: Scan,
@@ -819,12 +825,22 @@ async fn read_model(
         prefix.push(data);
         match state {
             ScanState::NeedMore if received >= window => {
+                let how = match scanner {
+                    BodyScanner::Json(_) => {
+                        "the JSON body does not name its top-level \"model\" within its first \
+                         {window} bytes (limits.max_model_scan); put \"model\" before large \
+                         fields such as \"messages\""
+                    }
+                    BodyScanner::Form(_) => {
+                        "the form does not name its `model` field within its first {window} \
+                         bytes (limits.max_model_scan); send the model field before the file"
+                    }
+                };
                 return Err(Reject::new(
                     ErrorCode::BadRequest,
                     format!(
-                        "the JSON body does not name its top-level \"model\" within its first \
-                         {window} bytes (limits.max_model_scan); put \"model\" before large \
-                         fields such as \"messages\", or ask the operator to raise the limit"
+                        "{}, or ask the operator to raise the limit",
+                        how.replace("{window}", &window.to_string())
                     ),
                 ));
             }
@@ -839,8 +855,41 @@ async fn read_model(
 fn ambiguous() -> Reject {
     Reject::new(
         ErrorCode::BadRequest,
-        "the JSON body names its top-level \"model\" more than once or is malformed after it; send one model",
+        "the body names its model more than once (a second top-level \"model\" in JSON, a \
+         second `model` field in a form) or is malformed after it; send one model",
     )
+}
+
+/// Reads the model a request body names: the top-level `"model"` of a JSON body, or the
+/// `model` field of a `multipart/form-data` body (uploads such as audio transcriptions and
+/// image edits).
+enum BodyScanner {
+    Json(ModelScanner),
+    Form(MultipartScanner),
+}
+
+impl BodyScanner {
+    /// The scanner for a body of this `Content-Type`.
+    fn for_content_type(content_type: Option<&str>) -> BodyScanner {
+        match content_type.and_then(form_data_boundary) {
+            Some(boundary) => BodyScanner::Form(MultipartScanner::new(&boundary)),
+            None => BodyScanner::Json(ModelScanner::new()),
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) -> ScanState {
+        match self {
+            BodyScanner::Json(s) => s.feed(chunk),
+            BodyScanner::Form(s) => s.feed(chunk),
+        }
+    }
+
+    fn finish(&mut self) -> ScanState {
+        match self {
+            BodyScanner::Json(s) => s.finish(),
+            BodyScanner::Form(s) => s.finish(),
+        }
+    }
 }
 
 fn too_large(limit: u64) -> Reject {
@@ -975,7 +1024,7 @@ struct Replay {
     /// The part of the app's body not read yet.
     rest: Option<AppBody>,
     /// Watches the rest of the body for a second top-level `model`.
-    scanner: Option<ModelScanner>,
+    scanner: Option<BodyScanner>,
     /// Fingerprint of the body so far; taken when the body ends.
     fingerprinter: Option<Fingerprinter>,
     /// Body bytes read from the app.
@@ -994,7 +1043,7 @@ impl Replay {
     fn new(
         (prefix, held): (Vec<Bytes>, BodyHold),
         rest: Option<AppBody>,
-        scanner: Option<ModelScanner>,
+        scanner: Option<BodyScanner>,
         mut fingerprinter: Fingerprinter,
         limit: u64,
         retain: bool,
@@ -1089,8 +1138,7 @@ impl Replay {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 self.rest = None;
-                if let Some(ScanState::Ambiguous) = self.scanner.as_mut().map(ModelScanner::finish)
-                {
+                if let Some(ScanState::Ambiguous) = self.scanner.as_mut().map(BodyScanner::finish) {
                     return self.fail(ambiguous());
                 }
                 self.finish();

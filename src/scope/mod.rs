@@ -2,6 +2,7 @@
 //! caller's tenant may serve this request, in the order to try them. Pure: no I/O, no secrets.
 
 pub mod attrs;
+pub mod multipart;
 
 use std::sync::Arc;
 
