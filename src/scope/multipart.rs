@@ -504,11 +504,8 @@ mod tests {
         }
         assert!(field_name(b"no colon").is_none());
         assert!(
-            field_name(
-                b"Content-Disposition: form-data
-Content-Disposition: form-data"
-            )
-            .is_none()
+            field_name(b"Content-Disposition: form-data\r\nContent-Disposition: form-data")
+                .is_none()
         );
     }
 
