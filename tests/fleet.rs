@@ -1000,3 +1000,262 @@ async fn reloads_under_load_fail_nothing_and_a_storm_leaks_nothing() {
         "locked memory {locked_before} kB -> {locked_after} kB"
     );
 }
+
+/// Sends admin requests straight to the socket, one JSON line each (faster than a CLI process
+/// per request when thousands are needed).
+fn admin_batch(socket: &Path, requests: impl Iterator<Item = Value>) {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    for req in requests {
+        writer.write_all(format!("{req}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        assert!(answer.contains("\"ok\":true"), "{req}: {answer}");
+    }
+}
+
+/// Measurement, not a check (run with `--ignored --nocapture`): the size of a bundle of 1,000
+/// tenants × 5 credentials, the time to load it, and the RSS of a sidecar serving it.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement; run with --ignored --nocapture"]
+async fn measure_a_sidecar_serving_1000_tenants_by_5_credentials() {
+    let mock = MockUpstream::builder().start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let key = master_key_file(tmp.path(), "master.key");
+    let mut author = Author::start(&mock, tmp.path(), &key);
+    let started = Instant::now();
+    admin_batch(
+        &author.d.admin_socket(),
+        (0..1000).flat_map(|t| {
+            let tenant = format!("tenant-{t:04}");
+            let mut reqs = vec![serde_json::json!({"op": "tenant_add", "name": tenant})];
+            reqs.push(serde_json::json!({"op": "client_add", "tenant": tenant, "name": "app", "team": null, "uid": null, "workflows": []}));
+            for c in 0..5 {
+                reqs.push(serde_json::json!({
+                    "op": "cred_add", "tenant": tenant, "target": "openai", "name": format!("key-{c}"),
+                    "models": [], "capabilities": [], "teams": [], "workflows": [], "priority": null,
+                    "secret": random_key("sk-proj-"),
+                }));
+            }
+            reqs
+        }),
+    );
+    eprintln!(
+        "authored 1000 tenants x 5 credentials in {:?}",
+        started.elapsed()
+    );
+    let bundle = author.export();
+    eprintln!("bundle: {} bytes", bundle.len());
+    let mut secret_dir = SecretDir::new(&tmp.path().join("secret"), &bundle);
+    let started = Instant::now();
+    let s = sidecar(
+        &mock,
+        tmp.path(),
+        &key,
+        &secret_dir.dir,
+        "bundle_poll_interval = \"1h\"",
+    );
+    eprintln!(
+        "sidecar started serving the bundle in {:?}",
+        started.elapsed()
+    );
+    let (token, _) = author
+        .d
+        .provision("tenant-0999", "openai", &random_key("sk-"), &[]);
+    secret_dir.swap(&author.export());
+    let took = wait_bundle(&s, 2, None);
+    eprintln!("reload of the 1000x5 bundle (inotify, swap to served): {took:?}");
+    for _ in 0..200 {
+        assert_eq!(chat(&s, &token, "openai").await.0, 200);
+    }
+    let pid = s.pid();
+    eprintln!(
+        "sidecar RSS after 200 requests: {} kB (VmHWM {} kB)",
+        proc_status_kb(pid, "VmRSS:"),
+        proc_status_kb(pid, "VmHWM:")
+    );
+}
+
+// === Kubernetes manifests ===
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The venv holding `kubernetes-validate` (created by `.ci/run`; made here when missing).
+fn k8s_venv(test: &str) -> Option<PathBuf> {
+    let venv = root().join("target/k8s-venv");
+    let validate = venv.join("bin/kubernetes-validate");
+    if !validate.exists() {
+        let _ = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status();
+        let _ = Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "kubernetes-validate==1.37.0"])
+            .status();
+    }
+    support::needs::program(test, validate.to_str().unwrap(), "--version").then_some(venv)
+}
+
+fn manifests() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("examples/kubernetes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 2, "{files:?}");
+    files
+}
+
+/// Every manifest passes the Kubernetes schema (strict: no unknown field), the sidecar is a
+/// native sidecar probed with `keyward status`, its config is one keyward accepts, and the app
+/// container can reach the data socket but mounts neither the master key, nor the bundle, nor
+/// keyward's state, and gets no KMS credentials.
+#[test]
+fn kubernetes_manifests_validate_and_keep_keys_away_from_the_app() {
+    let test = "kubernetes_manifests_validate_and_keep_keys_away_from_the_app";
+    let Some(venv) = k8s_venv(test) else { return };
+    let validate = |file: &Path| {
+        Command::new(venv.join("bin/kubernetes-validate"))
+            .args(["--strict", "-k", "1.33.0"])
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    for file in manifests() {
+        let out = validate(&file);
+        assert!(
+            out.status.success(),
+            "{}: {}{}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The validator does reject a wrong field (so a pass above means something).
+    let tmp = tempfile::tempdir().unwrap();
+    let broken = tmp.path().join("broken.yaml");
+    let text = std::fs::read_to_string(root().join("examples/kubernetes/kms.yaml")).unwrap();
+    std::fs::write(
+        &broken,
+        text.replace("restartPolicy: Always", "restartPolicyy: Always"),
+    )
+    .unwrap();
+    assert!(!validate(&broken).status.success());
+
+    for file in manifests() {
+        let out = Command::new(venv.join("bin/python"))
+            .args([
+                "-c",
+                "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
+            ])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let docs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let name = file.display().to_string();
+        let mut deployments = 0;
+        for doc in &docs {
+            if doc["kind"] == "ConfigMap" {
+                let toml = doc["data"]["keyward.toml"].as_str().unwrap();
+                let env = |_: &str| None;
+                let config = keyward::config::Config::from_toml(toml, &file, &env)
+                    .unwrap_or_else(|e| panic!("{name}: keyward refuses its config: {e}"));
+                assert_eq!(
+                    config.audit_export,
+                    Some(keyward::config::AuditExport::Stdout)
+                );
+                assert!(config.bundle.is_some() && config.require_external_master_key);
+            }
+            if doc["kind"] != "Deployment" {
+                continue;
+            }
+            deployments += 1;
+            let pod = &doc["spec"]["template"]["spec"];
+            let volumes = pod["volumes"].as_array().unwrap();
+            let sidecar = pod["initContainers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == "keyward")
+                .expect("keyward in initContainers");
+            assert_eq!(
+                sidecar["restartPolicy"], "Always",
+                "{name}: a native sidecar"
+            );
+            assert_eq!(
+                sidecar["startupProbe"]["exec"]["command"],
+                serde_json::json!(["keyward", "status"]),
+                "{name}"
+            );
+            assert!(
+                sidecar["resources"]["requests"]["memory"].is_string(),
+                "{name}"
+            );
+            // What only keyward may see: Secret volumes (bundle, master key) and its state.
+            let private: Vec<&str> = volumes
+                .iter()
+                .filter(|v| v.get("secret").is_some() || v["name"] == "keyward-state")
+                .map(|v| v["name"].as_str().unwrap())
+                .collect();
+            assert!(private.contains(&"keyward-bundle"), "{name}: {private:?}");
+            let socket_volume = volumes
+                .iter()
+                .find(|v| v["name"] == "keyward-socket")
+                .expect("socket volume");
+            assert!(socket_volume.get("emptyDir").is_some(), "{name}");
+            let mounts = |c: &Value| -> Vec<String> {
+                c["volumeMounts"]
+                    .as_array()
+                    .map(|m| {
+                        m.iter()
+                            .map(|m| m["name"].as_str().unwrap().to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            assert!(mounts(sidecar).contains(&"keyward-socket".to_string()));
+            let apps: Vec<&Value> = pod["containers"].as_array().unwrap().iter().collect();
+            assert!(!apps.is_empty());
+            let skipped = doc["spec"]["template"]["metadata"]["annotations"]
+                ["eks.amazonaws.com/skip-containers"]
+                .as_str()
+                .unwrap_or("");
+            for app in apps {
+                let app_name = app["name"].as_str().unwrap();
+                let m = mounts(app);
+                assert!(
+                    m.contains(&"keyward-socket".to_string()),
+                    "{name}: {app_name} reaches the socket"
+                );
+                for p in &private {
+                    assert!(!m.contains(&p.to_string()), "{name}: {app_name} mounts {p}");
+                }
+                // No environment variable or envFrom drawn from the bundle or key Secrets.
+                let text = app.to_string();
+                for secret in volumes
+                    .iter()
+                    .filter_map(|v| v["secret"]["secretName"].as_str())
+                {
+                    assert!(
+                        !text.contains(secret),
+                        "{name}: {app_name} reads Secret {secret}"
+                    );
+                }
+                // With IRSA, the pod identity webhook must not give the app KMS credentials.
+                if pod["serviceAccountName"].is_string() {
+                    assert!(
+                        skipped.split(',').any(|s| s.trim() == app_name),
+                        "{name}: {app_name} would get the IRSA token"
+                    );
+                }
+            }
+        }
+        assert_eq!(deployments, 1, "{name}");
+    }
+}
