@@ -116,3 +116,212 @@ fn bad_master_key_tables_are_refused_before_anything_is_bound() {
     );
     assert!(!contains(&out.stdout, "serving"));
 }
+
+// === pkcs11 (SoftHSM2) ===
+
+use support::hsm::SoftHsm;
+use support::mock_upstream::{MockUpstream, key_of};
+use support::uds::{call_as, chat_body};
+
+fn digits_pin() -> String {
+    random_key("")
+        .bytes()
+        .take(8)
+        .map(|b| char::from(b'0' + b % 10))
+        .collect()
+}
+
+/// A chat call as `token` answered 200 by the mock with `key`.
+async fn served_with(d: &Daemon, mock: &MockUpstream, token: &str, key: &str) {
+    let (status, _, body) = call_as(
+        &d.socket(),
+        token,
+        "/openai/v1/chat/completions",
+        &chat_body("gpt-4o-mini", false),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let seen = mock.requests();
+    assert_eq!(key_of(seen.last().unwrap()).as_deref(), Some(key));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pkcs11_first_start_restart_and_requests_unwrap_inside_the_token() {
+    let Some(hsm) = SoftHsm::new("pkcs11_first_start_restart") else {
+        return;
+    };
+    let pin = digits_pin();
+    hsm.init_token("keyward", &pin);
+    hsm.keygen("keyward", &pin, "keyward-master", false);
+    let pin_file = hsm.pin_file("hsm-pin", &pin);
+    let mock = MockUpstream::builder().start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::targets_config(
+        &mock,
+        dir.path(),
+        &["openai"],
+        &hsm.table("master_key", "keyward", "keyward-master", &pin_file),
+    );
+    let conf = hsm.conf.to_str().unwrap().to_string();
+    let mut d = Daemon::builder()
+        .config(&config)
+        .env("SOFTHSM2_CONF", &conf)
+        .start();
+    assert!(
+        d.stdout()
+            .contains("token `keyward` key `keyward-master` (module"),
+        "{}",
+        d.stdout()
+    );
+    assert!(d.stdout().contains("(pkcs11)"), "{}", d.stdout());
+    assert!(
+        !d.home.join("master.key").exists(),
+        "no key file with an HSM"
+    );
+    let key_a = random_key("sk-acme-");
+    let key_g = random_key("sk-globex-");
+    let (token_a, _) = d.provision("acme", "openai", &key_a, &[]);
+    let (token_g, _) = d.provision("globex", "openai", &key_g, &[]);
+    served_with(&d, &mock, &token_a, &key_a).await;
+    served_with(&d, &mock, &token_g, &key_g).await;
+    let status = &d.json_lines(&["status"])[0];
+    assert_eq!(status["master_key_provider"], "pkcs11");
+    let home = d.home.clone();
+    assert_eq!(d.terminate(), Some(0));
+
+    let d = Daemon::builder()
+        .home(&home)
+        .config(&config)
+        .env("SOFTHSM2_CONF", &conf)
+        .start();
+    served_with(&d, &mock, &token_a, &key_a).await;
+    served_with(&d, &mock, &token_g, &key_g).await;
+    // Key check + audit MAC key at start, then two unwraps per tenant on its first request.
+    assert_eq!(d.json_lines(&["status"])[0]["kek_operations"], 6);
+    for (what, bytes) in [
+        ("stdout", d.stdout().into_bytes()),
+        ("stderr", d.stderr().into_bytes()),
+        ("state", d.all_state_bytes()),
+        ("status", d.ok(&["status", "--json"]).into_bytes()),
+    ] {
+        assert!(!contains(&bytes, &pin), "the PIN leaked into {what}");
+        assert!(
+            !contains(&bytes, &key_a),
+            "a provider key leaked into {what}"
+        );
+    }
+}
+
+#[test]
+fn pkcs11_wrong_key_wrong_pin_and_missing_parts_are_refused_at_start() {
+    let Some(hsm) = SoftHsm::new("pkcs11_refusals") else {
+        return;
+    };
+    let pin = digits_pin();
+    hsm.init_token("keyward", &pin);
+    hsm.keygen("keyward", &pin, "master-a", false);
+    hsm.keygen("keyward", &pin, "master-b", false);
+    hsm.keygen("keyward", &pin, "loose", true);
+    hsm.init_token("other", &pin);
+    hsm.keygen("other", &pin, "master-a", false);
+    let pin_file = hsm.pin_file("hsm-pin", &pin);
+    let conf = hsm.conf.to_str().unwrap().to_string();
+    let with = |home: &Path, table: String| {
+        Daemon::builder()
+            .home(home)
+            .config(&table)
+            .env("SOFTHSM2_CONF", &conf)
+    };
+    let home_dir = tempfile::Builder::new()
+        .prefix("kw")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let home = home_dir.path().to_path_buf();
+    let d = with(
+        &home,
+        hsm.table("master_key", "keyward", "master-a", &pin_file),
+    )
+    .start();
+    d.ok(&["tenant", "add", "acme"]);
+    drop(d);
+
+    // Another key on the same token, the same label on another token: the store refuses them.
+    for (token, key) in [("keyward", "master-b"), ("other", "master-a")] {
+        let out = refused(
+            with(&home, hsm.table("master_key", token, key, &pin_file)),
+            &home,
+        );
+        let err = stderr(&out);
+        assert!(
+            err.contains("master key does not match this store"),
+            "{err}"
+        );
+        assert!(err.contains("token `keyward` key `master-a`"), "{err}");
+    }
+
+    let wrong_pin = hsm.pin_file("wrong-pin", "99999999");
+    let missing_module = hsm
+        .table("master_key", "keyward", "master-a", &pin_file)
+        .replace(
+            &hsm.module.display().to_string(),
+            "/nonexistent/libpkcs11.so",
+        );
+    for (table, needles) in [
+        (
+            hsm.table("master_key", "keyward", "master-a", &wrong_pin),
+            &["cannot reach pkcs11", "refused the PIN", "pin_file"][..],
+        ),
+        (
+            missing_module,
+            &[
+                "cannot reach pkcs11",
+                "cannot load the module",
+                "master_key.module",
+            ][..],
+        ),
+        (
+            hsm.table("master_key", "nosuch", "master-a", &pin_file),
+            &[
+                "cannot reach pkcs11",
+                "no token labelled `nosuch`",
+                "keyward, other",
+            ][..],
+        ),
+        (
+            hsm.table("master_key", "keyward", "nosuch", &pin_file),
+            &[
+                "cannot reach pkcs11",
+                "no AES key labelled `nosuch`",
+                "--keygen",
+            ][..],
+        ),
+        (
+            hsm.table("master_key", "keyward", "loose", &pin_file),
+            &["cannot reach pkcs11", "CKA_EXTRACTABLE = true"][..],
+        ),
+        (
+            hsm.table(
+                "master_key",
+                "keyward",
+                "master-a",
+                &hsm.dir().join("absent"),
+            ),
+            &["cannot reach pkcs11", "cannot read the PIN file"][..],
+        ),
+    ] {
+        let out = refused(with(&home, table), &home);
+        let err = stderr(&out);
+        for needle in needles {
+            assert!(err.contains(needle), "{err} lacks {needle}");
+        }
+        assert!(!err.contains(&pin) && !err.contains("99999999"), "{err}");
+        assert_eq!(out.status.code(), Some(1), "{err}");
+    }
+    // The right key still opens the store afterwards.
+    let d = with(
+        &home,
+        hsm.table("master_key", "keyward", "master-a", &pin_file),
+    )
+    .start();
+    assert_eq!(d.json_lines(&["tenant", "list"])[0]["name"], "acme");
+}

@@ -4,6 +4,8 @@
 //! The providers that hold the key outside this process (an HSM through PKCS#11, AWS KMS) live
 //! here, behind [`crate::seal::Kek`]; `seal` itself knows nothing of devices or HTTP.
 
+pub mod pkcs11;
+
 use std::path::{Path, PathBuf};
 
 use crate::config::MasterKeyConfig;
@@ -41,6 +43,23 @@ pub fn open_provider(
             Ok(Opened {
                 provider: MasterKeyProvider::new(Box::new(FileKek::new(key, &source))),
                 generated,
+            })
+        }
+        MasterKeyConfig::Pkcs11 {
+            module,
+            token_label,
+            key_label,
+            pin_file,
+        } => {
+            let kek = pkcs11::Pkcs11Kek::open(pkcs11::Pkcs11Settings {
+                module: module.clone(),
+                token_label: token_label.clone(),
+                key_label: key_label.clone(),
+                pin_file: pin_file.clone(),
+            })?;
+            Ok(Opened {
+                provider: MasterKeyProvider::new(Box::new(kek)),
+                generated: None,
             })
         }
         other => Err(SealError::Unreachable {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod hsm;
 pub mod mock_upstream;
 pub mod needs;
 pub mod uds;
