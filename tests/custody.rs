@@ -38,6 +38,8 @@ fn write_key(dir: &Path, name: &str) -> (std::path::PathBuf, String) {
     let hex = format!("{}{}", random_key(""), random_key(""))[..64].to_string();
     let path = dir.join(name);
     std::fs::write(&path, format!("{hex}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     (path, hex)
 }
 

@@ -165,9 +165,12 @@ impl Pkcs11Kek {
                     slot = Some(candidate);
                     break;
                 }
-                labels.push(label);
+                if !label.is_empty() {
+                    labels.push(label);
+                }
             }
         }
+        labels.sort();
         let Some(slot) = slot else {
             return Err(unreachable(
                 format!(
