@@ -681,3 +681,78 @@ async fn the_model_of_a_form_upload_is_read_and_held_to_the_scope() {
         );
     }
 }
+
+// === upstream URLs lead back through keyward ===
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resumable_upload_url_comes_back_through_keyward_and_works() {
+    use support::mock_upstream::Reply;
+    let s = support::setup(&["gemini"], "").await;
+    let key = random_key("AIza");
+    let (token, _) = s.daemon.provision("acme", "gemini", &key, &[]);
+    let base = s.mock.base_url();
+    s.mock.set_key_reply(
+        &key,
+        Reply::json(serde_json::json!({}))
+            .header(
+                "x-goog-upload-url",
+                &format!("{base}/upload/v1beta/files?upload_id=u-1"),
+            )
+            .header("x-goog-upload-status", "active")
+            .header("location", &format!("{base}/v1beta/files/f-1"))
+            .header(
+                "link",
+                &format!("<{base}/v1beta/files?page=2>; rel=\"next\""),
+            )
+            .header("x-elsewhere", "https://evil.example/upload?upload_id=u-1"),
+    );
+    let auth = [
+        ("x-goog-api-key", token.as_str()),
+        ("x-goog-upload-protocol", "resumable"),
+        ("x-goog-upload-command", "start"),
+    ];
+    let (status, headers, body) = support::uds::call(
+        &s.daemon.socket(),
+        support::uds::post("/gemini/upload/v1beta/files", &auth, "{\"file\":{}}"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let upload = headers["x-goog-upload-url"].to_str().unwrap();
+    assert_eq!(
+        upload,
+        "http://keyward/gemini/upload/v1beta/files?upload_id=u-1"
+    );
+    assert_eq!(
+        headers["location"],
+        "http://keyward/gemini/v1beta/files/f-1"
+    );
+    assert_eq!(
+        headers["link"],
+        "<http://keyward/gemini/v1beta/files?page=2>; rel=\"next\""
+    );
+    assert_eq!(
+        headers["x-elsewhere"],
+        "https://evil.example/upload?upload_id=u-1"
+    );
+
+    // The app follows the URL it was given: through keyward, with the key injected and audited.
+    s.mock.clear_key_reply(&key);
+    let path = upload.strip_prefix("http://keyward").unwrap();
+    let (_, headers, _) = support::uds::call(
+        &s.daemon.socket(),
+        support::uds::post(
+            path,
+            &[
+                ("x-goog-api-key", token.as_str()),
+                ("x-goog-upload-command", "upload, finalize"),
+            ],
+            "bytes",
+        ),
+    )
+    .await;
+    assert!(headers.contains_key("keyward-call-id"));
+    let seen = s.mock.last_request().unwrap();
+    assert_eq!(seen.path(), "/upload/v1beta/files");
+    assert_eq!(seen.query(), Some("upload_id=u-1"));
+    assert_eq!(seen.header("x-goog-api-key"), Some(key.as_str()));
+}

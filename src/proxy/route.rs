@@ -184,6 +184,99 @@ impl Route {
     }
 }
 
+/// Where an app reaches keyward, for URLs handed back to it: `http://` and the authority the
+/// request named (HTTP/2 `:authority` or `Host`), else `http://keyward`.
+pub fn app_base<B>(req: &http::Request<B>) -> String {
+    let named = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        });
+    let host = named
+        .filter(|h| !h.contains('@'))
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+        .map_or_else(|| "keyward".to_string(), |a| a.as_str().to_string());
+    format!("http://{host}")
+}
+
+/// Rewrites absolute URLs in response header values that point into `target`'s base URL so that
+/// they lead through keyward: `{base_url}/rest` becomes `{app_base}/{target}/rest` (a Gemini
+/// resumable upload's `x-goog-upload-url`, a `Location`, a `Link`). URLs elsewhere, on the
+/// provider's host outside the base path included, are left as they are.
+pub fn rewrite_upstream_urls(headers: &mut http::HeaderMap, target: &Target, app_base: &str) {
+    let up = &target.upstream;
+    let scheme = format!("{}://", up.scheme.as_str().to_ascii_lowercase());
+    let replacement = format!("{app_base}/{}", target.name);
+    for value in headers.values_mut() {
+        let Ok(text) = value.to_str() else {
+            continue;
+        };
+        if !text.to_ascii_lowercase().contains(&scheme) {
+            continue;
+        }
+        let rewritten = rewrite_urls_in(text, &scheme, up, &replacement);
+        if rewritten != text
+            && let Ok(mut new) = http::HeaderValue::from_str(&rewritten)
+        {
+            new.set_sensitive(value.is_sensitive());
+            *value = new;
+        }
+    }
+}
+
+/// Characters that end a URL inside a header value (`Link: <url>; rel=...`, quoted values,
+/// lists).
+fn ends_url(c: char) -> bool {
+    matches!(c, '>' | '"' | '\'' | ' ' | ',' | ';' | '\t')
+}
+
+fn rewrite_urls_in(text: &str, scheme: &str, up: &crate::providers::Upstream, to: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    let default_port = if up.is_https() { 443 } else { 80 };
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    while let Some(found) = lower[at..].find(scheme) {
+        let start = at + found;
+        let preceded_ok = text[..start]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !c.is_ascii_alphanumeric() && c != '+' && c != '.' && c != '-');
+        let auth_start = start + scheme.len();
+        let auth_len = text[auth_start..]
+            .find(|c: char| c == '/' || c == '?' || c == '#' || ends_url(c))
+            .unwrap_or(text.len() - auth_start);
+        let authority = &text[auth_start..auth_start + auth_len];
+        let same_host = authority.parse::<http::uri::Authority>().is_ok_and(|a| {
+            !authority.contains('@')
+                && a.host()
+                    .trim_matches(['[', ']'])
+                    .eq_ignore_ascii_case(&up.host)
+                && a.port_u16().unwrap_or(default_port) == up.port
+        });
+        let rest = &text[auth_start + auth_len..];
+        let in_base = rest.starts_with(up.path_prefix.as_str())
+            && rest[up.path_prefix.len()..]
+                .chars()
+                .next()
+                .is_none_or(|c| c == '/' || c == '?' || c == '#' || ends_url(c));
+        out.push_str(&text[at..start]);
+        if preceded_ok && same_host && in_base {
+            out.push_str(to);
+            at = auth_start + auth_len + up.path_prefix.len();
+        } else {
+            out.push_str(&text[start..auth_start]);
+            at = auth_start;
+        }
+    }
+    out.push_str(&text[at..]);
+    out
+}
+
 /// The upstream URI for `route`: scheme and authority only ever come from `target`; the path is
 /// the target's prefix followed by the route's provider path; the query loses its credential
 /// parameters.
@@ -362,6 +455,75 @@ fn check_query(query: &str) -> Result<(), RouteError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_urls_in_response_headers_are_led_back_through_keyward() {
+        let spec = |name: &str, url: &str| {
+            let text = format!("[{name}]\nbase_url = \"{url}\"\nfamily = \"openai\"\n");
+            let specs: std::collections::BTreeMap<String, crate::providers::TargetSpec> =
+                toml::from_str(&text).unwrap();
+            crate::providers::Targets::resolve(&specs).unwrap()
+        };
+        let targets = spec("gw", "https://Api.Example.com:443/base");
+        let target = targets.get("gw").unwrap();
+        let cases = [
+            (
+                "https://api.example.com/base/upload/v1?upload_id=x",
+                "http://keyward/gw/upload/v1?upload_id=x",
+            ),
+            ("HTTPS://API.EXAMPLE.COM:443/base", "http://keyward/gw"),
+            (
+                "<https://api.example.com/base/v1/a?p=2>; rel=\"next\", <https://api.example.com/base/v1/a?p=1>; rel=\"prev\"",
+                "<http://keyward/gw/v1/a?p=2>; rel=\"next\", <http://keyward/gw/v1/a?p=1>; rel=\"prev\"",
+            ),
+            // Outside the base URL: another host, port, scheme, path, or userinfo.
+            ("https://evil.example/base/x", "https://evil.example/base/x"),
+            (
+                "https://api.example.com:8443/base/x",
+                "https://api.example.com:8443/base/x",
+            ),
+            (
+                "http://api.example.com/base/x",
+                "http://api.example.com/base/x",
+            ),
+            (
+                "https://api.example.com/basement",
+                "https://api.example.com/basement",
+            ),
+            (
+                "https://api.example.com/other",
+                "https://api.example.com/other",
+            ),
+            (
+                "https://u@api.example.com/base/x",
+                "https://u@api.example.com/base/x",
+            ),
+            (
+                "https://api.example.com.evil/base",
+                "https://api.example.com.evil/base",
+            ),
+            (
+                "xhttps://api.example.com/base",
+                "xhttps://api.example.com/base",
+            ),
+        ];
+        for (from, want) in cases {
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                "x-goog-upload-url",
+                http::HeaderValue::from_str(from).unwrap(),
+            );
+            rewrite_upstream_urls(&mut h, target, "http://keyward");
+            assert_eq!(h["x-goog-upload-url"], want, "{from}");
+        }
+        let mut req = http::Request::new(());
+        req.headers_mut()
+            .insert("host", http::HeaderValue::from_static("127.0.0.1:8787"));
+        assert_eq!(app_base(&req), "http://127.0.0.1:8787");
+        req.headers_mut()
+            .insert("host", http::HeaderValue::from_static("a@b/c"));
+        assert_eq!(app_base(&req), "http://keyward");
+    }
     use crate::providers::{TargetSpec, Targets};
     use std::collections::BTreeMap;
 

@@ -39,7 +39,7 @@ use super::app_conn::{AppConn, ConnCheck};
 use super::conn::{Activity, ConnectionGuard, Full, Throttle};
 use super::error::{CALL_ID_HEADER, ErrorCode, error_response};
 use super::limits::{BodyHold, ShareGuard};
-use super::route::{Route, upstream_uri};
+use super::route::{Route, app_base, rewrite_upstream_urls, upstream_uri};
 use super::scrub::{ScrubBody, Scrubber};
 use super::upstream::{BoxError, IdleTimeoutBody, ResponseBody, UpstreamBody, UpstreamError};
 use crate::audit::usage::UsageTap;
@@ -243,6 +243,8 @@ struct Known {
     target: Option<String>,
     model: Option<String>,
     capability: Option<String>,
+    /// Where the app reaches keyward (`http://keyward`), for upstream URLs handed back to it.
+    app_base: Option<String>,
     /// The candidate of the latest attempt, once the request was resolved: a failure after
     /// that point completes the call rather than denying it.
     attempted: Option<Candidate>,
@@ -379,6 +381,7 @@ async fn process(
         .map_err(|e| Reject::new(ErrorCode::Overloaded, e.message()))?;
     known.share = Some(share);
     known.principal = Some(principal.clone());
+    known.app_base = Some(app_base(&req));
     let route =
         Route::from_request(&req).map_err(|e| Reject::new(ErrorCode::BadRequest, e.to_string()))?;
     let target = state
@@ -961,6 +964,10 @@ fn respond(
     parts.extensions = http::Extensions::new();
     // Connection-level headers are not relayed, and an upstream must not forge keyward-*.
     crate::providers::strip_hop_by_hop_and_keyward(&mut parts.headers);
+    // URLs into the provider's API come back through keyward, where the key and the audit are.
+    if let Some(base) = &known.app_base {
+        rewrite_upstream_urls(&mut parts.headers, target, base);
+    }
     // Scrubbing may change the body's length.
     parts.headers.remove(CONTENT_LENGTH);
     let mut scrubber = Scrubber::new(secret);
