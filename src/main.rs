@@ -14,6 +14,8 @@ use keyward::seal::alloc::ZeroOnFree;
 static ALLOCATOR: ZeroOnFree<tikv_jemallocator::Jemalloc> = ZeroOnFree(tikv_jemallocator::Jemalloc);
 
 fn main() -> ExitCode {
+    // Keeps jemalloc's built-in options in the binary (see `JEMALLOC_CONF`).
+    std::hint::black_box(&keyward::seal::alloc::JEMALLOC_CONF);
     let cli = Cli::parse();
     match cli.command {
         Command::Serve {

@@ -658,3 +658,72 @@ async fn on_a_full_disk_rows_nobody_waits_on_are_kept_and_written_once_there_is_
     assert_eq!(status, 200, "{body}");
     drop(daemon);
 }
+
+/// The daemon's resident set, in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_used_at_a_peak_is_given_back_with_all_memory_locked() {
+    // mlockall needs root or an unlimited RLIMIT_MEMLOCK; as anyone else keyward falls back to
+    // locking secret pages only, which is not what this test is about.
+    if !support::needs::root("memory_used_at_a_peak_is_given_back_with_all_memory_locked") {
+        return;
+    }
+    let s = support::setup(&["openai"], "lock_memory = \"all\"\n").await;
+    let status = s.daemon.json_lines(&["status"]);
+    assert_eq!(status[0]["memory_lock"], "all (mlockall)", "{status:?}");
+    let (token, _) = s
+        .daemon
+        .provision("acme", "openai", &random_key("sk-"), &[]);
+    let pid = s.daemon.pid();
+    let idle = rss_mib(pid);
+
+    // 24 requests each hold 3 MiB of a body whose model has not come yet.
+    let head = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: k\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\ncontent-length: 16000000\r\n\r\n\
+         {{\"messages\":[{{\"role\":\"user\",\"content\":\"{}",
+        "x".repeat(3 << 20)
+    );
+    let mut held = Vec::new();
+    for _ in 0..24 {
+        let mut c = UnixStream::connect(s.daemon.socket()).await.unwrap();
+        c.write_all(head.as_bytes()).await.unwrap();
+        held.push(c);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let peak = rss_mib(pid);
+    assert!(
+        peak >= idle + 60,
+        "the attack did not raise memory: {idle} → {peak} MiB"
+    );
+    drop(held);
+
+    // Three quarters of what the peak added must be given back.
+    let back = idle + (peak - idle) / 4;
+    let started = Instant::now();
+    let settled = loop {
+        let now = rss_mib(pid);
+        if now <= back || started.elapsed() > Duration::from_secs(60) {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!(
+        "RSS {idle} MiB idle, {peak} MiB at the peak, {settled} MiB {:?} later",
+        started.elapsed()
+    );
+    assert!(
+        settled <= back,
+        "memory stays resident after the peak: {idle} MiB idle, {peak} at the peak, {settled} a minute later"
+    );
+}

@@ -9,6 +9,19 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 
+/// jemalloc's built-in options, read before `main` (the binary refers to this static so that it
+/// is linked in). A background thread purges freed pages once they have been unused for the
+/// usual decay time (about 10 s), without waiting for the next allocation, and `retain:false`
+/// unmaps them rather than `madvise` them, which locked pages refuse: with `lock_memory =
+/// "all"` too, memory used at a peak is given back within about 20 s instead of staying
+/// resident and locked until restart (README, "Deployment checklist"). `_RJEM_MALLOC_CONF` in
+/// the environment is read after it and can change any of it.
+// SAFETY: jemalloc reads this symbol as a `const char *` to a NUL-terminated string; `Option<&u8>`
+// has the layout of a pointer, and it points at the first byte of a static, NUL-terminated,
+// never-mutated byte string.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static JEMALLOC_CONF: Option<&'static u8> = Some(&b"background_thread:true,retain:false\0"[0]);
+
 /// Wraps an allocator (the system one by default) and zeroes each block before releasing it.
 pub struct ZeroOnFree<A = System>(pub A);
 
