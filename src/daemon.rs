@@ -272,6 +272,18 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
             path.display()
         );
     }
+    let migration = match &config.previous_master_key {
+        None => None,
+        Some(previous) => {
+            // The previous key is only read, never generated.
+            let previous = crate::custody::open_provider(previous, None, &config.state_dir, true)?;
+            Some(crate::custody::migrate(
+                &config.state_dir,
+                &previous.provider,
+                &opened.provider,
+            )?)
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)
         .enable_all()
@@ -284,7 +296,11 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
         memory_lock,
         runtime.handle().clone(),
     )?;
+    crate::custody::record_migration(server.state())?;
     print_banner(server.state(), &hardening, &server.listeners);
+    if let Some(line) = &migration {
+        println!("  migration     {line}");
+    }
     if options.dev {
         runtime.block_on(dev_mode(server.state()));
     }

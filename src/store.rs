@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use crate::seal::{MasterKeyProvider, SealError};
+use crate::seal::{MasterKeyProvider, Purpose, SealError};
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -295,6 +295,110 @@ pub struct Store {
     /// How many times the database was used (read or written), shown by `status` so an
     /// operator can see the data plane never touches it.
     accesses: AtomicU64,
+}
+
+/// What [`rewrap_master_key`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rewrap {
+    /// No database yet: the new key will create it.
+    NoStore,
+    /// The store was already wrapped by the new key (a migration finished earlier).
+    AlreadyNew,
+    /// This many tenants' keys (and the key-check value) were rewrapped in one transaction.
+    Rewrapped {
+        /// Tenants whose tenant and fingerprint keys were rewrapped.
+        tenants: usize,
+    },
+}
+
+/// Rewraps every key the master key wraps in `<state_dir>/keyward.db` (each tenant's tenant
+/// and fingerprint key, and the key-check value) from `old` to `new`, in one SQLite transaction:
+/// killed half-way, the store is still wholly under `old`. Data keys and secrets are untouched.
+/// Records the migration as pending (meta `master_key_migrated_from`) until the audit event is
+/// written ([`take_pending_migration`]).
+pub fn rewrap_master_key(
+    state_dir: &Path,
+    old: &MasterKeyProvider,
+    new: &MasterKeyProvider,
+) -> Result<Rewrap, StoreError> {
+    let path = state_dir.join("keyward.db");
+    if !path.exists() {
+        return Ok(Rewrap::NoStore);
+    }
+    let display = path.display().to_string();
+    let mut conn = Connection::open(&path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let kcv: Option<Vec<u8>> = tx
+        .query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let Some(kcv) = kcv else {
+        return Ok(Rewrap::NoStore);
+    };
+    if new.matches_check_value(&kcv)? {
+        return Ok(Rewrap::AlreadyNew);
+    }
+    if !old.matches_check_value(&kcv)? {
+        return Err(StoreError::WrongMasterKey {
+            path: display,
+            given: format!(
+                "neither {} nor the previous {}",
+                new.identity(),
+                old.identity()
+            ),
+            recorded: recorded_master_key(&tx)?,
+        });
+    }
+    let tenants: Vec<(String, Vec<u8>, Vec<u8>)> = {
+        let mut stmt = tx.prepare("SELECT id, wrapped_key, wrapped_fp_key FROM tenants")?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?
+    };
+    for (id, wrapped_key, wrapped_fp_key) in &tenants {
+        let tenant = Purpose::TenantKey { tenant: id };
+        let fingerprint = Purpose::FingerprintKey { tenant: id };
+        let key = new.wrap(tenant, &old.unwrap(tenant, wrapped_key)?)?;
+        let fp = new.wrap(fingerprint, &old.unwrap(fingerprint, wrapped_fp_key)?)?;
+        tx.execute(
+            "UPDATE tenants SET wrapped_key = ?1, wrapped_fp_key = ?2 WHERE id = ?3",
+            params![key, fp, id],
+        )?;
+    }
+    tx.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'key_check'",
+        [new.key_check_value()?],
+    )?;
+    set_master_key_record(&tx, new)?;
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('master_key_migrated_from', ?1)",
+        [format!("{}: {}", old.provider(), old.identity())],
+    )?;
+    tx.commit()?;
+    Ok(Rewrap::Rewrapped {
+        tenants: tenants.len(),
+    })
+}
+
+/// The key a finished migration came from, if its `master.rewrapped` audit event is not
+/// written yet; `clear` removes the record once it is.
+pub fn pending_migration(tx: &Transaction<'_>, clear: bool) -> Result<Option<String>, StoreError> {
+    let from: Option<String> = tx
+        .query_row(
+            "SELECT CAST(value AS TEXT) FROM meta WHERE key = 'master_key_migrated_from'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if clear && from.is_some() {
+        tx.execute(
+            "DELETE FROM meta WHERE key = 'master_key_migrated_from'",
+            [],
+        )?;
+    }
+    Ok(from)
 }
 
 /// Records which key wraps the store's keys (meta `master_key`: provider and identity, never

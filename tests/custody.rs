@@ -327,3 +327,205 @@ fn pkcs11_wrong_key_wrong_pin_and_missing_parts_are_refused_at_start() {
     .start();
     assert_eq!(d.json_lines(&["tenant", "list"])[0]["name"], "acme");
 }
+
+// === migration ===
+
+fn file_table(table: &str, path: &Path) -> String {
+    format!(
+        "[{table}]\nprovider = \"file\"\npath = \"{}\"\n",
+        path.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migration_file_to_pkcs11_and_back_keeps_every_secret() {
+    let Some(hsm) = SoftHsm::new("migration_file_pkcs11") else {
+        return;
+    };
+    let pin = digits_pin();
+    hsm.init_token("keyward", &pin);
+    hsm.keygen("keyward", &pin, "master", false);
+    let pin_file = hsm.pin_file("hsm-pin", &pin);
+    let conf = hsm.conf.to_str().unwrap().to_string();
+    let keys = tempfile::tempdir().unwrap();
+    let (file_a, _) = write_key(keys.path(), "a.key");
+    let (file_b, _) = write_key(keys.path(), "b.key");
+    let mock = MockUpstream::builder().start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let home_dir = tempfile::Builder::new()
+        .prefix("kw")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let home = home_dir.path().to_path_buf();
+    let start = |tables: String| {
+        let config = support::targets_config(&mock, dir.path(), &["openai"], &tables);
+        Daemon::builder()
+            .home(&home)
+            .config(&config)
+            .env("SOFTHSM2_CONF", &conf)
+    };
+    let hsm_table = |t: &str| hsm.table(t, "keyward", "master", &pin_file);
+
+    let d = start(file_table("master_key", &file_a)).start();
+    let mut tenants = Vec::new();
+    for name in ["acme", "globex", "initech"] {
+        let key = random_key(&format!("sk-{name}-"));
+        let (token, _) = d.provision(name, "openai", &key, &[]);
+        tenants.push((token, key));
+    }
+    drop(d);
+
+    // file A → pkcs11.
+    let d = start(hsm_table("master_key") + &file_table("master_key.previous", &file_a)).start();
+    assert!(
+        d.stdout().contains("rewrapped 3 tenants' keys"),
+        "{}",
+        d.stdout()
+    );
+    for (token, key) in &tenants {
+        served_with(&d, &mock, token, key).await;
+    }
+    let events = d.json_lines(&["audit", "query", "--event", "master.rewrapped"]);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let detail = events[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&file_a.display().to_string()) && detail.contains("token `keyward`"),
+        "{detail}"
+    );
+    assert!(d.cli(&["audit", "verify"]).status.success());
+    drop(d);
+
+    // Only the new table from now on; the old key no longer opens the store.
+    let d = start(hsm_table("master_key")).start();
+    for (token, key) in &tenants {
+        served_with(&d, &mock, token, key).await;
+    }
+    drop(d);
+    let out = refused(start(file_table("master_key", &file_a)), &home);
+    assert!(
+        stderr(&out).contains("master key does not match this store")
+            && stderr(&out).contains("token `keyward` key `master`"),
+        "{}",
+        stderr(&out)
+    );
+
+    // pkcs11 → file B.
+    let d = start(file_table("master_key", &file_b) + &hsm_table("master_key.previous")).start();
+    assert!(
+        d.stdout().contains("rewrapped 3 tenants' keys"),
+        "{}",
+        d.stdout()
+    );
+    drop(d);
+    let d = start(file_table("master_key", &file_b)).start();
+    for (token, key) in &tenants {
+        served_with(&d, &mock, token, key).await;
+    }
+    let events = d.json_lines(&["audit", "query", "--event", "master.rewrapped"]);
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(d.cli(&["audit", "verify"]).status.success());
+    // Starting again with both tables changes nothing and writes no event.
+    drop(d);
+    let d = start(file_table("master_key", &file_b) + &hsm_table("master_key.previous")).start();
+    assert!(d.stdout().contains("done earlier"), "{}", d.stdout());
+    assert_eq!(
+        d.json_lines(&["audit", "query", "--event", "master.rewrapped"])
+            .len(),
+        2
+    );
+}
+
+/// The store's rewrap is one SQLite transaction whatever the provider, so this runs file →
+/// file: SoftHSM2 itself rewrites its token file at login without an atomic rename, and a kill -9
+/// at that moment destroys the token, which would test SoftHSM2 rather than keyward.
+#[test]
+fn migration_killed_half_way_leaves_a_store_one_key_opens_and_finishes_on_restart() {
+    let keys = tempfile::tempdir().unwrap();
+    let (file_a, _) = write_key(keys.path(), "a.key");
+    let (file_b, _) = write_key(keys.path(), "b.key");
+    let home_dir = tempfile::Builder::new()
+        .prefix("kw")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let home = home_dir.path().to_path_buf();
+    let builder = |tables: String| Daemon::builder().home(&home).config(&tables);
+    let old = file_table("master_key", &file_a);
+    let new = file_table("master_key", &file_b);
+    let both = new.clone() + &file_table("master_key.previous", &file_a);
+    let back = old.clone() + &file_table("master_key.previous", &file_b);
+    const TENANTS: usize = 400;
+    let d = builder(old.clone()).start();
+    std::thread::scope(|s| {
+        for part in 0..4 {
+            let d = &d;
+            s.spawn(move || {
+                for i in (part..TENANTS).step_by(4) {
+                    d.ok(&["tenant", "add", &format!("t{i:03}")]);
+                }
+            });
+        }
+    });
+    drop(d);
+    let tenants_listed = |d: &Daemon| d.json_lines(&["tenant", "list"]).len();
+    // How long a migrating start takes to serve, to spread the kills over it.
+    let began = std::time::Instant::now();
+    let d = builder(both.clone()).start();
+    let full = began.elapsed();
+    assert!(
+        d.stdout().contains("rewrapped 400 tenants"),
+        "{}",
+        d.stdout()
+    );
+    drop(d);
+    drop(builder(back.clone()).start());
+
+    let mut outcomes = Vec::new();
+    for step in 1..=12u32 {
+        for stale in ["keyward.sock", "admin.sock"] {
+            let _ = std::fs::remove_file(home.join(stale));
+        }
+        let mut child = builder(both.clone())
+            .command(&home)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(full * step / 12);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Exactly one key alone opens the whole state directory, with every tenant.
+        match builder(old.clone()).try_start() {
+            Ok(d) => {
+                assert_eq!(tenants_listed(&d), TENANTS);
+                outcomes.push("old");
+            }
+            Err((_, err)) => {
+                assert!(
+                    err.contains("master key does not match this store"),
+                    "{err}"
+                );
+                let d = builder(new.clone()).start();
+                assert_eq!(tenants_listed(&d), TENANTS);
+                assert!(d.cli(&["audit", "verify"]).status.success());
+                outcomes.push("new");
+                drop(d);
+                // Migrated: move the state back under the old key for the next round.
+                drop(builder(back.clone()).start());
+            }
+        }
+    }
+    eprintln!(
+        "a migrating start of {TENANTS} tenants served after {full:?}; killed at twelfths of that, \
+         the state was under: {outcomes:?}"
+    );
+    // And a start with both tables finishes the migration; the new key alone opens it after.
+    drop(builder(both).start());
+    let d = builder(new).start();
+    assert_eq!(tenants_listed(&d), TENANTS);
+    assert!(d.cli(&["audit", "verify"]).status.success());
+    assert!(
+        outcomes.contains(&"old"),
+        "no kill landed before the commit: {outcomes:?}"
+    );
+}

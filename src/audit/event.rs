@@ -62,11 +62,14 @@ pub enum EventKind {
     /// A request moved from one pool key to another.
     #[serde(rename = "request.failover")]
     RequestFailover,
+    /// Every key the master key wraps was rewrapped under a new master key (migration).
+    #[serde(rename = "master.rewrapped")]
+    MasterRewrapped,
 }
 
 impl EventKind {
     /// Every kind, in declaration order.
-    pub const ALL: [EventKind; 14] = [
+    pub const ALL: [EventKind; 15] = [
         EventKind::TenantCreated,
         EventKind::TenantUpdated,
         EventKind::ClientCreated,
@@ -81,6 +84,7 @@ impl EventKind {
         EventKind::RequestCompleted,
         EventKind::RequestDenied,
         EventKind::RequestFailover,
+        EventKind::MasterRewrapped,
     ];
 
     /// The dotted name stored in the database (`request.resolved`).
@@ -100,6 +104,7 @@ impl EventKind {
             EventKind::RequestCompleted => "request.completed",
             EventKind::RequestDenied => "request.denied",
             EventKind::RequestFailover => "request.failover",
+            EventKind::MasterRewrapped => "master.rewrapped",
         }
     }
 }

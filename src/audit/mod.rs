@@ -726,6 +726,56 @@ fn replay_journal(
     Ok(pos)
 }
 
+/// The audit MAC key wrapped by the new master key of a migration in progress, beside the one
+/// wrapped by the old key until the new key first opens the trail.
+const META_MAC_KEY_NEXT: &str = "mac_key_next";
+
+/// First step of a master key migration: stores the audit MAC key wrapped by `new` beside the
+/// one wrapped by `old` (the MAC key itself, and so every row's MAC, is unchanged). Until the
+/// store's own rewrap commits, `old` alone still opens the trail; after it, `new` alone does (the
+/// first open under `new` keeps the new wrap and drops the old). Returns whether it staged a
+/// wrap: `false` when there is no trail yet or the key is already under `new`.
+pub fn stage_rewrap(
+    state_dir: &Path,
+    old: &MasterKeyProvider,
+    new: &MasterKeyProvider,
+) -> Result<bool, AuditError> {
+    let file = state_dir.join(db::DB_FILE);
+    if !file.exists() {
+        return Ok(false);
+    }
+    let path = file.display().to_string();
+    let db_err = |source| AuditError::Database {
+        path: path.clone(),
+        source,
+    };
+    let mut conn = db::open_writer(state_dir, AuditSync::Full)?;
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(db_err)?;
+    let Some(wrapped) = db::get_meta(&tx, db::META_MAC_KEY).map_err(db_err)? else {
+        return Ok(false);
+    };
+    let purpose = Purpose::AuditMacKey;
+    match new.unwrap(purpose, &wrapped) {
+        Ok(_) => return Ok(false),
+        Err(e @ SealError::Unreachable { .. }) => return Err(AuditError::Custody(e)),
+        Err(_) => {}
+    }
+    let key = old.unwrap(purpose, &wrapped).map_err(|e| match e {
+        SealError::Unreachable { .. } => AuditError::Custody(e),
+        _ => AuditError::WrongMasterKey { path: path.clone() },
+    })?;
+    let rewrapped = new.wrap(purpose, &key).map_err(AuditError::Custody)?;
+    tx.execute(
+        "INSERT OR REPLACE INTO audit_meta (key, value) VALUES (?1, ?2)",
+        rusqlite::params![META_MAC_KEY_NEXT, rewrapped],
+    )
+    .map_err(db_err)?;
+    tx.commit().map_err(db_err)?;
+    Ok(true)
+}
+
 /// Reads (or, with `create` on an empty store, creates) the wrapped audit key and unwraps it.
 fn load_key(
     conn: &mut Connection,
@@ -773,10 +823,36 @@ fn load_key(
             dir: dir.display().to_string(),
         });
     };
-    let secret = master.unwrap(purpose, &wrapped).map_err(|e| match e {
+    let wrong = |e: SealError| match e {
         SealError::Unreachable { .. } => AuditError::Custody(e),
         _ => AuditError::WrongMasterKey { path: path.clone() },
-    })?;
+    };
+    let secret = match master.unwrap(purpose, &wrapped) {
+        Ok(secret) => secret,
+        Err(e @ SealError::Unreachable { .. }) => return Err(AuditError::Custody(e)),
+        Err(e) => {
+            // A migration staged the key under the new master key; once that key opens the
+            // trail, its wrap is the only one kept.
+            let Some(next) = db::get_meta(conn, META_MAC_KEY_NEXT).map_err(db_err)? else {
+                return Err(wrong(e));
+            };
+            let secret = master.unwrap(purpose, &next).map_err(wrong)?;
+            if create {
+                let tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(db_err)?;
+                tx.execute(
+                    "UPDATE audit_meta SET value = ?1 WHERE key = ?2",
+                    rusqlite::params![next, db::META_MAC_KEY],
+                )
+                .map_err(db_err)?;
+                tx.execute("DELETE FROM audit_meta WHERE key = ?1", [META_MAC_KEY_NEXT])
+                    .map_err(db_err)?;
+                tx.commit().map_err(db_err)?;
+            }
+            secret
+        }
+    };
     Ok(MacKey::new(&secret))
 }
 

@@ -69,3 +69,68 @@ pub fn open_provider(
         }),
     }
 }
+
+/// Migrates `state_dir` from the `old` master key to the `new` one, as Vault's seal migration:
+/// the store's wrapped keys (every tenant's tenant and fingerprint key, the key-check value) in
+/// one SQLite transaction, after the audit MAC key's new wrap is staged beside its old one in the
+/// audit database. Until the store's transaction commits the old key alone opens everything, from
+/// then on the new key alone does (the audit trail keeps the new wrap on its first open), so a
+/// start killed half-way never leaves a state directory that neither key opens, and running it
+/// again finishes. Data keys and secrets are never touched. Returns a line for the banner.
+pub fn migrate(
+    state_dir: &Path,
+    old: &MasterKeyProvider,
+    new: &MasterKeyProvider,
+) -> Result<String, crate::daemon::ServeError> {
+    // The audit key first, staged beside the old wrap: the old key alone still opens
+    // everything until the store's transaction commits, the new key alone from then on.
+    let audit = crate::audit::stage_rewrap(state_dir, old, new)?;
+    let store = crate::store::rewrap_master_key(state_dir, old, new)?;
+    Ok(match store {
+        crate::store::Rewrap::NoStore => format!(
+            "no store yet; created under the new key (remove [master_key.previous]; {} is not used)",
+            old.identity()
+        ),
+        crate::store::Rewrap::AlreadyNew => format!(
+            "done earlier{}: the store is under the new key; remove [master_key.previous] ({})",
+            if audit {
+                " (audit key finished now)"
+            } else {
+                ""
+            },
+            old.identity()
+        ),
+        crate::store::Rewrap::Rewrapped { tenants } => format!(
+            "rewrapped {tenants} tenants' keys, the audit key and the key check from {} ({}); \
+             remove [master_key.previous]",
+            old.identity(),
+            old.provider()
+        ),
+    })
+}
+
+/// Writes the `master.rewrapped` audit event of a migration whose store transaction committed,
+/// and clears its pending record in the same store transaction (so a crash before the event is
+/// written leaves it pending for the next start).
+pub fn record_migration(state: &crate::daemon::State) -> Result<(), crate::store::StoreError> {
+    use crate::audit::{Event, EventKind};
+    state.store.write(|tx| {
+        if let Some(from) = crate::store::pending_migration(tx, true)? {
+            let event = Event {
+                detail: Some(format!(
+                    "master key changed from {from} to {}: {}",
+                    state.master.provider(),
+                    state.master.identity()
+                )),
+                ..Event::new(EventKind::MasterRewrapped)
+            };
+            state
+                .runtime
+                .block_on(state.audit.commit(event))
+                .map_err(|e| {
+                    crate::store::StoreError::Conflict(format!("audit unavailable: {e}"))
+                })?;
+        }
+        Ok(())
+    })
+}
