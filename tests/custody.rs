@@ -529,3 +529,126 @@ fn migration_killed_half_way_leaves_a_store_one_key_opens_and_finishes_on_restar
         "no kill landed before the commit: {outcomes:?}"
     );
 }
+
+/// The provider is asked once per tenant per process, not per request: 1,000 requests across
+/// 10 tenants after a restart cost 2 provider operations at start (key check, audit MAC key)
+/// and 2 per tenant (tenant key, fingerprint key) on its first request.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_requests_across_ten_tenants_ask_the_hsm_twenty_two_times() {
+    let Some(hsm) = SoftHsm::new("kek_operations") else {
+        return;
+    };
+    let pin = digits_pin();
+    hsm.init_token("keyward", &pin);
+    hsm.keygen("keyward", &pin, "master", false);
+    let pin_file = hsm.pin_file("hsm-pin", &pin);
+    let conf = hsm.conf.to_str().unwrap().to_string();
+    let mock = MockUpstream::builder().start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::targets_config(
+        &mock,
+        dir.path(),
+        &["openai"],
+        &hsm.table("master_key", "keyward", "master", &pin_file),
+    );
+    let home_dir = tempfile::Builder::new()
+        .prefix("kw")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let start = || {
+        Daemon::builder()
+            .home(home_dir.path())
+            .config(&config)
+            .env("SOFTHSM2_CONF", &conf)
+            .start()
+    };
+    let d = start();
+    let tenants: Vec<(String, String)> = (0..10)
+        .map(|i| {
+            let key = random_key(&format!("sk-t{i}-"));
+            (d.provision(&format!("t{i}"), "openai", &key, &[]).0, key)
+        })
+        .collect();
+    drop(d);
+    let d = start();
+    assert_eq!(d.json_lines(&["status"])[0]["kek_operations"], 2);
+    let socket = d.socket();
+    for n in 0..1000 {
+        let (token, _) = &tenants[n % 10];
+        let (status, _, body) = call_as(
+            &socket,
+            token,
+            "/openai/v1/chat/completions",
+            &chat_body("gpt-4o-mini", false),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let ops = d.json_lines(&["status"])[0]["kek_operations"]
+        .as_u64()
+        .unwrap();
+    eprintln!("1,000 requests across 10 tenants: {ops} provider operations since start");
+    assert_eq!(ops, 22);
+}
+
+/// The unit's documented HSM settings keep its `systemd-analyze security` exposure at or below
+/// 1.5: each commented HSM line of systemd/keyward.service is switched on and rated offline.
+#[test]
+fn unit_with_the_hsm_settings_keeps_its_exposure_at_most_one_and_a_half() {
+    let available = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        assert!(
+            !support::hsm::in_ci(),
+            "systemd-analyze must be installed in CI"
+        );
+        eprintln!("unit exposure: DID NOT RUN: systemd-analyze is not installed");
+        return;
+    }
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/keyward.service"),
+    )
+    .unwrap();
+    let hsm_lines = [
+        "LoadCredential=hsm-pin:/etc/keyward/hsm-pin",
+        "ReadWritePaths=/var/lib/softhsm/tokens",
+        "SupplementaryGroups=softhsm",
+        "Environment=SOFTHSM2_CONF=/etc/softhsm/softhsm2.conf",
+        "ReadOnlyPaths=/etc/hsm-client",
+        "PrivateDevices=no",
+        "DeviceAllow=char-usb_device rw",
+    ];
+    let mut with_hsm = unit.replace("PrivateDevices=yes\n", "");
+    for line in hsm_lines {
+        let commented = format!("#{line}\n");
+        assert!(with_hsm.contains(&commented), "the unit documents {line}");
+        with_hsm = with_hsm.replace(&commented, &format!("{line}\n"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keyward.service");
+    std::fs::write(&path, with_hsm).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--root=/"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let level: f64 = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for").nth(1))
+        .and_then(|rest| rest.split(": ").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure level in:\n{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert!(
+        level <= 1.5,
+        "exposure {level} with the HSM settings:\n{text}"
+    );
+}
