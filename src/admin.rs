@@ -481,7 +481,8 @@ fn malformed(e: &serde_json::Error) -> AdminError {
     let what = match e.classify() {
         Category::Syntax | Category::Eof | Category::Io => "not valid JSON",
         Category::Data => {
-            "not a request this daemon knows (unknown command or field, or a value of the wrong type)"
+            "not a request this daemon knows (unknown command or field, or a value of the wrong \
+             type)"
         }
     };
     let at = match e.line() {
@@ -695,7 +696,8 @@ fn cred_rotate(state: &State, id: &str, overlap_s: Option<u64>, secret: Secret) 
         let cred = store::credential(tx, id)?;
         if cred.revoked_at.is_some() {
             return Err(StoreError::Conflict(format!(
-                "credential {id} is revoked and cannot be rotated; add a new credential with `keyward cred add`"
+                "credential {id} is revoked and cannot be rotated; add a new credential with \
+                 `keyward cred add`"
             )));
         }
         let tenant = state
@@ -705,12 +707,23 @@ fn cred_rotate(state: &State, id: &str, overlap_s: Option<u64>, secret: Secret) 
             .cloned()
             .ok_or_else(|| StoreError::Conflict(format!("tenant of credential {id} is missing")))?;
         let version = store::latest_version(tx, id)? + 1;
-        let overlap = overlap_s.map(|s| s as i64).or(tenant.rotation_overlap_s).unwrap_or(86_400);
+        let overlap = overlap_s
+            .map(|s| s as i64)
+            .or(tenant.rotation_overlap_s)
+            .unwrap_or(86_400);
         let superseded = store::start_overlap(tx, id, version, now + overlap)?;
         let keys = state
             .tenant_keys_of(&tenant)
             .map_err(|e| StoreError::Conflict(format!("cannot seal: {e}")))?;
-        let sealed = seal_with_tenant_key(&keys.tenant, CredentialRef { tenant: &tenant.id, credential: id, version }, &secret);
+        let sealed = seal_with_tenant_key(
+            &keys.tenant,
+            CredentialRef {
+                tenant: &tenant.id,
+                credential: id,
+                version,
+            },
+            &secret,
+        );
         store::insert_version(
             tx,
             id,
@@ -724,7 +737,9 @@ fn cred_rotate(state: &State, id: &str, overlap_s: Option<u64>, secret: Secret) 
                 target: Some(cred.target.clone()),
                 credential_id: Some(id.to_string()),
                 credential_version: Some(version),
-                detail: Some(format!("previous versions {superseded:?} overlap until {until}")),
+                detail: Some(format!(
+                    "previous versions {superseded:?} overlap until {until}"
+                )),
                 ..Event::new(EventKind::CredentialRotated)
             },
         )?;

@@ -59,7 +59,8 @@ pub enum AuthError {
     Missing,
     /// The token is unknown or revoked.
     #[error(
-        "client token is not valid (unknown or revoked): check the token `keyward client add` printed"
+        "client token is not valid (unknown or revoked): check the token `keyward client add` \
+         printed"
     )]
     InvalidToken,
     /// Two different tokens in one request.

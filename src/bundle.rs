@@ -656,7 +656,10 @@ impl BundleSource {
             return None;
         }
         if let Err(e) = write_serial(&self.state_dir.join(SEEN_SERIAL_FILE), loaded.serial) {
-            tracing::warn!(error = %e, "cannot record the bundle serial served; rollback protection after a restart is weaker");
+            tracing::warn!(
+                error = %e,
+                "cannot record the bundle serial served; rollback protection after a restart is weaker",
+            );
         }
         let clients = loaded.snapshot.clients.clone();
         catalog.replace(Catalog::build(loaded.snapshot));

@@ -535,7 +535,9 @@ fn read_secret(what: &str) -> Result<Secret, Failure> {
     if buf.is_empty() {
         return Err(Failure(
             1,
-            "the secret is empty: pipe the provider key on standard input, e.g. printf %s \"$KEY\" | keyward cred add …".into(),
+            "the secret is empty: pipe the provider key on standard input, e.g. printf %s \
+             \"$KEY\" | keyward cred add …"
+                .into(),
         ));
     }
     if std::str::from_utf8(&buf).is_err() {

@@ -711,7 +711,9 @@ fn build(
         Some(t) => Some(t.parse::<SocketAddr>().map_err(|_| {
             value_err(
                 "listen_tcp",
-                "not an IP address and port (hostnames are not resolved): use one like 127.0.0.1:8787".into(),
+                "not an IP address and port (hostnames are not resolved): use one like \
+                 127.0.0.1:8787"
+                    .into(),
             )
         })?),
     };
@@ -1299,7 +1301,8 @@ mod tests {
             })
         );
         let c = Config::from_toml(
-            "[master_key]\nprovider = \"aws-kms\"\nkey_id = \"alias/keyward\"\nregion = \"eu-west-1\"\nendpoint = \"https://kms.eu-west-1.amazonaws.com/\"\n",
+            "[master_key]\nprovider = \"aws-kms\"\nkey_id = \"alias/keyward\"\nregion = \
+             \"eu-west-1\"\nendpoint = \"https://kms.eu-west-1.amazonaws.com/\"\n",
             f,
             &env,
         )

@@ -210,7 +210,11 @@ impl BoundSocket {
         let ours = std::fs::symlink_metadata(&self.path)
             .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino);
         if ours && let Err(e) = std::fs::remove_file(&self.path) {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the socket file");
+            tracing::warn!(
+                path = %self.path.display(),
+                error = %e,
+                "cannot remove the socket file",
+            );
         }
     }
 }
@@ -250,7 +254,8 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
                 .unwrap_or_default(),
             key: "master_key.provider".into(),
             reason: format!(
-                "--master-key-file names a key file, but the master key is held by provider \"{}\": drop the flag",
+                "--master-key-file names a key file, but the master key is held by provider \
+                 \"{}\": drop the flag",
                 config.master_key.provider()
             ),
         }
@@ -654,10 +659,14 @@ async fn dev_mode(state: &Arc<State>) {
         Ok(Ok(token)) => {
             println!("\ndev mode: a client of tenant `dev` (token shown once):\n  {token}");
             println!(
-                "add a provider key for it:\n  printf %s \"$OPENAI_API_KEY\" | keyward cred add --tenant dev --target openai --name dev"
+                "add a provider key for it:\n  printf %s \"$OPENAI_API_KEY\" | keyward cred add \
+                 --tenant dev --target openai --name dev"
             );
             println!(
-                "then call through keyward:\n  curl --unix-socket {} http://keyward/openai/v1/chat/completions \\\n    -H 'Authorization: Bearer {token}' -H 'content-type: application/json' \\\n    -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'\n",
+                "then call through keyward:\n  curl --unix-socket {} \
+                 http://keyward/openai/v1/chat/completions \\\n    -H 'Authorization: Bearer \
+                 {token}' -H 'content-type: application/json' \\\n    -d \
+                 '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'\n",
                 state.config.socket.display()
             );
         }
@@ -790,7 +799,10 @@ async fn retire_loop(state: Arc<State>, mut stop: tokio::sync::watch::Receiver<b
         let st = state.clone();
         let result = tokio::task::spawn_blocking(move || retire_due(&st, now)).await;
         if let Ok(Err(e)) = result {
-            tracing::warn!(error = %e, "retiring overlapped credential versions failed; will retry");
+            tracing::warn!(
+                error = %e,
+                "retiring overlapped credential versions failed; will retry",
+            );
         }
     }
 }
@@ -821,7 +833,8 @@ fn announce_expiring(state: &State) {
             version = e.version,
             expires_at = %crate::units::format_time(e.expires_at),
             on_expiry = %e.policy,
-            "credential version passes the tenant's max key age within a week; rotate it with `keyward cred rotate`"
+            "credential version passes the tenant's max key age within a week; rotate it with \
+             `keyward cred rotate`"
         );
     }
 }

@@ -91,7 +91,8 @@ pub enum StoreError {
     Custody(#[from] SealError),
     /// The database was written by a newer keyward.
     #[error(
-        "database {path} has schema version {found}; this keyward supports up to {supported}: upgrade keyward"
+        "database {path} has schema version {found}; this keyward supports up to {supported}: \
+         upgrade keyward"
     )]
     TooNew {
         /// The database file.
@@ -750,7 +751,8 @@ pub fn revoke_client(
 ) -> Result<(String, String), StoreError> {
     let row: Option<(String, Option<i64>, String)> = tx
         .query_row(
-            "SELECT c.tenant_id, c.revoked_at, t.name FROM clients c JOIN tenants t ON t.id = c.tenant_id WHERE c.id = ?1",
+            "SELECT c.tenant_id, c.revoked_at, t.name FROM clients c JOIN tenants t ON t.id = \
+             c.tenant_id WHERE c.id = ?1",
             [id],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
@@ -886,7 +888,8 @@ pub fn revoke_credential(
         Some(v) => {
             let state: Option<Option<i64>> = tx
                 .query_row(
-                    "SELECT revoked_at FROM credential_versions WHERE credential_id = ?1 AND version = ?2",
+                    "SELECT revoked_at FROM credential_versions WHERE credential_id = ?1 AND \
+                     version = ?2",
                     params![id, v],
                     |r| r.get(0),
                 )
@@ -902,7 +905,8 @@ pub fn revoke_credential(
                 ))),
                 Some(None) => {
                     tx.execute(
-                        "UPDATE credential_versions SET revoked_at = ?3 WHERE credential_id = ?1 AND version = ?2",
+                        "UPDATE credential_versions SET revoked_at = ?3 WHERE credential_id = ?1 \
+                         AND version = ?2",
                         params![id, v, now],
                     )?;
                     Ok(vec![v])
@@ -915,7 +919,8 @@ pub fn revoke_credential(
                 params![id, now],
             )?;
             let mut stmt = tx.prepare(
-                "UPDATE credential_versions SET revoked_at = ?2 WHERE credential_id = ?1 AND revoked_at IS NULL RETURNING version",
+                "UPDATE credential_versions SET revoked_at = ?2 WHERE credential_id = ?1 AND \
+                 revoked_at IS NULL RETURNING version",
             )?;
             let versions = stmt
                 .query_map(params![id, now], |r| r.get(0))?

@@ -61,7 +61,8 @@ pub fn instance_id(state_dir: &Path) -> io::Result<String> {
                 return Ok(id.to_string());
             }
             return Err(io::Error::other(format!(
-                "{} does not hold an instance id (1-64 of [A-Za-z0-9._-]); delete it to get a new one",
+                "{} does not hold an instance id (1-64 of [A-Za-z0-9._-]); delete it to get a \
+                 new one",
                 path.display()
             )));
         }

@@ -1,7 +1,7 @@
-//! The tamper-evident, fail-closed audit trail: event types, the MAC chain, the journal, the writer,
-//! verification, queries and retention. It must never record a header value, token, body or
-//! secret, and it does not decide anything about requests: callers commit, and must not
-//! proceed when a commit fails.
+//! The tamper-evident, fail-closed audit trail: event types, the MAC chain, the journal, the
+//! writer, verification, queries and retention. It must never record a header value, token, body or
+//! secret, and it does not decide anything about requests: callers commit, and must not proceed
+//! when a commit fails.
 //!
 //! # Storage
 //! A row becomes durable in the **journal** (`<state_dir>/audit.journal.<seq>` segments, see
@@ -137,7 +137,8 @@ pub enum AuditError {
     InvalidEvent(String),
     /// Opening or reading the audit database failed.
     #[error(
-        "audit database {path}: {source}; check that the file is a keyward audit database and is readable"
+        "audit database {path}: {source}; check that the file is a keyward audit database and is \
+         readable"
     )]
     Database {
         /// The database file.

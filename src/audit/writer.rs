@@ -3,15 +3,15 @@
 //! journal (`journal.rs`) in one write, moves the head anchor, then answers every waiter. A
 //! failed batch answers every waiter with `Unavailable` and leaves the chain head where it was.
 //!
-//! With `audit_sync = "normal"` a batch is one append and one anchor write into the page cache,
-//! so the calling task commits itself (after one yield, so that other callers that are ready
-//! put their rows in the same batch): no thread hand-off sits on a request's path. With `full`
-//! every batch waits for fsync, so callers commit from the blocking pool instead of an async
-//! worker. Rows nobody waits on are committed with the next commit, or alone after
-//! [`LINGER`]. The maintenance thread folds journaled rows into `audit.db` ([`Db`]) every
-//! [`FOLD_INTERVAL`], runs retention, and drains everything at shutdown. While folding fails (another
-//! process holds `audit.db` locked, the disk is full) new commits are refused, so the journal
-//! cannot grow without bound and the trail stays fail-closed.
+//! With `audit_sync = "normal"` a batch is one append and one anchor write into the page cache, so
+//! the calling task commits itself (after one yield, so that other callers that are ready put their
+//! rows in the same batch): no thread hand-off sits on a request's path. With `full` every batch
+//! waits for fsync, so callers commit from the blocking pool instead of an async worker. Rows
+//! nobody waits on are committed with the next commit, or alone after [`LINGER`]. The maintenance
+//! thread folds journaled rows into `audit.db` ([`Db`]) every [`FOLD_INTERVAL`], runs retention,
+//! and drains everything at shutdown. While folding fails (another process holds `audit.db` locked,
+//! the disk is full) new commits are refused, so the journal cannot grow without bound and the
+//! trail stays fail-closed.
 //!
 //! A row nobody waits on (`request.completed` of a call already served) has no caller to
 //! refuse: when its batch fails it is kept, in order, and committed with the next batch or by
@@ -591,7 +591,10 @@ impl Db {
             if let Err(e) = std::fs::remove_file(&path)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
-                tracing::warn!(path = %path.display(), "folded audit journal segment not deleted: {e}");
+                tracing::warn!(
+                    path = %path.display(),
+                    "folded audit journal segment not deleted: {e}",
+                );
             }
         }
         Ok(())

@@ -95,7 +95,8 @@ fn load_module(path: &Path) -> Result<Pkcs11, SealError> {
                     path.display(),
                     rv_text(&e)
                 ),
-                "check the module's own configuration (for SoftHSM2: $SOFTHSM2_CONF and its tokendir)",
+                "check the module's own configuration (for SoftHSM2: $SOFTHSM2_CONF and its \
+                 tokendir)",
             ));
         }
     }
@@ -183,7 +184,8 @@ impl Pkcs11Kek {
                     }
                 ),
                 format!(
-                    "check master_key.token_label; list tokens with `pkcs11-tool --module {} --list-slots`",
+                    "check master_key.token_label; list tokens with `pkcs11-tool --module {} \
+                     --list-slots`",
                     s.module.display()
                 ),
             ));

@@ -1,5 +1,5 @@
-//! The error contract of the data plane (README, "How applications connect"): the closed set of codes keyward itself
-//! answers with, their HTTP statuses, and the one function that renders them.
+//! The error contract of the data plane (README, "How applications connect"): the closed set of
+//! codes keyward itself answers with, their HTTP statuses, and the one function that renders them.
 //!
 //! Every keyward-made error response goes through [`error_response`], so the header
 //! `keyward-error`, the JSON shape and the call id are uniform. This module must not decide

@@ -383,7 +383,12 @@ impl Lane {
         // Connecting failed: wait for a stream on an open connection if there is one.
         match self.least_busy() {
             Some(taken) => {
-                tracing::warn!(upstream = %self.host, %reason, "could not open another HTTP/2 connection; the call waits for a stream on an open one");
+                tracing::warn!(
+                    upstream = %self.host,
+                    %reason,
+                    "could not open another HTTP/2 connection; the call waits for a stream on an \
+                     open one",
+                );
                 Ok(Some(taken))
             }
             None => Err(UpstreamError::Unreachable {

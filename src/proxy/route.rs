@@ -42,7 +42,8 @@ pub enum RouteError {
     NoLeadingSlash,
     /// `/` or `//...`.
     #[error(
-        "the request path has no target name: send /{{target}}/{{provider path}}, like /openai/v1/models"
+        "the request path has no target name: send /{{target}}/{{provider path}}, like \
+         /openai/v1/models"
     )]
     EmptyTarget,
     /// The first segment is not a valid target name.
@@ -59,7 +60,8 @@ pub enum RouteError {
     ControlOrNonAscii,
     /// `%` not followed by two hex digits.
     #[error(
-        "the request target contains a malformed percent-escape ('%' must be followed by two hex digits)"
+        "the request target contains a malformed percent-escape ('%' must be followed by two hex \
+         digits)"
     )]
     BadPercentEscape,
     /// A percent-escape that decodes (possibly after several rounds) to a control character.
@@ -94,7 +96,8 @@ pub enum RouteError {
     EncodedDelimiter,
     /// `.` or `..` (or `.%2e`, `..;x`, `..%20`, ...).
     #[error(
-        "the request path contains a '.' or '..' segment (raw or percent-encoded); send a normalised path"
+        "the request path contains a '.' or '..' segment (raw or percent-encoded); send a \
+         normalised path"
     )]
     DotSegment,
     /// `//` inside the path.
@@ -473,8 +476,10 @@ mod tests {
             ),
             ("HTTPS://API.EXAMPLE.COM:443/base", "http://keyward/gw"),
             (
-                "<https://api.example.com/base/v1/a?p=2>; rel=\"next\", <https://api.example.com/base/v1/a?p=1>; rel=\"prev\"",
-                "<http://keyward/gw/v1/a?p=2>; rel=\"next\", <http://keyward/gw/v1/a?p=1>; rel=\"prev\"",
+                "<https://api.example.com/base/v1/a?p=2>; rel=\"next\", \
+                 <https://api.example.com/base/v1/a?p=1>; rel=\"prev\"",
+                "<http://keyward/gw/v1/a?p=2>; rel=\"next\", <http://keyward/gw/v1/a?p=1>; \
+                 rel=\"prev\"",
             ),
             // Outside the base URL: another host, port, scheme, path, or userinfo.
             ("https://evil.example/base/x", "https://evil.example/base/x"),

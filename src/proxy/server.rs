@@ -351,7 +351,12 @@ async fn handle(
                 event.detail = Some(format!("{}: {}", reject.code.as_str(), reject.message));
                 state.audit.enqueue(event);
             }
-            tracing::info!(call_id, code = reject.code.as_str(), reason = %reject.message, "request refused");
+            tracing::info!(
+                call_id,
+                code = reject.code.as_str(),
+                reason = %reject.message,
+                "request refused",
+            );
             error_response(reject.code, &reject.message, &call_id)
         }
     }
@@ -504,7 +509,12 @@ async fn process(
         known.attempted = Some(chosen.clone());
         let next = candidates.get(index + 1);
         if chosen.expired_warn {
-            tracing::warn!(call_id, credential = %chosen.credential.id, version = chosen.version().version, "serving a key past the tenant's max key age (policy: warn)");
+            tracing::warn!(
+                call_id,
+                credential = %chosen.credential.id,
+                version = chosen.version().version,
+                "serving a key past the tenant's max key age (policy: warn)",
+            );
         }
         let sent_at = SystemTime::now();
         let step = attempt(
@@ -570,7 +580,11 @@ async fn process(
         }
         // Same rule as the resolution: the next key is not used until this row is durable.
         if let Err(e) = state.audit.commit(row).await {
-            tracing::error!(call_id, error = %e, "failover not possible: its audit record could not be written");
+            tracing::error!(
+                call_id,
+                error = %e,
+                "failover not possible: its audit record could not be written",
+            );
             return match fallback {
                 Fallback::Answer(response, secret) => {
                     lock(&replay).stop_retaining();
@@ -581,7 +595,13 @@ async fn process(
                 Fallback::Failed(reject) => Err(reject),
             };
         }
-        tracing::info!(call_id, from = %label(chosen), to = %label(next), reason, "failing over to the next key");
+        tracing::info!(
+            call_id,
+            from = %label(chosen),
+            to = %label(next),
+            reason,
+            "failing over to the next key",
+        );
         // Drops the refused response (and with it the key that was used) before the next one
         // is unsealed.
         drop(fallback);
@@ -724,12 +744,20 @@ fn report(
         .report(&chosen.credential.id, version, outcome, now);
     if let Change::Quarantined(until) = change {
         let until = format_time(unix_secs(until));
-        tracing::warn!(call_id, credential = %chosen.credential.id, version, status, %until, "upstream refused the key: it may be revoked or leaked; quarantined");
+        tracing::warn!(
+            call_id,
+            credential = %chosen.credential.id,
+            version,
+            status,
+            %until,
+            "upstream refused the key: it may be revoked or leaked; quarantined",
+        );
         let mut event = known.event(EventKind::CredentialQuarantined, call_id);
         name_credential(&mut event, chosen);
         event.upstream_status = Some(status);
         event.detail = Some(format!(
-            "upstream answered {status}: the key may be revoked or leaked; skipped until {until} while other keys can serve"
+            "upstream answered {status}: the key may be revoked or leaked; skipped until {until} \
+             while other keys can serve"
         ));
         state.audit.enqueue(event);
     }
@@ -921,14 +949,26 @@ fn unseal(
     let v = chosen.version();
     open_with_tenant_key(
         &keys.tenant,
-        CredentialRef { tenant, credential: &chosen.credential.id, version: v.version },
+        CredentialRef {
+            tenant,
+            credential: &chosen.credential.id,
+            version: v.version,
+        },
         &v.wrapped_data_key,
         &v.ciphertext,
     )
-        .map_err(|e| {
-            tracing::error!(credential = %chosen.credential.id, version = v.version, error = %e, "stored credential failed to open");
-            Reject::new(ErrorCode::UpstreamUnreachable, "the stored credential could not be opened; ask the operator to rotate it")
-        })
+    .map_err(|e| {
+        tracing::error!(
+            credential = %chosen.credential.id,
+            version = v.version,
+            error = %e,
+            "stored credential failed to open",
+        );
+        Reject::new(
+            ErrorCode::UpstreamUnreachable,
+            "the stored credential could not be opened; ask the operator to rotate it",
+        )
+    })
 }
 
 /// The tenant's unwrapped keys, from the cache; a miss asks the master key's provider (an HSM
@@ -1004,7 +1044,12 @@ fn respond(
     if body.inner.is_end_stream() {
         body.complete(None);
     }
-    tracing::debug!(call_id, target = %target.name, status = parts.status.as_u16(), "upstream answered");
+    tracing::debug!(
+        call_id,
+        target = %target.name,
+        status = parts.status.as_u16(),
+        "upstream answered",
+    );
     Response::from_parts(parts, body.boxed())
 }
 
@@ -1177,7 +1222,8 @@ impl Replay {
                         if let Some(suppressed) = THROTTLE.tick(Instant::now()) {
                             tracing::warn!(
                                 suppressed,
-                                "request body not kept for a failover: limits.max_buffered_bodies reached"
+                                "request body not kept for a failover: \
+                                 limits.max_buffered_bodies reached"
                             );
                         }
                         self.stop_retaining();

@@ -3,10 +3,11 @@
 //! connect/TLS failure reasons.
 //!
 //! The scheme, host and port of every upstream request come from the [`Target`] alone:
-//! [`Upstream::send`] keeps only the path and query of the request it is given. Certificate and hostname verification cannot be turned off; a target's `ca_file`
-//! only adds trust anchors to the bundled web PKI roots. This module must not choose
-//! credentials or look at header values: the request it sends carries the injected key, so no
-//! error it returns may include any part of the request beyond the target's host.
+//! [`Upstream::send`] keeps only the path and query of the request it is given. Certificate and
+//! hostname verification cannot be turned off; a target's `ca_file` only adds trust anchors to the
+//! bundled web PKI roots. This module must not choose credentials or look at header values: the
+//! request it sends carries the injected key, so no error it returns may include any part of the
+//! request beyond the target's host.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

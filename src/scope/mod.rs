@@ -123,7 +123,8 @@ pub fn select(
                     attrs.target
                 ),
                 None => format!(
-                    "the request names no model, and every credential for target `{}` is limited to certain models",
+                    "the request names no model, and every credential for target `{}` is limited \
+                     to certain models",
                     attrs.target
                 ),
             },
@@ -168,7 +169,8 @@ pub fn select(
                     attrs.target
                 ),
                 None => format!(
-                    "the credentials for target `{}` are limited to workflows: send header keyward-workflow",
+                    "the credentials for target `{}` are limited to workflows: send header \
+                     keyward-workflow",
                     attrs.target
                 ),
             },
@@ -209,7 +211,9 @@ fn live_versions(
     if live.is_empty() {
         if expired_only {
             return Err(Denial::Policy(
-                "every credential that matches is older than the tenant's max key age (policy: deny); rotate it with `keyward cred rotate`".into(),
+                "every credential that matches is older than the tenant's max key age (policy: \
+                 deny); rotate it with `keyward cred rotate`"
+                    .into(),
             ));
         }
         return Err(Denial::Scope {

@@ -1,4 +1,5 @@
-//! Where the master key comes from (in the order the README gives under "The key model") and how a generated one is stored.
+//! Where the master key comes from (in the order the README gives under "The key model") and how a
+//! generated one is stored.
 
 #![allow(unsafe_code)]
 
