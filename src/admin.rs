@@ -151,6 +151,17 @@ pub enum Request {
         /// Tenant names.
         tenants: Vec<String>,
     },
+    /// `spend`: cost and tokens from the audit trail's aggregate.
+    Spend {
+        /// Only this tenant.
+        tenant: Option<String>,
+        /// `tenant`, `team`, `client`, `credential`, `model` or `day`.
+        by: crate::audit::SpendBy,
+        /// Unix seconds.
+        since: Option<i64>,
+        /// Unix seconds.
+        until: Option<i64>,
+    },
     /// `prices`: the price table in effect.
     Prices {
         /// Only this target.
@@ -336,6 +347,12 @@ async fn dispatch(state: &Arc<State>, request: Request) -> Reply {
         Request::BundleExport { tenants } => {
             blocking(move || bundle_export(&state, &tenants)).await
         }
+        Request::Spend {
+            tenant,
+            by,
+            since,
+            until,
+        } => blocking(move || spend(&state, tenant, by, since, until)).await,
         Request::Prices { target } => Ok(Value::Array(
             state
                 .config
@@ -424,7 +441,8 @@ fn mutate(state: &State, request: Request) -> Reply {
         | Request::AuditVerify
         | Request::AuditLifecycle { .. }
         | Request::BundleExport { .. }
-        | Request::Prices { .. } => {
+        | Request::Prices { .. }
+        | Request::Spend { .. } => {
             unreachable!("dispatched elsewhere")
         }
     }?;
@@ -992,6 +1010,47 @@ fn client_revoke(state: &State, id: &str) -> Reply {
 }
 
 // === audit ===
+
+/// `spend`: one object per group, the dimension under its own name (`model`, `day`, ...).
+fn spend(
+    state: &State,
+    tenant: Option<String>,
+    by: crate::audit::SpendBy,
+    since: Option<i64>,
+    until: Option<i64>,
+) -> Reply {
+    if let Some(name) = &tenant
+        && !state.catalog.load().tenant_ids.contains_key(name)
+    {
+        return Err(AdminError(format!(
+            "tenant `{name}` does not exist (see `keyward tenant list`)"
+        )));
+    }
+    let query = crate::audit::SpendQuery {
+        tenant,
+        by,
+        since_ms: since.map(|s| s.saturating_mul(1000)),
+        until_ms: until.map(|s| s.saturating_mul(1000)),
+    };
+    let name = serde_json::to_value(by)?
+        .as_str()
+        .unwrap_or("key")
+        .to_owned();
+    let rows = state.audit.spend(&query)?;
+    Ok(Value::Array(
+        rows.into_iter()
+            .map(|r| {
+                let mut v = serde_json::to_value(&r).expect("plain struct");
+                if let Some(map) = v.as_object_mut()
+                    && let Some(key) = map.remove("key")
+                {
+                    map.insert(name.clone(), key);
+                }
+                v
+            })
+            .collect(),
+    ))
+}
 
 fn audit_query(state: &State, args: AuditQueryArgs) -> Reply {
     let cat = state.catalog.load();

@@ -72,6 +72,21 @@ pub enum Command {
     /// Seal tenants, clients and credentials into a bundle for sidecars.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Cost and tokens from the audit trail, grouped (times bucketed by UTC hour).
+    Spend {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Group by this dimension.
+        #[arg(long, value_parser = ["tenant", "team", "client", "credential", "model", "day"], default_value = "tenant")]
+        by: String,
+        /// RFC 3339 time or a duration ago (e.g. 30d).
+        #[arg(long, value_name = "TIME", value_parser = parse_cli_time)]
+        since: Option<i64>,
+        /// RFC 3339 time or a duration ago.
+        #[arg(long, value_name = "TIME", value_parser = parse_cli_time)]
+        until: Option<i64>,
+    },
     /// Show the price table in effect (USD per million tokens): shipped rows and `[[prices]]`.
     Prices {
         /// Only this target.
@@ -489,6 +504,18 @@ fn build_request(command: &Command) -> Result<Request, Failure> {
         Command::Bundle(BundleCommand::Export { tenants, .. }) => Request::BundleExport {
             tenants: tenants.clone(),
         },
+        Command::Spend {
+            tenant,
+            by,
+            since,
+            until,
+        } => Request::Spend {
+            tenant: tenant.clone(),
+            by: serde_json::from_value(Value::String(by.clone()))
+                .map_err(|e| Failure(2, format!("--by {by}: {e}")))?,
+            since: *since,
+            until: *until,
+        },
         Command::Prices { target } => Request::Prices {
             target: target.clone(),
         },
@@ -774,6 +801,30 @@ fn print(command: &Command, data: &Value, json: bool) -> Result<(), Failure> {
                     ("VER", "credential_version"),
                     ("STATUS", "upstream_status"),
                     ("DETAIL", "detail"),
+                ],
+            )
+        }
+        Command::Spend { by, .. } => {
+            let rows: Vec<Value> = rows(data)
+                .into_iter()
+                .map(|mut r| {
+                    let micros = r["cost_micros"].as_u64().unwrap_or(0);
+                    r["cost_usd"] =
+                        Value::String(format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000));
+                    r
+                })
+                .collect();
+            table(
+                &rows,
+                &[
+                    (by.to_uppercase().as_str(), by.as_str()),
+                    ("CALLS", "calls"),
+                    ("INPUT", "input_tokens"),
+                    ("CACHED", "cached_input_tokens"),
+                    ("CACHE_WRITE", "cache_write_tokens"),
+                    ("OUTPUT", "output_tokens"),
+                    ("COST_USD", "cost_usd"),
+                    ("UNPRICED", "unpriced_calls"),
                 ],
             )
         }

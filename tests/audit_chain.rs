@@ -7,7 +7,10 @@ mod needs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use keyward::audit::{Audit, AuditError, Event, EventKind, Filter, fingerprint, verify_dir};
+use keyward::audit::{
+    Audit, AuditError, Event, EventKind, Filter, SpendBy, SpendQuery, SpendRow, fingerprint,
+    verify_dir,
+};
 use keyward::config::AuditSync;
 use keyward::seal::{MasterKey, MasterKeyProvider, Purpose, Secret};
 
@@ -283,6 +286,74 @@ async fn a_trail_from_before_the_spend_columns_still_verifies_and_grows() {
         .execute("UPDATE audit_events SET cost_micros = 1 WHERE seq = 3", [])
         .unwrap();
     assert_bad(&audit, 3);
+}
+
+/// The spend aggregate is kept with the rows, and a database from before it existed gets it
+/// built from its rows on open.
+#[tokio::test]
+async fn spend_aggregate_follows_the_rows_and_is_built_for_older_databases() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = open(dir.path());
+    for i in 0..10u64 {
+        let e = Event {
+            tenant: Some(if i < 7 { "acme" } else { "globex" }.into()),
+            model: Some(format!("m{}", i % 2)),
+            input_tokens: Some(100),
+            cached_input_tokens: Some(10),
+            output_tokens: Some(i),
+            cost_micros: (i != 9).then_some(1_000 + i),
+            flags: if i == 9 {
+                vec!["unpriced".into()]
+            } else {
+                vec![]
+            },
+            ..Event::new(EventKind::RequestCompleted)
+        };
+        audit.commit(e).await.unwrap();
+        // Rows of other kinds are not spend.
+        audit.commit(request(i as usize)).await.unwrap();
+    }
+    let by_model = SpendQuery {
+        tenant: Some("acme".into()),
+        by: SpendBy::Model,
+        ..SpendQuery::default()
+    };
+    let want = vec![
+        SpendRow {
+            key: "m0".into(),
+            calls: 4,
+            input_tokens: 400,
+            cached_input_tokens: 40,
+            output_tokens: 12,
+            cost_micros: 4_012,
+            ..SpendRow::default()
+        },
+        SpendRow {
+            key: "m1".into(),
+            calls: 3,
+            input_tokens: 300,
+            cached_input_tokens: 30,
+            output_tokens: 9,
+            cost_micros: 3_009,
+            ..SpendRow::default()
+        },
+    ];
+    assert_eq!(audit.spend(&by_model).unwrap(), want);
+    let all = audit.spend(&SpendQuery::default()).unwrap();
+    assert_eq!(all[1].key, "globex");
+    assert_eq!(
+        (all[1].calls, all[1].cost_micros, all[1].unpriced_calls),
+        (3, 2_015, 1)
+    );
+    audit.shutdown().await;
+    raw(dir.path())
+        .execute_batch(
+            "DROP TABLE audit_spend; DELETE FROM audit_meta WHERE key = 'spend_aggregate';",
+        )
+        .unwrap();
+    let audit = open(dir.path());
+    assert_eq!(audit.spend(&by_model).unwrap(), want);
+    assert!(audit.verify().unwrap().ok());
 }
 
 #[tokio::test]

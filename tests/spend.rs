@@ -263,3 +263,138 @@ fn a_bad_price_row_is_refused_at_start() {
     };
     assert!(stderr.contains("prices[0].input"), "{stderr}");
 }
+
+/// A client of `tenant` in `team`; returns (token, client id).
+fn team_client(d: &Daemon, tenant: &str, team: &str) -> (String, String) {
+    let out = d.ok(&[
+        "client",
+        "add",
+        "--tenant",
+        tenant,
+        "--name",
+        &format!("app-{}", &random_key("")[..8]),
+        "--team",
+        team,
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    (
+        v["token"].as_str().unwrap().to_string(),
+        v["id"].as_str().unwrap().to_string(),
+    )
+}
+
+/// `keyward spend` sums exact costs and tokens by every dimension, for one tenant or all,
+/// within --since/--until, as a table and as JSON.
+#[tokio::test(flavor = "multi_thread")]
+async fn spend_sums_cost_and_tokens_by_every_dimension() {
+    let mock = MockUpstream::builder().start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::builder()
+        .config(&support::targets_config(&mock, dir.path(), &["openai"], ""))
+        .start();
+    let (_, cred) = d.provision("acme", "openai", &random_key("sk-"), &[]);
+    let (_, other_cred) = d.provision("globex", "openai", &random_key("sk-"), &[]);
+    let (research, research_id) = team_client(&d, "acme", "research");
+    let (search, search_id) = team_client(&d, "acme", "search");
+    let (globex, _) = team_client(&d, "globex", "ops");
+    let chat =
+        |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    // gpt-4o at 2.50 / 1.25 / 10: 1,000 plain + 0 cached + 100 out = 2,500 + 1,000 = 3,500.
+    let u = MockUsage {
+        input: 1_000,
+        output: 100,
+        ..MockUsage::default()
+    };
+    // gpt-4o-mini at 0.15 / 0.075 / 0.60: 2,000 × 0.15 + 1,000 × 0.075 + 10 × 0.6 = 381.
+    let mini = MockUsage {
+        input: 3_000,
+        cached: 1_000,
+        output: 10,
+        ..MockUsage::default()
+    };
+    let path = "/openai/v1/chat/completions";
+    let mut ids = Vec::new();
+    for (token, model, usage) in [
+        (&research, "gpt-4o", u),
+        (&research, "gpt-4o", u),
+        (&research, "gpt-4o-mini", mini),
+        (&search, "gpt-4o-mini", mini),
+        (&search, "unpriced-model", u),
+        (&globex, "gpt-4o", u),
+    ] {
+        let (status, id) = spend_call(&d, token, path, &chat(model), &usage).await;
+        assert_eq!(status, 200);
+        ids.push(id);
+    }
+    for id in &ids {
+        completed(&d, id).await;
+    }
+    let by = |args: &[&str]| -> Vec<Value> {
+        let mut all = vec!["spend"];
+        all.extend_from_slice(args);
+        d.json_lines(&all)
+    };
+    let find = |rows: &[Value], name: &str, key: &str| -> Value {
+        rows.iter()
+            .find(|r| r[name] == key)
+            .unwrap_or_else(|| panic!("no {name}={key} in {rows:?}"))
+            .clone()
+    };
+    let models = by(&["--tenant", "acme", "--by", "model"]);
+    assert_eq!(models.len(), 3, "{models:?}");
+    let gpt4o = find(&models, "model", "gpt-4o");
+    assert_eq!(
+        (gpt4o["calls"].as_u64(), gpt4o["cost_micros"].as_u64()),
+        (Some(2), Some(7_000))
+    );
+    assert_eq!(gpt4o["input_tokens"], 2_000);
+    assert_eq!(gpt4o["output_tokens"], 200);
+    let m = find(&models, "model", "gpt-4o-mini");
+    assert_eq!(
+        (m["cost_micros"].as_u64(), m["cached_input_tokens"].as_u64()),
+        (Some(762), Some(2_000))
+    );
+    let unpriced = find(&models, "model", "unpriced-model");
+    assert_eq!(
+        (
+            unpriced["cost_micros"].as_u64(),
+            unpriced["unpriced_calls"].as_u64()
+        ),
+        (Some(0), Some(1))
+    );
+    // Highest cost first.
+    assert_eq!(models[0]["model"], "gpt-4o");
+
+    let teams = by(&["--tenant", "acme", "--by", "team"]);
+    assert_eq!(find(&teams, "team", "research")["cost_micros"], 7_381);
+    assert_eq!(find(&teams, "team", "search")["cost_micros"], 381);
+    let clients = by(&["--tenant", "acme", "--by", "client"]);
+    assert_eq!(find(&clients, "client", &research_id)["calls"], 3);
+    assert_eq!(find(&clients, "client", &search_id)["calls"], 2);
+    let creds = by(&["--by", "credential"]);
+    assert_eq!(find(&creds, "credential", &cred)["cost_micros"], 7_762);
+    assert_eq!(
+        find(&creds, "credential", &other_cred)["cost_micros"],
+        3_500
+    );
+    let tenants = by(&[]);
+    assert_eq!(find(&tenants, "tenant", "acme")["calls"], 5);
+    assert_eq!(find(&tenants, "tenant", "globex")["calls"], 1);
+    let days = by(&["--by", "day", "--since", "1h"]);
+    assert_eq!(days.len(), 1, "{days:?}");
+    assert_eq!(days[0]["calls"], 6);
+    let today = humantime::format_rfc3339(std::time::SystemTime::now()).to_string();
+    assert_eq!(days[0]["day"], &today[..10]);
+    assert!(
+        by(&["--until", "2h"]).is_empty(),
+        "nothing was spent before two hours ago"
+    );
+
+    let text = d.ok(&["spend", "--tenant", "acme", "--by", "team"]);
+    assert!(text.lines().next().unwrap().starts_with("TEAM"), "{text}");
+    assert!(text.contains("0.007381"), "{text}");
+    let unknown = d.cli(&["spend", "--tenant", "nope"]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("tenant `nope` does not exist"));
+}

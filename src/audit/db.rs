@@ -61,7 +61,99 @@ CREATE INDEX IF NOT EXISTS audit_events_credential ON audit_events(credential_id
 CREATE INDEX IF NOT EXISTS audit_events_call ON audit_events(call_id) WHERE call_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS audit_events_tenant ON audit_events(tenant, seq)
     WHERE tenant IS NOT NULL;
+CREATE TABLE IF NOT EXISTS audit_spend (
+    tenant        TEXT NOT NULL,
+    hour          INTEGER NOT NULL,
+    team          TEXT NOT NULL,
+    client_id     TEXT NOT NULL,
+    credential_id TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    target        TEXT NOT NULL,
+    calls         INTEGER NOT NULL,
+    input         INTEGER NOT NULL,
+    cached_input  INTEGER NOT NULL,
+    cache_write   INTEGER NOT NULL,
+    output        INTEGER NOT NULL,
+    cost_micros   INTEGER NOT NULL,
+    unpriced      INTEGER NOT NULL,
+    PRIMARY KEY (tenant, hour, team, client_id, credential_id, model, target)
+) WITHOUT ROWID;
 ";
+
+/// Milliseconds per spend bucket: the aggregate sums `request.completed` rows per UTC hour.
+pub(crate) const SPEND_BUCKET_MS: i64 = 3_600_000;
+
+/// `audit_meta` key set once the spend aggregate covers every row of the database.
+const META_SPEND: &str = "spend_aggregate";
+
+/// Adds one `request.completed` row to the spend aggregate (in the caller's transaction).
+pub(crate) const SPEND_UPSERT: &str = "INSERT INTO audit_spend (tenant, hour, team, client_id, \
+     credential_id, model, target, calls, input, cached_input, cache_write, output, cost_micros, \
+     unpriced) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?9, ?10, ?11, ?12, ?13) \
+     ON CONFLICT DO UPDATE SET calls = calls + 1, input = input + excluded.input, \
+     cached_input = cached_input + excluded.cached_input, \
+     cache_write = cache_write + excluded.cache_write, output = output + excluded.output, \
+     cost_micros = cost_micros + excluded.cost_micros, unpriced = unpriced + excluded.unpriced";
+
+/// Runs [`SPEND_UPSERT`] for `e` when it is a `request.completed` row of a tenant.
+pub(crate) fn add_spend(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    time_ms: i64,
+    e: &Event,
+) -> rusqlite::Result<()> {
+    let Some(tenant) = e
+        .tenant
+        .as_deref()
+        .filter(|_| e.kind == EventKind::RequestCompleted)
+    else {
+        return Ok(());
+    };
+    let text = |v: &Option<String>| v.clone().unwrap_or_default();
+    let n = |v: Option<u64>| v.unwrap_or(0).min(i64::MAX as u64) as i64;
+    let unpriced = i64::from(e.flags.iter().any(|f| f == "unpriced"));
+    stmt.execute(rusqlite::params![
+        tenant,
+        time_ms.div_euclid(SPEND_BUCKET_MS),
+        text(&e.team),
+        text(&e.client_id),
+        text(&e.credential_id),
+        text(&e.model),
+        text(&e.target),
+        n(e.input_tokens),
+        n(e.cached_input_tokens),
+        n(e.cache_write_tokens),
+        n(e.output_tokens),
+        n(e.cost_micros),
+        unpriced,
+    ])
+    .map(|_| ())
+}
+
+/// Builds the spend aggregate from the rows already in a database that predates it, once.
+fn backfill_spend(conn: &mut Connection) -> rusqlite::Result<()> {
+    if get_meta(conn, META_SPEND)?.is_some() {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    tx.execute("DELETE FROM audit_spend", [])?;
+    {
+        let mut read = tx.prepare(&format!(
+            "SELECT {COLUMNS} FROM audit_events WHERE event = 'request.completed' ORDER BY seq"
+        ))?;
+        let mut write = tx.prepare_cached(SPEND_UPSERT)?;
+        let mut rows = read.query([])?;
+        while let Some(r) = rows.next()? {
+            if let Ok(raw) = decode(r)? {
+                add_spend(&mut write, raw.time_ms, &raw.event)?;
+            }
+        }
+    }
+    tx.execute(
+        "INSERT OR REPLACE INTO audit_meta (key, value) VALUES (?1, ?2)",
+        rusqlite::params![META_SPEND, b"1".to_vec()],
+    )?;
+    tx.commit()
+}
 
 const COLUMNS: &str = "seq, time_ms, event, call_id, tenant, client_id, peer_uid, peer_pid, \
      target, model, capability, team, workflow, credential_id, credential_version, fingerprint, \
@@ -120,6 +212,8 @@ pub(crate) fn open_writer(dir: &Path, sync: AuditSync) -> Result<Connection, Aud
         .map_err(|e| db_err(&path, e))?;
     conn.execute_batch(SCHEMA).map_err(|e| db_err(&path, e))?;
     add_missing_columns(&conn).map_err(|e| db_err(&path, e))?;
+    let mut conn = conn;
+    backfill_spend(&mut conn).map_err(|e| db_err(&path, e))?;
     restrict_permissions(&path);
     Ok(conn)
 }
@@ -386,6 +480,57 @@ pub(crate) fn query(conn: &Connection, filter: &Filter) -> rusqlite::Result<Vec<
         sql.push_str(&format!(" LIMIT {}", limit.min(i64::MAX as usize)));
     }
     collect(conn, &sql, args)
+}
+
+/// Sums of the spend aggregate, grouped by `by`, for tenants (all when `None`) and hours
+/// `since_hour..=until_hour`; highest cost first.
+pub(crate) fn spend(
+    conn: &Connection,
+    q: &super::SpendQuery,
+) -> rusqlite::Result<Vec<super::SpendRow>> {
+    let key = match q.by {
+        super::SpendBy::Tenant => "tenant",
+        super::SpendBy::Team => "team",
+        super::SpendBy::Client => "client_id",
+        super::SpendBy::Credential => "credential_id",
+        super::SpendBy::Model => "model",
+        super::SpendBy::Day => "CAST(hour / 24 AS TEXT)",
+    };
+    let mut sql = format!(
+        "SELECT {key}, sum(calls), sum(input), sum(cached_input), sum(cache_write), sum(output), \
+         sum(cost_micros), sum(unpriced) FROM audit_spend WHERE hour >= ?1 AND hour <= ?2"
+    );
+    let mut args = vec![
+        Value::Integer(q.since_ms.unwrap_or(i64::MIN).div_euclid(SPEND_BUCKET_MS)),
+        Value::Integer(q.until_ms.unwrap_or(i64::MAX).div_euclid(SPEND_BUCKET_MS)),
+    ];
+    if let Some(t) = &q.tenant {
+        args.push(Value::Text(t.clone()));
+        sql.push_str(" AND tenant = ?3");
+    }
+    sql.push_str(&format!(
+        " GROUP BY {key} ORDER BY sum(cost_micros) DESC, {key}"
+    ));
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(params_from_iter(args), |r| {
+        let n = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+        let mut key: String = r.get(0)?;
+        if q.by == super::SpendBy::Day {
+            let day: i64 = key.parse().unwrap_or(0);
+            key = rfc3339_ms(day * 86_400_000)[..10].to_owned();
+        }
+        Ok(super::SpendRow {
+            key,
+            calls: n(1)?,
+            input_tokens: n(2)?,
+            cached_input_tokens: n(3)?,
+            cache_write_tokens: n(4)?,
+            output_tokens: n(5)?,
+            cost_micros: n(6)?,
+            unpriced_calls: n(7)?,
+        })
+    })?;
+    rows.collect()
 }
 
 /// One credential's rows, oldest first.

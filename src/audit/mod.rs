@@ -180,6 +180,60 @@ pub struct Filter {
     pub limit: Option<usize>,
 }
 
+/// The dimension `spend` groups by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpendBy {
+    /// Tenant name.
+    #[default]
+    Tenant,
+    /// The client's team (`""` for clients without one).
+    Team,
+    /// Client id.
+    Client,
+    /// Credential id.
+    Credential,
+    /// Model as the request named it.
+    Model,
+    /// UTC day, `YYYY-MM-DD`.
+    Day,
+}
+
+/// What [`Audit::spend`] sums. Times are bucketed by UTC hour: a call counts when the hour it
+/// completed in starts within `[since_ms, until_ms]` rounded down to the hour.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SpendQuery {
+    /// Only this tenant.
+    pub tenant: Option<String>,
+    /// Grouping.
+    pub by: SpendBy,
+    /// From this time (ms since the epoch).
+    pub since_ms: Option<i64>,
+    /// Up to this time (ms since the epoch).
+    pub until_ms: Option<i64>,
+}
+
+/// One group of [`Audit::spend`]: sums over the `request.completed` rows in it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpendRow {
+    /// The group's value of the chosen dimension.
+    pub key: String,
+    /// Completed calls.
+    pub calls: u64,
+    /// Input tokens (all prompt tokens).
+    pub input_tokens: u64,
+    /// Cached input tokens.
+    pub cached_input_tokens: u64,
+    /// Cache-write tokens.
+    pub cache_write_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Cost of the priced calls, micro-USD.
+    pub cost_micros: u64,
+    /// Calls flagged `unpriced` (their cost is not in `cost_micros`).
+    pub unpriced_calls: u64,
+}
+
 /// The result of walking the chain.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
@@ -415,6 +469,14 @@ impl Audit {
     pub fn query(&self, filter: &Filter) -> Result<Vec<Row>, AuditError> {
         self.fold_now();
         self.with_reader(|conn| db::query(conn, filter))
+    }
+
+    /// Cost and tokens of `request.completed` rows, grouped per [`SpendQuery`], from the
+    /// per-hour aggregate the fold maintains in the same transaction as the rows (so it never
+    /// disagrees with them, and it survives retention pruning). Blocking, like `query`.
+    pub fn spend(&self, q: &SpendQuery) -> Result<Vec<SpendRow>, AuditError> {
+        self.fold_now();
+        self.with_reader(|conn| db::spend(conn, q))
     }
 
     /// Every row naming `credential_id`, oldest first. Blocking, like [`Audit::query`].
