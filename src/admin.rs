@@ -69,6 +69,8 @@ impl<'de> Deserialize<'de> for WireSecret {
 pub enum Request {
     /// Daemon status.
     Status,
+    /// `metrics`: the `/metrics` text (README, "Metrics and health").
+    Metrics,
     /// `tenant add`.
     TenantAdd {
         /// Tenant name.
@@ -341,6 +343,7 @@ async fn dispatch(state: &Arc<State>, request: Request) -> Reply {
     let state = state.clone();
     match request {
         Request::Status => Ok(status(&state)),
+        Request::Metrics => Ok(json!({ "text": crate::metrics::render(&state) })),
         Request::AuditQuery { filter } => blocking(move || audit_query(&state, filter)).await,
         Request::AuditVerify => blocking(move || audit_verify(&state)).await,
         Request::AuditLifecycle { id } => blocking(move || audit_lifecycle(&state, &id)).await,
@@ -437,6 +440,7 @@ fn mutate(state: &State, request: Request) -> Reply {
         Request::ClientList { tenant } => return client_list(state, tenant.as_deref()),
         Request::ClientRevoke { id } => client_revoke(state, &id),
         Request::Status
+        | Request::Metrics
         | Request::AuditQuery { .. }
         | Request::AuditVerify
         | Request::AuditLifecycle { .. }

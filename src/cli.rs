@@ -57,6 +57,8 @@ pub enum Command {
     },
     /// Show the running daemon's status.
     Status,
+    /// Print the daemon's Prometheus metrics (the text `/metrics` serves on `metrics_listen`).
+    Metrics,
     /// Manage tenants.
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -420,6 +422,7 @@ fn build_request(command: &Command) -> Result<Request, Failure> {
     Ok(match command {
         Command::Serve { .. } => unreachable!("serve is handled by main"),
         Command::Status => Request::Status,
+        Command::Metrics => Request::Metrics,
         Command::Tenant(TenantCommand::Add {
             name,
             max_key_age,
@@ -698,6 +701,7 @@ fn print(command: &Command, data: &Value, json: bool) -> Result<(), Failure> {
     }
     match command {
         Command::Serve { .. } | Command::Bundle(_) => {}
+        Command::Metrics => print!("{}", data["text"].as_str().unwrap_or_default()),
         Command::Status => {
             if let Some(map) = data.as_object() {
                 for (k, v) in map {

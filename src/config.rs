@@ -197,6 +197,9 @@ pub struct Config {
     pub previous_master_key: Option<MasterKeyConfig>,
     /// Optional TCP listener (token auth only).
     pub listen_tcp: Option<SocketAddr>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`metrics_listen`; off when
+    /// unset).
+    pub metrics_listen: Option<SocketAddr>,
     /// Memory locking mode.
     pub lock_memory: LockMemory,
     /// Audit durability.
@@ -272,6 +275,7 @@ struct RawConfig {
     master_key: Option<RawMasterKey>,
     listen_tcp: Option<String>,
     listen_tcp_allow_remote: Option<bool>,
+    metrics_listen: Option<String>,
     lock_memory: Option<String>,
     audit_sync: Option<String>,
     audit_retention: Option<String>,
@@ -731,6 +735,15 @@ fn build(
             ),
         ));
     }
+    let metrics_listen = match raw.metrics_listen {
+        None => None,
+        Some(t) => Some(t.parse::<SocketAddr>().map_err(|_| {
+            value_err(
+                "metrics_listen",
+                "not an IP address and port (hostnames are not resolved): use one like 127.0.0.1:9464".into(),
+            )
+        })?),
+    };
     let lock_memory = match raw.lock_memory.as_deref() {
         None | Some("all") => LockMemory::All,
         Some("secrets") => LockMemory::Secrets,
@@ -1016,6 +1029,7 @@ fn build(
         master_key_file: raw.master_key_file,
         require_external_master_key: raw.require_external_master_key.unwrap_or(false),
         listen_tcp,
+        metrics_listen,
         lock_memory,
         audit_sync,
         audit_retention,

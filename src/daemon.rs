@@ -94,6 +94,10 @@ pub struct State {
     pub upstream: Upstream,
     /// Start time.
     pub started: Instant,
+    /// Start time on the wall clock (`keyward_start_time_seconds`).
+    pub started_at: std::time::SystemTime,
+    /// The per-request metric families (README, "Metrics and health").
+    pub metrics: crate::metrics::Metrics,
     /// The runtime, for blocking admin work that must await the audit writer.
     pub runtime: tokio::runtime::Handle,
     /// Data-plane requests being served now.
@@ -180,6 +184,8 @@ struct Listeners {
     data: std::os::unix::net::UnixListener,
     admin: std::os::unix::net::UnixListener,
     tcp: Option<std::net::TcpListener>,
+    /// `metrics_listen`.
+    metrics: Option<std::net::TcpListener>,
     activated: bool,
     /// Socket files bound here (not passed by systemd), removed on a clean exit.
     bound: Vec<BoundSocket>,
@@ -388,6 +394,8 @@ impl Server {
             bundle,
             upstream,
             started: Instant::now(),
+            started_at: std::time::SystemTime::now(),
+            metrics: crate::metrics::Metrics::new(),
             runtime,
             in_flight: AtomicUsize::new(0),
             limiter: Arc::new(tokio::sync::Semaphore::new(
@@ -506,6 +514,17 @@ fn take_or_bind(config: &Config) -> Result<Listeners, ServeError> {
                 })?,
         ),
     };
+    let metrics = match config.metrics_listen {
+        None => None,
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|_| l))
+                .map_err(|e| ServeError::Bind {
+                    path: format!("metrics_listen {addr}"),
+                    reason: e.to_string(),
+                })?,
+        ),
+    };
     let was_activated = !activated.is_empty();
     let mut bound = Vec::new();
     let data = match activated.data {
@@ -528,6 +547,7 @@ fn take_or_bind(config: &Config) -> Result<Listeners, ServeError> {
         data,
         admin,
         tcp,
+        metrics,
         activated: was_activated,
         bound,
     })
@@ -640,6 +660,16 @@ fn print_banner(state: &State, hardening: &crate::harden::Hardening, listeners: 
     if let Some(export) = &c.audit_export {
         println!("  audit export  {export}");
     }
+    if let Some(addr) = c.metrics_listen {
+        if addr.ip().is_loopback() {
+            println!("  metrics       http://{addr}/metrics, /healthz, /readyz");
+        } else {
+            println!(
+                "  metrics       http://{addr}/metrics, /healthz, /readyz (NOT loopback: anyone \
+                 who can reach this address can read them)"
+            );
+        }
+    }
     println!(
         "  hardening     core dumps {}, memory locked: {}",
         if hardening.not_dumpable && hardening.no_core {
@@ -718,6 +748,20 @@ async fn run(
         }
         None => None,
     };
+    let metrics_task = match listeners.metrics {
+        Some(l) => {
+            let l = tokio::net::TcpListener::from_std(l).map_err(|e| ServeError::Bind {
+                path: "metrics_listen".into(),
+                reason: e.to_string(),
+            })?;
+            Some(tokio::spawn(crate::metrics::serve(
+                l,
+                state.clone(),
+                stop_rx.clone(),
+            )))
+        }
+        None => None,
+    };
     let retire_task = tokio::spawn(retire_loop(state.clone(), stop_rx.clone()));
     if let Err(e) = crate::bundle::watch(&state) {
         tracing::error!(error = %e, "cannot watch the bundle; new bundles need a restart");
@@ -754,6 +798,9 @@ async fn run(
     }
     let _ = admin_task.await;
     let _ = retire_task.await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
     state.audit.flush().await;
     if !state.audit.stop_export(Duration::from_secs(5)).await {
         tracing::warn!(

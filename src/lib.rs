@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod harden;
 mod hex;
 pub mod logging;
+pub mod metrics;
 pub mod ownership;
 pub mod pool;
 pub mod prices;

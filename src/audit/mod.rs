@@ -459,6 +459,33 @@ impl Audit {
         }
     }
 
+    /// Events waiting in the queue to be committed.
+    pub fn queue_depth(&self) -> usize {
+        self.inner.shared.queue_len()
+    }
+
+    /// Whether the trail's directory takes a durable write now: writes 4 KiB to a probe file
+    /// next to the journal, fsyncs it and removes it. The error names the path and the OS
+    /// reason (a read-only or full file system, lost permissions). Blocking.
+    pub fn probe_writable(&self) -> Result<(), String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.inner.dir.join("audit.probe");
+        let result = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&path)
+            .and_then(|mut f| {
+                f.write_all(&[0u8; 4096])?;
+                f.sync_all()
+            });
+        let _ = std::fs::remove_file(&path);
+        result.map_err(|e| format!("cannot write to {}: {e}", path.display()))
+    }
+
     /// How many `enqueue`d events were dropped because the queue was full.
     pub fn dropped_events(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)

@@ -109,6 +109,11 @@ impl Shared {
         })
     }
 
+    /// Events waiting in the queue now.
+    pub(crate) fn queue_len(&self) -> usize {
+        lock(&self.queue).events.len()
+    }
+
     /// Appends an event to the queue.
     pub(crate) fn push(&self, event: Event, reply: Option<Reply>) -> Result<(), Refused> {
         let mut q = lock(&self.queue);

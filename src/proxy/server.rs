@@ -250,6 +250,8 @@ struct Known {
     attempted: Option<Candidate>,
     /// The request's place in its client's and tenant's shares, held until the response ends.
     share: Option<ShareGuard>,
+    /// Time spent waiting for upstream response heads, over all attempts.
+    upstream_time: std::time::Duration,
 }
 
 impl Known {
@@ -311,6 +313,14 @@ async fn handle(
         // Nothing after this head is read (see `app_conn`): the connection ends with the answer.
         drop(req);
         tracing::info!(call_id, code = "bad_request", %reason, "request refused");
+        count(
+            &state,
+            None,
+            ErrorCode::BadRequest.status().as_u16(),
+            ErrorCode::BadRequest.as_str(),
+            started,
+            Default::default(),
+        );
         let mut response = error_response(ErrorCode::BadRequest, &reason, &call_id);
         response
             .headers_mut()
@@ -318,6 +328,14 @@ async fn handle(
         return response;
     }
     let Ok(permit) = state.limiter.clone().try_acquire_owned() else {
+        count(
+            &state,
+            None,
+            ErrorCode::Overloaded.status().as_u16(),
+            ErrorCode::Overloaded.as_str(),
+            started,
+            Default::default(),
+        );
         return error_response(
             ErrorCode::Overloaded,
             "too many requests in flight (limits.max_concurrent_requests); retry shortly",
@@ -329,13 +347,23 @@ async fn handle(
     match process(&state, req, peer, &call_id, started, &mut known).await {
         // The slot and the in-flight count last until the response body is done, so open
         // streams count against max_concurrent_requests and SIGTERM waits for them.
-        Ok(response) => response.map(|inner| {
-            Held {
-                inner,
-                _guards: (permit, in_flight, known.share.take()),
-            }
-            .boxed()
-        }),
+        Ok(response) => {
+            count(
+                &state,
+                known.target.as_deref(),
+                response.status().as_u16(),
+                "none",
+                started,
+                known.upstream_time,
+            );
+            response.map(|inner| {
+                Held {
+                    inner,
+                    _guards: (permit, in_flight, known.share.take()),
+                }
+                .boxed()
+            })
+        }
         Err(reject) => {
             // Only authenticated callers leave audit rows; anonymous refusals are logged.
             if known.principal.is_some() {
@@ -357,9 +385,33 @@ async fn handle(
                 reason = %reject.message,
                 "request refused",
             );
+            count(
+                &state,
+                known.target.as_deref(),
+                reject.code.status().as_u16(),
+                reject.code.as_str(),
+                started,
+                known.upstream_time,
+            );
             error_response(reject.code, &reject.message, &call_id)
         }
     }
+}
+
+/// Counts an answered request and the time keyward added to it (README, "Metrics and health").
+fn count(
+    state: &State,
+    target: Option<&str>,
+    status: u16,
+    error: &'static str,
+    started: Instant,
+    upstream: std::time::Duration,
+) {
+    let target = target.unwrap_or(crate::metrics::UNKNOWN);
+    state.metrics.request(target, status, error);
+    state
+        .metrics
+        .overhead(target, started.elapsed().saturating_sub(upstream));
 }
 
 async fn process(
@@ -489,7 +541,10 @@ async fn process(
     );
     resolved.fingerprint = replay.fingerprint.clone();
     let replay = Arc::new(Mutex::new(replay));
-    state.audit.commit(resolved).await.map_err(|e| {
+    let committing = Instant::now();
+    let committed = state.audit.commit(resolved).await;
+    state.metrics.audit_commit(committing.elapsed());
+    committed.map_err(|e| {
         Reject::new(
             ErrorCode::AuditUnavailable,
             format!("the audit record could not be written, so nothing was sent upstream: {e}"),
@@ -524,6 +579,7 @@ async fn process(
             chosen,
             &replay,
             index as u32,
+            &mut known.upstream_time,
         )
         .await;
         let (replayable, violation, app_failed) = {
@@ -579,7 +635,10 @@ async fn process(
             row.flags.push("expired_key_warn".into());
         }
         // Same rule as the resolution: the next key is not used until this row is durable.
-        if let Err(e) = state.audit.commit(row).await {
+        let committing = Instant::now();
+        let committed = state.audit.commit(row).await;
+        state.metrics.audit_commit(committing.elapsed());
+        if let Err(e) = committed {
             tracing::error!(
                 call_id,
                 error = %e,
@@ -647,6 +706,7 @@ async fn attempt(
     chosen: &Candidate,
     replay: &Arc<Mutex<Replay>>,
     number: u32,
+    upstream_time: &mut std::time::Duration,
 ) -> Step {
     let secret = match unseal(tenant, chosen) {
         Ok(secret) => secret,
@@ -673,7 +733,12 @@ async fn attempt(
     *upstream_req.method_mut() = request.method.clone();
     *upstream_req.uri_mut() = upstream_uri(request.target, request.route);
     *upstream_req.headers_mut() = headers;
-    match state.upstream.send(request.target, upstream_req).await {
+    let sending = Instant::now();
+    let sent = state.upstream.send(request.target, upstream_req).await;
+    let took = sending.elapsed();
+    *upstream_time += took;
+    state.metrics.upstream(&request.target.name, took);
+    match sent {
         Ok(response) if is_encoded(response.headers()) => Step::Failed {
             // keyward asked for an identity body (no Accept-Encoding); an encoded one could carry
             // the key past the scrubber, so it is never relayed.
@@ -1030,6 +1095,7 @@ fn respond(
     name_credential(&mut completed, chosen);
     completed.upstream_status = Some(parts.status.as_u16());
     let mut body = CompletionBody {
+        model_label: crate::metrics::model_label(&chosen.credential.models, known.model.as_deref()),
         client: known.principal.as_ref().map(|p| p.client_id.clone()),
         catalog_seen: state.catalog.generation(),
         inner: ScrubBody::new(state.upstream.idle_guard(body), scrubber),
@@ -1312,6 +1378,8 @@ where
 /// The response body on its way to the app: counts bytes, taps token usage, and writes the
 /// `request.completed` row when the stream ends or the app goes away.
 struct CompletionBody<B> {
+    /// The model's label in `keyward_tokens_total` ([`crate::metrics::model_label`]).
+    model_label: String,
     /// The client the response is for: once it is revoked, no further byte reaches it.
     client: Option<String>,
     /// The catalog generation the client was last seen active in.
@@ -1341,12 +1409,26 @@ impl<B> CompletionBody<B> {
             event.cache_write_tokens = usage.cache_write_tokens;
             event.output_tokens = usage.output_tokens;
             event.total_tokens = usage.total_tokens;
+            if let Some(target) = &event.target {
+                self.state.metrics.tokens(
+                    target,
+                    &self.model_label,
+                    usage.input_tokens,
+                    usage.output_tokens,
+                );
+            }
             let price = match (&event.target, &event.model) {
                 (Some(target), Some(model)) => self.state.config.prices.lookup(target, model),
                 _ => None,
             };
             match price {
-                Some(price) => event.cost_micros = Some(price.cost_micros(&usage)),
+                Some(price) => {
+                    let cost = price.cost_micros(&usage);
+                    event.cost_micros = Some(cost);
+                    if let Some(target) = &event.target {
+                        self.state.metrics.cost(target, &self.model_label, cost);
+                    }
+                }
                 None => event.flags.push("unpriced".into()),
             }
         }
