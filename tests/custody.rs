@@ -310,6 +310,16 @@ fn pkcs11_wrong_key_wrong_pin_and_missing_parts_are_refused_at_start() {
             ),
             &["cannot reach pkcs11", "cannot read the PIN file"][..],
         ),
+        (
+            hsm.table("master_key", "keyward", "master-a", &{
+                // A PIN file other users can read is refused like a master key file.
+                let loose = hsm.pin_file("loose-pin", &pin);
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+                loose
+            }),
+            &["HSM PIN file", "other users can read it", "chmod 600"][..],
+        ),
     ] {
         let out = refused(with(&home, table), &home);
         let err = stderr(&out);

@@ -104,16 +104,20 @@ fn load_module(path: &Path) -> Result<Pkcs11, SealError> {
     Ok(module)
 }
 
-/// Reads the PIN file (one trailing newline trimmed) into locked memory.
+/// Reads the PIN file (one trailing newline trimmed) into locked memory. The file is a key
+/// file: opened with `O_NOFOLLOW` and refused when another user could read or replace it
+/// (README "Deployment checklist").
 fn read_pin(path: &Path) -> Result<Secret, SealError> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        unreachable(
-            format!("cannot read the PIN file {}: {e}", path.display()),
+    let bytes = crate::ownership::read_key_file("HSM PIN file", path).map_err(|e| match e {
+        crate::ownership::OwnershipError::Io { source, .. } => unreachable(
+            format!("cannot read the PIN file {}: {source}", path.display()),
             "check master_key.pin_file (with systemd: LoadCredential=hsm-pin:... and \
              $CREDENTIALS_DIRECTORY/hsm-pin)",
-        )
+        ),
+        untrusted => SealError::Untrusted(untrusted),
     })?;
-    let mut pin = Secret::from_vec(bytes);
+    let mut pin = Secret::from_slice(&bytes);
+    drop(bytes);
     let mut len = pin.len();
     while len > 0 && matches!(pin.expose_secret()[len - 1], b'\n' | b'\r') {
         len -= 1;
