@@ -324,6 +324,7 @@ fn write_serial(path: &Path, serial: u64) -> std::io::Result<()> {
 }
 
 /// A bundle that passed every check.
+#[derive(Debug)]
 pub struct Loaded {
     /// Its serial.
     pub serial: u64,
@@ -761,4 +762,89 @@ pub fn watch<H: BundleHost>(host: &Arc<H>) -> std::io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::seal::MasterKey;
+
+    fn snapshot(master: &MasterKeyProvider) -> Snapshot {
+        let tenant = |id: &str, name: &str| TenantRow {
+            id: id.into(),
+            name: name.into(),
+            wrapped_key: master
+                .new_wrapped_key(Purpose::TenantKey { tenant: id })
+                .unwrap(),
+            wrapped_fp_key: master
+                .new_wrapped_key(Purpose::FingerprintKey { tenant: id })
+                .unwrap(),
+            max_key_age_s: Some(86_400),
+            on_expiry: "warn".into(),
+            rotation_overlap_s: None,
+            created_at: 1,
+        };
+        Snapshot {
+            tenants: vec![tenant("ten_a", "acme"), tenant("ten_b", "other")],
+            clients: vec![ClientRow {
+                id: "cli_1".into(),
+                tenant_id: "ten_b".into(),
+                name: "app".into(),
+                team: None,
+                uid: Some(1000),
+                workflows: vec![],
+                token_hash: vec![7; 32],
+                created_at: 2,
+                revoked_at: None,
+            }],
+            credentials: vec![],
+        }
+    }
+
+    #[test]
+    fn a_bundle_round_trips_and_any_change_is_refused() {
+        let master: MasterKeyProvider = MasterKey::generate().into();
+        let snap = snapshot(&master);
+        let all = export(&master, &snap, &[], "author-1", 7).unwrap();
+        assert_eq!((all.tenants, all.clients), (2, 1));
+        let file = Path::new("/b");
+        let loaded = open(all.text.as_bytes(), file, &master).unwrap();
+        assert_eq!(loaded.serial, 7);
+        assert_eq!(loaded.instance, "author-1");
+        assert_eq!(
+            loaded.snapshot.tenants[1].wrapped_key,
+            snap.tenants[1].wrapped_key
+        );
+        assert_eq!(loaded.snapshot.clients[0].token_hash, vec![7; 32]);
+        // Only the named tenant, and only its clients.
+        let one = export(&master, &snap, &["acme".into()], "author-1", 8).unwrap();
+        assert_eq!((one.tenants, one.clients), (1, 0));
+        let err = export(&master, &snap, &["nope".into()], "a", 9).unwrap_err();
+        assert!(err.contains("tenant `nope` does not exist"), "{err}");
+        // A header field changed, the payload changed, another master key: refused, named.
+        let bumped = all.text.replace("\"serial\": 7", "\"serial\": 70");
+        assert!(
+            open(bumped.as_bytes(), file, &master)
+                .unwrap_err()
+                .contains("fails its MAC")
+        );
+        let edited = all.text.replace("warn", "deny");
+        assert!(
+            open(edited.as_bytes(), file, &master)
+                .unwrap_err()
+                .contains("fails its MAC")
+        );
+        let other: MasterKeyProvider = MasterKey::generate().into();
+        let err = open(all.text.as_bytes(), file, &other).unwrap_err();
+        assert!(err.contains("another master key"), "{err}");
+        let cut = &all.text.as_bytes()[..all.text.len() - 10];
+        assert!(open(cut, file, &master).unwrap_err().contains("truncated"));
+    }
+
+    #[test]
+    fn export_serials_increase() {
+        let dir = tempfile::tempdir().unwrap();
+        let serials: Vec<u64> = (0..3).map(|_| next_serial(dir.path()).unwrap()).collect();
+        assert_eq!(serials, [1, 2, 3]);
+    }
 }

@@ -399,6 +399,13 @@ impl Exporter {
         true
     }
 
+    /// Stops taking lines without a stop line and without waiting (the trail was dropped
+    /// without [`Exporter::stop`]); what is buffered is still written.
+    pub(crate) fn close(&self) {
+        lock(&self.pending).closed = true;
+        self.wake.notify_one();
+    }
+
     /// What `status` shows.
     pub(crate) fn status(&self) -> serde_json::Value {
         let p = lock(&self.pending);

@@ -297,6 +297,10 @@ impl Drop for Inner {
     /// The last handle is gone: the maintenance thread commits what is left and stops.
     fn drop(&mut self) {
         self.shared.close();
+        if let Some(export) = &self.export {
+            // Lines already buffered are still written; the export thread then exits.
+            export.close();
+        }
     }
 }
 
