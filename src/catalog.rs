@@ -162,3 +162,45 @@ impl CatalogHandle {
         self.load().has_client(id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(id: &str, uid: Option<u32>, revoked_at: Option<i64>) -> ClientRow {
+        ClientRow {
+            id: id.into(),
+            tenant_id: "t".into(),
+            name: id.into(),
+            team: None,
+            uid,
+            workflows: vec![],
+            token_hash: id.as_bytes().to_vec(),
+            created_at: 0,
+            revoked_at,
+        }
+    }
+
+    #[test]
+    fn revoked_clients_are_neither_indexed_nor_active() {
+        let cat = Catalog::build(Snapshot {
+            tenants: vec![],
+            clients: vec![
+                client("cli_token", None, None),
+                client("cli_uid", Some(1000), None),
+                client("cli_gone", None, Some(5)),
+                client("cli_gone_uid", Some(1001), Some(5)),
+            ],
+            credentials: vec![],
+        });
+        assert!(cat.has_client("cli_token"));
+        assert!(cat.has_client("cli_uid"));
+        // Other active clients, token-only and uid-bound, must not vouch for a revoked one.
+        for gone in ["cli_gone", "cli_gone_uid", "cli_never"] {
+            assert!(!cat.has_client(gone), "{gone} counts as active");
+        }
+        assert!(!cat.clients_by_token.contains_key(b"cli_gone".as_slice()));
+        assert!(!cat.clients_by_uid.contains_key(&1001));
+        assert_eq!(cat.clients_by_uid[&1000].id, "cli_uid");
+    }
+}
