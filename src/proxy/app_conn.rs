@@ -560,6 +560,25 @@ pub async fn linger<I: AsyncRead + AsyncWrite + Unpin>(mut io: I) {
     }
 }
 
+/// Feeds `stream` through the framing check in pieces of the sizes in `pieces` (cycled; a 0
+/// counts as 1) and returns what the server would read, the number of heads handed on and the
+/// index of the refused head. For the fuzz targets and their corpus tests.
+#[doc(hidden)]
+pub fn check_stream(stream: &[u8], pieces: &[usize]) -> (Vec<u8>, u64, Option<u64>) {
+    let (mut conn, check) = AppConn::new(tokio::io::empty(), 8192);
+    let mut rest = stream;
+    let mut sizes = pieces.iter().copied().cycle();
+    while !rest.is_empty() {
+        let n = sizes.next().unwrap_or(rest.len()).clamp(1, rest.len());
+        conn.feed(&rest[..n]);
+        rest = &rest[n..];
+    }
+    let out = conn.ready.to_vec();
+    let heads = conn.heads;
+    drop(conn);
+    (out, heads, check.refused.get().map(|r| r.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,258 @@
+//! The properties the fuzz targets check, one function per target. Shared by the cargo-fuzz
+//! targets (`fuzz/fuzz_targets/*.rs`) and by `tests/fuzz_corpus.rs`, which runs every file of
+//! the committed corpora through them on stable Rust.
+//!
+//! Each function takes arbitrary bytes, must not panic on any input, and asserts the property
+//! its parser promises (the same answer however the input is split into chunks, never a URL
+//! outside the target, a scrubbed stream equal to a plain search-and-replace...).
+
+#![allow(dead_code)]
+
+use keyward::scope::attrs::{MAX_MODEL_LEN, ModelScanner, ScanState};
+
+/// Chunk sizes drawn from `seed`, for splitting an input "anywhere" reproducibly.
+fn pieces(seed: &[u8]) -> Vec<usize> {
+    let mut out: Vec<usize> = seed.iter().map(|&b| usize::from(b % 17) + 1).collect();
+    if out.is_empty() {
+        out.push(1);
+    }
+    out
+}
+
+/// Splits `data` into chunks of the sizes in `sizes` (cycled).
+fn split<'a>(data: &'a [u8], sizes: &[usize]) -> Vec<&'a [u8]> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    let mut i = 0;
+    while !rest.is_empty() {
+        let n = sizes[i % sizes.len()].clamp(1, rest.len());
+        out.push(&rest[..n]);
+        rest = &rest[n..];
+        i += 1;
+    }
+    out
+}
+
+/// Input layout shared by the differential targets: one length byte, that many split-seed
+/// bytes, then the payload.
+fn seed_and_payload(data: &[u8]) -> (Vec<usize>, &[u8]) {
+    let Some((&n, rest)) = data.split_first() else {
+        return (vec![1], data);
+    };
+    let n = usize::from(n % 16).min(rest.len());
+    (pieces(&rest[..n]), &rest[n..])
+}
+
+/// Request-target routing and percent-decoding: a target that parses routes to a preset's
+/// base URL only, with no dot segment, backslash or encoded slash left in its path.
+pub fn route(data: &[u8]) {
+    use keyward::proxy::route::{Route, upstream_uri};
+    let Ok(uri) = http::Uri::try_from(data) else {
+        return;
+    };
+    let Ok(route) = Route::parse(&http::Method::POST, http::Version::HTTP_11, &uri) else {
+        return;
+    };
+    assert!(!route.target().is_empty());
+    assert!(route.path().starts_with('/') || route.path().is_empty());
+    let targets = keyward::providers::Targets::resolve(&Default::default()).unwrap();
+    let target = targets.get("openai").unwrap();
+    let up = upstream_uri(target, &route);
+    assert_eq!(up.scheme_str(), Some("https"), "{up}");
+    assert_eq!(
+        up.authority().map(|a| a.as_str()),
+        Some("api.openai.com"),
+        "{up}"
+    );
+    let path = up.path();
+    // Whatever an upstream decodes, it finds no way out of the base URL.
+    let mut decoded = path.as_bytes().to_vec();
+    for _ in 0..4 {
+        decoded = percent_decode(&decoded);
+    }
+    let text = String::from_utf8_lossy(&decoded);
+    for seg in text.split('/') {
+        assert!(seg != ".." && seg != ".", "dot segment in {up}");
+    }
+    assert!(!text.contains('\\'), "backslash in {up}");
+}
+
+/// A lenient percent-decoder, as an upstream or a proxy in front of it might run.
+fn percent_decode(b: &[u8]) -> Vec<u8> {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push(h * 16 + l);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Feeds `chunks` to a JSON model scanner and returns its verdict.
+fn json_model(chunks: &[&[u8]]) -> ScanState {
+    let mut s = ModelScanner::new();
+    for c in chunks {
+        if let v @ (ScanState::Ambiguous | ScanState::Absent) = s.feed(c) {
+            return v;
+        }
+    }
+    s.finish()
+}
+
+/// The JSON model scanner and the usage scanner give the same answer however the body is split,
+/// and a model found is at most `MAX_MODEL_LEN` bytes.
+pub fn json_scanners(data: &[u8]) {
+    let (sizes, body) = seed_and_payload(data);
+    let whole = json_model(&[body]);
+    let parts = json_model(&split(body, &sizes));
+    assert_eq!(whole, parts, "model verdict depends on the split");
+    if let ScanState::Found(m) = &whole {
+        assert!(m.len() <= MAX_MODEL_LEN);
+    }
+    for content_type in ["application/json", "text/event-stream"] {
+        let usage = |chunks: &[&[u8]]| {
+            let mut tap = keyward::audit::usage::UsageTap::new(Some(content_type));
+            for c in chunks {
+                tap.feed(c);
+            }
+            tap.finish()
+        };
+        assert_eq!(
+            usage(&[body]),
+            usage(&split(body, &sizes)),
+            "usage depends on the split ({content_type})"
+        );
+    }
+}
+
+/// Boundary the multipart target uses; inputs write bodies around it.
+pub const MULTIPART_BOUNDARY: &str = "XyZ";
+
+/// The multipart model reader gives the same answer however the body is split.
+pub fn multipart(data: &[u8]) {
+    use keyward::scope::multipart::MultipartScanner;
+    let (sizes, body) = seed_and_payload(data);
+    let run = |chunks: &[&[u8]]| {
+        let mut s = MultipartScanner::new(MULTIPART_BOUNDARY);
+        for c in chunks {
+            if let v @ (ScanState::Ambiguous | ScanState::Absent) = s.feed(c) {
+                return v;
+            }
+        }
+        s.finish()
+    };
+    let whole = run(&[body]);
+    assert_eq!(
+        whole,
+        run(&split(body, &sizes)),
+        "verdict depends on the split"
+    );
+    for single in [1usize, 2, 3] {
+        assert_eq!(whole, run(&split(body, &[single])), "split every {single}");
+    }
+    if let ScanState::Found(m) = &whole {
+        assert!(!m.is_empty() && m.len() <= MAX_MODEL_LEN);
+        let marker = format!("\r\n\r\n{m}\r\n--{MULTIPART_BOUNDARY}");
+        assert!(
+            body.windows(marker.len()).any(|w| w == marker.as_bytes()),
+            "found a model the body does not hold as a field value"
+        );
+    }
+}
+
+/// The scrubber, fed chunks split anywhere, gives exactly what a plain search-and-replace of
+/// the key over the joined chunks gives, for keys with one form (unreserved characters).
+pub fn scrub(data: &[u8]) {
+    use keyward::proxy::scrub::{REDACTED, Scrubber};
+    let Some((&klen, rest)) = data.split_first() else {
+        return;
+    };
+    let klen = usize::from(klen % 24) + 1;
+    if rest.len() < klen {
+        return;
+    }
+    let alphabet = b"abcAB01-_.~";
+    let key: Vec<u8> = rest[..klen]
+        .iter()
+        .map(|b| alphabet[usize::from(*b) % alphabet.len()])
+        .collect();
+    let (sizes, text) = seed_and_payload(&rest[klen..]);
+    // Map the text onto a small alphabet too, so occurrences and near misses are common.
+    let text: Vec<u8> = text
+        .iter()
+        .map(|b| {
+            if b % 3 == 0 {
+                *b
+            } else {
+                alphabet[usize::from(*b) % alphabet.len()]
+            }
+        })
+        .collect();
+    let secret = keyward::seal::Secret::from_slice(&key);
+    let mut scrubber = Scrubber::new(&secret);
+    let mut out = Vec::new();
+    for chunk in split(&text, &sizes) {
+        out.extend_from_slice(&scrubber.push_bytes(bytes::Bytes::copy_from_slice(chunk)));
+        // Only a proper prefix of the key may be held back.
+        assert!(scrubber.held_back() < key.len());
+    }
+    out.extend_from_slice(&scrubber.finish());
+    let mut expected = Vec::new();
+    let mut i = 0;
+    while i < text.len() {
+        if text[i..].starts_with(&key) {
+            expected.extend_from_slice(REDACTED);
+            i += key.len();
+        } else {
+            expected.push(text[i]);
+            i += 1;
+        }
+    }
+    assert!(
+        out == expected,
+        "scrubbed output differs from search-and-replace"
+    );
+}
+
+/// The config parser returns a config or an error naming what is wrong, never panics.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let env = |_: &str| None;
+    match keyward::config::Config::from_toml(text, std::path::Path::new("/fuzz/keyward.toml"), &env)
+    {
+        Ok(config) => {
+            let _ = format!("{:?}", config.limits);
+        }
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+}
+
+/// The HTTP/1 framing check hands the server the same bytes, and refuses the same head, however
+/// the stream arrives.
+pub fn framing(data: &[u8]) {
+    use keyward::proxy::app_conn::check_stream;
+    let (sizes, stream) = seed_and_payload(data);
+    let whole = check_stream(stream, &[stream.len().max(1)]);
+    assert_eq!(
+        whole,
+        check_stream(stream, &sizes),
+        "framing depends on the split"
+    );
+    assert_eq!(whole, check_stream(stream, &[1]), "framing byte by byte");
+    let (out, heads, refused) = whole;
+    assert!(out.len() <= stream.len());
+    if let Some(n) = refused {
+        assert_eq!(n, heads, "only the last head can be refused");
+    }
+}
