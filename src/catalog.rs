@@ -97,13 +97,13 @@ impl Catalog {
         self.tenants.get(id)
     }
 
-    /// The credentials of a tenant.
     /// Whether an active (not revoked) client has this id.
     pub fn has_client(&self, id: &str) -> bool {
         self.clients_by_token.values().any(|c| c.id == id)
             || self.clients_by_uid.values().any(|c| c.id == id)
     }
 
+    /// The credentials of a tenant.
     pub fn credentials(&self, tenant_id: &str) -> &[Arc<CredentialRow>] {
         self.credentials_by_tenant
             .get(tenant_id)
