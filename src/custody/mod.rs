@@ -4,6 +4,7 @@
 //! The providers that hold the key outside this process (an HSM through PKCS#11, AWS KMS) live
 //! here, behind [`crate::seal::Kek`]; `seal` itself knows nothing of devices or HTTP.
 
+pub mod aws_kms;
 pub mod pkcs11;
 
 use std::path::{Path, PathBuf};
@@ -62,11 +63,23 @@ pub fn open_provider(
                 generated: None,
             })
         }
-        other => Err(SealError::Unreachable {
-            provider: other.provider(),
-            reason: "this build of keyward has no support for it".into(),
-            hint: "use provider = \"file\"".into(),
-        }),
+        MasterKeyConfig::AwsKms {
+            key_id,
+            region,
+            endpoint,
+            ca_file,
+        } => {
+            let kek = aws_kms::AwsKmsKek::open(aws_kms::AwsKmsSettings {
+                key_id: key_id.clone(),
+                region: region.clone(),
+                endpoint: endpoint.clone(),
+                ca_file: ca_file.clone(),
+            })?;
+            Ok(Opened {
+                provider: MasterKeyProvider::new(Box::new(kek)),
+                generated: None,
+            })
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod daemon;
 pub mod hsm;
+pub mod kms;
 pub mod mock_upstream;
 pub mod needs;
 pub mod uds;
