@@ -71,6 +71,8 @@ pub enum Request {
     Status,
     /// `metrics`: the `/metrics` text (README, "Metrics and health").
     Metrics,
+    /// `reload`: re-read the config file (README, "Reload").
+    Reload,
     /// `tenant add`.
     TenantAdd {
         /// Tenant name.
@@ -344,6 +346,13 @@ async fn dispatch(state: &Arc<State>, request: Request) -> Reply {
     match request {
         Request::Status => Ok(status(&state)),
         Request::Metrics => Ok(json!({ "text": crate::metrics::render(&state) })),
+        Request::Reload => {
+            blocking(move || {
+                let done = state.reload()?;
+                Ok(serde_json::to_value(done)?)
+            })
+            .await
+        }
         Request::AuditQuery { filter } => blocking(move || audit_query(&state, filter)).await,
         Request::AuditVerify => blocking(move || audit_verify(&state)).await,
         Request::AuditLifecycle { id } => blocking(move || audit_lifecycle(&state, &id)).await,
@@ -359,6 +368,7 @@ async fn dispatch(state: &Arc<State>, request: Request) -> Reply {
         Request::Prices { target } => Ok(Value::Array(
             state
                 .config
+                .load()
                 .prices
                 .rows(target.as_deref())
                 .map(crate::prices::Price::to_json)
@@ -376,14 +386,15 @@ async fn blocking(f: impl FnOnce() -> Reply + Send + 'static) -> Reply {
 
 fn status(state: &State) -> Value {
     let cat = state.catalog.load();
+    let config = state.config.load();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
         "uptime_s": state.started.elapsed().as_secs(),
-        "state_dir": state.config.state_dir,
-        "socket": state.config.socket,
-        "admin_socket": state.config.admin_socket,
-        "listen_tcp": state.config.listen_tcp.map(|a| a.to_string()),
+        "state_dir": config.state_dir,
+        "socket": config.socket,
+        "admin_socket": config.admin_socket,
+        "listen_tcp": config.listen_tcp.map(|a| a.to_string()),
         "tenants": cat.tenants.len(),
         "clients": cat.clients_by_token.len(),
         "credentials": cat.credentials_by_tenant.values().map(Vec::len).sum::<usize>(),
@@ -441,6 +452,7 @@ fn mutate(state: &State, request: Request) -> Reply {
         Request::ClientRevoke { id } => client_revoke(state, &id),
         Request::Status
         | Request::Metrics
+        | Request::Reload
         | Request::AuditQuery { .. }
         | Request::AuditVerify
         | Request::AuditLifecycle { .. }
@@ -620,6 +632,7 @@ fn cred_add(state: &State, new: NewCredential) -> Reply {
     check_secret(&secret)?;
     state
         .config
+        .load()
         .targets
         .lookup(&target)
         .map_err(|e| AdminError(e.to_string()))?;
@@ -1166,10 +1179,10 @@ fn bundle_export(state: &State, tenants: &[String]) -> Reply {
         )));
     }
     let snapshot = state.store.snapshot()?;
-    let serial = crate::bundle::next_serial(&state.config.state_dir).map_err(|e| {
+    let serial = crate::bundle::next_serial(&state.config.load().state_dir).map_err(|e| {
         AdminError(format!(
             "cannot record the bundle serial in {}: {e}",
-            state.config.state_dir.display()
+            state.config.load().state_dir.display()
         ))
     })?;
     let exported =

@@ -59,6 +59,9 @@ pub enum Command {
     Status,
     /// Print the daemon's Prometheus metrics (the text `/metrics` serves on `metrics_listen`).
     Metrics,
+    /// Re-read the config file: targets, limits and pool apply at once; an invalid file
+    /// changes nothing.
+    Reload,
     /// Manage tenants.
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -423,6 +426,7 @@ fn build_request(command: &Command) -> Result<Request, Failure> {
         Command::Serve { .. } => unreachable!("serve is handled by main"),
         Command::Status => Request::Status,
         Command::Metrics => Request::Metrics,
+        Command::Reload => Request::Reload,
         Command::Tenant(TenantCommand::Add {
             name,
             max_key_age,
@@ -702,6 +706,25 @@ fn print(command: &Command, data: &Value, json: bool) -> Result<(), Failure> {
     match command {
         Command::Serve { .. } | Command::Bundle(_) => {}
         Command::Metrics => print!("{}", data["text"].as_str().unwrap_or_default()),
+        Command::Reload => {
+            let list = |key: &str| {
+                data[key]
+                    .as_array()
+                    .map(|a| a.iter().map(plain).collect::<Vec<_>>().join(", "))
+                    .filter(|s| !s.is_empty())
+            };
+            println!(
+                "reloaded {}: {}",
+                plain(&data["file"]),
+                list("changed").map_or("no change".into(), |c| format!("changed {c}"))
+            );
+            if let Some(keys) = list("restart_needed") {
+                println!(
+                    "not applied, restart keyward for: {keys} (sockets, state directory, master \
+                     key and listeners are set up at start)"
+                );
+            }
+        }
         Command::Status => {
             if let Some(map) = data.as_object() {
                 for (k, v) in map {

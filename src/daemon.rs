@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+
 use crate::audit::{Audit, Event, EventKind};
 use crate::catalog::{Catalog, CatalogHandle};
 use crate::config::{Config, process_env};
@@ -72,8 +74,15 @@ pub enum ServeError {
 
 /// Everything a running daemon shares between its data plane and admin socket.
 pub struct State {
-    /// The validated configuration.
-    pub config: Config,
+    /// The validated configuration; `reload` swaps it whole (README, "Reload"). A request
+    /// takes one snapshot (`config.load_full()`) and keeps it to its end.
+    pub config: ArcSwap<Config>,
+    /// `--master-key-file` given to `serve`, which overrides the file's `master_key_file`.
+    pub master_key_flag: std::sync::OnceLock<PathBuf>,
+    /// One reload at a time.
+    reloading: std::sync::Mutex<()>,
+    /// The permits `limiter` was sized for (`limits.max_concurrent_requests`).
+    limit_total: std::sync::Mutex<usize>,
     /// The master key's provider (in locked memory, or an HSM or KMS holding it).
     pub master: MasterKeyProvider,
     /// What memory locking achieved (printed by `status`).
@@ -90,8 +99,9 @@ pub struct State {
     /// This keyward's instance id (`<state_dir>/instance.id`; in shipped audit lines and
     /// bundles).
     pub instance: String,
-    /// Pooled upstream TLS clients.
-    pub upstream: Upstream,
+    /// Pooled upstream TLS clients, rebuilt by a reload that changes targets or their limits;
+    /// a request keeps the one it started with.
+    pub upstream: ArcSwap<Upstream>,
     /// Start time.
     pub started: Instant,
     /// Start time on the wall clock (`keyward_start_time_seconds`).
@@ -169,6 +179,180 @@ impl crate::bundle::BundleHost for State {
         &self.catalog
     }
 }
+
+/// What a reload did (README, "Reload").
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reloaded {
+    /// The file read, or `(defaults)`.
+    pub file: String,
+    /// Reloadable sections whose value changed and now apply (`targets`, `limits`, `pool`, …).
+    pub changed: Vec<String>,
+    /// Keys that changed in the file but need a restart; their running values stay.
+    pub restart_needed: Vec<String>,
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReloadError {
+    /// The file is invalid: names the file, the key and the reason.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The new targets' upstream TLS setup failed (an unreadable `ca_file`, …).
+    #[error("upstream TLS setup: {0}")]
+    Upstream(String),
+}
+
+impl State {
+    /// Re-reads the config file and applies what can change while serving: `targets`,
+    /// `limits`, `pool`, and every other key not listed in [`RESTART_KEYS`]. An invalid file
+    /// changes nothing. Requests in flight keep the configuration and upstream clients they
+    /// started with; new requests get the new ones. Blocking (reads files): call it off the
+    /// async workers.
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
+        let _one = crate::lock(&self.reloading);
+        let old = self.config.load_full();
+        let mut new = Config::load(old.source.as_deref(), &process_env)?;
+        if let Some(flag) = self.master_key_flag.get() {
+            new.master_key_file = Some(flag.clone());
+        }
+        let differs =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+        let mut restart_needed = Vec::new();
+        // Keys bound to what was set up at start: report them, keep the running values.
+        macro_rules! keep {
+            ($($field:ident),* $(,)?) => {$(
+                if differs(&old.$field, &new.$field) {
+                    restart_needed.push(stringify!($field).to_string());
+                }
+                new.$field = old.$field.clone();
+            )*};
+        }
+        keep!(
+            state_dir,
+            socket,
+            socket_group,
+            admin_socket,
+            master_key_file,
+            require_external_master_key,
+            master_key,
+            previous_master_key,
+            listen_tcp,
+            metrics_listen,
+            lock_memory,
+            audit_sync,
+            audit_retention,
+            audit_export,
+            audit_export_buffer,
+            worker_threads,
+            bundle,
+            bundle_watch,
+            bundle_poll_interval,
+        );
+        let mut changed = Vec::new();
+        for (name, a, b) in [
+            (
+                "targets",
+                &old.targets as &dyn std::fmt::Debug,
+                &new.targets as &dyn std::fmt::Debug,
+            ),
+            ("limits", &old.limits, &new.limits),
+            ("pool", &old.pool, &new.pool),
+            ("prices", &old.prices, &new.prices),
+        ] {
+            if differs(a, b) {
+                changed.push(name.to_string());
+            }
+        }
+        // Any other key (added later) is reloadable: report it by comparing the rest.
+        if changed.is_empty() && differs(&*old, &new) {
+            changed.push("other settings".to_string());
+        }
+        let upstream_settings = |c: &Config| {
+            format!(
+                "{:?} {:?} {:?} {:?}",
+                c.targets,
+                c.limits.upstream_timeout,
+                c.limits.stream_idle_timeout,
+                c.limits.max_header_bytes
+            )
+        };
+        let upstream = if upstream_settings(&old) == upstream_settings(&new) {
+            None
+        } else {
+            let _guard = self.runtime.enter();
+            Some(
+                Upstream::new(&new.targets, &new.limits)
+                    .map_err(|e| ReloadError::Upstream(e.to_string()))?,
+            )
+        };
+        // Everything is validated: apply.
+        self.resize_limiter(new.limits.max_concurrent_requests);
+        self.shares.set_limits(
+            new.limits.max_requests_per_client,
+            new.limits.max_requests_per_tenant,
+        );
+        self.pool.set_settings(&new.pool);
+        if let Some(upstream) = upstream {
+            self.upstream.store(Arc::new(upstream));
+        }
+        let file = new
+            .source
+            .as_ref()
+            .map_or_else(|| "(defaults)".to_string(), |p| p.display().to_string());
+        self.config.store(Arc::new(new));
+        Ok(Reloaded {
+            file,
+            changed,
+            restart_needed,
+        })
+    }
+
+    /// Sizes the request limiter to `to` permits: more at once, fewer as requests in flight
+    /// finish (permits are withdrawn as they come back).
+    fn resize_limiter(&self, to: usize) {
+        let mut total = crate::lock(&self.limit_total);
+        if to > *total {
+            self.limiter.add_permits(to - *total);
+        } else if to < *total {
+            let owed = *total - to;
+            let rest = owed - self.limiter.forget_permits(owed);
+            if rest > 0 {
+                let limiter = self.limiter.clone();
+                self.runtime.spawn(async move {
+                    if let Ok(permits) = limiter.acquire_many_owned(rest as u32).await {
+                        permits.forget();
+                    }
+                });
+            }
+        }
+        *total = to;
+    }
+}
+
+/// Config keys a reload does not apply: they name what was bound, opened or locked at start
+/// (sockets, state directory, master key, listeners, process setup). A reload reports them.
+pub const RESTART_KEYS: [&str; 19] = [
+    "state_dir",
+    "socket",
+    "socket_group",
+    "admin_socket",
+    "master_key_file",
+    "require_external_master_key",
+    "master_key",
+    "previous_master_key",
+    "listen_tcp",
+    "metrics_listen",
+    "lock_memory",
+    "audit_sync",
+    "audit_retention",
+    "audit_export",
+    "audit_export_buffer",
+    "worker_threads",
+    "bundle",
+    "bundle_watch",
+    "bundle_poll_interval",
+];
 
 /// Decrements the in-flight count on drop.
 pub struct InFlight(Arc<State>);
@@ -308,6 +492,9 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
         runtime.handle().clone(),
     )?;
     crate::custody::record_migration(server.state())?;
+    if let Some(flag) = options.master_key_file {
+        let _ = server.state().master_key_flag.set(flag);
+    }
     print_banner(server.state(), &hardening, &server.listeners);
     if let Some(line) = &migration {
         println!("  migration     {line}");
@@ -385,6 +572,9 @@ impl Server {
                 .map_err(|e| ServeError::Upstream(e.to_string()))?
         };
         let state = Arc::new(State {
+            master_key_flag: Default::default(),
+            reloading: Default::default(),
+            limit_total: std::sync::Mutex::new(config.limits.max_concurrent_requests),
             memory_lock,
             master,
             store,
@@ -392,7 +582,7 @@ impl Server {
             audit,
             instance,
             bundle,
-            upstream,
+            upstream: ArcSwap::from_pointee(upstream),
             started: Instant::now(),
             started_at: std::time::SystemTime::now(),
             metrics: crate::metrics::Metrics::new(),
@@ -414,7 +604,7 @@ impl Server {
             tenant_keys: Default::default(),
             pool: crate::pool::Pool::new(&config.pool),
             expiry_watch: crate::pool::ExpiryWatch::default(),
-            config,
+            config: ArcSwap::from_pointee(config),
         });
         Ok(Server { state, listeners })
     }
@@ -609,7 +799,7 @@ fn bind_unix(
 }
 
 fn print_banner(state: &State, hardening: &crate::harden::Hardening, listeners: &Listeners) {
-    let c = &state.config;
+    let c = state.config.load();
     // With `audit_export = "stdout"`, standard output carries only audit lines.
     let to_stderr = c.audit_export == Some(crate::config::AuditExport::Stdout);
     macro_rules! println {
@@ -697,7 +887,7 @@ async fn dev_mode(state: &Arc<State>) {
                  http://keyward/openai/v1/chat/completions \\\n    -H 'Authorization: Bearer \
                  {token}' -H 'content-type: application/json' \\\n    -d \
                  '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'\n",
-                state.config.socket.display()
+                state.config.load().socket.display()
             );
         }
         Ok(Err(e)) => eprintln!("dev mode: could not create a client: {}", e.0),
@@ -766,6 +956,15 @@ async fn run(
     if let Err(e) = crate::bundle::watch(&state) {
         tracing::error!(error = %e, "cannot watch the bundle; new bundles need a restart");
     }
+    // SIGHUP would end the process by default; from here on it reloads the config.
+    let hangup =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(|e| {
+            ServeError::Bind {
+                path: "SIGHUP handler".into(),
+                reason: e.to_string(),
+            }
+        })?;
+    let hangup_task = tokio::spawn(reload_on_hangup(state.clone(), hangup, stop_rx.clone()));
     notify("READY=1");
 
     let signal = shutdown.await;
@@ -780,7 +979,7 @@ async fn run(
     for socket in &listeners.bound {
         socket.remove();
     }
-    let grace = state.config.limits.shutdown_grace;
+    let grace = state.config.load().limits.shutdown_grace;
     let drained = tokio::time::timeout(grace, async {
         let _ = data_task.await;
         if let Some(t) = tcp_task {
@@ -798,6 +997,7 @@ async fn run(
     }
     let _ = admin_task.await;
     let _ = retire_task.await;
+    let _ = hangup_task.await;
     if let Some(t) = metrics_task {
         let _ = t.await;
     }
@@ -826,6 +1026,33 @@ pub async fn shutdown_signal() -> &'static str {
     tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Reloads the config on every SIGHUP and logs what changed or why nothing did.
+async fn reload_on_hangup(
+    state: Arc<State>,
+    mut hangup: tokio::signal::unix::Signal,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = crate::proxy::server::stopped(&mut stop) => return,
+            got = hangup.recv() => if got.is_none() { return },
+        }
+        let st = state.clone();
+        match tokio::task::spawn_blocking(move || st.reload()).await {
+            Ok(Ok(done)) => tracing::info!(
+                file = %done.file,
+                changed = ?done.changed,
+                restart_needed = ?done.restart_needed,
+                "SIGHUP: config reloaded"
+            ),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "SIGHUP: config not reloaded, nothing changed")
+            }
+            Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed"),
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 //! choose which credentials match a request (that is `scope`).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -102,10 +103,14 @@ pub struct Pool {
     /// Only versions with a cooldown or quarantine (possibly lapsed) have an entry; the map is
     /// pruned whenever it is written.
     entries: RwLock<HashMap<VersionKey, Entry>>,
-    /// Cooldown after a 429 without a usable `Retry-After`.
-    default_cooldown: Duration,
-    /// Quarantine after a 401/403.
-    quarantine: Duration,
+    /// Cooldown after a 429 without a usable `Retry-After`, in milliseconds (reloadable).
+    default_cooldown: AtomicU64,
+    /// Quarantine after a 401/403, in milliseconds (reloadable).
+    quarantine: AtomicU64,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Pool {
@@ -113,9 +118,18 @@ impl Pool {
     pub fn new(settings: &PoolSettings) -> Pool {
         Pool {
             entries: RwLock::new(HashMap::new()),
-            default_cooldown: settings.default_cooldown,
-            quarantine: settings.quarantine,
+            default_cooldown: AtomicU64::new(millis(settings.default_cooldown)),
+            quarantine: AtomicU64::new(millis(settings.quarantine)),
         }
+    }
+
+    /// Takes new durations (a config reload); cooldowns and quarantines already running keep
+    /// their end.
+    pub fn set_settings(&self, settings: &PoolSettings) {
+        self.default_cooldown
+            .store(millis(settings.default_cooldown), Ordering::Relaxed);
+        self.quarantine
+            .store(millis(settings.quarantine), Ordering::Relaxed);
     }
 
     /// The order to try `candidates` in now: those free to serve keep `scope`'s order
@@ -178,7 +192,9 @@ impl Pool {
             Outcome::Served { .. } => unreachable!("handled above"),
             Outcome::RateLimited { retry_after } => {
                 let wait = retry_after
-                    .unwrap_or(self.default_cooldown)
+                    .unwrap_or(Duration::from_millis(
+                        self.default_cooldown.load(Ordering::Relaxed),
+                    ))
                     .min(MAX_COOLDOWN);
                 let until = now + wait;
                 // Concurrent 429s must not shorten a cooldown another request just set.
@@ -188,7 +204,7 @@ impl Pool {
             }
             Outcome::Rejected { .. } => {
                 let was = entry.quarantine_until.is_some_and(|t| t > now);
-                let until = now + self.quarantine;
+                let until = now + Duration::from_millis(self.quarantine.load(Ordering::Relaxed));
                 let until = entry.quarantine_until.map_or(until, |t| t.max(until));
                 entry.quarantine_until = Some(until);
                 if was {

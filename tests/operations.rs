@@ -367,3 +367,148 @@ async fn readiness_fails_while_the_audit_file_system_is_full_and_recovers() {
     assert_eq!(status, 200, "{body}");
     drop(s);
 }
+
+/// The daemon's config file, as the test support writes it.
+fn config_path(d: &Daemon) -> PathBuf {
+    d.home.join("keyward.toml")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_applies_targets_and_limits_without_dropping_a_request() {
+    let s = support::setup(&["openai"], "").await;
+    let key = random_key("sk-");
+    let (token, _) = s.daemon.provision("acme", "openai", &key, &[]);
+    let original = std::fs::read_to_string(config_path(&s.daemon)).unwrap();
+    let socket = s.daemon.socket();
+
+    // Requests in flight across the reload: slow answers and a stream that pauses.
+    let mut in_flight = Vec::new();
+    for i in 0..16 {
+        let (socket, token) = (socket.clone(), token.clone());
+        let path = if i % 2 == 0 {
+            "/openai/slow?ms=1500".to_string()
+        } else {
+            "/openai/stall?ms=1500".to_string()
+        };
+        in_flight.push(tokio::spawn(async move {
+            call(
+                &socket,
+                post(&path, &[("authorization", &bearer(&token))], "{}"),
+            )
+            .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A second target toward the same upstream and a small body limit.
+    let ca = s.mock.write_ca(s.dir.path());
+    let reloaded = format!(
+        "{original}\n[limits]\nmax_request_body = \"1KiB\"\n\n[targets.second]\nbase_url = \"{}\"\nca_file = \"{}\"\nfamily = \"openai\"\nauth_header = \"Authorization\"\nauth_format = \"Bearer {{key}}\"\n",
+        s.mock.base_url(),
+        ca.display()
+    );
+    std::fs::write(config_path(&s.daemon), &reloaded).unwrap();
+    let out = s.daemon.ok(&["reload"]);
+    assert!(
+        out.contains("changed targets, limits") && !out.contains("restart"),
+        "{out}"
+    );
+    for (i, h) in in_flight.into_iter().enumerate() {
+        let (status, _, body) = h.await.unwrap();
+        assert_eq!(status, 200, "request {i} across the reload: {body}");
+        let whole = if i % 2 == 0 {
+            body.contains("slept_ms")
+        } else {
+            body == "first\nrest\n"
+        };
+        assert!(whole, "request {i} was cut: {body:?}");
+    }
+    // New requests get the new limits and targets.
+    let big = format!("{{\"model\":\"gpt-4o\",\"pad\":\"{}\"}}", "x".repeat(2048));
+    let auth = [("authorization", bearer(&token))];
+    let auth: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, headers, _) =
+        call(&socket, post("/openai/v1/chat/completions", &auth, &big)).await;
+    assert_eq!(
+        (status, headers["keyward-error"].to_str().unwrap()),
+        (413, "body_too_large")
+    );
+    let (token2, _) = s
+        .daemon
+        .provision("acme", "second", &random_key("sk-"), &[]);
+    let (status, _, body) = call(
+        &socket,
+        post(
+            "/second/v1/chat/completions",
+            &[("authorization", &bearer(&token2))],
+            &chat_body("gpt-4o-mini", false),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    // An invalid file changes nothing, and says where and why.
+    let broken = reloaded.replace("max_request_body = \"1KiB\"", "max_request_body = \"lots\"");
+    std::fs::write(config_path(&s.daemon), &broken).unwrap();
+    let out = s.daemon.cli(&["reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&config_path(&s.daemon).display().to_string())
+            && err.contains("limits.max_request_body"),
+        "{err}"
+    );
+    let (status, _, _) = call(&socket, post("/openai/v1/chat/completions", &auth, &big)).await;
+    assert_eq!(status, 413, "the invalid reload changed the limit");
+
+    // A key that needs a restart is named and not applied; the rest is.
+    let port = free_port();
+    std::fs::write(
+        config_path(&s.daemon),
+        format!("metrics_listen = \"127.0.0.1:{port}\"\n{original}"),
+    )
+    .unwrap();
+    let out = s.daemon.ok(&["reload"]);
+    assert!(
+        out.contains("restart keyward for: metrics_listen")
+            && out.contains("changed targets, limits"),
+        "{out}"
+    );
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+    let (status, _, body) = call(&socket, post("/openai/v1/chat/completions", &auth, &big)).await;
+    assert_eq!(status, 200, "the old limit is back: {body}");
+    let (status, headers, _) = call(
+        &socket,
+        post(
+            "/second/v1/chat/completions",
+            &[("authorization", &bearer(&token2))],
+            &chat_body("gpt-4o-mini", false),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, headers["keyward-error"].to_str().unwrap()),
+        (404, "unknown_target")
+    );
+
+    // SIGHUP does the same as `keyward reload`, and the daemon lives on.
+    std::fs::write(config_path(&s.daemon), &reloaded).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.daemon.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, _) = call(&socket, post("/openai/v1/chat/completions", &auth, &big)).await;
+        if status == 413 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(s.daemon.ok(&["status"]).contains("pid"));
+    assert!(
+        s.daemon.stdout().contains("SIGHUP: config reloaded")
+            || s.daemon.stderr().contains("SIGHUP: config reloaded")
+    );
+}

@@ -9,7 +9,7 @@
 //! `overloaded` when there is none.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::lock;
@@ -18,10 +18,10 @@ use crate::lock;
 pub struct RequestShares {
     /// Counts by client id and by tenant id; an entry is removed when it drops to zero.
     counts: Mutex<Counts>,
-    /// `limits.max_requests_per_client`.
-    per_client: usize,
-    /// `limits.max_requests_per_tenant`.
-    per_tenant: usize,
+    /// `limits.max_requests_per_client` (reloadable).
+    per_client: AtomicUsize,
+    /// `limits.max_requests_per_tenant` (reloadable).
+    per_tenant: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -60,21 +60,32 @@ impl RequestShares {
     pub fn new(per_client: usize, per_tenant: usize) -> Arc<RequestShares> {
         Arc::new(RequestShares {
             counts: Mutex::new(Counts::default()),
-            per_client,
-            per_tenant,
+            per_client: AtomicUsize::new(per_client),
+            per_tenant: AtomicUsize::new(per_tenant),
         })
+    }
+
+    /// Takes new limits (a config reload); requests already in flight keep their place, and
+    /// new ones are admitted against the new limits.
+    pub fn set_limits(&self, per_client: usize, per_tenant: usize) {
+        self.per_client.store(per_client, Ordering::Relaxed);
+        self.per_tenant.store(per_tenant, Ordering::Relaxed);
     }
 
     /// Takes one request of `client`'s and `tenant`'s shares, until the returned guard drops.
     pub fn try_take(self: &Arc<Self>, client: &str, tenant: &str) -> Result<ShareGuard, Exhausted> {
         let mut counts = lock(&self.counts);
+        let (per_client, per_tenant) = (
+            self.per_client.load(Ordering::Relaxed),
+            self.per_tenant.load(Ordering::Relaxed),
+        );
         let c = counts.clients.get(client).copied().unwrap_or(0);
-        if c >= self.per_client {
-            return Err(Exhausted::Client(self.per_client));
+        if c >= per_client {
+            return Err(Exhausted::Client(per_client));
         }
         let t = counts.tenants.get(tenant).copied().unwrap_or(0);
-        if t >= self.per_tenant {
-            return Err(Exhausted::Tenant(self.per_tenant));
+        if t >= per_tenant {
+            return Err(Exhausted::Tenant(per_tenant));
         }
         counts.clients.insert(client.to_string(), c + 1);
         counts.tenants.insert(tenant.to_string(), t + 1);

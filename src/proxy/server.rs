@@ -111,7 +111,7 @@ pub async fn serve(
             accepted = listener.accept_peer() => match accepted {
                 Ok((stream, peer)) => match state.connections.admit(peer.map(|p| p.uid)) {
                     Ok(guard) => {
-                        let max_head = state.config.limits.max_header_bytes.max(8192);
+                        let max_head = state.config.load().limits.max_header_bytes.max(8192);
                         let (conn, check) = AppConn::new(stream, max_head);
                         serve_connection(
                             TokioIo::new(conn),
@@ -168,7 +168,8 @@ fn serve_connection<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let limits = &state.config.limits;
+    let config = state.config.load();
+    let limits = &config.limits;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -250,6 +251,8 @@ struct Known {
     attempted: Option<Candidate>,
     /// The request's place in its client's and tenant's shares, held until the response ends.
     share: Option<ShareGuard>,
+    /// The upstream clients this request uses, kept until its response ends.
+    upstream: Option<Arc<super::upstream::Upstream>>,
     /// Time spent waiting for upstream response heads, over all attempts.
     upstream_time: std::time::Duration,
 }
@@ -359,7 +362,7 @@ async fn handle(
             response.map(|inner| {
                 Held {
                     inner,
-                    _guards: (permit, in_flight, known.share.take()),
+                    _guards: (permit, in_flight, known.share.take(), known.upstream.take()),
                 }
                 .boxed()
             })
@@ -441,14 +444,18 @@ async fn process(
     known.app_base = Some(app_base(&req));
     let route =
         Route::from_request(&req).map_err(|e| Reject::new(ErrorCode::BadRequest, e.to_string()))?;
-    let target = state
-        .config
+    // One snapshot of the configuration and upstream clients serves the whole request, across
+    // a reload (README, "Reload").
+    let config = state.config.load_full();
+    let upstream = state.upstream.load_full();
+    known.upstream = Some(upstream.clone());
+    let target = config
         .targets
         .lookup(route.target())
         .map_err(|e| Reject::new(ErrorCode::UnknownTarget, e.to_string()))?;
     known.target = Some(target.name.clone());
 
-    let limit = state.config.limits.max_request_body;
+    let limit = config.limits.max_request_body;
     let declared = declared_length(req.headers());
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large(limit));
@@ -463,8 +470,8 @@ async fn process(
     let (parts, body) = req.into_parts();
     let mut body = IdleTimeoutBody::for_app(
         body,
-        state.config.limits.request_idle_timeout,
-        state.config.limits.request_body_timeout,
+        config.limits.request_idle_timeout,
+        config.limits.request_body_timeout,
     );
     let mut prefix = Vec::new();
     let mut held = state.bodies.hold();
@@ -476,7 +483,7 @@ async fn process(
             let mut s = BodyScanner::for_content_type(req_content_type.as_deref());
             let scan = Scan {
                 limit,
-                window: state.config.limits.max_model_scan,
+                window: config.limits.max_model_scan,
                 budget: state.bodies.limit(),
             };
             let (model, ended) =
@@ -557,6 +564,7 @@ async fn process(
         target,
         route: &route,
         declared,
+        upstream: &upstream,
     };
     let mut index = 0;
     loop {
@@ -677,6 +685,8 @@ struct Outgoing<'a> {
     target: &'a Target,
     route: &'a Route,
     declared: Option<u64>,
+    /// The upstream clients of the request's configuration snapshot.
+    upstream: &'a super::upstream::Upstream,
 }
 
 /// What one attempt with one key produced.
@@ -734,7 +744,7 @@ async fn attempt(
     *upstream_req.uri_mut() = upstream_uri(request.target, request.route);
     *upstream_req.headers_mut() = headers;
     let sending = Instant::now();
-    let sent = state.upstream.send(request.target, upstream_req).await;
+    let sent = request.upstream.send(request.target, upstream_req).await;
     let took = sending.elapsed();
     *upstream_time += took;
     state.metrics.upstream(&request.target.name, took);
@@ -1098,7 +1108,13 @@ fn respond(
         model_label: crate::metrics::model_label(&chosen.credential.models, known.model.as_deref()),
         client: known.principal.as_ref().map(|p| p.client_id.clone()),
         catalog_seen: state.catalog.generation(),
-        inner: ScrubBody::new(state.upstream.idle_guard(body), scrubber),
+        inner: ScrubBody::new(
+            match &known.upstream {
+                Some(upstream) => upstream.idle_guard(body),
+                None => state.upstream.load().idle_guard(body),
+            },
+            scrubber,
+        ),
         usage: Some(UsageTap::new(content_type.as_deref())),
         bytes_out: 0,
         started,
@@ -1417,8 +1433,9 @@ impl<B> CompletionBody<B> {
                     usage.output_tokens,
                 );
             }
+            let config = self.state.config.load();
             let price = match (&event.target, &event.model) {
-                (Some(target), Some(model)) => self.state.config.prices.lookup(target, model),
+                (Some(target), Some(model)) => config.prices.lookup(target, model),
                 _ => None,
             };
             match price {
