@@ -99,8 +99,6 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     cost: Family<CostLabels, Counter<f64>>,
     audit_commit: Histogram,
-    spans_exported: Counter,
-    spans_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -160,18 +158,6 @@ impl Metrics {
             Unit::Seconds,
             audit_commit.clone(),
         );
-        let spans_exported = Counter::default();
-        registry.register(
-            "trace_spans_exported",
-            "Spans accepted by the OTLP endpoint",
-            spans_exported.clone(),
-        );
-        let spans_dropped = Counter::default();
-        registry.register(
-            "trace_spans_dropped",
-            "Spans dropped because the export queue was full or the OTLP endpoint refused them",
-            spans_dropped.clone(),
-        );
         registry.register(
             "build",
             "keyward's version",
@@ -185,8 +171,6 @@ impl Metrics {
             tokens,
             cost,
             audit_commit,
-            spans_exported,
-            spans_dropped,
         }
     }
 
@@ -248,16 +232,6 @@ impl Metrics {
     /// Records how long an awaited audit commit took.
     pub fn audit_commit(&self, took: Duration) {
         self.audit_commit.observe(took.as_secs_f64());
-    }
-
-    /// Counts spans the OTLP endpoint accepted.
-    pub fn spans_exported(&self, n: u64) {
-        self.spans_exported.inc_by(n);
-    }
-
-    /// Counts spans dropped (queue full, or the endpoint refused them).
-    pub fn spans_dropped(&self, n: u64) {
-        self.spans_dropped.inc_by(n);
     }
 }
 

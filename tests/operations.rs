@@ -203,6 +203,46 @@ async fn metrics_count_requests_tokens_and_keys_and_pass_promtool() {
         assert!(!text.contains(secret.as_str()), "{secret} in /metrics");
     }
 
+    // Every metric the example Grafana dashboard queries is in this output.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/grafana/keyward.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().clone())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let known = families(&text);
+    let mut queried = 0;
+    for expr in &exprs {
+        for (i, _) in expr.match_indices("keyward_") {
+            let name: String = expr[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| known.contains(*f)))
+                .unwrap_or(&name);
+            assert!(
+                known.contains(family),
+                "the dashboard queries {name}, which /metrics lacks"
+            );
+            queried += 1;
+        }
+    }
+    assert!(
+        queried >= exprs.len(),
+        "{queried} metric names in {exprs:?}"
+    );
+
     // promtool checks the format and Prometheus naming conventions.
     let mut promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])
