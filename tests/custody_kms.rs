@@ -178,3 +178,290 @@ async fn aws_kms_wrong_key_and_unreachable_endpoint_are_refused_at_start() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn aws_kms_with_a_web_identity_token_assumes_the_role_at_sts() {
+    let Some(moto) = Moto::start("aws_kms_with_a_web_identity_token") else {
+        return;
+    };
+    let arn = moto.create_key();
+    let token_file = moto.token_file();
+    let mock = MockUpstream::builder().start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::targets_config(
+        &mock,
+        dir.path(),
+        &["openai"],
+        &moto.table("master_key", &arn),
+    );
+    let home_dir = home();
+    let start = |token_file: &Path| {
+        Daemon::builder()
+            .home(home_dir.path())
+            .config(&config)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_WEB_IDENTITY_TOKEN_FILE", token_file.to_str().unwrap())
+            .env("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/keyward")
+            .env("AWS_ENDPOINT_URL_STS", &moto.endpoint)
+    };
+    let mut d = start(&token_file).start();
+    assert!(d.stdout().contains(&arn), "{}", d.stdout());
+    let key = random_key("sk-acme-");
+    let (token, _) = d.provision("acme", "openai", &key, &[]);
+    served_with(&d, &mock, &token, &key).await;
+    assert_eq!(d.terminate(), Some(0));
+    let d = start(&token_file).start();
+    served_with(&d, &mock, &token, &key).await;
+    drop(d);
+
+    // Without its token file the web identity source names the file; without the STS
+    // endpoint it names the endpoint.
+    let missing = dir.path().join("no-such-token");
+    let out = refused(start(&missing), home_dir.path());
+    let err = stderr(&out);
+    assert!(
+        err.contains("cannot reach aws-kms")
+            && err.contains("web identity")
+            && err.contains("no-such-token"),
+        "{err}"
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = refused(
+        start(&token_file).env(
+            "AWS_ENDPOINT_URL_STS",
+            &format!("https://127.0.0.1:{closed}"),
+        ),
+        home_dir.path(),
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("cannot reach aws-kms") && err.contains(&format!("127.0.0.1:{closed}")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn aws_kms_tenant_keys_swapped_between_tenants_do_not_unwrap() {
+    let Some(moto) = Moto::start("aws_kms_tenant_keys_swapped") else {
+        return;
+    };
+    let arn = moto.create_key();
+    let secret = random_key("");
+    let mock = MockUpstream::builder().start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::targets_config(
+        &mock,
+        dir.path(),
+        &["openai"],
+        &moto.table("master_key", &arn),
+    );
+    let home_dir = home();
+    let start = || {
+        Daemon::builder()
+            .home(home_dir.path())
+            .config(&config)
+            .env("AWS_ACCESS_KEY_ID", "AKIAKEYWARDTEST")
+            .env("AWS_SECRET_ACCESS_KEY", &secret)
+    };
+    let mut d = start().start();
+    let key_a = random_key("sk-acme-");
+    let key_g = random_key("sk-globex-");
+    let (token_a, _) = d.provision("acme", "openai", &key_a, &[]);
+    let (token_g, _) = d.provision("globex", "openai", &key_g, &[]);
+    assert_eq!(d.terminate(), Some(0));
+
+    // Each tenant row now holds the other tenant's KMS ciphertext (the same KMS key wrapped
+    // both; only the EncryptionContext differs).
+    let db = rusqlite::Connection::open(home_dir.path().join("keyward.db")).unwrap();
+    let wrapped = |name: &str| -> Vec<u8> {
+        db.query_row(
+            "SELECT wrapped_key FROM tenants WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let (acme, globex) = (wrapped("acme"), wrapped("globex"));
+    assert_ne!(acme, globex);
+    for (name, blob) in [("acme", &globex), ("globex", &acme)] {
+        let n = db
+            .execute(
+                "UPDATE tenants SET wrapped_key = ?1 WHERE name = ?2",
+                rusqlite::params![blob, name],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    drop(db);
+
+    let d = start().start();
+    let before = mock.requests().len();
+    for token in [&token_a, &token_g] {
+        let (status, _, body) = call_as(
+            &d.socket(),
+            token,
+            "/openai/v1/chat/completions",
+            &chat_body("gpt-4o-mini", false),
+        )
+        .await;
+        assert_ne!(status, 200, "a swapped tenant key unwrapped: {body}");
+        assert!(!body.contains(&key_a) && !body.contains(&key_g), "{body}");
+    }
+    assert_eq!(
+        mock.requests().len(),
+        before,
+        "nothing may reach the provider"
+    );
+}
+
+fn file_table(table: &str, path: &Path) -> String {
+    format!(
+        "[{table}]\nprovider = \"file\"\npath = \"{}\"\n",
+        path.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migration_file_to_aws_kms_and_kms_key_a_to_b_keeps_every_secret() {
+    let Some(moto) = Moto::start("migration_file_to_aws_kms") else {
+        return;
+    };
+    let kms_a = moto.create_key();
+    let kms_b = moto.create_key();
+    let secret = random_key("");
+    let keys = tempfile::tempdir().unwrap();
+    let file = keys.path().join("a.key");
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n",
+            &format!("{}{}", random_key(""), random_key(""))[..64]
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mock = MockUpstream::builder().start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let home_dir = home();
+    let start = |tables: String| {
+        let config = support::targets_config(&mock, dir.path(), &["openai"], &tables);
+        Daemon::builder()
+            .home(home_dir.path())
+            .config(&config)
+            .env("AWS_ACCESS_KEY_ID", "AKIAKEYWARDTEST")
+            .env("AWS_SECRET_ACCESS_KEY", &secret)
+    };
+
+    let d = start(file_table("master_key", &file)).start();
+    let mut tenants = Vec::new();
+    for name in ["acme", "globex", "initech"] {
+        let key = random_key(&format!("sk-{name}-"));
+        let (token, _) = d.provision(name, "openai", &key, &[]);
+        tenants.push((token, key));
+    }
+    drop(d);
+
+    // file → KMS key A.
+    let d =
+        start(moto.table("master_key", &kms_a) + &file_table("master_key.previous", &file)).start();
+    assert!(
+        d.stdout().contains("rewrapped 3 tenants' keys"),
+        "{}",
+        d.stdout()
+    );
+    for (token, key) in &tenants {
+        served_with(&d, &mock, token, key).await;
+    }
+    drop(d);
+
+    // KMS key A → KMS key B.
+    let d = start(moto.table("master_key", &kms_b) + &moto.table("master_key.previous", &kms_a))
+        .start();
+    assert!(
+        d.stdout().contains("rewrapped 3 tenants' keys"),
+        "{}",
+        d.stdout()
+    );
+    drop(d);
+    let d = start(moto.table("master_key", &kms_b)).start();
+    for (token, key) in &tenants {
+        served_with(&d, &mock, token, key).await;
+    }
+    let events = d.json_lines(&["audit", "query", "--event", "master.rewrapped"]);
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        events.iter().any(|e| {
+            let detail = e["detail"].as_str().unwrap_or("");
+            detail.contains(&format!("aws-kms: {kms_a} to aws-kms: {kms_b}"))
+        }),
+        "{events:?}"
+    );
+    assert!(d.cli(&["audit", "verify"]).status.success());
+    drop(d);
+    for old in [
+        moto.table("master_key", &kms_a),
+        file_table("master_key", &file),
+    ] {
+        let out = refused(start(old), home_dir.path());
+        assert!(
+            stderr(&out).contains("master key does not match this store"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+/// The EncryptionContext binds each wrap to its purpose and tenant at KMS itself: a ciphertext
+/// asked back for another tenant or purpose is refused by the server, whatever the store does.
+#[test]
+fn aws_kms_refuses_a_wrap_asked_back_for_another_tenant_or_purpose() {
+    use keyward::custody::aws_kms::{AwsKmsKek, AwsKmsSettings};
+    use keyward::seal::{Kek, Purpose, SealError};
+    let Some(moto) = Moto::start("aws_kms_refuses_a_wrap_for_another_tenant") else {
+        return;
+    };
+    let arn = moto.create_key();
+    let settings = AwsKmsSettings {
+        key_id: arn.clone(),
+        region: support::kms::REGION.into(),
+        endpoint: Some(moto.endpoint.clone()),
+        ca_file: Some(moto.ca.clone()),
+    };
+    let secret = random_key("");
+    let env = |name: &str| match name {
+        "AWS_ACCESS_KEY_ID" => Some("AKIAKEYWARDTEST".to_string()),
+        "AWS_SECRET_ACCESS_KEY" => Some(secret.clone()),
+        _ => None,
+    };
+    let kek = AwsKmsKek::open_with_env(settings, &env).unwrap();
+    assert_eq!(kek.identity(), arn);
+    let plaintext: Vec<u8> = random_key("").bytes().take(32).collect();
+    let acme = Purpose::TenantKey { tenant: "ten_acme" };
+    let wrapped = kek.wrap(acme, &plaintext).unwrap();
+    assert_eq!(
+        kek.unwrap(acme, &wrapped).unwrap().expose_secret(),
+        &plaintext[..]
+    );
+    for other in [
+        Purpose::TenantKey {
+            tenant: "ten_globex",
+        },
+        Purpose::FingerprintKey { tenant: "ten_acme" },
+        Purpose::AuditMacKey,
+        Purpose::KeyCheck,
+    ] {
+        assert!(
+            matches!(kek.unwrap(other, &wrapped), Err(SealError::Unauthentic)),
+            "{other:?} opened acme's tenant key"
+        );
+    }
+    let mut tampered = wrapped.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    assert!(kek.unwrap(acme, &tampered).is_err());
+}

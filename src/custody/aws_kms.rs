@@ -26,6 +26,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
 use zeroize::Zeroizing;
 
+use crate::config::EnvLookup;
 use crate::seal::{Kek, Purpose, SealError, Secret};
 
 const PROVIDER: &str = "aws-kms";
@@ -72,6 +73,15 @@ impl AwsKmsKek {
     /// reachable and usable), and returns the provider. Fails with [`SealError::Unreachable`]
     /// naming what failed and what to check (never a secret).
     pub fn open(settings: AwsKmsSettings) -> Result<AwsKmsKek, SealError> {
+        AwsKmsKek::open_with_env(settings, &crate::config::process_env)
+    }
+
+    /// [`AwsKmsKek::open`] with the credential chain's variables (`AWS_ACCESS_KEY_ID`, ...)
+    /// read through `env` instead of the process environment.
+    pub fn open_with_env(
+        settings: AwsKmsSettings,
+        env: EnvLookup<'_>,
+    ) -> Result<AwsKmsKek, SealError> {
         let endpoint_text = settings
             .endpoint
             .clone()
@@ -83,7 +93,7 @@ impl AwsKmsKek {
             )
         })?;
         let tls = Arc::new(tls_config(settings.ca_file.as_deref())?);
-        let credentials = CredentialChain::from_env(&settings.region, tls.clone())?;
+        let credentials = CredentialChain::from_env(&settings.region, tls.clone(), env)?;
         let mut kek = AwsKmsKek {
             settings,
             endpoint,
@@ -579,10 +589,6 @@ struct CredentialChain {
     cached: Mutex<Option<Arc<Credentials>>>,
 }
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
-}
-
 fn cred_error(source: &Source, reason: String) -> SealError {
     unreachable(
         format!("no AWS credentials from {}: {reason}", source.name()),
@@ -596,8 +602,23 @@ impl CredentialChain {
     fn from_env(
         region: &str,
         tls: Arc<rustls::ClientConfig>,
+        lookup: EnvLookup<'_>,
     ) -> Result<CredentialChain, SealError> {
-        let source = if env("AWS_ACCESS_KEY_ID").is_some() {
+        let env = |name: &str| lookup(name).filter(|v| !v.is_empty());
+        let mut cached = None;
+        let source = if let Some(id) = env("AWS_ACCESS_KEY_ID") {
+            let fail = |reason: &str| cred_error(&Source::Environment, reason.into());
+            let secret = Zeroizing::new(
+                env("AWS_SECRET_ACCESS_KEY")
+                    .ok_or_else(|| fail("AWS_SECRET_ACCESS_KEY is unset"))?,
+            );
+            let token = env("AWS_SESSION_TOKEN").map(Zeroizing::new);
+            cached = Some(Arc::new(Credentials {
+                access_key_id: id,
+                secret_access_key: Secret::from_slice(secret.as_bytes()),
+                session_token: token.map(|t| Secret::from_slice(t.as_bytes())),
+                expires: None,
+            }));
             Source::Environment
         } else if let (Some(token_file), Some(role_arn)) =
             (env("AWS_WEB_IDENTITY_TOKEN_FILE"), env("AWS_ROLE_ARN"))
@@ -643,7 +664,7 @@ impl CredentialChain {
         let chain = CredentialChain {
             source,
             tls,
-            cached: Mutex::new(None),
+            cached: Mutex::new(cached),
         };
         chain.get()?;
         Ok(chain)
@@ -674,21 +695,8 @@ impl CredentialChain {
     fn fetch(&self) -> Result<Credentials, SealError> {
         let fail = |reason: String| cred_error(&self.source, reason);
         match &self.source {
-            Source::Environment => {
-                let id = env("AWS_ACCESS_KEY_ID")
-                    .ok_or_else(|| fail("AWS_ACCESS_KEY_ID is unset".into()))?;
-                let secret = Zeroizing::new(
-                    env("AWS_SECRET_ACCESS_KEY")
-                        .ok_or_else(|| fail("AWS_SECRET_ACCESS_KEY is unset".into()))?,
-                );
-                let token = env("AWS_SESSION_TOKEN").map(Zeroizing::new);
-                Ok(Credentials {
-                    access_key_id: id,
-                    secret_access_key: Secret::from_slice(secret.as_bytes()),
-                    session_token: token.map(|t| Secret::from_slice(t.as_bytes())),
-                    expires: None,
-                })
-            }
+            // Read once at open and never expiring: never renewed.
+            Source::Environment => Err(fail("environment credentials are not renewed".into())),
             Source::WebIdentity {
                 token_file,
                 role_arn,
