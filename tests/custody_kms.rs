@@ -465,3 +465,61 @@ fn aws_kms_refuses_a_wrap_asked_back_for_another_tenant_or_purpose() {
     tampered[last] ^= 1;
     assert!(kek.unwrap(acme, &tampered).is_err());
 }
+
+/// moto checking signatures as AWS does: the SigV4 of every call is verified against an IAM
+/// user's secret, and a wrong secret is refused at start.
+#[tokio::test(flavor = "multi_thread")]
+async fn aws_kms_requests_carry_a_sigv4_signature_the_server_verifies() {
+    // Four unauthenticated set-up calls: the IAM user, its access key, its policy, the KMS key.
+    let Some(moto) = Moto::start_with_auth("aws_kms_requests_carry_a_sigv4_signature", 4) else {
+        return;
+    };
+    let line = moto.python(
+        "import json\n\
+         iam = boto3.client('iam', **kw)\n\
+         iam.create_user(UserName='keyward')\n\
+         k = iam.create_access_key(UserName='keyward')['AccessKey']\n\
+         iam.put_user_policy(UserName='keyward', PolicyName='kms', PolicyDocument=json.dumps(\
+         {'Version': '2012-10-17', 'Statement': [{'Effect': 'Allow', \
+         'Action': ['kms:Encrypt', 'kms:Decrypt'], 'Resource': '*'}]}))\n\
+         print(kms.create_key()['KeyMetadata']['Arn'], k['AccessKeyId'], k['SecretAccessKey'])",
+    );
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    let [arn, id, secret] = parts[..] else {
+        panic!("{line}")
+    };
+    let mock = MockUpstream::builder().start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::targets_config(
+        &mock,
+        dir.path(),
+        &["openai"],
+        &moto.table("master_key", arn),
+    );
+    let home_dir = home();
+    let start = |secret: &str| {
+        Daemon::builder()
+            .home(home_dir.path())
+            .config(&config)
+            .env("AWS_ACCESS_KEY_ID", id)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+    };
+    let mut d = start(secret).start();
+    let key = random_key("sk-acme-");
+    let (token, _) = d.provision("acme", "openai", &key, &[]);
+    served_with(&d, &mock, &token, &key).await;
+    assert_eq!(d.terminate(), Some(0));
+    let d = start(secret).start();
+    served_with(&d, &mock, &token, &key).await;
+    drop(d);
+
+    let wrong = random_key("");
+    let out = refused(start(&wrong), home_dir.path());
+    let err = stderr(&out);
+    assert!(
+        err.contains("cannot reach aws-kms") && err.contains("SignatureDoesNotMatch"),
+        "{err}"
+    );
+    assert!(!contains(&out.stderr, &wrong) && !contains(&out.stdout, &wrong));
+    assert!(!contains(&out.stderr, secret) && !contains(&out.stdout, secret));
+}

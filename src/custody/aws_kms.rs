@@ -142,9 +142,14 @@ impl AwsKmsKek {
         let response = http(&self.tls, "POST", &self.endpoint, &all, &body)
             .map_err(|e| unreachable(e, self.hint()))?;
         let json: serde_json::Value = serde_json::from_slice(&response.body).map_err(|_| {
+            // Signature and authentication failures may come as an XML `ErrorResponse`.
+            let text = String::from_utf8_lossy(&response.body);
+            let code = xml_text(&text, "Code")
+                .map(|c| format!(" {c}"))
+                .unwrap_or_default();
             unreachable(
                 format!(
-                    "{} answered HTTP {} with a body that is not JSON",
+                    "{} answered {action} with HTTP {}{code}",
                     self.endpoint.origin(),
                     response.status
                 ),

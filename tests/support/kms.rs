@@ -30,6 +30,16 @@ impl Moto {
     /// Starts moto with TLS, or `None` (after saying so) when the venv is missing and the run
     /// accepts skips (see `needs.rs`).
     pub fn start(test: &str) -> Option<Moto> {
+        Moto::start_with(test, None)
+    }
+
+    /// Starts moto checking SigV4 signatures and IAM policies after the first `free` requests
+    /// (moto's `INITIAL_NO_AUTH_ACTION_COUNT`).
+    pub fn start_with_auth(test: &str, free: u32) -> Option<Moto> {
+        Moto::start_with(test, Some(free))
+    }
+
+    fn start_with(test: &str, free: Option<u32>) -> Option<Moto> {
         let server = venv_bin("moto_server");
         if !super::needs::program(test, server.to_str().unwrap(), "--help") {
             return None;
@@ -62,7 +72,11 @@ impl Moto {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(&server)
+        let mut command = Command::new(&server);
+        if let Some(n) = free {
+            command.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
+        }
+        let child = command
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .arg("-c")
             .arg(&cert)
