@@ -523,3 +523,136 @@ async fn aws_kms_requests_carry_a_sigv4_signature_the_server_verifies() {
     assert!(!contains(&out.stderr, &wrong) && !contains(&out.stdout, &wrong));
     assert!(!contains(&out.stderr, secret) && !contains(&out.stdout, secret));
 }
+
+/// A container credentials endpoint (the ECS agent, the EKS Pod Identity agent) on loopback:
+/// answers `GET /v1/credentials` with session credentials valid for an hour when the
+/// `Authorization` header carries `token`, 401 otherwise; counts the requests it answered 200.
+fn credentials_endpoint(token: &str) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://127.0.0.1:{}/v1/credentials",
+        listener.local_addr().unwrap().port()
+    );
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    let token = token.to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            let _ = reader.read_line(&mut request_line);
+            let mut authorized = false;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("authorization")
+                    && value.trim() == token
+                {
+                    authorized = true;
+                }
+            }
+            let (status, body) = if authorized && request_line.starts_with("GET /v1/credentials ") {
+                count.fetch_add(1, Ordering::SeqCst);
+                let expires = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+                (
+                    "200 OK",
+                    serde_json::json!({
+                        "AccessKeyId": "ASIAKEYWARDCONTAINER",
+                        "SecretAccessKey": "container-secret-value",
+                        "Token": "container-session-token",
+                        "Expiration": humantime::format_rfc3339_seconds(expires).to_string(),
+                    })
+                    .to_string(),
+                )
+            } else {
+                (
+                    "401 Unauthorized",
+                    "{\"message\":\"unauthorized\"}".to_string(),
+                )
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, served)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn aws_kms_with_container_credentials_asks_the_agent_once_per_expiry() {
+    let Some(moto) = Moto::start("aws_kms_with_container_credentials") else {
+        return;
+    };
+    let arn = moto.create_key();
+    let agent_token = random_key("pod-identity-");
+    let (url, served) = credentials_endpoint(&agent_token);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("eks-pod-identity-token");
+    std::fs::write(&token_file, format!("{agent_token}\n")).unwrap();
+    let mock = MockUpstream::builder().start().await;
+    let config = support::targets_config(
+        &mock,
+        dir.path(),
+        &["openai"],
+        &moto.table("master_key", &arn),
+    );
+    let home_dir = home();
+    let start = |token_file: &Path| {
+        Daemon::builder()
+            .home(home_dir.path())
+            .config(&config)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", &url)
+            .env(
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                token_file.to_str().unwrap(),
+            )
+    };
+    let d = start(&token_file).start();
+    let key = random_key("sk-acme-");
+    let (token, _) = d.provision("acme", "openai", &key, &[]);
+    served_with(&d, &mock, &token, &key).await;
+    // Several KMS calls (key resolution, key check, audit key, the tenant's keys), one fetch:
+    // the session credentials are cached until shortly before they expire.
+    assert!(
+        d.json_lines(&["status"])[0]["kek_operations"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    );
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
+    for (what, bytes) in [
+        ("stdout", d.stdout().into_bytes()),
+        ("stderr", d.stderr().into_bytes()),
+        ("state", d.all_state_bytes()),
+    ] {
+        for secret in [
+            agent_token.as_str(),
+            "container-secret-value",
+            "container-session-token",
+        ] {
+            assert!(!contains(&bytes, secret), "{secret} leaked into {what}");
+        }
+    }
+    drop(d);
+
+    let wrong = dir.path().join("wrong-token");
+    std::fs::write(&wrong, random_key("pod-identity-")).unwrap();
+    let out = refused(start(&wrong), home_dir.path());
+    let err = stderr(&out);
+    assert!(
+        err.contains("cannot reach aws-kms")
+            && err.contains("container credentials")
+            && err.contains("HTTP 401"),
+        "{err}"
+    );
+}
