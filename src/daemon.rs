@@ -502,7 +502,13 @@ pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
     if options.dev {
         runtime.block_on(dev_mode(server.state()));
     }
-    runtime.block_on(server.run(shutdown_signal()))
+    // The handlers are installed now, before READY=1: a SIGTERM sent the moment the manager
+    // hears READY must drain, not hit the default action and kill the process.
+    let shutdown = {
+        let _context = runtime.enter();
+        shutdown_signal()
+    };
+    runtime.block_on(server.run(shutdown))
 }
 
 /// A daemon with its store, audit trail, upstream clients and sockets open, ready to serve.
@@ -1018,14 +1024,17 @@ fn notify(state: &str) {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT, naming which.
-pub async fn shutdown_signal() -> &'static str {
+/// Installs the SIGTERM and SIGINT handlers at once (call it inside the runtime's context) and
+/// returns a future that resolves on either, naming which.
+pub fn shutdown_signal() -> impl std::future::Future<Output = &'static str> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     }
 }
 

@@ -1005,8 +1005,11 @@ async fn reloads_under_load_fail_nothing_and_a_storm_leaks_nothing() {
         fds_after <= fds_before + 2,
         "fds {fds_before} -> {fds_after}"
     );
+    // Every locked allocation takes at least one page of its own (between guard pages), so a
+    // leak of one per swap would show as 400 KiB or more after 100 swaps; a few pages of slack
+    // absorb caches that warm up late on a loaded machine.
     assert!(
-        locked_after <= locked_before + 16,
+        locked_after <= locked_before + 64,
         "locked memory {locked_before} kB -> {locked_after} kB"
     );
 }
