@@ -438,6 +438,15 @@ fn aws_kms_refuses_a_wrap_asked_back_for_another_tenant_or_purpose() {
         "AWS_SECRET_ACCESS_KEY" => Some(secret.clone()),
         _ => None,
     };
+    let plain = AwsKmsSettings {
+        endpoint: Some(moto.endpoint.replace("https://", "http://")),
+        ..settings.clone()
+    };
+    let refused = AwsKmsKek::open_with_env(plain, &env)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(refused.contains("must be https://"), "{refused}");
     let kek = AwsKmsKek::open_with_env(settings, &env).unwrap();
     assert_eq!(kek.identity(), arn);
     let plaintext: Vec<u8> = random_key("").bytes().take(32).collect();

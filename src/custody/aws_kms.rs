@@ -86,12 +86,20 @@ impl AwsKmsKek {
             .endpoint
             .clone()
             .unwrap_or_else(|| format!("https://kms.{}.amazonaws.com", settings.region));
-        let endpoint = Url::parse(&endpoint_text).map_err(|e| {
-            unreachable(
-                format!("master_key.endpoint {endpoint_text}: {e}"),
-                "give https://HOST[:PORT]",
-            )
-        })?;
+        let endpoint = Url::parse(&endpoint_text)
+            .and_then(|u| {
+                if u.tls {
+                    Ok(u)
+                } else {
+                    Err("must be https:// (wrapped keys never travel in the clear)".into())
+                }
+            })
+            .map_err(|e| {
+                unreachable(
+                    format!("master_key.endpoint {endpoint_text}: {e}"),
+                    "give https://HOST[:PORT]",
+                )
+            })?;
         let tls = Arc::new(tls_config(settings.ca_file.as_deref())?);
         let credentials = CredentialChain::from_env(&settings.region, tls.clone(), env)?;
         let mut kek = AwsKmsKek {
