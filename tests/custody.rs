@@ -6,29 +6,7 @@ mod support;
 use std::path::Path;
 use std::process::Output;
 
-use support::daemon::{Daemon, DaemonBuilder, contains, random_key};
-
-/// Runs `serve` to completion (it must refuse to start) and returns its output.
-fn refused(builder: DaemonBuilder, home: &Path) -> Output {
-    // A daemon killed earlier in the test leaves its socket files behind.
-    for stale in ["keyward.sock", "admin.sock"] {
-        let _ = std::fs::remove_file(home.join(stale));
-    }
-    let output = builder
-        .command(home)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run keyward serve");
-    assert!(
-        !output.status.success(),
-        "serve must fail\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(!home.join("keyward.sock").exists(), "data socket bound");
-    assert!(!home.join("admin.sock").exists(), "admin socket bound");
-    output
-}
+use support::daemon::{Daemon, contains, random_key};
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -75,7 +53,7 @@ fn file_provider_table_serves_restarts_and_refuses_another_key() {
     assert_eq!(d.json_lines(&["tenant", "list"])[0]["name"], "acme");
     drop(d);
 
-    let out = refused(Daemon::builder().home(&home).config(&table(&b)), &home);
+    let out = support::daemon::refused(Daemon::builder().home(&home).config(&table(&b)), &home);
     let err = stderr(&out);
     assert!(
         err.contains("master key does not match this store"),
@@ -93,7 +71,7 @@ fn bad_master_key_tables_are_refused_before_anything_is_bound() {
         .prefix("kw")
         .tempdir_in("/tmp")
         .unwrap();
-    let out = refused(
+    let out = support::daemon::refused(
         Daemon::builder()
             .home(home.path())
             .config("[master_key]\nprovider = \"vault\"\n"),
@@ -105,7 +83,7 @@ fn bad_master_key_tables_are_refused_before_anything_is_bound() {
         stderr(&out)
     );
     assert!(!home.path().join("keyward.db").exists());
-    let out = refused(
+    let out = support::daemon::refused(
         Daemon::builder()
             .home(home.path())
             .config("[master_key]\nprovider = \"file\"\npath = \"relative.key\"\n"),
@@ -249,7 +227,7 @@ fn pkcs11_wrong_key_wrong_pin_and_missing_parts_are_refused_at_start() {
 
     // Another key on the same token, the same label on another token: the store refuses them.
     for (token, key) in [("keyward", "master-b"), ("other", "master-a")] {
-        let out = refused(
+        let out = support::daemon::refused(
             with(&home, hsm.table("master_key", token, key, &pin_file)),
             &home,
         );
@@ -321,7 +299,7 @@ fn pkcs11_wrong_key_wrong_pin_and_missing_parts_are_refused_at_start() {
             &["HSM PIN file", "other users can read it", "chmod 600"][..],
         ),
     ] {
-        let out = refused(with(&home, table), &home);
+        let out = support::daemon::refused(with(&home, table), &home);
         let err = stderr(&out);
         for needle in needles {
             assert!(err.contains(needle), "{err} lacks {needle}");
@@ -411,7 +389,7 @@ async fn migration_file_to_pkcs11_and_back_keeps_every_secret() {
         served_with(&d, &mock, token, key).await;
     }
     drop(d);
-    let out = refused(start(file_table("master_key", &file_a)), &home);
+    let out = support::daemon::refused(start(file_table("master_key", &file_a)), &home);
     assert!(
         stderr(&out).contains("master key does not match this store")
             && stderr(&out).contains("token `keyward` key `master`"),

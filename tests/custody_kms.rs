@@ -7,32 +7,10 @@ mod support;
 use std::path::Path;
 use std::process::Output;
 
-use support::daemon::{Daemon, DaemonBuilder, contains, random_key};
+use support::daemon::{Daemon, contains, random_key};
 use support::kms::Moto;
 use support::mock_upstream::{MockUpstream, key_of};
 use support::uds::{call_as, chat_body};
-
-/// Runs `serve` to completion (it must refuse to start) and returns its output.
-fn refused(builder: DaemonBuilder, home: &Path) -> Output {
-    for stale in ["keyward.sock", "admin.sock"] {
-        let _ = std::fs::remove_file(home.join(stale));
-    }
-    let output = builder
-        .command(home)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run keyward serve");
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "serve must fail\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(!home.join("keyward.sock").exists(), "data socket bound");
-    assert!(!home.join("admin.sock").exists(), "admin socket bound");
-    output
-}
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -141,7 +119,7 @@ async fn aws_kms_wrong_key_and_unreachable_endpoint_are_refused_at_start() {
     d.provision("acme", "openai", &random_key("sk-acme-"), &[]);
     drop(d);
 
-    let out = refused(start(moto.table("master_key", &other)), home_dir.path());
+    let out = support::daemon::refused(start(moto.table("master_key", &other)), home_dir.path());
     assert!(
         stderr(&out).contains("master key does not match this store"),
         "{}",
@@ -157,7 +135,7 @@ async fn aws_kms_wrong_key_and_unreachable_endpoint_are_refused_at_start() {
     let table = moto
         .table("master_key", &arn)
         .replace(&moto.endpoint, &format!("https://127.0.0.1:{closed}"));
-    let out = refused(start(table), home_dir.path());
+    let out = support::daemon::refused(start(table), home_dir.path());
     let err = stderr(&out);
     assert!(!contains(&out.stderr, &secret) && !contains(&out.stdout, &secret));
     assert!(err.contains("cannot reach aws-kms"), "{err}");
@@ -165,7 +143,7 @@ async fn aws_kms_wrong_key_and_unreachable_endpoint_are_refused_at_start() {
 
     // No credentials anywhere (IMDS off, as the SDKs' AWS_EC2_METADATA_DISABLED): the chain
     // names what to set.
-    let out = refused(
+    let out = support::daemon::refused(
         Daemon::builder()
             .home(home_dir.path())
             .config(&moto.table("master_key", &arn))
@@ -217,7 +195,7 @@ async fn aws_kms_with_a_web_identity_token_assumes_the_role_at_sts() {
     // Without its token file the web identity source names the file; without the STS
     // endpoint it names the endpoint.
     let missing = dir.path().join("no-such-token");
-    let out = refused(start(&missing), home_dir.path());
+    let out = support::daemon::refused(start(&missing), home_dir.path());
     let err = stderr(&out);
     assert!(
         err.contains("cannot reach aws-kms")
@@ -230,7 +208,7 @@ async fn aws_kms_with_a_web_identity_token_assumes_the_role_at_sts() {
         .local_addr()
         .unwrap()
         .port();
-    let out = refused(
+    let out = support::daemon::refused(
         start(&token_file).env(
             "AWS_ENDPOINT_URL_STS",
             &format!("https://127.0.0.1:{closed}"),
@@ -407,7 +385,7 @@ async fn migration_file_to_aws_kms_and_kms_key_a_to_b_keeps_every_secret() {
         moto.table("master_key", &kms_a),
         file_table("master_key", &file),
     ] {
-        let out = refused(start(old), home_dir.path());
+        let out = support::daemon::refused(start(old), home_dir.path());
         assert!(
             stderr(&out).contains("master key does not match this store"),
             "{}",
@@ -523,7 +501,7 @@ async fn aws_kms_requests_carry_a_sigv4_signature_the_server_verifies() {
     drop(d);
 
     let wrong = random_key("");
-    let out = refused(start(&wrong), home_dir.path());
+    let out = support::daemon::refused(start(&wrong), home_dir.path());
     let err = stderr(&out);
     assert!(
         err.contains("cannot reach aws-kms") && err.contains("SignatureDoesNotMatch"),
@@ -656,7 +634,7 @@ async fn aws_kms_with_container_credentials_asks_the_agent_once_per_expiry() {
 
     let wrong = dir.path().join("wrong-token");
     std::fs::write(&wrong, random_key("pod-identity-")).unwrap();
-    let out = refused(start(&wrong), home_dir.path());
+    let out = support::daemon::refused(start(&wrong), home_dir.path());
     let err = stderr(&out);
     assert!(
         err.contains("cannot reach aws-kms")

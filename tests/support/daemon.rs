@@ -364,3 +364,27 @@ pub fn contains(haystack: &[u8], needle: &str) -> bool {
         .windows(needle.len())
         .any(|w| w == needle.as_bytes())
 }
+
+/// Runs `serve` to completion; it must refuse to start (exit 1) and bind neither socket.
+/// Returns its output.
+pub fn refused(builder: DaemonBuilder, home: &Path) -> std::process::Output {
+    // A daemon killed earlier in the test leaves its socket files behind.
+    for stale in ["keyward.sock", "admin.sock"] {
+        let _ = std::fs::remove_file(home.join(stale));
+    }
+    let output = builder
+        .command(home)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run keyward serve");
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "serve must fail\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!home.join("keyward.sock").exists(), "data socket bound");
+    assert!(!home.join("admin.sock").exists(), "admin socket bound");
+    output
+}
