@@ -501,8 +501,8 @@ fn check_secret(secret: &Secret) -> Result<(), AdminError> {
         .position(|b| !(0x21..=0x7e).contains(b))
     {
         return Err(AdminError(format!(
-            "the secret has a space, control or non-ASCII byte at position {pos}; provider keys are \
-             printable ASCII (did a trailing newline or \\r sneak in?)"
+            "the secret has a space, control or non-ASCII byte at position {pos}; provider keys \
+             are printable ASCII (did a trailing newline or \\r sneak in?)"
         )));
     }
     Ok(())
@@ -598,12 +598,14 @@ fn tenant_policy_text(t: &TenantRow) -> String {
 }
 
 fn tenant_json(t: &TenantRow) -> Value {
+    use std::time::Duration;
+    let overlap_s = t.rotation_overlap_s.unwrap_or(86_400);
     json!({
         "id": t.id,
         "name": t.name,
-        "max_key_age": t.max_key_age_s.map(|s| format_duration(std::time::Duration::from_secs(s as u64))),
+        "max_key_age": t.max_key_age_s.map(|s| format_duration(Duration::from_secs(s as u64))),
         "on_expiry": t.on_expiry,
-        "rotation_overlap": format_duration(std::time::Duration::from_secs(t.rotation_overlap_s.unwrap_or(86_400) as u64)),
+        "rotation_overlap": format_duration(Duration::from_secs(overlap_s as u64)),
         "created_at": crate::units::format_time(t.created_at),
     })
 }
@@ -677,12 +679,13 @@ fn cred_add(state: &State, new: NewCredential) -> Reply {
         let keys = state
             .tenant_keys_of(&t)
             .map_err(|e| StoreError::Conflict(format!("cannot seal: {e}")))?;
-        let sealed = seal_with_tenant_key(&keys.tenant, CredentialRef { tenant: &t.id, credential: &id, version: 1 }, &secret);
-        store::insert_version(
-            tx,
-            &id,
-            &VersionRow::new(1, sealed, preview.clone(), now),
-        )?;
+        let at = CredentialRef {
+            tenant: &t.id,
+            credential: &id,
+            version: 1,
+        };
+        let sealed = seal_with_tenant_key(&keys.tenant, at, &secret);
+        store::insert_version(tx, &id, &VersionRow::new(1, sealed, preview.clone(), now))?;
         audit_now(
             state,
             Event {
@@ -694,7 +697,10 @@ fn cred_add(state: &State, new: NewCredential) -> Reply {
                 ..Event::new(EventKind::CredentialCreated)
             },
         )?;
-        Ok(json!({"id": id, "version": 1, "preview": preview, "tenant": t.name, "target": target, "name": name}))
+        Ok(json!({
+            "id": id, "version": 1, "preview": preview,
+            "tenant": t.name, "target": target, "name": name,
+        }))
     })?;
     Ok(reply)
 }
@@ -883,7 +889,9 @@ fn cred_list(state: &State, tenant: Option<&str>) -> Reply {
                 "expired": expired,
                 "priority": c.priority,
                 "created_at": crate::units::format_time(v.created_at),
-                "age": format_duration(std::time::Duration::from_secs((now - v.created_at).max(0) as u64)),
+                "age": format_duration(std::time::Duration::from_secs(
+                    (now - v.created_at).max(0) as u64
+                )),
                 "scope": scope_text(c),
             }));
         }
@@ -956,7 +964,10 @@ fn client_add(
                 ..Event::new(EventKind::ClientCreated)
             },
         )?;
-        Ok(json!({"id": row.id, "tenant": t.name, "name": name, "team": team, "uid": uid, "token": token}))
+        Ok(json!({
+            "id": row.id, "tenant": t.name, "name": name,
+            "team": team, "uid": uid, "token": token,
+        }))
     })?;
     Ok(reply)
 }

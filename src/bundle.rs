@@ -659,7 +659,8 @@ impl BundleSource {
         if let Err(e) = write_serial(&self.state_dir.join(SEEN_SERIAL_FILE), loaded.serial) {
             tracing::warn!(
                 error = %e,
-                "cannot record the bundle serial served; rollback protection after a restart is weaker",
+                "cannot record the bundle serial served; rollback protection after a restart \
+                 is weaker",
             );
         }
         let clients = loaded.snapshot.clients.clone();

@@ -83,7 +83,11 @@ pub enum Command {
         #[arg(long)]
         tenant: Option<String>,
         /// Group by this dimension.
-        #[arg(long, value_parser = ["tenant", "team", "client", "credential", "model", "day"], default_value = "tenant")]
+        #[arg(
+            long,
+            value_parser = ["tenant", "team", "client", "credential", "model", "day"],
+            default_value = "tenant"
+        )]
         by: String,
         /// RFC 3339 time or a duration ago (e.g. 30d).
         #[arg(long, value_name = "TIME", value_parser = parse_cli_time)]

@@ -740,7 +740,9 @@ fn build(
         Some(t) => Some(t.parse::<SocketAddr>().map_err(|_| {
             value_err(
                 "metrics_listen",
-                "not an IP address and port (hostnames are not resolved): use one like 127.0.0.1:9464".into(),
+                "not an IP address and port (hostnames are not resolved): use one like \
+                 127.0.0.1:9464"
+                    .into(),
             )
         })?),
     };
@@ -1336,7 +1338,8 @@ mod tests {
     fn bad_master_key_tables_name_the_key_and_the_fix() {
         let env = env_of(&[("KEYWARD_HOME", "/tmp/x")]);
         let f = Path::new("/etc/kw.toml");
-        let pkcs11 = "provider = \"pkcs11\"\nmodule = \"/m.so\"\ntoken_label = \"t\"\nkey_label = \"k\"\npin_file = \"/p\"\n";
+        let pkcs11 = "provider = \"pkcs11\"\nmodule = \"/m.so\"\ntoken_label = \"t\"\n\
+                      key_label = \"k\"\npin_file = \"/p\"\n";
         let kms = "provider = \"aws-kms\"\nkey_id = \"alias/k\"\nregion = \"eu-west-1\"\n";
         let cases: Vec<(String, &[&str])> = vec![
             (
@@ -1385,7 +1388,8 @@ mod tests {
             ),
             (
                 format!(
-                    "[master_key]\n{kms}[master_key.previous]\n{pkcs11}[master_key.previous.previous]\n{kms}"
+                    "[master_key]\n{kms}[master_key.previous]\n{pkcs11}\
+                     [master_key.previous.previous]\n{kms}"
                 ),
                 &["master_key.previous.previous", "migrate once"],
             ),

@@ -667,9 +667,16 @@ fn check_socket_group(config: &Config) -> Result<(), ServeError> {
             Ok(Some(_)) => {}
             _ => {
                 return Err(crate::config::ConfigError::Value {
-                    origin: config.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                    origin: config
+                        .source
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
                     key: "socket_group".into(),
-                    reason: format!("group `{group}` does not exist (create it with groupadd, or remove the key)"),
+                    reason: format!(
+                        "group `{group}` does not exist (create it with groupadd, or remove \
+                         the key)"
+                    ),
                 }
                 .into());
             }
@@ -892,7 +899,8 @@ async fn dev_mode(state: &Arc<State>) {
                 "then call through keyward:\n  curl --unix-socket {} \
                  http://keyward/openai/v1/chat/completions \\\n    -H 'Authorization: Bearer \
                  {token}' -H 'content-type: application/json' \\\n    -d \
-                 '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'\n",
+                 '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\
+                 \"content\":\"hello\"}}]}}'\n",
                 state.config.load().socket.display()
             );
         }

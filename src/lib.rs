@@ -3,9 +3,9 @@
 //! allow, unseals it into locked memory, injects it, makes the TLS call itself and streams back
 //! only the response. Keys go in; they never come out.
 //!
-//! Data flows one way through a request: `proxy` accepts → `auth` identifies → `scope` selects →
-//! `audit` commits → `seal` unseals → `providers` injects → `proxy` sends and streams back →
-//! `audit` completes.
+//! Data flows one way through a request: `proxy` accepts → `auth` identifies → `scope`
+//! selects → `audit` commits → `seal` unseals → `providers` injects → `proxy` sends and
+//! streams back → `audit` completes.
 
 #![deny(unsafe_code)]
 

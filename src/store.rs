@@ -581,7 +581,8 @@ impl Store {
             .query_map([], credential_row)?
             .collect::<Result<_, _>>()?;
         let mut stmt = conn.prepare(
-            "SELECT credential_id, version, wrapped_data_key, ciphertext, preview, created_at, overlap_until, retired_at, revoked_at
+            "SELECT credential_id, version, wrapped_data_key, ciphertext, preview, created_at,
+                    overlap_until, retired_at, revoked_at
              FROM credential_versions ORDER BY credential_id, version",
         )?;
         let versions = stmt.query_map([], |r| {
@@ -617,7 +618,8 @@ impl Store {
 
 // === row mapping ===
 
-const TENANT_COLUMNS: &str = "id, name, wrapped_key, wrapped_fp_key, max_key_age_s, on_expiry, rotation_overlap_s, created_at";
+const TENANT_COLUMNS: &str = "id, name, wrapped_key, wrapped_fp_key, max_key_age_s, on_expiry, \
+                              rotation_overlap_s, created_at";
 
 fn tenant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantRow> {
     Ok(TenantRow {
@@ -632,7 +634,8 @@ fn tenant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantRow> {
     })
 }
 
-const CREDENTIAL_COLUMNS: &str = "id, tenant_id, target, name, models, capabilities, teams, workflows, priority, created_at, revoked_at";
+const CREDENTIAL_COLUMNS: &str = "id, tenant_id, target, name, models, capabilities, teams, \
+                                  workflows, priority, created_at, revoked_at";
 
 /// A credential row without its versions.
 fn credential_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CredentialRow> {
@@ -684,9 +687,19 @@ pub fn insert_tenant(tx: &Transaction<'_>, t: &TenantRow) -> Result<(), StoreErr
         });
     }
     tx.execute(
-        "INSERT INTO tenants (id, name, wrapped_key, wrapped_fp_key, max_key_age_s, on_expiry, rotation_overlap_s, created_at)
+        "INSERT INTO tenants (id, name, wrapped_key, wrapped_fp_key, max_key_age_s, on_expiry,
+                              rotation_overlap_s, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![t.id, t.name, t.wrapped_key, t.wrapped_fp_key, t.max_key_age_s, t.on_expiry, t.rotation_overlap_s, t.created_at],
+        params![
+            t.id,
+            t.name,
+            t.wrapped_key,
+            t.wrapped_fp_key,
+            t.max_key_age_s,
+            t.on_expiry,
+            t.rotation_overlap_s,
+            t.created_at
+        ],
     )?;
     Ok(())
 }
@@ -810,7 +823,8 @@ pub fn insert_credential(
         });
     }
     tx.execute(
-        "INSERT INTO credentials (id, tenant_id, target, name, models, capabilities, teams, workflows, priority, created_at)
+        "INSERT INTO credentials (id, tenant_id, target, name, models, capabilities, teams,
+                                  workflows, priority, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         params![
             c.id,
@@ -844,9 +858,17 @@ pub fn insert_version(
     v: &VersionRow,
 ) -> Result<(), StoreError> {
     tx.execute(
-        "INSERT INTO credential_versions (credential_id, version, wrapped_data_key, ciphertext, preview, created_at)
+        "INSERT INTO credential_versions (credential_id, version, wrapped_data_key, ciphertext,
+                                          preview, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![credential_id, v.version, v.wrapped_data_key, v.ciphertext, v.preview, v.created_at],
+        params![
+            credential_id,
+            v.version,
+            v.wrapped_data_key,
+            v.ciphertext,
+            v.preview,
+            v.created_at
+        ],
     )?;
     Ok(())
 }
@@ -861,7 +883,8 @@ pub fn start_overlap(
 ) -> Result<Vec<u32>, StoreError> {
     let mut stmt = tx.prepare(
         "UPDATE credential_versions SET overlap_until = ?3
-         WHERE credential_id = ?1 AND version < ?2 AND revoked_at IS NULL AND retired_at IS NULL AND overlap_until IS NULL
+         WHERE credential_id = ?1 AND version < ?2 AND revoked_at IS NULL
+           AND retired_at IS NULL AND overlap_until IS NULL
          RETURNING version",
     )?;
     let versions = stmt
@@ -935,7 +958,8 @@ pub fn revoke_credential(
 pub fn retire_due(tx: &Transaction<'_>, now: i64) -> Result<Vec<(String, u32)>, StoreError> {
     let mut stmt = tx.prepare(
         "UPDATE credential_versions SET retired_at = overlap_until
-         WHERE overlap_until IS NOT NULL AND overlap_until <= ?1 AND retired_at IS NULL AND revoked_at IS NULL
+         WHERE overlap_until IS NOT NULL AND overlap_until <= ?1
+           AND retired_at IS NULL AND revoked_at IS NULL
          RETURNING credential_id, version",
     )?;
     let rows = stmt

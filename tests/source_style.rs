@@ -174,3 +174,49 @@ fn comments_cite_only_what_is_in_the_repository() {
         "cite the README or the code instead: {bad:#?}"
     );
 }
+
+/// Longest line allowed in `src/`, in characters (rustfmt's `max_width`, which it does not
+/// enforce inside string literals, macros and comments).
+const MAX_LINE: usize = 100;
+
+/// The 1-based numbers of the lines of `text` longer than `MAX_LINE` characters.
+fn long_lines(text: &str) -> Vec<usize> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| line.chars().count() > MAX_LINE)
+        .map(|(n, _)| n + 1)
+        .collect()
+}
+
+#[test]
+fn the_line_length_check_counts_characters() {
+    let ok = "x".repeat(MAX_LINE);
+    let long = "x".repeat(MAX_LINE + 1);
+    // Multi-byte characters count once: 100 arrows are 300 bytes but one short line.
+    let arrows = "→".repeat(MAX_LINE);
+    assert_eq!(
+        long_lines(&format!("{ok}\n{long}\n{arrows}\n{long}")),
+        [2, 4]
+    );
+}
+
+#[test]
+fn no_line_in_src_is_longer_than_100_characters() {
+    let mut files = Vec::new();
+    rust_files(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
+    let mut bad = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for n in long_lines(&text) {
+            bad.push(format!("{}:{n}", file.display()));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "lines over {MAX_LINE} characters (break strings with a trailing `\\`, SQL over \
+         lines, doc tables into lists): {bad:#?}"
+    );
+}

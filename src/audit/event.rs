@@ -117,7 +117,10 @@ impl fmt::Display for EventKind {
 
 /// An unknown event name (e.g. from `--event`).
 #[derive(Debug, thiserror::Error)]
-#[error("unknown audit event `{0}`; expected one of: {list}", list = EventKind::ALL.map(EventKind::as_str).join(", "))]
+#[error(
+    "unknown audit event `{0}`; expected one of: {list}",
+    list = EventKind::ALL.map(EventKind::as_str).join(", ")
+)]
 pub struct UnknownEventKind(pub String);
 
 impl FromStr for EventKind {

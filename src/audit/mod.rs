@@ -124,7 +124,8 @@ pub enum AuditError {
     /// The trail failed an integrity check that must hold before writing can continue.
     #[error(
         "audit trail in {dir} failed its integrity check: {reason}; keep the files for \
-         investigation, then move audit.db*, audit.journal.* and audit.head aside to start a new trail"
+         investigation, then move audit.db*, audit.journal.* and audit.head aside to start a \
+         new trail"
     )]
     Tampered {
         /// What did not verify.

@@ -11,12 +11,15 @@
 //!
 //! Each family reports the same four quantities differently; [`Usage`] holds them normalised:
 //!
-//! | | OpenAI chat | OpenAI Responses | Anthropic | Gemini |
-//! | --- | --- | --- | --- | --- |
-//! | input (all prompt tokens) | `prompt_tokens` | `input_tokens` | `input_tokens` + `cache_creation_input_tokens` + `cache_read_input_tokens` | `promptTokenCount` + `toolUsePromptTokenCount` |
-//! | cached input | `prompt_tokens_details.cached_tokens` | `input_tokens_details.cached_tokens` | `cache_read_input_tokens` | `cachedContentTokenCount` |
-//! | cache writes | — | — | `cache_creation_input_tokens` | — |
-//! | output (with reasoning) | `completion_tokens` | `output_tokens` | `output_tokens` | `candidatesTokenCount` + `thoughtsTokenCount` |
+//! - input (all prompt tokens): OpenAI chat `prompt_tokens`; OpenAI Responses `input_tokens`;
+//!   Anthropic `input_tokens` + `cache_creation_input_tokens` + `cache_read_input_tokens`;
+//!   Gemini `promptTokenCount` + `toolUsePromptTokenCount`.
+//! - cached input: OpenAI chat `prompt_tokens_details.cached_tokens`; OpenAI Responses
+//!   `input_tokens_details.cached_tokens`; Anthropic `cache_read_input_tokens`; Gemini
+//!   `cachedContentTokenCount`.
+//! - cache writes: Anthropic `cache_creation_input_tokens` (the others report none).
+//! - output (with reasoning): OpenAI chat `completion_tokens`; OpenAI Responses and Anthropic
+//!   `output_tokens`; Gemini `candidatesTokenCount` + `thoughtsTokenCount`.
 //!
 //! Sources: the `usage` objects of the OpenAI Chat Completions and Responses API references,
 //! Anthropic's Messages API and prompt-caching documentation (its `input_tokens` leaves out
@@ -322,25 +325,43 @@ impl UsageTap {
 mod tests {
     use super::*;
 
-    const OPENAI_JSON: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"the word \"usage\": {\"prompt_tokens\": 999} is just text"}}],"usage":{"prompt_tokens":12,"completion_tokens":34,"total_tokens":46,"completion_tokens_details":{"reasoning_tokens":0}}}"#;
+    const OPENAI_JSON: &str = concat!(
+        r#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"#,
+        r#""message":{"role":"assistant","#,
+        r#""content":"the word \"usage\": {\"prompt_tokens\": 999} is just text"}}],"#,
+        r#""usage":{"prompt_tokens":12,"completion_tokens":34,"total_tokens":46,"#,
+        r#""completion_tokens_details":{"reasoning_tokens":0}}}"#,
+    );
 
-    const OPENAI_SSE: &str = "data: {\"id\":\"c1\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n\
+    const OPENAI_SSE: &str = "data: {\"id\":\"c1\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]\
+    ,\"usage\":null}\n\n\
 data: {\"id\":\"c1\",\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n\
-data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3,\"total_tokens\":10}}\n\n\
+data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3,\
+    \"total_tokens\":10}}\n\n\
 data: [DONE]\n\n";
 
-    const ANTHROPIC_JSON: &str = r#"{"id":"msg_1","type":"message","role":"assistant","content":[{"type":"text","text":"Hello"}],"model":"claude-sonnet-4","stop_reason":"end_turn","usage":{"input_tokens":25,"output_tokens":11}}"#;
+    const ANTHROPIC_JSON: &str = concat!(
+        r#"{"id":"msg_1","type":"message","role":"assistant","content":[{"type":"text","#,
+        r#""text":"Hello"}],"model":"claude-sonnet-4","stop_reason":"end_turn","#,
+        r#""usage":{"input_tokens":25,"output_tokens":11}}"#,
+    );
 
     const ANTHROPIC_SSE: &str = "event: message_start\n\
-data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n\
+data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\
+    \"assistant\",\"content\":[],\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n\
 event: content_block_delta\n\
-data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"usage\"}}\n\n\
+data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\
+    \"usage\"}}\n\n\
 event: message_delta\n\
-data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n\
+data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\
+    \"output_tokens\":15}}\n\n\
 event: message_stop\n\
 data: {\"type\":\"message_stop\"}\n\n";
 
-    const GEMINI_JSON: &str = r#"{"candidates":[],"usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":6,"totalTokenCount":10}}"#;
+    const GEMINI_JSON: &str = concat!(
+        r#"{"candidates":[],"usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":6,"#,
+        r#""totalTokenCount":10}}"#,
+    );
 
     fn run(ct: Option<&str>, chunks: &[&[u8]]) -> Option<Usage> {
         let mut tap = UsageTap::new(ct);
@@ -381,40 +402,85 @@ data: {\"type\":\"message_stop\"}\n\n";
         }
     }
 
-    const OPENAI_CACHED_JSON: &str = r#"{"id":"chatcmpl-2","object":"chat.completion","model":"o3","choices":[{"index":0,"message":{"role":"assistant","content":"ok"}}],"usage":{"prompt_tokens":11007,"completion_tokens":50,"total_tokens":11057,"prompt_tokens_details":{"cached_tokens":9800,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":30,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#;
+    const OPENAI_CACHED_JSON: &str = concat!(
+        r#"{"id":"chatcmpl-2","object":"chat.completion","model":"o3","#,
+        r#""choices":[{"index":0,"message":{"role":"assistant","content":"ok"}}],"#,
+        r#""usage":{"prompt_tokens":11007,"completion_tokens":50,"total_tokens":11057,"#,
+        r#""prompt_tokens_details":{"cached_tokens":9800,"audio_tokens":0},"#,
+        r#""completion_tokens_details":{"reasoning_tokens":30,"audio_tokens":0,"#,
+        r#""accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#,
+    );
 
-    const OPENAI_CACHED_SSE: &str = "data: {\"id\":\"c2\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"}}],\"usage\":null}\n\n\
-data: {\"id\":\"c2\",\"choices\":[],\"usage\":{\"prompt_tokens\":11007,\"completion_tokens\":50,\"total_tokens\":11057,\"prompt_tokens_details\":{\"cached_tokens\":9800},\"completion_tokens_details\":{\"reasoning_tokens\":30}}}\n\n\
+    const OPENAI_CACHED_SSE: &str = "data: {\"id\":\"c2\",\"choices\":[{\"index\":0,\"delta\":{\
+    \"content\":\"ok\"}}],\"usage\":null}\n\n\
+data: {\"id\":\"c2\",\"choices\":[],\"usage\":{\"prompt_tokens\":11007,\"completion_tokens\":50,\
+    \"total_tokens\":11057,\"prompt_tokens_details\":{\"cached_tokens\":9800},\
+    \"completion_tokens_details\":{\"reasoning_tokens\":30}}}\n\n\
 data: [DONE]\n\n";
 
-    const RESPONSES_JSON: &str = r#"{"id":"resp_1","object":"response","status":"completed","model":"gpt-5","output":[{"type":"message","content":[{"type":"output_text","text":"usage"}]}],"usage":{"input_tokens":11007,"input_tokens_details":{"cached_tokens":9800},"output_tokens":50,"output_tokens_details":{"reasoning_tokens":30},"total_tokens":11057}}"#;
+    const RESPONSES_JSON: &str = concat!(
+        r#"{"id":"resp_1","object":"response","status":"completed","model":"gpt-5","#,
+        r#""output":[{"type":"message","content":[{"type":"output_text","text":"usage"}]}],"#,
+        r#""usage":{"input_tokens":11007,"input_tokens_details":{"cached_tokens":9800},"#,
+        r#""output_tokens":50,"output_tokens_details":{"reasoning_tokens":30},"#,
+        r#""total_tokens":11057}}"#,
+    );
 
     const RESPONSES_SSE: &str = "event: response.created\n\
-data: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"status\":\"in_progress\",\"usage\":null}}\n\n\
+data: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"status\":\"in_progress\",\
+    \"usage\":null}}\n\n\
 event: response.output_text.delta\n\
-data: {\"type\":\"response.output_text.delta\",\"delta\":\"\\\"usage\\\": {\\\"input_tokens\\\": 5}\"}\n\n\
+data: {\"type\":\"response.output_text.delta\",\"delta\":\"\\\"usage\\\": {\
+    \\\"input_tokens\\\": 5}\"}\n\n\
 event: response.completed\n\
-data: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"status\":\"completed\",\"usage\":{\"input_tokens\":11007,\"input_tokens_details\":{\"cached_tokens\":9800},\"output_tokens\":50,\"output_tokens_details\":{\"reasoning_tokens\":30},\"total_tokens\":11057}}}\n\n";
+data: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"status\":\"completed\",\
+    \"usage\":{\"input_tokens\":11007,\"input_tokens_details\":{\"cached_tokens\":9800},\
+    \"output_tokens\":50,\"output_tokens_details\":{\"reasoning_tokens\":30},\"total_tokens\":\
+    11057}}}\n\n";
 
-    const ANTHROPIC_CACHED_JSON: &str = r#"{"id":"msg_2","type":"message","role":"assistant","content":[{"type":"text","text":"Hi"}],"model":"claude-sonnet-4-5","usage":{"input_tokens":7,"cache_creation_input_tokens":1200,"cache_read_input_tokens":9800,"cache_creation":{"ephemeral_5m_input_tokens":1200,"ephemeral_1h_input_tokens":0},"output_tokens":50,"service_tier":"standard"}}"#;
+    const ANTHROPIC_CACHED_JSON: &str = concat!(
+        r#"{"id":"msg_2","type":"message","role":"assistant","content":[{"type":"text","#,
+        r#""text":"Hi"}],"model":"claude-sonnet-4-5","usage":{"input_tokens":7,"#,
+        r#""cache_creation_input_tokens":1200,"cache_read_input_tokens":9800,"#,
+        r#""cache_creation":{"ephemeral_5m_input_tokens":1200,"#,
+        r#""ephemeral_1h_input_tokens":0},"output_tokens":50,"service_tier":"standard"}}"#,
+    );
 
     const ANTHROPIC_CACHED_SSE: &str = "event: message_start\n\
-data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_2\",\"content\":[],\"usage\":{\"input_tokens\":7,\"cache_creation_input_tokens\":1200,\"cache_read_input_tokens\":9800,\"output_tokens\":1}}}\n\n\
+data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_2\",\"content\":[],\"usage\":{\
+    \"input_tokens\":7,\"cache_creation_input_tokens\":1200,\"cache_read_input_tokens\":9800,\
+    \"output_tokens\":1}}}\n\n\
 event: content_block_delta\n\
-data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n\
+data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\
+    \"Hi\"}}\n\n\
 event: message_delta\n\
-data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":50}}\n\n\
+data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\
+    \"output_tokens\":50}}\n\n\
 event: message_stop\n\
 data: {\"type\":\"message_stop\"}\n\n";
 
-    const GEMINI_CACHED_JSON: &str = r#"{"candidates":[{"content":{"parts":[{"text":"ok"}],"role":"model"}}],"usageMetadata":{"promptTokenCount":11000,"cachedContentTokenCount":9800,"candidatesTokenCount":20,"thoughtsTokenCount":30,"toolUsePromptTokenCount":7,"totalTokenCount":11057},"modelVersion":"gemini-2.5-pro"}"#;
+    const GEMINI_CACHED_JSON: &str = concat!(
+        r#"{"candidates":[{"content":{"parts":[{"text":"ok"}],"role":"model"}}],"#,
+        r#""usageMetadata":{"promptTokenCount":11000,"cachedContentTokenCount":9800,"#,
+        r#""candidatesTokenCount":20,"thoughtsTokenCount":30,"toolUsePromptTokenCount":7,"#,
+        r#""totalTokenCount":11057},"modelVersion":"gemini-2.5-pro"}"#,
+    );
 
     /// `streamGenerateContent` without `alt=sse` streams a JSON array whose every element
     /// repeats the running counts; with `alt=sse` each element is an event.
-    const GEMINI_STREAM_ARRAY: &str = "[{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"o\"}]}}],\"usageMetadata\":{\"promptTokenCount\":11000,\"cachedContentTokenCount\":9800,\"toolUsePromptTokenCount\":7}}\r\n,{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"k\"}]}}],\"usageMetadata\":{\"promptTokenCount\":11000,\"cachedContentTokenCount\":9800,\"candidatesTokenCount\":20,\"thoughtsTokenCount\":30,\"toolUsePromptTokenCount\":7,\"totalTokenCount\":11057}}]";
+    const GEMINI_STREAM_ARRAY: &str = "[{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\
+    \"o\"}]}}],\"usageMetadata\":{\"promptTokenCount\":11000,\"cachedContentTokenCount\":9800,\
+    \"toolUsePromptTokenCount\":7}}\r\n,{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\
+    \"k\"}]}}],\"usageMetadata\":{\"promptTokenCount\":11000,\"cachedContentTokenCount\":9800,\
+    \"candidatesTokenCount\":20,\"thoughtsTokenCount\":30,\"toolUsePromptTokenCount\":7,\
+    \"totalTokenCount\":11057}}]";
 
-    const GEMINI_SSE: &str = "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"o\"}]}}],\"usageMetadata\":{\"promptTokenCount\":11000,\"cachedContentTokenCount\":9800,\"toolUsePromptTokenCount\":7,\"thoughtsTokenCount\":30,\"totalTokenCount\":11037}}\r\n\r\n\
-data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"k\"}]}}],\"usageMetadata\":{\"promptTokenCount\":11000,\"cachedContentTokenCount\":9800,\"candidatesTokenCount\":20,\"thoughtsTokenCount\":30,\"toolUsePromptTokenCount\":7,\"totalTokenCount\":11057}}\r\n\r\n";
+    const GEMINI_SSE: &str = "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"o\"}]}}\
+    ],\"usageMetadata\":{\"promptTokenCount\":11000,\"cachedContentTokenCount\":9800,\
+    \"toolUsePromptTokenCount\":7,\"thoughtsTokenCount\":30,\"totalTokenCount\":11037}}\r\n\r\n\
+data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"k\"}]}}],\"usageMetadata\":{\
+    \"promptTokenCount\":11000,\"cachedContentTokenCount\":9800,\"candidatesTokenCount\":20,\
+    \"thoughtsTokenCount\":30,\"toolUsePromptTokenCount\":7,\"totalTokenCount\":11057}}\r\n\r\n";
 
     /// The same prompt (11,007 tokens, 9,800 of them from the cache) and answer (50 tokens,
     /// 30 of them reasoning) as every family reports it, JSON and streamed, whole, split at
@@ -470,9 +536,12 @@ data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"k\"}]}}],\"usageMeta
     #[test]
     fn anthropic_cumulative_message_delta_is_not_counted_twice() {
         let sse = "event: message_start\n\
-data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":7,\"cache_creation_input_tokens\":1200,\"cache_read_input_tokens\":9800,\"output_tokens\":1}}}\n\n\
+data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":7,\
+    \"cache_creation_input_tokens\":1200,\"cache_read_input_tokens\":9800,\"output_tokens\":1}}}\
+    \n\n\
 event: message_delta\n\
-data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":7,\"cache_creation_input_tokens\":1200,\"cache_read_input_tokens\":9800,\"output_tokens\":50}}\n\n";
+data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":7,\"cache_creation_input_tokens\":\
+    1200,\"cache_read_input_tokens\":9800,\"output_tokens\":50}}\n\n";
         check_every_split(
             Some("text/event-stream"),
             sse,
@@ -528,7 +597,8 @@ data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":7,\"cache_creation
             assert_eq!(run(Some("text/event-stream"), &[c]), None, "{c:?}");
         }
         // A broken SSE event does not stop a later good one from counting.
-        let sse = "data: {\"a\":\"unterminated\ndata: {\"usage\":{\"input_tokens\":1,\"output_tokens\":2}}\n\n";
+        let sse = "data: {\"a\":\"unterminated\ndata: {\"usage\":{\"input_tokens\":1,\
+    \"output_tokens\":2}}\n\n";
         assert_eq!(
             run(Some("text/event-stream"), &[sse.as_bytes()]),
             Some(usage(1, 2, 3))

@@ -889,7 +889,8 @@ mod tests {
         let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhiXX").unwrap();
         assert_eq!((r.status, &r.body[..]), (200, &b"hi"[..]));
         let r = parse_response(
-            b"HTTP/1.1 400 Bad\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            b"HTTP/1.1 400 Bad\r\ntransfer-encoding: chunked\r\n\r\n\
+              3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
         )
         .unwrap();
         assert_eq!((r.status, &r.body[..]), (400, &b"abcde"[..]));
@@ -898,7 +899,8 @@ mod tests {
 
     #[test]
     fn sts_answers_and_forms() {
-        let xml = "<R><Credentials><AccessKeyId>AKIA1</AccessKeyId><Expiration>2030-01-02T03:04:05Z</Expiration></Credentials></R>";
+        let xml = "<R><Credentials><AccessKeyId>AKIA1</AccessKeyId>\
+                   <Expiration>2030-01-02T03:04:05Z</Expiration></Credentials></R>";
         assert_eq!(xml_text(xml, "AccessKeyId"), Some("AKIA1"));
         assert!(parse_time(xml_text(xml, "Expiration").unwrap()).is_some());
         assert_eq!(

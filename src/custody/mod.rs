@@ -101,7 +101,8 @@ pub fn migrate(
     let store = crate::store::rewrap_master_key(state_dir, old, new)?;
     Ok(match store {
         crate::store::Rewrap::NoStore => format!(
-            "no store yet; created under the new key (remove [master_key.previous]; {} is not used)",
+            "no store yet; created under the new key (remove [master_key.previous]; {} is not \
+             used)",
             old.identity()
         ),
         crate::store::Rewrap::AlreadyNew => format!(

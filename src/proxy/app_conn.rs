@@ -648,7 +648,8 @@ mod tests {
     fn pipelined_requests_are_followed_whatever_the_read_sizes() {
         let stream = b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\
 GET /b HTTP/1.1\r\n\r\n\
-POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\nA  \r\n0123456789\r\n0\r\nt: 1\r\n\r\n\
+POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\nA  \r\n\
+    0123456789\r\n0\r\nt: 1\r\n\r\n\
 POST /d HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n\
 GET /smuggled HTTP/1.1\r\n\r\n";
         let refused_at = stream.windows(7).position(|w| w == b"POST /d").unwrap();

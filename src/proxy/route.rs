@@ -583,11 +583,13 @@ mod tests {
             ),
             (
                 "/gemini/v1beta/models/gemini-1.5-pro:streamGenerateContent?alt=sse&key=AIzaLEAK",
-                "https://generativelanguage.googleapis.com/v1beta/models/gemini-1.5-pro:streamGenerateContent?alt=sse",
+                "https://generativelanguage.googleapis.com/v1beta/models/gemini-1.5-pro:\
+                 streamGenerateContent?alt=sse",
             ),
             (
                 "/azure-openai/openai/deployments/gpt4o/chat/completions?api-version=2024-06-01",
-                "https://res.openai.azure.com/openai/deployments/gpt4o/chat/completions?api-version=2024-06-01",
+                "https://res.openai.azure.com/openai/deployments/gpt4o/chat/completions\
+                 ?api-version=2024-06-01",
             ),
             (
                 "/groq/v1/chat/completions",

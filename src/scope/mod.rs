@@ -353,7 +353,10 @@ mod tests {
         );
         let err = select(&cat, &principal(), &attrs(Some("o1")), 10, 0).unwrap_err();
         assert!(
-            matches!(&err, Denial::Scope { attribute: "model", message } if message.contains("`o1`")),
+            matches!(
+                &err,
+                Denial::Scope { attribute: "model", message } if message.contains("`o1`")
+            ),
             "{err:?}"
         );
         let mut other = attrs(Some("gpt-4o"));
