@@ -102,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
             teams: vec![],
             workflows: vec![],
             priority: None,
+            kind: None,
             secret: WireSecret(Secret::from_slice(demo_key.as_bytes())),
         }),
     )

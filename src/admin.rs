@@ -17,6 +17,7 @@ use zeroize::Zeroize;
 use crate::audit::{Event, EventKind};
 use crate::catalog::{Catalog, version_state};
 use crate::daemon::State;
+use crate::identity::CredentialKind;
 use crate::seal::{CredentialRef, Purpose, Secret, seal_with_tenant_key};
 use crate::store::{self, ClientRow, CredentialRow, StoreError, TenantRow, VersionRow};
 use crate::units::{format_duration, now_unix};
@@ -192,7 +193,10 @@ pub struct NewCredential {
     pub workflows: Vec<String>,
     /// Priority (lower wins).
     pub priority: Option<i64>,
-    /// The provider key.
+    /// Credential kind (`api-key` when absent).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// The provider key, or the kind's JSON document.
     pub secret: WireSecret,
 }
 
@@ -484,6 +488,25 @@ fn check_name(kind: &str, name: &str) -> Result<(), AdminError> {
 }
 
 /// Provider keys go into an HTTP header: printable ASCII only. The message never shows the key.
+/// Checks a secret against its kind and returns the preview to store: a key by the rules of
+/// [`check_secret`], a document by its kind's (README, "Credential kinds").
+fn check_kind_secret(kind: CredentialKind, secret: &Secret) -> Result<String, AdminError> {
+    if !kind.is_document() {
+        check_secret(secret)?;
+    } else if secret.is_empty() {
+        return Err(AdminError(format!(
+            "the secret is empty: pipe {} on standard input",
+            kind.expected_input()
+        )));
+    } else if secret.len() > 16384 {
+        return Err(AdminError(format!(
+            "the {kind} secret is longer than 16384 bytes; pipe {} on standard input",
+            kind.expected_input()
+        )));
+    }
+    kind.check(secret).map_err(|e| AdminError(e.to_string()))
+}
+
 fn check_secret(secret: &Secret) -> Result<(), AdminError> {
     if secret.is_empty() {
         return Err(AdminError(
@@ -627,17 +650,25 @@ fn cred_add(state: &State, new: NewCredential) -> Reply {
         teams,
         workflows,
         priority,
+        kind,
         secret,
     } = new;
     let (tenant, secret) = (tenant.as_str(), secret.0);
     check_name("credential", &name)?;
-    check_secret(&secret)?;
-    state
-        .config
-        .load()
-        .targets
-        .lookup(&target)
-        .map_err(|e| AdminError(e.to_string()))?;
+    let kind: CredentialKind = kind
+        .as_deref()
+        .unwrap_or("api-key")
+        .parse()
+        .map_err(|e: crate::identity::kind::UnknownKind| AdminError(e.to_string()))?;
+    {
+        let config = state.config.load();
+        let t = config
+            .targets
+            .lookup(&target)
+            .map_err(|e| AdminError(e.to_string()))?;
+        crate::providers::check_kind(t, kind).map_err(AdminError)?;
+    }
+    let preview = check_kind_secret(kind, &secret)?;
     for m in &models {
         if m.is_empty() || m.len() > 128 || m.chars().any(|c| c.is_control() || c == ' ') {
             return Err(AdminError(format!(
@@ -657,7 +688,6 @@ fn cred_add(state: &State, new: NewCredential) -> Reply {
         check_name("workflow", w)?;
     }
     let now = now_unix();
-    let preview = crate::seal::preview(&secret);
     let reply = state.store.write(|tx| {
         let t = store::tenant_by_name(tx, tenant)?;
         let id = store::new_id("cred");
@@ -673,6 +703,7 @@ fn cred_add(state: &State, new: NewCredential) -> Reply {
             priority: priority.unwrap_or(100),
             created_at: now,
             revoked_at: None,
+            kind,
             versions: vec![],
         };
         store::insert_credential(tx, &cred, &t.name)?;
@@ -693,13 +724,13 @@ fn cred_add(state: &State, new: NewCredential) -> Reply {
                 target: Some(target.clone()),
                 credential_id: Some(id.clone()),
                 credential_version: Some(1),
-                detail: Some(format!("name={name} {}", scope_text(&cred))),
+                detail: Some(format!("name={name} kind={kind} {}", scope_text(&cred))),
                 ..Event::new(EventKind::CredentialCreated)
             },
         )?;
         Ok(json!({
             "id": id, "version": 1, "preview": preview,
-            "tenant": t.name, "target": target, "name": name,
+            "tenant": t.name, "target": target, "name": name, "kind": kind.as_str(),
         }))
     })?;
     Ok(reply)
@@ -730,11 +761,12 @@ fn scope_text(c: &CredentialRow) -> String {
 }
 
 fn cred_rotate(state: &State, id: &str, overlap_s: Option<u64>, secret: Secret) -> Reply {
-    check_secret(&secret)?;
     let now = now_unix();
-    let preview = crate::seal::preview(&secret);
     let reply = state.store.write(|tx| {
         let cred = store::credential(tx, id)?;
+        // The new version is a secret of the same kind as the first.
+        let preview =
+            check_kind_secret(cred.kind, &secret).map_err(|e| StoreError::Conflict(e.0))?;
         if cred.revoked_at.is_some() {
             return Err(StoreError::Conflict(format!(
                 "credential {id} is revoked and cannot be rotated; add a new credential with \
@@ -879,6 +911,7 @@ fn cred_list(state: &State, tenant: Option<&str>) -> Reply {
                 "id": c.id,
                 "tenant": tenant_name(&cat, &c.tenant_id),
                 "target": c.target,
+                "kind": c.kind.as_str(),
                 "name": c.name,
                 "version": v.version,
                 "preview": v.preview,

@@ -36,6 +36,7 @@ use serde_json::{Value, json};
 
 use crate::catalog::Catalog;
 use crate::hex;
+use crate::identity::CredentialKind;
 use crate::seal::{KEY_LEN, MasterKeyProvider, Purpose, Secret};
 use crate::store::{ClientRow, CredentialRow, Snapshot, TenantRow, VersionRow};
 
@@ -117,7 +118,14 @@ struct CredentialOut {
     priority: i64,
     created_at: i64,
     revoked_at: Option<i64>,
+    /// Absent in bundles written before credential kinds: those are all `api-key`.
+    #[serde(default = "api_key")]
+    kind: String,
     versions: Vec<VersionOut>,
+}
+
+fn api_key() -> String {
+    CredentialKind::ApiKey.as_str().to_string()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -245,6 +253,7 @@ pub fn export(
                 priority: c.priority,
                 created_at: c.created_at,
                 revoked_at: c.revoked_at,
+                kind: c.kind.as_str().to_string(),
                 versions: c
                     .versions
                     .iter()
@@ -443,6 +452,10 @@ fn snapshot_of(p: Payload) -> Result<Snapshot, String> {
                 revoked_at: v.revoked_at,
             });
         }
+        let kind = c
+            .kind
+            .parse()
+            .map_err(|e: crate::identity::kind::UnknownKind| format!("credential {}: {e}", c.id))?;
         snap.credentials.push(CredentialRow {
             id: c.id,
             tenant_id: c.tenant_id,
@@ -455,6 +468,7 @@ fn snapshot_of(p: Payload) -> Result<Snapshot, String> {
             priority: c.priority,
             created_at: c.created_at,
             revoked_at: c.revoked_at,
+            kind,
             versions,
         });
     }

@@ -15,6 +15,7 @@ use zeroize::Zeroizing;
 
 use crate::admin::{AuditQueryArgs, NewCredential, Request, WireSecret};
 use crate::config::{admin_socket_for_cli, process_env};
+use crate::identity::CredentialKind;
 use crate::seal::Secret;
 use crate::units::{now_unix, parse_duration, parse_time};
 
@@ -186,6 +187,16 @@ pub struct CredAdd {
     /// Lower wins; equal priorities share load round-robin.
     #[arg(long)]
     pub priority: Option<i64>,
+    /// What the secret on stdin is: api-key (the key), aws-access-key, aws-assume-role,
+    /// gcp-service-account or azure-entra (a JSON document; README, "Credential kinds").
+    #[arg(long, default_value = "api-key", value_name = "KIND", value_parser = kind_names())]
+    pub kind: String,
+}
+
+fn kind_names() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        crate::identity::kind::ALL_KINDS.iter().map(|k| k.as_str()),
+    )
 }
 
 /// `keyward client …`
@@ -452,7 +463,11 @@ fn build_request(command: &Command) -> Result<Request, Failure> {
             teams: a.teams.clone(),
             workflows: a.workflows.clone(),
             priority: a.priority,
-            secret: WireSecret(read_secret(&format!("provider key for {}", a.name))?),
+            kind: Some(a.kind.clone()),
+            secret: WireSecret(read_secret(&match a.kind.parse::<CredentialKind>() {
+                Ok(kind) if kind.is_document() => format!("{kind} JSON for {}", a.name),
+                _ => format!("provider key for {}", a.name),
+            })?),
         }),
         Command::Cred(CredCommand::List { tenant }) => Request::CredList {
             tenant: tenant.clone(),
@@ -782,6 +797,7 @@ fn print(command: &Command, data: &Value, json: bool) -> Result<(), Failure> {
                 ("ID", "id"),
                 ("TENANT", "tenant"),
                 ("TARGET", "target"),
+                ("KIND", "kind"),
                 ("NAME", "name"),
                 ("VER", "version"),
                 ("PREVIEW", "preview"),

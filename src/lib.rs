@@ -20,6 +20,7 @@ pub mod custody;
 pub mod daemon;
 pub mod harden;
 mod hex;
+pub mod identity;
 pub mod logging;
 pub mod metrics;
 pub mod ownership;

@@ -403,6 +403,7 @@ mod tests {
             priority: 1,
             created_at: 0,
             revoked_at: None,
+            kind: Default::default(),
             versions,
         })
     }

@@ -16,6 +16,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme, Uri};
 use zeroize::Zeroizing;
 
+use crate::identity::CredentialKind;
 use crate::seal::Secret;
 
 /// A `[targets.NAME]` table from the config file: overrides a preset, or defines a target.
@@ -412,6 +413,34 @@ impl Targets {
     pub fn iter(&self) -> impl Iterator<Item = &Target> {
         self.by_name.values()
     }
+}
+
+/// The credential kinds a target's requests can be authorized with (README, "Credential
+/// kinds"), decided by its family: SigV4 kinds for `bedrock`, service accounts for `vertex`,
+/// Entra ID besides keys for `azure`, keys everywhere else.
+pub fn accepted_kinds(target: &Target) -> &'static [CredentialKind] {
+    use CredentialKind::*;
+    match target.family.as_str() {
+        "bedrock" => &[AwsAccessKey, AwsAssumeRole],
+        "vertex" => &[GcpServiceAccount],
+        "azure" => &[ApiKey, AzureEntra],
+        _ => &[ApiKey],
+    }
+}
+
+/// Refuses a credential of `kind` for `target` with the kinds it does take.
+pub fn check_kind(target: &Target, kind: CredentialKind) -> Result<(), String> {
+    let accepted = accepted_kinds(target);
+    if accepted.contains(&kind) {
+        return Ok(());
+    }
+    let names: Vec<&str> = accepted.iter().map(|k| k.as_str()).collect();
+    Err(format!(
+        "target `{}` (family {}) does not take {kind} credentials; use --kind {}",
+        target.name,
+        target.family,
+        names.join(" or --kind ")
+    ))
 }
 
 /// Whether `name` is a built-in preset (usable or not).

@@ -10,9 +10,11 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
+use crate::identity::CredentialKind;
 use crate::seal::{MasterKeyProvider, Purpose, SealError};
 
-const SCHEMA_VERSION: i64 = 1;
+/// 2 added `credentials.kind` (rows from version 1 are `api-key`).
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (
@@ -53,6 +55,7 @@ CREATE TABLE IF NOT EXISTS credentials (
     priority     INTEGER NOT NULL DEFAULT 100,
     created_at   INTEGER NOT NULL,
     revoked_at   INTEGER,
+    kind         TEXT NOT NULL DEFAULT 'api-key',
     UNIQUE (tenant_id, name)
 );
 CREATE TABLE IF NOT EXISTS credential_versions (
@@ -207,6 +210,8 @@ pub struct CredentialRow {
     pub created_at: i64,
     /// Unix seconds, when the whole credential was revoked.
     pub revoked_at: Option<i64>,
+    /// What the secret is (README, "Credential kinds").
+    pub kind: CredentialKind,
     /// All versions, oldest first.
     pub versions: Vec<VersionRow>,
 }
@@ -438,6 +443,31 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", crate::hex::encode(&bytes))
 }
 
+/// Brings a store written by an older keyward (schema `from`) up to [`SCHEMA_VERSION`], inside
+/// the opening transaction.
+fn migrate(tx: &Transaction<'_>, from: i64) -> Result<(), StoreError> {
+    if from < 2 {
+        // `CREATE TABLE IF NOT EXISTS` left the old credentials table as it was.
+        let has_kind: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM pragma_table_info('credentials') WHERE name = 'kind')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_kind {
+            tx.execute_batch(
+                "ALTER TABLE credentials ADD COLUMN kind TEXT NOT NULL DEFAULT 'api-key'",
+            )?;
+        }
+    }
+    if from < SCHEMA_VERSION {
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+            [SCHEMA_VERSION],
+        )?;
+    }
+    Ok(())
+}
+
 fn json_list(list: &[String]) -> String {
     serde_json::to_string(list).expect("a list of strings serializes")
 }
@@ -482,7 +512,7 @@ impl Store {
                     supported: SCHEMA_VERSION,
                 });
             }
-            Some(_) => {}
+            Some(v) => migrate(&tx, v)?,
             None => {
                 tx.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
@@ -635,7 +665,7 @@ fn tenant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantRow> {
 }
 
 const CREDENTIAL_COLUMNS: &str = "id, tenant_id, target, name, models, capabilities, teams, \
-                                  workflows, priority, created_at, revoked_at";
+                                  workflows, priority, created_at, revoked_at, kind";
 
 /// A credential row without its versions.
 fn credential_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CredentialRow> {
@@ -651,6 +681,17 @@ fn credential_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CredentialRow> {
         priority: r.get(8)?,
         created_at: r.get(9)?,
         revoked_at: r.get(10)?,
+        kind: {
+            let text: String = r.get(11)?;
+            text.parse()
+                .map_err(|e: crate::identity::kind::UnknownKind| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        11,
+                        rusqlite::types::Type::Text,
+                        e.into(),
+                    )
+                })?
+        },
         versions: Vec::new(),
     })
 }
@@ -824,8 +865,8 @@ pub fn insert_credential(
     }
     tx.execute(
         "INSERT INTO credentials (id, tenant_id, target, name, models, capabilities, teams,
-                                  workflows, priority, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                  workflows, priority, created_at, kind)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
             c.id,
             c.tenant_id,
@@ -836,7 +877,8 @@ pub fn insert_credential(
             json_list(&c.teams),
             json_list(&c.workflows),
             c.priority,
-            c.created_at
+            c.created_at,
+            c.kind.as_str()
         ],
     )?;
     Ok(())

@@ -46,6 +46,7 @@ use crate::audit::usage::UsageTap;
 use crate::audit::{Event, EventKind, Fingerprinter};
 use crate::auth::{AuthError, PeerCred, Principal, authenticate};
 use crate::daemon::State;
+use crate::identity::CredentialKind;
 use crate::lock;
 use crate::pool::{Change, Outcome, parse_retry_after, unix_secs};
 use crate::providers::{Target, prepare_upstream_headers};
@@ -718,6 +719,19 @@ async fn attempt(
     number: u32,
     upstream_time: &mut std::time::Duration,
 ) -> Step {
+    let kind = chosen.credential.kind;
+    if kind != CredentialKind::ApiKey {
+        return Step::Failed {
+            reject: Reject::new(
+                ErrorCode::UpstreamUnreachable,
+                format!(
+                    "credential {} is of kind {kind}, which this keyward cannot use for target {}",
+                    chosen.credential.id, request.target.name
+                ),
+            ),
+            retryable: true,
+        };
+    }
     let secret = match unseal(tenant, chosen) {
         Ok(secret) => secret,
         Err(reject) => {

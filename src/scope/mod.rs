@@ -304,6 +304,7 @@ mod tests {
             priority,
             created_at: 0,
             revoked_at: None,
+            kind: Default::default(),
             versions,
         }
     }
