@@ -2,9 +2,21 @@
 //! targets, their validation, and the one pure function that prepares upstream request headers
 //! and injects a key (pingora's `upstream_request_filter`, without the I/O).
 //!
+//! What keyward knows about each provider family lives in that family's file: its capability
+//! map, where it names the model (path or JSON body), its usage fields and its auth header
+//! (`openai`, `anthropic`, `gemini`, `azure`). JSON bodies are read by the one streaming
+//! scanner module, [`json_scan`]; responses' token counts by [`usage`].
+//!
 //! `providers` must not do I/O beyond reading a target's `ca_file` while the config is
 //! validated, must not choose credentials, and must never put key bytes in an error, a log line
 //! or a `Debug` string.
+
+mod anthropic;
+mod azure;
+mod gemini;
+pub mod json_scan;
+mod openai;
+pub mod usage;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -88,6 +100,154 @@ impl FromStr for Family {
         })
     }
 }
+
+// === capability and model, per family ===
+
+/// What a request does, in the vocabulary of the README ("Targets").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Capability {
+    /// Chat-style generation (chat/completions, responses, messages, generateContent).
+    Chat,
+    /// Legacy text completions.
+    Completions,
+    /// Embeddings.
+    Embeddings,
+    /// Image generation and editing.
+    Images,
+    /// Speech and transcription.
+    Audio,
+    /// Moderation.
+    Moderations,
+    /// Listing or reading models.
+    Models,
+    /// File upload and management.
+    Files,
+    /// Batch jobs.
+    Batches,
+    /// Fine-tuning jobs.
+    FineTuning,
+    /// Token counting.
+    Tokens,
+    /// Anything else.
+    Other,
+}
+
+/// Every capability, in vocabulary order.
+pub const ALL_CAPABILITIES: [Capability; 12] = [
+    Capability::Chat,
+    Capability::Completions,
+    Capability::Embeddings,
+    Capability::Images,
+    Capability::Audio,
+    Capability::Moderations,
+    Capability::Models,
+    Capability::Files,
+    Capability::Batches,
+    Capability::FineTuning,
+    Capability::Tokens,
+    Capability::Other,
+];
+
+impl Capability {
+    /// The vocabulary spelling (`fine_tuning`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capability::Chat => "chat",
+            Capability::Completions => "completions",
+            Capability::Embeddings => "embeddings",
+            Capability::Images => "images",
+            Capability::Audio => "audio",
+            Capability::Moderations => "moderations",
+            Capability::Models => "models",
+            Capability::Files => "files",
+            Capability::Batches => "batches",
+            Capability::FineTuning => "fine_tuning",
+            Capability::Tokens => "tokens",
+            Capability::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for Capability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A capability name outside the vocabulary.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown capability `{0}`: use one of chat, completions, embeddings, images, audio, \
+     moderations, models, files, batches, fine_tuning, tokens, other"
+)]
+pub struct UnknownCapability(pub String);
+
+impl FromStr for Capability {
+    type Err = UnknownCapability;
+
+    fn from_str(s: &str) -> Result<Capability, UnknownCapability> {
+        ALL_CAPABILITIES
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| UnknownCapability(s.to_string()))
+    }
+}
+
+/// Where a request's model is named, for a family and provider path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// In the path (Gemini model, Azure deployment).
+    Path(String),
+    /// In the JSON body's top-level `"model"`: feed the body to a [`json_scan::ModelScanner`].
+    JsonBody,
+    /// This family or endpoint names no model.
+    Unknown,
+}
+
+/// Splits a provider path into its non-empty segments.
+fn segments(path: &str) -> Vec<&str> {
+    path.split('/').filter(|s| !s.is_empty()).collect()
+}
+
+/// Percent-decodes a path segment naming a model; `None` if it is malformed or empty.
+fn percent_decode(s: &str) -> Option<String> {
+    let out = crate::proxy::route::percent_decode_once(s.as_bytes(), true, false)?;
+    String::from_utf8(out).ok().filter(|m| !m.is_empty())
+}
+
+/// Where the model of a request to `provider_path` is found for `family`.
+pub fn model_source(family: Family, provider_path: &str) -> ModelSource {
+    let segs = segments(provider_path);
+    match family {
+        Family::OpenAi => openai::model_source(&segs),
+        Family::Anthropic => anthropic::model_source(&segs),
+        Family::Gemini => gemini::model_source(&segs),
+        Family::Azure => azure::model_source(&segs),
+        Family::None => ModelSource::Unknown,
+    }
+}
+
+/// The model named in the path (Gemini model, Azure deployment), if this family puts it there.
+pub fn model_from_path(family: Family, provider_path: &str) -> Option<String> {
+    match model_source(family, provider_path) {
+        ModelSource::Path(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// The capability a request to `provider_path` exercises for `family`.
+pub fn capability(family: Family, provider_path: &str) -> Capability {
+    let segs = segments(provider_path);
+    match family {
+        Family::None => Capability::Other,
+        Family::OpenAi => openai::capability(&segs),
+        Family::Anthropic => anthropic::capability(&segs),
+        Family::Gemini => gemini::capability(&segs),
+        Family::Azure => azure::capability(&segs),
+    }
+}
+
+// === targets ===
 
 /// Where a target's requests go. Only these parts ever decide the upstream scheme, host and
 /// port; the request contributes nothing but a validated path and query.
@@ -216,7 +376,7 @@ type Preset = (
     Family,
 );
 
-const BEARER: Option<(&str, &str)> = Some(("authorization", "Bearer {key}"));
+const BEARER: Option<(&str, &str)> = openai::AUTH;
 
 /// The built-in presets (README, "Targets").
 const PRESETS: &[Preset] = &[
@@ -229,21 +389,16 @@ const PRESETS: &[Preset] = &[
     (
         "anthropic",
         Some("https://api.anthropic.com"),
-        Some(("x-api-key", "{key}")),
+        anthropic::AUTH,
         Family::Anthropic,
     ),
     (
         "gemini",
         Some("https://generativelanguage.googleapis.com"),
-        Some(("x-goog-api-key", "{key}")),
+        gemini::AUTH,
         Family::Gemini,
     ),
-    (
-        "azure-openai",
-        None,
-        Some(("api-key", "{key}")),
-        Family::Azure,
-    ),
+    ("azure-openai", None, azure::AUTH, Family::Azure),
     (
         "mistral",
         Some("https://api.mistral.ai"),
@@ -512,13 +667,14 @@ fn build(
     if let Some(path) = &ca_file {
         check_ca_file(path).map_err(|r| err(name, "ca_file", r))?;
     }
-    let mut default_headers = Vec::new();
-    if family == Family::Anthropic {
-        default_headers.push((
-            HeaderName::from_static("anthropic-version"),
-            HeaderValue::from_static("2023-06-01"),
-        ));
-    }
+    let family_headers: &[(&str, &str)] = match family {
+        Family::Anthropic => anthropic::DEFAULT_HEADERS,
+        _ => &[],
+    };
+    let default_headers = family_headers
+        .iter()
+        .map(|&(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
+        .collect();
     Ok(Target {
         name: name.to_string(),
         upstream,
@@ -1374,5 +1530,19 @@ mod tests {
             assert_eq!(f.as_str().parse::<Family>().unwrap(), f);
         }
         assert!("OpenAI".parse::<Family>().is_err());
+    }
+
+    #[test]
+    fn capability_names_round_trip_and_unknown_lists_valid_values() {
+        for c in ALL_CAPABILITIES {
+            assert_eq!(c.as_str().parse::<Capability>().unwrap(), c);
+            assert_eq!(c.to_string(), c.as_str());
+        }
+        let e = "chats".parse::<Capability>().unwrap_err().to_string();
+        assert!(
+            e.contains("`chats`") && e.contains("fine_tuning") && e.contains("tokens"),
+            "{e}"
+        );
+        assert!("Chat".parse::<Capability>().is_err());
     }
 }
