@@ -3,7 +3,7 @@
 //! [`Metrics`] holds the families the data plane updates per request (counters and
 //! histograms, lock-free after a label set's first use); [`render`] adds the families read
 //! from the daemon's state at scrape time (in-flight requests, audit queue, pool states, key
-//! ages) and encodes everything in the Prometheus text format 0.0.4
+//! ages, the bundle serial served) and encodes everything in the Prometheus text format 0.0.4
 //! (<https://prometheus.io/docs/instrumenting/exposition_formats/>).
 //!
 //! Label values are bounded: targets are the configured ones (`unknown` otherwise), models are
@@ -302,6 +302,14 @@ fn scrape_registry(state: &State) -> Registry {
         "Audit records of finished requests dropped because the queue was full",
         dropped,
     );
+    if let Some(bundle) = &state.bundle {
+        registry.register(
+            "bundle_serial",
+            "Serial of the sealed bundle being served (absent when the catalog comes from the \
+             local store); a refused bundle leaves it unchanged",
+            gauge(bundle.serial() as i64),
+        );
+    }
     let started = state
         .started_at
         .duration_since(SystemTime::UNIX_EPOCH)

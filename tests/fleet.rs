@@ -622,6 +622,37 @@ fn sidecar(mock: &MockUpstream, dir: &Path, key: &Path, bundle: &Path, extra: &s
         .start()
 }
 
+/// `keyward_bundle_serial` in `keyward metrics`, after `promtool check metrics` passed the text.
+fn bundle_serial_metric(test: &str, d: &Daemon) -> u64 {
+    let text = d.ok(&["metrics"]);
+    if support::needs::program(test, "promtool", "--version") {
+        let mut promtool = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), text.as_bytes()).unwrap();
+        let out = promtool.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+            "promtool check metrics:\n{}{}\n---\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        text.contains("# TYPE keyward_bundle_serial gauge"),
+        "{text}"
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("keyward_bundle_serial "))
+        .unwrap_or_else(|| panic!("no keyward_bundle_serial sample in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
 fn bundle_status(d: &Daemon) -> Value {
     status(d)["bundle"].clone()
 }
@@ -693,6 +724,8 @@ async fn a_bundle_is_served_read_only_and_replaced_like_a_kubernetes_secret() {
         "bundle_poll_interval = \"1h\"",
     );
     assert_eq!(bundle_status(&s)["serial"], 1);
+    const TEST: &str = "a_bundle_is_served_read_only_and_replaced_like_a_kubernetes_secret";
+    assert_eq!(bundle_serial_metric(TEST, &s), 1);
     assert_eq!(chat(&s, &token, "openai").await.0, 200);
     assert_eq!(
         support::mock_upstream::key_of(&mock.last_request().unwrap()).as_deref(),
@@ -756,6 +789,7 @@ async fn a_bundle_is_served_read_only_and_replaced_like_a_kubernetes_secret() {
         swapped.elapsed()
     );
     assert_eq!(bundle_status(&s)["serial"], 2);
+    assert_eq!(bundle_serial_metric(TEST, &s), 2);
     let before = mock.request_count();
     let (code, error) = chat(&s, &token, "anthropic").await;
     assert_eq!((code, error.as_str()), (403, "scope_denied"));
@@ -808,12 +842,14 @@ async fn a_bundle_is_served_read_only_and_replaced_like_a_kubernetes_secret() {
             Some(openai_v2.as_str()),
             "{name}"
         );
+        assert_eq!(bundle_serial_metric(TEST, &s), 2, "{name}");
     }
     // A good bundle after refusals is served, and the refusal is cleared.
     let bundle3 = author.export();
     secret_dir.swap(&bundle3);
     wait_bundle(&s, 3, None);
     assert!(bundle_status(&s)["refused"].is_null());
+    assert_eq!(bundle_serial_metric(TEST, &s), 3);
 
     // Rollback across a restart: the state dir remembers serial 3.
     let home = s.home.clone();
