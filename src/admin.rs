@@ -172,6 +172,30 @@ pub enum Request {
         /// Only this target.
         target: Option<String>,
     },
+    /// `budget set`.
+    BudgetSet(crate::governance::BudgetSet),
+    /// `budget list`.
+    BudgetList {
+        /// Only this tenant.
+        tenant: Option<String>,
+    },
+    /// `budget delete`.
+    BudgetDelete {
+        /// Budget id.
+        id: String,
+    },
+    /// `limit set`.
+    LimitSet(crate::governance::LimitSet),
+    /// `limit list`.
+    LimitList {
+        /// Only this tenant.
+        tenant: Option<String>,
+    },
+    /// `limit delete`.
+    LimitDelete {
+        /// Limit id.
+        id: String,
+    },
 }
 
 /// What `cred add` sends: the credential's scope and its first secret.
@@ -378,6 +402,14 @@ async fn dispatch(state: &Arc<State>, request: Request) -> Reply {
                 .map(crate::prices::Price::to_json)
                 .collect(),
         )),
+        // Budgets and limits are this keyward's own settings, not catalog data: they can be
+        // changed while a bundle is served.
+        Request::BudgetSet(req) => blocking(move || budget_set(&state, req)).await,
+        Request::BudgetList { tenant } => blocking(move || budget_list(&state, tenant)).await,
+        Request::BudgetDelete { id } => blocking(move || budget_delete(&state, &id)).await,
+        Request::LimitSet(req) => blocking(move || limit_set(&state, req)).await,
+        Request::LimitList { tenant } => blocking(move || limit_list(&state, tenant)).await,
+        Request::LimitDelete { id } => blocking(move || limit_delete(&state, &id)).await,
         other => blocking(move || mutate(&state, other)).await,
     }
 }
@@ -462,7 +494,13 @@ fn mutate(state: &State, request: Request) -> Reply {
         | Request::AuditLifecycle { .. }
         | Request::BundleExport { .. }
         | Request::Prices { .. }
-        | Request::Spend { .. } => {
+        | Request::Spend { .. }
+        | Request::BudgetSet(_)
+        | Request::BudgetList { .. }
+        | Request::BudgetDelete { .. }
+        | Request::LimitSet(_)
+        | Request::LimitList { .. }
+        | Request::LimitDelete { .. } => {
             unreachable!("dispatched elsewhere")
         }
     }?;
@@ -1111,6 +1149,197 @@ fn spend(
             })
             .collect(),
     ))
+}
+
+// === budgets and limits (README, "Spend and limits") ===
+
+/// Checks that the tenant exists and the scope's client or credential belongs to it.
+fn check_scope(
+    state: &State,
+    tenant: &str,
+    scope: &crate::governance::Scope,
+) -> Result<(), AdminError> {
+    use crate::governance::Scope;
+    let cat = state.catalog.load();
+    let Some(tenant_id) = cat.tenant_ids.get(tenant) else {
+        return Err(AdminError(format!(
+            "tenant `{tenant}` does not exist (see `keyward tenant list`)"
+        )));
+    };
+    match scope {
+        Scope::Tenant => Ok(()),
+        Scope::Team(team) => check_name("team", team),
+        Scope::Client(id) => {
+            let ours = |c: &Arc<ClientRow>| c.id == *id && c.tenant_id == *tenant_id;
+            if cat.clients_by_token.values().any(ours) || cat.clients_by_uid.values().any(ours) {
+                Ok(())
+            } else {
+                Err(AdminError(format!(
+                    "client `{id}` is not a client of tenant `{tenant}` (see `keyward client list \
+                     --tenant {tenant}`)"
+                )))
+            }
+        }
+        Scope::Credential(id) => {
+            if cat.credentials(tenant_id).iter().any(|c| &c.id == id) {
+                Ok(())
+            } else {
+                Err(AdminError(format!(
+                    "credential `{id}` is not a credential of tenant `{tenant}` (see `keyward \
+                     cred list --tenant {tenant}`)"
+                )))
+            }
+        }
+    }
+}
+
+fn budget_set(state: &State, req: crate::governance::BudgetSet) -> Reply {
+    let (scope, limit_micros, period, on_exceed, alerts) = req.validate().map_err(AdminError)?;
+    check_scope(state, &req.tenant, &scope)?;
+    let budget = crate::governance::Budget {
+        id: store::new_id("bud"),
+        tenant: req.tenant.clone(),
+        scope,
+        limit_micros,
+        period,
+        on_exceed,
+        alerts,
+        created_at: now_unix(),
+    };
+    let stored = state.store.write(|tx| {
+        let stored = store::upsert_budget(tx, &budget)?;
+        let mut event =
+            crate::governance::scope_event(EventKind::BudgetSet, &stored.tenant, &stored.scope);
+        event.detail = Some(stored.describe());
+        audit_now(state, event)?;
+        Ok(stored)
+    })?;
+    state.reload_rules()?;
+    Ok(budget_statuses(state, vec![stored])
+        .pop()
+        .unwrap_or(Value::Null))
+}
+
+fn budget_list(state: &State, tenant: Option<String>) -> Reply {
+    let budgets: Vec<_> = state
+        .store
+        .write(store::budgets)?
+        .into_iter()
+        .filter(|b| tenant.as_ref().is_none_or(|t| *t == b.tenant))
+        .collect();
+    Ok(Value::Array(budget_statuses(state, budgets)))
+}
+
+fn budget_statuses(state: &State, budgets: Vec<crate::governance::Budget>) -> Vec<Value> {
+    use crate::governance::rules::usd;
+    let spent = state.runtime.block_on(state.governance.spent(&budgets));
+    let now = crate::units::now_unix_ms();
+    budgets
+        .into_iter()
+        .zip(spent)
+        .map(|(b, (spent, source))| {
+            let (start, end) = b.period.bounds(now);
+            let status = crate::governance::BudgetStatus {
+                scope: b.scope.kind().to_owned(),
+                scope_id: Some(b.scope.value().to_owned()).filter(|v| !v.is_empty()),
+                period: b.period.as_str().to_owned(),
+                limit_usd: usd(b.limit_micros),
+                spent_usd: usd(spent),
+                limit_micros: b.limit_micros,
+                spent_micros: spent,
+                on_exceed: b.on_exceed.as_str().to_owned(),
+                alerts: b.alerts,
+                period_start: crate::units::format_time_ms(start),
+                resets_at: crate::units::format_time_ms(end),
+                source: source.to_owned(),
+                id: b.id,
+                tenant: b.tenant,
+            };
+            serde_json::to_value(status).expect("plain struct")
+        })
+        .collect()
+}
+
+fn budget_delete(state: &State, id: &str) -> Reply {
+    let gone = state.store.write(|tx| {
+        let gone = store::delete_budget(tx, id)?;
+        let mut event =
+            crate::governance::scope_event(EventKind::BudgetDeleted, &gone.tenant, &gone.scope);
+        event.detail = Some(gone.describe());
+        audit_now(state, event)?;
+        Ok(gone)
+    })?;
+    state.reload_rules()?;
+    Ok(json!({ "id": gone.id, "deleted": true }))
+}
+
+fn limit_set(state: &State, req: crate::governance::LimitSet) -> Reply {
+    let (scope, rpm, tpm) = req.validate().map_err(AdminError)?;
+    check_scope(state, &req.tenant, &scope)?;
+    let limit = crate::governance::RateLimit {
+        id: store::new_id("lim"),
+        tenant: req.tenant.clone(),
+        scope,
+        rpm,
+        tpm,
+        created_at: now_unix(),
+    };
+    let stored = state.store.write(|tx| {
+        let stored = store::upsert_rate_limit(tx, &limit)?;
+        let mut event =
+            crate::governance::scope_event(EventKind::LimitSet, &stored.tenant, &stored.scope);
+        event.detail = Some(stored.describe());
+        audit_now(state, event)?;
+        Ok(stored)
+    })?;
+    state.reload_rules()?;
+    Ok(limit_statuses(state, vec![stored])
+        .pop()
+        .unwrap_or(Value::Null))
+}
+
+fn limit_list(state: &State, tenant: Option<String>) -> Reply {
+    let limits: Vec<_> = state
+        .store
+        .write(store::rate_limits)?
+        .into_iter()
+        .filter(|l| tenant.as_ref().is_none_or(|t| *t == l.tenant))
+        .collect();
+    Ok(Value::Array(limit_statuses(state, limits)))
+}
+
+fn limit_statuses(state: &State, limits: Vec<crate::governance::RateLimit>) -> Vec<Value> {
+    let used = state.runtime.block_on(state.governance.usage(&limits));
+    limits
+        .into_iter()
+        .zip(used)
+        .map(|(l, (requests, tokens))| {
+            let status = crate::governance::LimitStatus {
+                scope: l.scope.kind().to_owned(),
+                scope_id: Some(l.scope.value().to_owned()).filter(|v| !v.is_empty()),
+                rpm: l.rpm,
+                tpm: l.tpm,
+                requests_this_minute: requests,
+                tokens_this_minute: tokens,
+                id: l.id,
+                tenant: l.tenant,
+            };
+            serde_json::to_value(status).expect("plain struct")
+        })
+        .collect()
+}
+
+fn limit_delete(state: &State, id: &str) -> Reply {
+    let gone = state.store.write(|tx| {
+        let gone = store::delete_rate_limit(tx, id)?;
+        let mut event =
+            crate::governance::scope_event(EventKind::LimitDeleted, &gone.tenant, &gone.scope);
+        event.detail = Some(gone.describe());
+        audit_now(state, event)?;
+        Ok(gone)
+    })?;
+    state.reload_rules()?;
+    Ok(json!({ "id": gone.id, "deleted": true }))
 }
 
 fn audit_query(state: &State, args: AuditQueryArgs) -> Reply {

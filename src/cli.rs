@@ -103,6 +103,90 @@ pub enum Command {
         #[arg(long)]
         target: Option<String>,
     },
+    /// Spend budgets per tenant, team, client or credential (periods in UTC).
+    #[command(subcommand)]
+    Budget(BudgetCommand),
+    /// Requests- and tokens-per-minute limits per tenant, team or client.
+    #[command(subcommand)]
+    Limit(LimitCommand),
+}
+
+/// `keyward budget …`
+#[derive(Debug, Subcommand)]
+pub enum BudgetCommand {
+    /// Set the budget of a scope and period (replaces an existing one of the same scope and
+    /// period).
+    Set {
+        /// Tenant name.
+        #[arg(long)]
+        tenant: String,
+        /// Only this team's clients.
+        #[arg(long, group = "scope")]
+        team: Option<String>,
+        /// Only this client (id).
+        #[arg(long, group = "scope")]
+        client: Option<String>,
+        /// Only calls this credential (id) serves.
+        #[arg(long, group = "scope")]
+        credential: Option<String>,
+        /// Most spend per period, USD (e.g. 10 or 2.50).
+        #[arg(long, value_name = "USD")]
+        limit: String,
+        /// When the spend resets: UTC day, ISO week (Monday) or UTC month.
+        #[arg(long, value_parser = ["day", "week", "month"])]
+        period: String,
+        /// Once spent: refuse with 429 budget_exceeded (deny, default) or serve and flag (warn).
+        #[arg(long, value_parser = ["deny", "warn"])]
+        on_exceed: Option<String>,
+        /// Write a budget.threshold audit event when spend crosses PCT percent (repeatable).
+        #[arg(long = "alert", value_name = "PCT", value_parser = clap::value_parser!(u8).range(1..=100))]
+        alerts: Vec<u8>,
+    },
+    /// List budgets with spent, limit and reset time.
+    List {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Delete a budget.
+    Delete {
+        /// Budget id (`bud_…`).
+        id: String,
+    },
+}
+
+/// `keyward limit …`
+#[derive(Debug, Subcommand)]
+pub enum LimitCommand {
+    /// Set the rate limit of a scope (replaces an existing one of the same scope).
+    Set {
+        /// Tenant name.
+        #[arg(long)]
+        tenant: String,
+        /// Only this team's clients.
+        #[arg(long, group = "scope")]
+        team: Option<String>,
+        /// Only this client (id).
+        #[arg(long, group = "scope")]
+        client: Option<String>,
+        /// Requests per UTC minute.
+        #[arg(long)]
+        rpm: Option<u64>,
+        /// Tokens (input + output, as providers report them) per UTC minute.
+        #[arg(long)]
+        tpm: Option<u64>,
+    },
+    /// List rate limits with this minute's use.
+    List {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Delete a rate limit.
+    Delete {
+        /// Limit id (`lim_…`).
+        id: String,
+    },
 }
 
 /// `keyward tenant …`
@@ -545,6 +629,46 @@ fn build_request(command: &Command) -> Result<Request, Failure> {
         Command::Prices { target } => Request::Prices {
             target: target.clone(),
         },
+        Command::Budget(BudgetCommand::Set {
+            tenant,
+            team,
+            client,
+            credential,
+            limit,
+            period,
+            on_exceed,
+            alerts,
+        }) => Request::BudgetSet(crate::governance::BudgetSet {
+            tenant: tenant.clone(),
+            team: team.clone(),
+            client: client.clone(),
+            credential: credential.clone(),
+            limit_usd: limit.clone(),
+            period: period.clone(),
+            on_exceed: on_exceed.clone(),
+            alerts: alerts.clone(),
+        }),
+        Command::Budget(BudgetCommand::List { tenant }) => Request::BudgetList {
+            tenant: tenant.clone(),
+        },
+        Command::Budget(BudgetCommand::Delete { id }) => Request::BudgetDelete { id: id.clone() },
+        Command::Limit(LimitCommand::Set {
+            tenant,
+            team,
+            client,
+            rpm,
+            tpm,
+        }) => Request::LimitSet(crate::governance::LimitSet {
+            tenant: tenant.clone(),
+            team: team.clone(),
+            client: client.clone(),
+            rpm: *rpm,
+            tpm: *tpm,
+        }),
+        Command::Limit(LimitCommand::List { tenant }) => Request::LimitList {
+            tenant: tenant.clone(),
+        },
+        Command::Limit(LimitCommand::Delete { id }) => Request::LimitDelete { id: id.clone() },
         Command::Audit(AuditCommand::Lifecycle { credential_id }) => Request::AuditLifecycle {
             id: credential_id.clone(),
         },
@@ -875,6 +999,61 @@ fn print(command: &Command, data: &Value, json: bool) -> Result<(), Failure> {
                 ],
             )
         }
+        Command::Budget(BudgetCommand::Set { .. }) => println!(
+            "budget {} on {} {}: {} USD per {} (UTC), on_exceed {}; spent {} USD this period, \
+             resets at {}",
+            plain(&data["id"]),
+            plain(&data["scope"]),
+            data["scope_id"]
+                .as_str()
+                .unwrap_or(data["tenant"].as_str().unwrap_or("-")),
+            plain(&data["limit_usd"]),
+            plain(&data["period"]),
+            plain(&data["on_exceed"]),
+            plain(&data["spent_usd"]),
+            plain(&data["resets_at"]),
+        ),
+        Command::Budget(BudgetCommand::List { .. }) => table(
+            &rows(data),
+            &[
+                ("ID", "id"),
+                ("TENANT", "tenant"),
+                ("SCOPE", "scope"),
+                ("SCOPE_ID", "scope_id"),
+                ("PERIOD", "period"),
+                ("SPENT_USD", "spent_usd"),
+                ("LIMIT_USD", "limit_usd"),
+                ("ON_EXCEED", "on_exceed"),
+                ("ALERTS", "alerts"),
+                ("RESETS_AT", "resets_at"),
+                ("SOURCE", "source"),
+            ],
+        ),
+        Command::Budget(BudgetCommand::Delete { id }) => println!("deleted budget {id}"),
+        Command::Limit(LimitCommand::Set { .. }) => println!(
+            "limit {} on {} {}: rpm {} tpm {} (UTC minutes)",
+            plain(&data["id"]),
+            plain(&data["scope"]),
+            data["scope_id"]
+                .as_str()
+                .unwrap_or(data["tenant"].as_str().unwrap_or("-")),
+            plain(&data["rpm"]),
+            plain(&data["tpm"]),
+        ),
+        Command::Limit(LimitCommand::List { .. }) => table(
+            &rows(data),
+            &[
+                ("ID", "id"),
+                ("TENANT", "tenant"),
+                ("SCOPE", "scope"),
+                ("SCOPE_ID", "scope_id"),
+                ("RPM", "rpm"),
+                ("TPM", "tpm"),
+                ("REQUESTS_NOW", "requests_this_minute"),
+                ("TOKENS_NOW", "tokens_this_minute"),
+            ],
+        ),
+        Command::Limit(LimitCommand::Delete { id }) => println!("deleted limit {id}"),
         Command::Prices { .. } => table(
             &rows(data),
             &[

@@ -228,6 +228,8 @@ pub struct Config {
     pub targets: Targets,
     /// The shipped price table extended and overridden by `[[prices]]`.
     pub prices: crate::prices::PriceTable,
+    /// Where budget and rate counters live (`[governance]`).
+    pub governance: crate::governance::Settings,
 }
 
 /// An invalid configuration: names the file, the key and what is wrong.
@@ -293,6 +295,16 @@ struct RawConfig {
     targets: BTreeMap<String, TargetSpec>,
     #[serde(default)]
     prices: Vec<RawPrice>,
+    #[serde(default)]
+    governance: RawGovernance,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGovernance {
+    redis_url: Option<String>,
+    on_backend_error: Option<String>,
+    timeout: Option<String>,
 }
 
 /// One `[[prices]]` row: USD per million tokens.
@@ -1018,7 +1030,34 @@ fn build(
     };
     let prices =
         crate::prices::PriceTable::new(price_rows(raw.prices).map_err(|(k, r)| value_err(&k, r))?);
+    let governance = {
+        let g = raw.governance;
+        if let Some(url) = &g.redis_url {
+            crate::governance::check_redis_url(url)
+                .map_err(|reason| value_err("governance.redis_url", reason))?;
+        }
+        let on_backend_error = match g.on_backend_error.as_deref() {
+            None | Some("deny") => crate::governance::OnBackendError::Deny,
+            Some("local") => crate::governance::OnBackendError::Local,
+            Some(other) => {
+                return Err(value_err(
+                    "governance.on_backend_error",
+                    format!("must be \"deny\" or \"local\", not {other:?}"),
+                ));
+            }
+        };
+        crate::governance::Settings {
+            redis_url: g.redis_url,
+            on_backend_error,
+            timeout: timeout(
+                "governance.timeout",
+                &g.timeout,
+                crate::governance::Settings::default().timeout,
+            )?,
+        }
+    };
     Ok(Config {
+        governance,
         prices,
         source,
         master_key,

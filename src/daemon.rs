@@ -129,6 +129,8 @@ pub struct State {
     pub pool: crate::pool::Pool,
     /// Versions already announced as expiring within a week.
     pub expiry_watch: crate::pool::ExpiryWatch,
+    /// Budgets, rate limits and their counters (README, "Spend and limits").
+    pub governance: Arc<crate::governance::Governance>,
 }
 
 impl State {
@@ -153,6 +155,52 @@ impl State {
             return Ok(());
         }
         self.catalog.replace(Catalog::build(self.store.snapshot()?));
+        Ok(())
+    }
+
+    /// Gives the governance engine the budgets and limits in the store, and starts the counter
+    /// of each budget's current period at what the audit trail says was spent in it so far
+    /// (this keyward's own calls; with Redis, the shared counter already holds the fleet's).
+    /// Blocking (SQLite).
+    pub fn reload_rules(&self) -> Result<(), StoreError> {
+        use crate::governance::Scope;
+        let (budgets, limits) = self
+            .store
+            .write(|tx| Ok((store::budgets(tx)?, store::rate_limits(tx)?)))?;
+        let now = crate::units::now_unix_ms();
+        for b in &budgets {
+            let by = match b.scope {
+                Scope::Tenant => crate::audit::SpendBy::Tenant,
+                Scope::Team(_) => crate::audit::SpendBy::Team,
+                Scope::Client(_) => crate::audit::SpendBy::Client,
+                Scope::Credential(_) => crate::audit::SpendBy::Credential,
+            };
+            let query = crate::audit::SpendQuery {
+                tenant: Some(b.tenant.clone()),
+                by,
+                since_ms: Some(b.period.bounds(now).0),
+                until_ms: None,
+            };
+            let want = match &b.scope {
+                Scope::Tenant => b.tenant.as_str(),
+                other => other.value(),
+            };
+            match self.audit.spend(&query) {
+                Ok(rows) => {
+                    let spent = rows
+                        .iter()
+                        .find(|r| r.key == want)
+                        .map_or(0, |r| r.cost_micros);
+                    self.governance.seed(b, spent);
+                }
+                Err(e) => tracing::warn!(
+                    budget = %b.id,
+                    error = %e,
+                    "cannot read this period's spend from the audit trail; the budget counts from now"
+                ),
+            }
+        }
+        self.governance.set_rules(budgets, limits);
         Ok(())
     }
 
@@ -259,6 +307,7 @@ impl State {
             ("limits", &old.limits, &new.limits),
             ("pool", &old.pool, &new.pool),
             ("prices", &old.prices, &new.prices),
+            ("governance", &old.governance, &new.governance),
         ] {
             if differs(a, b) {
                 changed.push(name.to_string());
@@ -286,6 +335,21 @@ impl State {
                     .map_err(|e| ReloadError::Upstream(e.to_string()))?,
             )
         };
+        if old.governance != new.governance {
+            let _guard = self.runtime.enter();
+            self.governance
+                .apply_settings(&new.governance)
+                .map_err(|e| {
+                    ReloadError::Config(crate::config::ConfigError::Value {
+                        origin: new
+                            .source
+                            .as_ref()
+                            .map_or_else(|| "(defaults)".into(), |p| p.display().to_string()),
+                        key: "governance.redis_url".into(),
+                        reason: e,
+                    })
+                })?;
+        }
         // Everything is validated: apply.
         self.resize_limiter(new.limits.max_concurrent_requests);
         self.shares.set_limits(
@@ -577,7 +641,20 @@ impl Server {
             Upstream::new(&config.targets, &config.limits)
                 .map_err(|e| ServeError::Upstream(e.to_string()))?
         };
+        let governance = Arc::new(
+            crate::governance::Governance::new(&config.governance, audit.clone()).map_err(|e| {
+                crate::config::ConfigError::Value {
+                    origin: config
+                        .source
+                        .as_ref()
+                        .map_or_else(|| "(defaults)".into(), |p| p.display().to_string()),
+                    key: "governance.redis_url".into(),
+                    reason: e,
+                }
+            })?,
+        );
         let state = Arc::new(State {
+            governance,
             master_key_flag: Default::default(),
             reloading: Default::default(),
             limit_total: std::sync::Mutex::new(config.limits.max_concurrent_requests),
@@ -612,6 +689,7 @@ impl Server {
             expiry_watch: crate::pool::ExpiryWatch::default(),
             config: ArcSwap::from_pointee(config),
         });
+        state.reload_rules()?;
         Ok(Server { state, listeners })
     }
 
@@ -967,6 +1045,7 @@ async fn run(
         None => None,
     };
     let retire_task = tokio::spawn(retire_loop(state.clone(), stop_rx.clone()));
+    let governance_task = tokio::spawn(maintain_governance(state.clone(), stop_rx.clone()));
     if let Err(e) = crate::bundle::watch(&state) {
         tracing::error!(error = %e, "cannot watch the bundle; new bundles need a restart");
     }
@@ -1011,6 +1090,7 @@ async fn run(
     }
     let _ = admin_task.await;
     let _ = retire_task.await;
+    let _ = governance_task.await;
     let _ = hangup_task.await;
     if let Some(t) = metrics_task {
         let _ = t.await;
@@ -1069,6 +1149,17 @@ async fn reload_on_hangup(
                 tracing::error!(error = %e, "SIGHUP: config not reloaded, nothing changed")
             }
             Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed"),
+        }
+    }
+}
+
+/// Keeps the Redis connection of the governance counters up and retries charges it missed.
+async fn maintain_governance(state: Arc<State>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        state.governance.maintain().await;
+        tokio::select! {
+            _ = crate::proxy::server::stopped(&mut stop) => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
     }
 }

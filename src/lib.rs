@@ -18,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod custody;
 pub mod daemon;
+pub mod governance;
 pub mod harden;
 mod hex;
 pub mod identity;

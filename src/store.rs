@@ -70,6 +70,28 @@ CREATE TABLE IF NOT EXISTS credential_versions (
     revoked_at       INTEGER,
     PRIMARY KEY (credential_id, version)
 );
+CREATE TABLE IF NOT EXISTS budgets (
+    id           TEXT PRIMARY KEY,
+    tenant       TEXT NOT NULL,
+    scope_kind   TEXT NOT NULL,
+    scope_value  TEXT NOT NULL,
+    period       TEXT NOT NULL,
+    limit_micros INTEGER NOT NULL,
+    on_exceed    TEXT NOT NULL,
+    alerts       TEXT NOT NULL DEFAULT '[]',
+    created_at   INTEGER NOT NULL,
+    UNIQUE (tenant, scope_kind, scope_value, period)
+);
+CREATE TABLE IF NOT EXISTS rate_limits (
+    id          TEXT PRIMARY KEY,
+    tenant      TEXT NOT NULL,
+    scope_kind  TEXT NOT NULL,
+    scope_value TEXT NOT NULL,
+    rpm         INTEGER,
+    tpm         INTEGER,
+    created_at  INTEGER NOT NULL,
+    UNIQUE (tenant, scope_kind, scope_value)
+);
 "#;
 
 /// A store operation that failed; messages name the object and say what to do.
@@ -1027,6 +1049,155 @@ pub fn delete_credential(tx: &Transaction<'_>, id: &str) -> Result<CredentialRow
     )?;
     tx.execute("DELETE FROM credentials WHERE id = ?1", [id])?;
     Ok(cred)
+}
+
+// === governance ===
+// Budgets and rate limits (`src/governance/`). The tables were added after schema version 1
+// with CREATE TABLE IF NOT EXISTS, so opening an older store adds them and an older keyward
+// ignores them.
+
+/// Every budget, oldest first.
+pub fn budgets(tx: &Transaction<'_>) -> Result<Vec<crate::governance::Budget>, StoreError> {
+    use crate::governance::{Budget, OnExceed, Period, Scope};
+    let mut stmt = tx.prepare(
+        "SELECT id, tenant, scope_kind, scope_value, period, limit_micros, on_exceed, alerts, \
+         created_at FROM budgets ORDER BY created_at, id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let kind: String = r.get(2)?;
+        let value: String = r.get(3)?;
+        let period: String = r.get(4)?;
+        let on_exceed: String = r.get(6)?;
+        let alerts: String = r.get(7)?;
+        Ok(Budget {
+            id: r.get(0)?,
+            tenant: r.get(1)?,
+            scope: Scope::from_parts(&kind, &value).unwrap_or(Scope::Tenant),
+            period: Period::parse(&period).unwrap_or(Period::Day),
+            limit_micros: r.get::<_, i64>(5)?.max(0) as u64,
+            on_exceed: if on_exceed == "warn" {
+                OnExceed::Warn
+            } else {
+                OnExceed::Deny
+            },
+            alerts: serde_json::from_str(&alerts).unwrap_or_default(),
+            created_at: r.get(8)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Inserts `b`, or replaces the limit, action and alerts of the budget with its scope and
+/// period; returns the budget as stored (its id is the existing one on replace).
+pub fn upsert_budget(
+    tx: &Transaction<'_>,
+    b: &crate::governance::Budget,
+) -> Result<crate::governance::Budget, StoreError> {
+    tx.execute(
+        "INSERT INTO budgets (id, tenant, scope_kind, scope_value, period, limit_micros, \
+         on_exceed, alerts, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+         ON CONFLICT (tenant, scope_kind, scope_value, period) DO UPDATE SET \
+         limit_micros = excluded.limit_micros, on_exceed = excluded.on_exceed, \
+         alerts = excluded.alerts",
+        params![
+            b.id,
+            b.tenant,
+            b.scope.kind(),
+            b.scope.value(),
+            b.period.as_str(),
+            b.limit_micros.min(i64::MAX as u64) as i64,
+            b.on_exceed.as_str(),
+            serde_json::to_string(&b.alerts).expect("numbers serialize"),
+            b.created_at,
+        ],
+    )?;
+    budgets(tx)?
+        .into_iter()
+        .find(|s| s.tenant == b.tenant && s.scope == b.scope && s.period == b.period)
+        .ok_or_else(|| StoreError::Conflict("the budget vanished while it was written".into()))
+}
+
+/// Deletes budget `id`; returns it.
+pub fn delete_budget(
+    tx: &Transaction<'_>,
+    id: &str,
+) -> Result<crate::governance::Budget, StoreError> {
+    let found = budgets(tx)?
+        .into_iter()
+        .find(|b| b.id == id)
+        .ok_or_else(|| StoreError::NotFound {
+            kind: "budget",
+            name: id.to_owned(),
+            hint: " (see `keyward budget list`)",
+        })?;
+    tx.execute("DELETE FROM budgets WHERE id = ?1", [id])?;
+    Ok(found)
+}
+
+/// Every rate limit, oldest first.
+pub fn rate_limits(tx: &Transaction<'_>) -> Result<Vec<crate::governance::RateLimit>, StoreError> {
+    use crate::governance::{RateLimit, Scope};
+    let mut stmt = tx.prepare(
+        "SELECT id, tenant, scope_kind, scope_value, rpm, tpm, created_at FROM rate_limits \
+         ORDER BY created_at, id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let kind: String = r.get(2)?;
+        let value: String = r.get(3)?;
+        let n = |v: Option<i64>| v.map(|v| v.max(0) as u64);
+        Ok(RateLimit {
+            id: r.get(0)?,
+            tenant: r.get(1)?,
+            scope: Scope::from_parts(&kind, &value).unwrap_or(Scope::Tenant),
+            rpm: n(r.get(4)?),
+            tpm: n(r.get(5)?),
+            created_at: r.get(6)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Inserts `l`, or replaces the rpm and tpm of the limit on its scope; returns it as stored.
+pub fn upsert_rate_limit(
+    tx: &Transaction<'_>,
+    l: &crate::governance::RateLimit,
+) -> Result<crate::governance::RateLimit, StoreError> {
+    let n = |v: Option<u64>| v.map(|v| v.min(i64::MAX as u64) as i64);
+    tx.execute(
+        "INSERT INTO rate_limits (id, tenant, scope_kind, scope_value, rpm, tpm, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (tenant, scope_kind, scope_value) \
+         DO UPDATE SET rpm = excluded.rpm, tpm = excluded.tpm",
+        params![
+            l.id,
+            l.tenant,
+            l.scope.kind(),
+            l.scope.value(),
+            n(l.rpm),
+            n(l.tpm),
+            l.created_at,
+        ],
+    )?;
+    rate_limits(tx)?
+        .into_iter()
+        .find(|s| s.tenant == l.tenant && s.scope == l.scope)
+        .ok_or_else(|| StoreError::Conflict("the limit vanished while it was written".into()))
+}
+
+/// Deletes rate limit `id`; returns it.
+pub fn delete_rate_limit(
+    tx: &Transaction<'_>,
+    id: &str,
+) -> Result<crate::governance::RateLimit, StoreError> {
+    let found = rate_limits(tx)?
+        .into_iter()
+        .find(|l| l.id == id)
+        .ok_or_else(|| StoreError::NotFound {
+            kind: "limit",
+            name: id.to_owned(),
+            hint: " (see `keyward limit list`)",
+        })?;
+    tx.execute("DELETE FROM rate_limits WHERE id = ?1", [id])?;
+    Ok(found)
 }
 
 impl Store {

@@ -65,11 +65,26 @@ pub enum EventKind {
     /// Every key the master key wraps was rewrapped under a new master key (migration).
     #[serde(rename = "master.rewrapped")]
     MasterRewrapped,
+    /// A budget was created or changed (`keyward budget set`).
+    #[serde(rename = "budget.set")]
+    BudgetSet,
+    /// A budget was deleted.
+    #[serde(rename = "budget.deleted")]
+    BudgetDeleted,
+    /// A budget's spend crossed one of its alert thresholds (once per threshold and period).
+    #[serde(rename = "budget.threshold")]
+    BudgetThreshold,
+    /// A rate limit was created or changed (`keyward limit set`).
+    #[serde(rename = "limit.set")]
+    LimitSet,
+    /// A rate limit was deleted.
+    #[serde(rename = "limit.deleted")]
+    LimitDeleted,
 }
 
 impl EventKind {
     /// Every kind, in declaration order.
-    pub const ALL: [EventKind; 15] = [
+    pub const ALL: [EventKind; 20] = [
         EventKind::TenantCreated,
         EventKind::TenantUpdated,
         EventKind::ClientCreated,
@@ -85,6 +100,11 @@ impl EventKind {
         EventKind::RequestDenied,
         EventKind::RequestFailover,
         EventKind::MasterRewrapped,
+        EventKind::BudgetSet,
+        EventKind::BudgetDeleted,
+        EventKind::BudgetThreshold,
+        EventKind::LimitSet,
+        EventKind::LimitDeleted,
     ];
 
     /// The dotted name stored in the database (`request.resolved`).
@@ -105,6 +125,11 @@ impl EventKind {
             EventKind::RequestDenied => "request.denied",
             EventKind::RequestFailover => "request.failover",
             EventKind::MasterRewrapped => "master.rewrapped",
+            EventKind::BudgetSet => "budget.set",
+            EventKind::BudgetDeleted => "budget.deleted",
+            EventKind::BudgetThreshold => "budget.threshold",
+            EventKind::LimitSet => "limit.set",
+            EventKind::LimitDeleted => "limit.deleted",
         }
     }
 }

@@ -41,11 +41,18 @@ pub enum ErrorCode {
     UpstreamUnreachable,
     /// The upstream did not answer in time (504).
     UpstreamTimeout,
+    /// A `deny` budget of the request's scope is spent (429).
+    BudgetExceeded,
+    /// A rate limit of the request's scope is reached (429, with `Retry-After`).
+    RateLimited,
+    /// The shared budget and rate counters (Redis) are unreachable and
+    /// `on_backend_error = "deny"` (503, with `Retry-After`).
+    GovernanceUnavailable,
 }
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::Unauthenticated,
         ErrorCode::ScopeDenied,
         ErrorCode::PolicyViolation,
@@ -56,6 +63,9 @@ impl ErrorCode {
         ErrorCode::Overloaded,
         ErrorCode::UpstreamUnreachable,
         ErrorCode::UpstreamTimeout,
+        ErrorCode::BudgetExceeded,
+        ErrorCode::RateLimited,
+        ErrorCode::GovernanceUnavailable,
     ];
 
     /// The HTTP status this code is answered with.
@@ -69,6 +79,8 @@ impl ErrorCode {
             ErrorCode::AuditUnavailable | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::BudgetExceeded | ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::GovernanceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -85,6 +97,9 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::UpstreamUnreachable => "upstream_unreachable",
             ErrorCode::UpstreamTimeout => "upstream_timeout",
+            ErrorCode::BudgetExceeded => "budget_exceeded",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::GovernanceUnavailable => "governance_unavailable",
         }
     }
 }
@@ -96,7 +111,8 @@ impl std::fmt::Display for ErrorCode {
 }
 
 /// Renders a keyward error: status of `code`, headers `keyward-error`, `keyward-call-id`,
-/// `content-type: application/json` (and `Retry-After: 1` when overloaded), and body
+/// `content-type: application/json` (and `Retry-After: 1` when overloaded or the governance
+/// counters are unreachable), and body
 /// `{"error":{"type":"keyward.<code>","message":...,"call_id":...}}`.
 pub fn error_response(
     code: ErrorCode,
@@ -125,7 +141,11 @@ pub fn error_response(
     if let Ok(value) = HeaderValue::from_str(call_id) {
         headers.insert(CALL_ID_HEADER, value);
     }
-    if code == ErrorCode::Overloaded {
+    // A rate limit's Retry-After depends on its window: the caller sets it.
+    if matches!(
+        code,
+        ErrorCode::Overloaded | ErrorCode::GovernanceUnavailable
+    ) {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     response
@@ -159,6 +179,13 @@ mod tests {
             (ErrorCode::Overloaded, 503, "overloaded"),
             (ErrorCode::UpstreamUnreachable, 502, "upstream_unreachable"),
             (ErrorCode::UpstreamTimeout, 504, "upstream_timeout"),
+            (ErrorCode::BudgetExceeded, 429, "budget_exceeded"),
+            (ErrorCode::RateLimited, 429, "rate_limited"),
+            (
+                ErrorCode::GovernanceUnavailable,
+                503,
+                "governance_unavailable",
+            ),
         ];
         assert_eq!(expected.len(), ErrorCode::ALL.len());
         for (code, status, name) in expected {
@@ -185,8 +212,11 @@ mod tests {
             assert_eq!(json["error"]["call_id"], "call-123");
             assert_eq!(
                 parts.headers.contains_key(header::RETRY_AFTER),
-                code == ErrorCode::Overloaded,
-                "Retry-After only on overloaded ({code})"
+                matches!(
+                    code,
+                    ErrorCode::Overloaded | ErrorCode::GovernanceUnavailable
+                ),
+                "Retry-After: 1 only on overloaded and governance_unavailable ({code})"
             );
         }
     }

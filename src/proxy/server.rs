@@ -61,6 +61,8 @@ type AppBody = IdleTimeoutBody<Incoming>;
 
 /// Response header naming the credential version that served the request.
 pub const CREDENTIAL_HEADER: &str = "keyward-credential";
+/// Header on a response served over a `warn` budget: which budgets are spent, by how much.
+pub const BUDGET_HEADER: &str = "keyward-budget";
 
 /// A listener the data plane accepts from: the data socket (with peer credentials) or the
 /// optional TCP listener (client tokens only, no peer credentials).
@@ -227,6 +229,8 @@ fn serve_connection<I>(
 struct Reject {
     code: ErrorCode,
     message: String,
+    /// `Retry-After` seconds, for a rate limit.
+    retry_after: Option<u64>,
 }
 
 impl Reject {
@@ -234,6 +238,24 @@ impl Reject {
         Reject {
             code,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+impl From<crate::governance::Refusal> for Reject {
+    fn from(r: crate::governance::Refusal) -> Reject {
+        use crate::governance::Refusal;
+        match r {
+            Refusal::Budget(message) => Reject::new(ErrorCode::BudgetExceeded, message),
+            Refusal::Rate {
+                message,
+                retry_after,
+            } => Reject {
+                retry_after: Some(retry_after),
+                ..Reject::new(ErrorCode::RateLimited, message)
+            },
+            Refusal::Unavailable(message) => Reject::new(ErrorCode::GovernanceUnavailable, message),
         }
     }
 }
@@ -256,6 +278,10 @@ struct Known {
     upstream: Option<Arc<super::upstream::Upstream>>,
     /// Time spent waiting for upstream response heads, over all attempts.
     upstream_time: std::time::Duration,
+    /// The budgets and limits to charge when the call completes (README, "Spend and limits").
+    ticket: crate::governance::Ticket,
+    /// Flags every later audit row of the call carries (`budget_exceeded_warn`).
+    flags: Vec<String>,
 }
 
 impl Known {
@@ -272,6 +298,7 @@ impl Known {
             target: self.target.clone(),
             model: self.model.clone(),
             capability: self.capability.clone(),
+            flags: self.flags.clone(),
             ..Event::new(kind)
         }
     }
@@ -397,7 +424,13 @@ async fn handle(
                 started,
                 known.upstream_time,
             );
-            error_response(reject.code, &reject.message, &call_id)
+            let mut response = error_response(reject.code, &reject.message, &call_id);
+            if let Some(secs) = reject.retry_after {
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            response
         }
     }
 }
@@ -515,7 +548,36 @@ async fn process(
         Denial::Scope { message, .. } => Reject::new(ErrorCode::ScopeDenied, message),
         Denial::Policy(message) => Reject::new(ErrorCode::PolicyViolation, message),
     })?;
-    let candidates = state.pool.arrange(candidates, SystemTime::now());
+    let mut candidates = state.pool.arrange(candidates, SystemTime::now());
+    // Budgets and rate limits, before the resolution is audited or any key unsealed.
+    let ticket = {
+        let ids: Vec<&str> = candidates
+            .iter()
+            .map(|c| c.credential.id.as_str())
+            .collect();
+        let caller = crate::governance::Caller {
+            tenant: &principal.tenant_name,
+            team: principal.team.as_deref(),
+            client: &principal.client_id,
+        };
+        state.governance.check(caller, &ids).await?
+    };
+    if !ticket.blocked.is_empty() {
+        let first_block = ticket.blocked[0].1.clone();
+        candidates.retain(|c| !ticket.blocked.iter().any(|(id, _)| *id == c.credential.id));
+        if candidates.is_empty() {
+            return Err(Reject::new(ErrorCode::BudgetExceeded, first_block));
+        }
+    }
+    if !ticket.warnings.is_empty() {
+        tracing::warn!(
+            call_id,
+            budgets = %ticket.warnings.join("; "),
+            "serving over a budget (on_exceed: warn)"
+        );
+        known.flags.push("budget_exceeded_warn".into());
+    }
+    known.ticket = ticket;
     let tenant = catalog
         .tenant(&principal.tenant_id)
         .cloned()
@@ -1110,6 +1172,12 @@ fn respond(
         HeaderName::from_static(CREDENTIAL_HEADER),
         header_value(&format!("{}/v{version}", chosen.credential.id)),
     );
+    if !known.ticket.warnings.is_empty() {
+        parts.headers.insert(
+            HeaderName::from_static(BUDGET_HEADER),
+            header_value(&format!("exceeded; {}", known.ticket.warnings.join("; "))),
+        );
+    }
     let content_type = parts
         .headers
         .get(CONTENT_TYPE)
@@ -1133,6 +1201,7 @@ fn respond(
         bytes_out: 0,
         started,
         event: Some(completed),
+        ticket: known.ticket.clone(),
         replay,
         state: state.clone(),
     };
@@ -1419,6 +1488,8 @@ struct CompletionBody<B> {
     bytes_out: u64,
     started: Instant,
     event: Option<Event>,
+    /// Budgets and limits the call's cost and tokens are charged to.
+    ticket: crate::governance::Ticket,
     replay: Arc<Mutex<Replay>>,
     state: Arc<State>,
 }
@@ -1465,6 +1536,16 @@ impl<B> CompletionBody<B> {
         }
         event.detail = detail;
         drop(replay);
+        let tokens = match (event.input_tokens, event.output_tokens) {
+            (None, None) => event.total_tokens,
+            (i, o) => Some(i.unwrap_or(0).saturating_add(o.unwrap_or(0))),
+        };
+        self.state.governance.charge(
+            &self.ticket,
+            event.credential_id.as_deref(),
+            event.cost_micros,
+            tokens,
+        );
         self.state.audit.enqueue(event);
     }
 }
