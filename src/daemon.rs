@@ -123,6 +123,9 @@ pub struct State {
     pub shares: Arc<crate::proxy::limits::RequestShares>,
     /// Unwrapped tenant and fingerprint keys, in locked memory.
     pub tenant_keys: crate::seal::TenantKeyCache,
+    /// Access tokens derived from `gcp-service-account` and `azure-entra` credentials, in
+    /// locked memory, refreshed single-flight shortly before they expire.
+    pub tokens: crate::proxy::token::TokenSource,
     /// Round-robin counter for pools of equal priority.
     pub rotation: AtomicUsize,
     /// Cooldowns and quarantines of credential versions (process lifetime).
@@ -685,6 +688,7 @@ impl Server {
             ),
             rotation: AtomicUsize::new(0),
             tenant_keys: Default::default(),
+            tokens: Default::default(),
             pool: crate::pool::Pool::new(&config.pool),
             expiry_watch: crate::pool::ExpiryWatch::default(),
             config: ArcSwap::from_pointee(config),

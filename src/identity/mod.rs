@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod kind;
+pub mod oauth;
 
 pub use cache::{DerivedCache, Fresh};
 pub use kind::{CredentialKind, KindError};

@@ -70,7 +70,7 @@ fn model_and_method<'a>(segs: &[&'a str]) -> Option<(String, Option<&'a str>)> {
     }
 }
 
-fn method_capability(method: &str) -> Capability {
+pub(super) fn method_capability(method: &str) -> Capability {
     match method {
         "generateContent" | "streamGenerateContent" | "generateMessage" => Capability::Chat,
         "generateText" => Capability::Completions,

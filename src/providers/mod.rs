@@ -4,7 +4,7 @@
 //!
 //! What keyward knows about each provider family lives in that family's file: its capability
 //! map, where it names the model (path or JSON body), its usage fields and its auth header
-//! (`openai`, `anthropic`, `gemini`, `azure`). JSON bodies are read by the one streaming
+//! (`openai`, `anthropic`, `gemini`, `vertex`, `azure`). JSON bodies are read by the one streaming
 //! scanner module, [`json_scan`]; responses' token counts by [`usage`].
 //!
 //! `providers` must not do I/O beyond reading a target's `ca_file` while the config is
@@ -17,6 +17,7 @@ mod gemini;
 pub mod json_scan;
 mod openai;
 pub mod usage;
+mod vertex;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -45,6 +46,15 @@ pub struct TargetSpec {
     pub family: Option<String>,
     /// Extra PEM CA bundle trusted for this target.
     pub ca_file: Option<PathBuf>,
+    /// Vertex AI region (`us-central1`, `europe-west4`, `global`): the base URL becomes
+    /// `https://{location}-aiplatform.googleapis.com`.
+    pub location: Option<String>,
+    /// OAuth2 token URL for `gcp-service-account` credentials, instead of the key file's
+    /// `token_uri` (a VPC endpoint, a test server); https only.
+    pub token_url: Option<String>,
+    /// Entra ID authority for `azure-entra` credentials (`https://login.microsoftonline.us`,
+    /// `https://login.chinacloudapi.cn`, ...; default the public cloud's); https only.
+    pub authority: Option<String>,
 }
 
 /// How a target's requests are read for model and capability.
@@ -56,6 +66,9 @@ pub enum Family {
     Anthropic,
     /// Google Gemini: model in the path (`/v1beta/models/{model}:{method}`).
     Gemini,
+    /// Vertex AI: publisher model in the path
+    /// (`/v1/projects/{p}/locations/{l}/publishers/{publisher}/models/{model}:{method}`).
+    Vertex,
     /// Azure OpenAI: deployment in the path (`/openai/deployments/{deployment}/...`).
     Azure,
     /// Opaque upstream: no model, capability `other`.
@@ -69,6 +82,7 @@ impl Family {
             Family::OpenAi => "openai",
             Family::Anthropic => "anthropic",
             Family::Gemini => "gemini",
+            Family::Vertex => "vertex",
             Family::Azure => "azure",
             Family::None => "none",
         }
@@ -83,7 +97,7 @@ impl fmt::Display for Family {
 
 /// A family name that is not one of openai|anthropic|gemini|azure|none.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("unknown family `{0}`: use one of openai, anthropic, gemini, azure, none")]
+#[error("unknown family `{0}`: use one of openai, anthropic, gemini, vertex, azure, none")]
 pub struct UnknownFamily(pub String);
 
 impl FromStr for Family {
@@ -94,6 +108,7 @@ impl FromStr for Family {
             "openai" => Family::OpenAi,
             "anthropic" => Family::Anthropic,
             "gemini" => Family::Gemini,
+            "vertex" => Family::Vertex,
             "azure" => Family::Azure,
             "none" => Family::None,
             other => return Err(UnknownFamily(other.to_string())),
@@ -222,6 +237,7 @@ pub fn model_source(family: Family, provider_path: &str) -> ModelSource {
         Family::OpenAi => openai::model_source(&segs),
         Family::Anthropic => anthropic::model_source(&segs),
         Family::Gemini => gemini::model_source(&segs),
+        Family::Vertex => vertex::model_source(&segs),
         Family::Azure => azure::model_source(&segs),
         Family::None => ModelSource::Unknown,
     }
@@ -243,6 +259,7 @@ pub fn capability(family: Family, provider_path: &str) -> Capability {
         Family::OpenAi => openai::capability(&segs),
         Family::Anthropic => anthropic::capability(&segs),
         Family::Gemini => gemini::capability(&segs),
+        Family::Vertex => vertex::capability(&segs),
         Family::Azure => azure::capability(&segs),
     }
 }
@@ -303,6 +320,10 @@ pub struct Target {
     pub ca_file: Option<PathBuf>,
     /// Headers added when the app did not send them.
     pub default_headers: Vec<(HeaderName, HeaderValue)>,
+    /// OAuth2 token URL for service account credentials (`token_url`).
+    pub token_url: Option<String>,
+    /// Entra ID authority for `azure-entra` credentials (`authority`).
+    pub authority: Option<String>,
 }
 
 /// Every target keyward can reach: presets merged with the config's `[targets.*]`.
@@ -398,6 +419,7 @@ const PRESETS: &[Preset] = &[
         gemini::AUTH,
         Family::Gemini,
     ),
+    ("vertex", None, vertex::AUTH, Family::Vertex),
     ("azure-openai", None, azure::AUTH, Family::Azure),
     (
         "mistral",
@@ -445,6 +467,57 @@ const PRESETS: &[Preset] = &[
 ];
 
 const AZURE_HINT: &str = "set it to https://YOUR-RESOURCE.openai.azure.com";
+const VERTEX_HINT: &str =
+    "or set location = \"us-central1\" (the region of your Vertex AI endpoint)";
+
+/// `https://{location}-aiplatform.googleapis.com` (`https://aiplatform.googleapis.com` for
+/// `global`), for a location of lower-case letters, digits and dashes.
+fn vertex_base_url(location: &str) -> Result<String, TargetConfigError> {
+    let valid = !location.is_empty()
+        && location.len() <= 40
+        && location
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        return Err(err(
+            "vertex",
+            "location",
+            format!(
+                "`{}` is not a Vertex AI location; write it like \"us-central1\" or \"global\"",
+                location.escape_debug()
+            ),
+        ));
+    }
+    Ok(if location == "global" {
+        "https://aiplatform.googleapis.com".into()
+    } else {
+        format!("https://{location}-aiplatform.googleapis.com")
+    })
+}
+
+/// Checks and copies `token_url` and `authority`: https URLs without query or user info.
+fn token_endpoints(
+    name: &str,
+    spec: &TargetSpec,
+    target: &mut Target,
+) -> Result<(), TargetConfigError> {
+    for (field, value, slot) in [
+        ("token_url", &spec.token_url, &mut target.token_url),
+        ("authority", &spec.authority, &mut target.authority),
+    ] {
+        let Some(url) = value else { continue };
+        let upstream = parse_base_url(url).map_err(|r| err(name, field, r))?;
+        if !upstream.is_https() {
+            return Err(err(
+                name,
+                field,
+                format!("`{url}` must be an https URL: tokens are fetched over verified TLS only"),
+            ));
+        }
+        *slot = Some(url.trim_end_matches('/').to_string());
+    }
+    Ok(())
+}
 
 impl Targets {
     /// Merges presets with config overrides and custom targets, validating each.
@@ -452,18 +525,37 @@ impl Targets {
         let mut targets = Targets::default();
         for &(name, base, auth, family) in PRESETS {
             let spec = specs.get(name);
-            let base_url = spec.and_then(|s| s.base_url.as_deref()).or(base);
+            let located = match spec.and_then(|s| s.location.as_deref()) {
+                Some(location) if family == Family::Vertex => Some(vertex_base_url(location)?),
+                Some(_) => {
+                    return Err(err(
+                        name,
+                        "location",
+                        "location applies to the vertex target only".into(),
+                    ));
+                }
+                None => None,
+            };
+            let base_url = spec
+                .and_then(|s| s.base_url.clone())
+                .or(located)
+                .or(base.map(str::to_string));
+            let hint = if family == Family::Vertex {
+                VERTEX_HINT
+            } else {
+                AZURE_HINT
+            };
             let Some(base_url) = base_url else {
                 if spec.is_some() {
                     return Err(err(
                         name,
                         "base_url",
-                        format!("target `{name}` has no default base URL; {AZURE_HINT}"),
+                        format!("target `{name}` has no default base URL; {hint}"),
                     ));
                 }
                 targets.unconfigured.insert(
                     name.to_string(),
-                    format!("add [targets.{name}] with base_url; {AZURE_HINT}"),
+                    format!("add [targets.{name}] with base_url; {hint}"),
                 );
                 continue;
             };
@@ -492,7 +584,8 @@ impl Targets {
                 None => family,
                 Some(f) => parse_family(name, f)?,
             };
-            let target = build(name, base_url, auth, family, spec.ca_file.clone())?;
+            let mut target = build(name, &base_url, auth, family, spec.ca_file.clone())?;
+            token_endpoints(name, &spec, &mut target)?;
             targets.by_name.insert(name.to_string(), target);
         }
         for (name, spec) in specs {
@@ -536,7 +629,15 @@ impl Targets {
                 None => Family::None,
                 Some(f) => parse_family(name, f)?,
             };
-            let target = build(name, base_url, auth, family, spec.ca_file.clone())?;
+            if spec.location.is_some() {
+                return Err(err(
+                    name,
+                    "location",
+                    "location applies to the vertex preset only; give base_url".into(),
+                ));
+            }
+            let mut target = build(name, base_url, auth, family, spec.ca_file.clone())?;
+            token_endpoints(name, spec, &mut target)?;
             targets.by_name.insert(name.clone(), target);
         }
         Ok(targets)
@@ -682,6 +783,8 @@ fn build(
         family,
         ca_file,
         default_headers,
+        token_url: None,
+        authority: None,
     })
 }
 
@@ -916,6 +1019,27 @@ pub fn prepare_upstream_headers(
     headers: &mut HeaderMap,
     key: &Secret,
 ) -> Result<(), InjectError> {
+    prepare_upstream_headers_as(target, &target.auth, headers, key)
+}
+
+/// `Authorization: Bearer {key}`: how every target takes an OAuth2 access token.
+pub fn bearer_auth() -> AuthScheme {
+    AuthScheme::Header {
+        header: http::header::AUTHORIZATION,
+        prefix: "Bearer ".into(),
+        suffix: String::new(),
+    }
+}
+
+/// [`prepare_upstream_headers`] with `auth` instead of the target's own scheme: an access
+/// token derived from a credential goes in as [`bearer_auth`] whatever header the target takes
+/// keys in.
+pub fn prepare_upstream_headers_as(
+    target: &Target,
+    auth: &AuthScheme,
+    headers: &mut HeaderMap,
+    key: &Secret,
+) -> Result<(), InjectError> {
     strip_client_headers(headers);
     for (name, value) in &target.default_headers {
         if !headers.contains_key(name) {
@@ -926,7 +1050,7 @@ pub fn prepare_upstream_headers(
         header,
         prefix,
         suffix,
-    } = &target.auth
+    } = auth
     {
         let raw = key.expose_secret();
         let mut buf = Zeroizing::new(Vec::with_capacity(prefix.len() + raw.len() + suffix.len()));

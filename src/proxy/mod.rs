@@ -11,4 +11,5 @@ pub mod limits;
 pub mod route;
 pub mod scrub;
 pub mod server;
+pub mod token;
 pub mod upstream;

@@ -279,6 +279,14 @@ impl Scrubber {
         Scrubber { needles, states }
     }
 
+    /// A scrubber for every one of `secrets` (a key, or a document's secret parts and the
+    /// token derived from it).
+    pub fn for_secrets(secrets: &[Secret]) -> Scrubber {
+        let needles: Vec<Needle> = secrets.iter().flat_map(needles_for).collect();
+        let states = vec![0; needles.len()];
+        Scrubber { needles, states }
+    }
+
     /// How many bytes are currently held back (at most the longest needle's length minus one).
     pub fn held_back(&self) -> usize {
         self.states.iter().copied().max().unwrap_or(0)

@@ -41,6 +41,7 @@ use super::error::{CALL_ID_HEADER, ErrorCode, error_response};
 use super::limits::{BodyHold, ShareGuard};
 use super::route::{Route, app_base, rewrite_upstream_urls, upstream_uri};
 use super::scrub::{ScrubBody, Scrubber};
+use super::token::{TokenKey, TokenRequest};
 use super::upstream::{BoxError, IdleTimeoutBody, ResponseBody, UpstreamBody, UpstreamError};
 use crate::audit::usage::UsageTap;
 use crate::audit::{Event, EventKind, Fingerprinter};
@@ -49,7 +50,9 @@ use crate::daemon::State;
 use crate::identity::CredentialKind;
 use crate::lock;
 use crate::pool::{Change, Outcome, parse_retry_after, unix_secs};
-use crate::providers::{Target, prepare_upstream_headers};
+use crate::providers::{
+    Target, bearer_auth, prepare_upstream_headers, prepare_upstream_headers_as,
+};
 use crate::scope::attrs::{ModelScanner, ModelSource, ScanState, capability, model_source};
 use crate::scope::multipart::{MultipartScanner, form_data_boundary};
 use crate::scope::{Candidate, Denial, RequestAttrs, select};
@@ -670,6 +673,12 @@ async fn process(
         let (reason, status, fallback) = match step {
             Step::Answer(response, secret) => {
                 let status = response.status().as_u16();
+                // A refused access token is not offered again: the next request fetches anew.
+                if status == 401
+                    && let Some((key, token)) = &secret.token
+                {
+                    state.tokens.refused(key, token).await;
+                }
                 let change = report(state, known, call_id, chosen, &response, sent_at);
                 match failover_reason(status, change) {
                     Some(reason) if next.is_some() && replayable => {
@@ -754,8 +763,8 @@ struct Outgoing<'a> {
 
 /// What one attempt with one key produced.
 enum Step {
-    /// Upstream answered (any status), with the key that was used, for scrubbing.
-    Answer(Response<ResponseBody>, Secret),
+    /// Upstream answered (any status), with what was injected, for scrubbing.
+    Answer(Response<ResponseBody>, Used),
     /// No answer.
     Failed {
         /// What the app gets if there is no failover.
@@ -767,7 +776,7 @@ enum Step {
 
 /// What the app gets if the failover cannot be audited.
 enum Fallback {
-    Answer(Response<ResponseBody>, Secret),
+    Answer(Response<ResponseBody>, Used),
     Failed(Reject),
 }
 
@@ -781,19 +790,6 @@ async fn attempt(
     number: u32,
     upstream_time: &mut std::time::Duration,
 ) -> Step {
-    let kind = chosen.credential.kind;
-    if kind != CredentialKind::ApiKey {
-        return Step::Failed {
-            reject: Reject::new(
-                ErrorCode::UpstreamUnreachable,
-                format!(
-                    "credential {} is of kind {kind}, which this keyward cannot use for target {}",
-                    chosen.credential.id, request.target.name
-                ),
-            ),
-            retryable: true,
-        };
-    }
     let secret = match unseal(tenant, chosen) {
         Ok(secret) => secret,
         Err(reject) => {
@@ -804,12 +800,10 @@ async fn attempt(
         }
     };
     let mut headers = request.headers.clone();
-    if let Err(e) = prepare_upstream_headers(request.target, &mut headers, &secret) {
-        return Step::Failed {
-            reject: Reject::new(ErrorCode::BadRequest, e.to_string()),
-            retryable: false,
-        };
-    }
+    let used = match inject(state, request.target, chosen, secret, &mut headers).await {
+        Ok(used) => used,
+        Err(failed) => return failed,
+    };
     let body = ForwardBody {
         replay: replay.clone(),
         attempt: number,
@@ -839,7 +833,7 @@ async fn attempt(
             ),
             retryable: false,
         },
-        Ok(response) => Step::Answer(response, secret),
+        Ok(response) => Step::Answer(response, used),
         Err(e) => Step::Failed {
             retryable: matches!(
                 e,
@@ -847,6 +841,92 @@ async fn attempt(
             ),
             reject: Reject::new(e.code(), e.to_string()),
         },
+    }
+}
+
+/// What one attempt put into the request, kept until its response is scrubbed.
+struct Used {
+    /// Every secret the response must not carry: the key, or a document's secret parts and the
+    /// token derived from it.
+    scrub: Vec<Secret>,
+    /// The derived access token and its cache key, to forget it if the upstream refuses it.
+    token: Option<(TokenKey, Arc<Secret>)>,
+}
+
+/// Puts `chosen`'s credential into `headers`: a key as the target takes it, or for a token kind
+/// (README, "Credential kinds") a cached or freshly fetched access token as
+/// `Authorization: Bearer`.
+async fn inject(
+    state: &State,
+    target: &Target,
+    chosen: &Candidate,
+    secret: Secret,
+    headers: &mut HeaderMap,
+) -> Result<Used, Step> {
+    let kind = chosen.credential.kind;
+    let refused = |e: crate::providers::InjectError| Step::Failed {
+        reject: Reject::new(ErrorCode::BadRequest, e.to_string()),
+        retryable: false,
+    };
+    match kind {
+        CredentialKind::ApiKey => {
+            prepare_upstream_headers(target, headers, &secret).map_err(refused)?;
+            Ok(Used {
+                scrub: vec![secret],
+                token: None,
+            })
+        }
+        CredentialKind::GcpServiceAccount | CredentialKind::AzureEntra => {
+            let key = (chosen.credential.id.clone(), chosen.version().version);
+            let token = state
+                .tokens
+                .token(TokenRequest {
+                    key: key.clone(),
+                    kind,
+                    secret: &secret,
+                    token_url: target.token_url.as_deref(),
+                    authority: target.authority.as_deref(),
+                    ca_file: target.ca_file.as_deref(),
+                })
+                .await
+                .map_err(|e| {
+                    tracing::warn!(
+                        credential = %chosen.credential.id,
+                        version = key.1,
+                        error = %e,
+                        "no access token for the credential",
+                    );
+                    Step::Failed {
+                        reject: Reject::new(
+                            ErrorCode::UpstreamUnreachable,
+                            format!(
+                                "credential {}/v{} ({kind}) got no access token: {e}",
+                                key.0, key.1
+                            ),
+                        ),
+                        retryable: true,
+                    }
+                })?;
+            prepare_upstream_headers_as(target, &bearer_auth(), headers, &token)
+                .map_err(refused)?;
+            let mut scrub = kind.secret_parts(&secret);
+            scrub.push(Secret::from_slice(token.expose_secret()));
+            Ok(Used {
+                scrub,
+                token: Some((key, token)),
+            })
+        }
+        other => Err(Step::Failed {
+            reject: Reject::new(
+                ErrorCode::UpstreamUnreachable,
+                format!(
+                    "credential {} is of kind {other}, which this keyward cannot use for \
+                     target {}",
+                    chosen.credential.id, target.name
+                ),
+            ),
+            retryable: true,
+        }),
     }
 }
 
@@ -1141,7 +1221,7 @@ async fn tenant_keys(
 fn respond(
     state: &Arc<State>,
     response: Response<ResponseBody>,
-    secret: &Secret,
+    secret: &Used,
     chosen: &Candidate,
     known: &Known,
     call_id: &str,
@@ -1161,7 +1241,7 @@ fn respond(
     }
     // Scrubbing may change the body's length.
     parts.headers.remove(CONTENT_LENGTH);
-    let mut scrubber = Scrubber::new(secret);
+    let mut scrubber = Scrubber::for_secrets(&secret.scrub);
     scrubber.scrub_headers(&mut parts.headers);
     let version = chosen.version().version;
     parts.headers.insert(

@@ -222,7 +222,7 @@ impl Upstream {
 
 /// The rustls configuration for one trust set: web PKI roots plus `ca_file`, TLS 1.3 and 1.2.
 /// ALPN (h2, then http/1.1) is set by the connector builder, which refuses a preset list.
-fn tls_config(
+pub(super) fn tls_config(
     ca_file: Option<&Path>,
     target_name: &str,
 ) -> Result<rustls::ClientConfig, UpstreamError> {
