@@ -48,6 +48,7 @@ fn targets(base_url: &str, ca_file: Option<&Path>) -> Targets {
         auth_format: Some("Bearer {key}".into()),
         family: Some("openai".into()),
         ca_file: ca_file.map(Path::to_path_buf),
+        ..Default::default()
     };
     Targets::resolve(&BTreeMap::from([("mock".to_string(), spec)])).expect("valid mock target")
 }

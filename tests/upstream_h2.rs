@@ -124,6 +124,7 @@ impl Running {
             auth_format: Some("Bearer {key}".into()),
             family: Some("openai".into()),
             ca_file: Some(ca),
+            ..Default::default()
         };
         let targets = Targets::resolve(&BTreeMap::from([("h2".to_string(), spec)])).unwrap();
         let upstream = match idle {

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 pub const MAX_REFRESH_MARGIN: Duration = Duration::from_secs(300);
 
 /// A freshly derived value and how long the issuer says it lasts (`expires_in`).
+#[derive(Debug)]
 pub struct Fresh<V> {
     /// The derived secret.
     pub value: V,

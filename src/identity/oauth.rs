@@ -261,7 +261,11 @@ mod tests {
         let err = read_token_response(
             "https://login/t/oauth2/v2.0/token",
             401,
-            br#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided: Q~s3cr3t-value"}"#,
+            concat!(
+                r#"{"error":"invalid_client","error_description":"#,
+                r#""AADSTS7000215: Invalid client secret provided: Q~s3cr3t-value"}"#
+            )
+            .as_bytes(),
             &[secret],
         )
         .unwrap_err();

@@ -4,8 +4,8 @@
 //!
 //! What keyward knows about each provider family lives in that family's file: its capability
 //! map, where it names the model (path or JSON body), its usage fields and its auth header
-//! (`openai`, `anthropic`, `gemini`, `vertex`, `azure`). JSON bodies are read by the one streaming
-//! scanner module, [`json_scan`]; responses' token counts by [`usage`].
+//! (`openai`, `anthropic`, `gemini`, `vertex`, `azure`). JSON bodies are read by the one
+//! streaming scanner module, [`json_scan`]; responses' token counts by [`usage`].
 //!
 //! `providers` must not do I/O beyond reading a target's `ca_file` while the config is
 //! validated, must not choose credentials, and must never put key bytes in an error, a log line
@@ -1305,7 +1305,38 @@ mod tests {
         );
         assert!(!ollama.upstream.is_https());
         assert_eq!(t.get("openai").unwrap().upstream.port, 443);
-        assert_eq!(t.iter().count(), PRESETS.len() - 1);
+        // azure-openai and vertex need their endpoint from the config.
+        assert!(t.get("vertex").is_none());
+        assert_eq!(t.iter().count(), PRESETS.len() - 2);
+    }
+
+    #[test]
+    fn vertex_takes_its_base_url_from_the_location() {
+        let t = Targets::resolve(&specs(
+            "[targets.vertex]\nlocation = \"europe-west4\"\n\
+             token_url = \"https://private.googleapis.com/token/\"",
+        ))
+        .unwrap();
+        let v = t.get("vertex").unwrap();
+        assert_eq!(
+            v.upstream.authority.as_str(),
+            "europe-west4-aiplatform.googleapis.com"
+        );
+        assert_eq!(v.family, Family::Vertex);
+        assert_eq!(
+            v.token_url.as_deref(),
+            Some("https://private.googleapis.com/token")
+        );
+        assert_eq!(accepted_kinds(v), &[CredentialKind::GcpServiceAccount]);
+        let global = Targets::resolve(&specs("[targets.vertex]\nlocation = \"global\"")).unwrap();
+        assert_eq!(
+            global.get("vertex").unwrap().upstream.authority.as_str(),
+            "aiplatform.googleapis.com"
+        );
+        let err = Targets::lookup(&presets(), "vertex")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("location = \"us-central1\""), "{err}");
     }
 
     #[test]
@@ -1586,9 +1617,30 @@ mod tests {
                 "not allowed",
             ),
             (
-                format!("[targets.t]\n{base}\nfamily = \"vertex\""),
+                format!("[targets.t]\n{base}\nfamily = \"sagemaker\""),
                 "targets.t.family",
-                "openai, anthropic, gemini, azure, none",
+                "openai, anthropic, gemini, vertex, azure, none",
+            ),
+            (
+                "[targets.vertex]\nlocation = \"US Central\"".to_string(),
+                "targets.vertex.location",
+                "like \"us-central1\"",
+            ),
+            (
+                "[targets.openai]\nlocation = \"us-central1\"".to_string(),
+                "targets.openai.location",
+                "vertex target only",
+            ),
+            (
+                "[targets.vertex]\nlocation = \"us-central1\"\ntoken_url = \"http://127.0.0.1:9/t\""
+                    .to_string(),
+                "targets.vertex.token_url",
+                "https URL",
+            ),
+            (
+                format!("[targets.t]\n{base}\nauthority = \"https://u:p@login.example\""),
+                "targets.t.authority",
+                "user information",
             ),
             (format!("[targets.Big]\n{base}"), "targets.Big", "a-z"),
             (format!("[targets._x]\n{base}"), "targets._x", "start with"),

@@ -199,27 +199,37 @@ fn json_escaped(raw: &[u8], escape_slash: bool) -> Secret {
 }
 
 /// The distinct first bytes of a needle set, for skipping input that cannot start a match.
-/// The forms of one key start with its first byte, `\` or `%`, so there are at most three.
+/// The forms of one key start with its first byte, `\` or `%`, so there are at most three;
+/// several secrets (a document's parts and a derived token) may have more, looked up in a
+/// table.
 struct FirstBytes {
     bytes: [u8; 3],
     len: usize,
+    /// Set when more than three distinct bytes start a needle.
+    table: Option<Box<[bool; 256]>>,
 }
 
 fn first_bytes(needles: &[Needle]) -> FirstBytes {
     let mut f = FirstBytes {
         bytes: [0; 3],
         len: 0,
+        table: None,
     };
+    let mut table = [false; 256];
+    let mut distinct = 0;
     for n in needles {
         let b = n.bytes.expose_secret()[0];
-        if !f.bytes[..f.len].contains(&b) {
-            assert!(
-                f.len < f.bytes.len(),
-                "more needle starts than key forms allow"
-            );
-            f.bytes[f.len] = b;
-            f.len += 1;
+        if !table[b as usize] {
+            table[b as usize] = true;
+            distinct += 1;
+            if f.len < f.bytes.len() {
+                f.bytes[f.len] = b;
+                f.len += 1;
+            }
         }
+    }
+    if distinct > f.bytes.len() {
+        f.table = Some(Box::new(table));
     }
     f
 }
@@ -227,6 +237,9 @@ fn first_bytes(needles: &[Needle]) -> FirstBytes {
 impl FirstBytes {
     /// Offset of the first byte in `hay` that starts some needle.
     fn find(&self, hay: &[u8]) -> Option<usize> {
+        if let Some(table) = &self.table {
+            return hay.iter().position(|&b| table[b as usize]);
+        }
         let [a, b, c] = self.bytes;
         match self.len {
             0 => None,
@@ -260,6 +273,9 @@ pub struct Scrubber {
     needles: Vec<Needle>,
     /// Per needle, how many bytes of it the unemitted tail of the input currently matches.
     states: Vec<usize>,
+    /// Indices of the needles that are a secret's raw bytes (the only form a header name can
+    /// hold).
+    raw: Vec<usize>,
 }
 
 impl fmt::Debug for Scrubber {
@@ -274,17 +290,27 @@ impl fmt::Debug for Scrubber {
 impl Scrubber {
     /// A scrubber for `secret`, copying it (and its encoded forms) into locked memory.
     pub fn new(secret: &Secret) -> Scrubber {
-        let needles = needles_for(secret);
-        let states = vec![0; needles.len()];
-        Scrubber { needles, states }
+        Scrubber::for_secrets(std::slice::from_ref(secret))
     }
 
     /// A scrubber for every one of `secrets` (a key, or a document's secret parts and the
     /// token derived from it).
     pub fn for_secrets(secrets: &[Secret]) -> Scrubber {
-        let needles: Vec<Needle> = secrets.iter().flat_map(needles_for).collect();
+        let mut needles = Vec::new();
+        let mut raw = Vec::new();
+        for secret in secrets {
+            let forms = needles_for(secret);
+            if !forms.is_empty() {
+                raw.push(needles.len());
+            }
+            needles.extend(forms);
+        }
         let states = vec![0; needles.len()];
-        Scrubber { needles, states }
+        Scrubber {
+            needles,
+            states,
+            raw,
+        }
     }
 
     /// How many bytes are currently held back (at most the longest needle's length minus one).
@@ -366,7 +392,9 @@ impl Scrubber {
     /// that needle instead of being buffered.
     fn scan(&mut self, chunk: &[u8], mut sink: impl FnMut(Piece<'_>)) {
         let (held_needle, held) = self.longest_state().unwrap_or((0, 0));
-        let Scrubber { needles, states } = self;
+        let Scrubber {
+            needles, states, ..
+        } = self;
         let emit = |from: usize, to: usize, sink: &mut dyn FnMut(Piece<'_>)| {
             if from < held.min(to) {
                 sink(Piece::Held(
@@ -458,10 +486,10 @@ impl Scrubber {
     /// here). Only the raw form can occur: every escaped form contains `\`, which no header
     /// name may hold. A name shorter than the key cannot hold it, and most are.
     fn names_key(&self, name: &[u8]) -> bool {
-        let Some(raw) = self.needles.first().map(|n| n.bytes.expose_secret()) else {
-            return false;
-        };
-        name.len() >= raw.len() && name.windows(raw.len()).any(|w| w.eq_ignore_ascii_case(raw))
+        self.raw.iter().any(|&i| {
+            let raw = self.needles[i].bytes.expose_secret();
+            name.len() >= raw.len() && name.windows(raw.len()).any(|w| w.eq_ignore_ascii_case(raw))
+        })
     }
 
     /// Replaces every occurrence of the key inside any header value with `[REDACTED]`, keeping
@@ -681,6 +709,38 @@ mod tests {
     }
 
     const KEY: &str = "sk-proj-Abc123_xyz-789";
+
+    #[test]
+    fn several_secrets_with_many_first_bytes_are_all_replaced_across_chunks() {
+        // A document's parts and a derived token: more distinct first bytes than one key's
+        // forms, and one part inside another.
+        let parts = [
+            "ya29.a0AfB_token",
+            "MIIEvQIBADANBgkq",
+            "Q~client/secret",
+            "kq",
+        ];
+        let secrets: Vec<Secret> = parts.iter().map(|p| secret(p)).collect();
+        let input = "t=ya29.a0AfB_token k=MIIEvQIBADANBgkqhk c=Q~client\\/secret x";
+        for cut in 0..input.len() {
+            let mut s = Scrubber::for_secrets(&secrets);
+            let mut out = BytesMut::new();
+            s.push(&input.as_bytes()[..cut], &mut out);
+            s.push(&input.as_bytes()[cut..], &mut out);
+            s.finish_into(&mut out);
+            assert_eq!(
+                std::str::from_utf8(&out).unwrap(),
+                "t=[REDACTED] k=[REDACTED]hk c=[REDACTED] x",
+                "cut at {cut}"
+            );
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("x-echo", HeaderValue::from_static("Q~client/secret"));
+        headers.insert("x-ya29.a0afb_token", HeaderValue::from_static("1"));
+        Scrubber::for_secrets(&secrets).scrub_headers(&mut headers);
+        assert_eq!(headers["x-echo"], "[REDACTED]");
+        assert!(!headers.contains_key("x-ya29.a0afb_token"));
+    }
 
     #[test]
     fn whole_secret_in_one_chunk_is_replaced() {

@@ -581,6 +581,17 @@ async fn route(state: &Arc<State>, req: &RecordedRequest) -> Response<MockBody> 
         ),
         (&Method::POST, "/v1/messages") => anthropic_messages(req, text),
         (&Method::POST, p) if p.starts_with("/v1beta/models/") => gemini(req, text),
+        // Vertex AI: Google's models answer like Gemini, Anthropic's (rawPredict,
+        // streamRawPredict) like the Messages API.
+        (&Method::POST, p) if p.contains("/publishers/google/models/") => gemini(req, text),
+        (&Method::POST, p) if p.contains("/publishers/anthropic/models/") => {
+            anthropic_messages(req, text)
+        }
+        (&Method::POST, p)
+            if p.starts_with("/openai/deployments/") && p.ends_with("/chat/completions") =>
+        {
+            openai_chat(req, text)
+        }
         (_, "/leak") => leak(req, query),
         (_, "/leak-error") => leak_error(req),
         (_, "/leak-hostile") => leak_hostile(req, query),
@@ -964,7 +975,10 @@ fn anthropic_messages(req: &RecordedRequest, text: &str) -> Response<MockBody> {
 }
 
 fn gemini(req: &RecordedRequest, text: &str) -> Response<MockBody> {
-    let rest = req.path().trim_start_matches("/v1beta/models/");
+    let rest = req
+        .path()
+        .rsplit_once("/models/")
+        .map_or("", |(_, rest)| rest);
     let Some((model, method)) = rest.split_once(':') else {
         return json_response(
             StatusCode::NOT_FOUND,

@@ -8,6 +8,7 @@ pub mod hsm;
 pub mod kms;
 pub mod mock_upstream;
 pub mod needs;
+pub mod token_endpoint;
 pub mod uds;
 
 use daemon::Daemon;

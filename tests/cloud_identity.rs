@@ -1,0 +1,298 @@
+//! Token kinds through the real binary (README, "Vertex AI", "Azure OpenAI with Entra ID"):
+//! keyward mints access tokens from `gcp-service-account` and `azure-entra` credentials at a
+//! token endpoint that checks them as Google and Microsoft do (`support/token_endpoint.py`,
+//! verifying with pyca/cryptography, not keyward's ring), caches them, injects them as
+//! `Authorization: Bearer`, refreshes them once per burst, forgets one the upstream refuses,
+//! and keeps them, like the credentials' secret fields, out of responses, logs, the audit and
+//! the disk.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::daemon::{Daemon, contains};
+use support::mock_upstream::{MockUpstream, Reply};
+use support::token_endpoint::TokenEndpoint;
+use support::uds::{call_as, error_code};
+
+const GEMINI: &str =
+    "/vertex/v1/projects/kw-test/locations/us-east5/publishers/google/models/gemini-2.0-flash";
+const CLAUDE: &str = "/vertex/v1/projects/kw-test/locations/us-east5/publishers/anthropic/models/\
+                      claude-sonnet-4@20250514";
+
+fn gemini_body() -> String {
+    json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}).to_string()
+}
+
+/// A token endpoint, a mock provider and a daemon whose `vertex` and `azure-openai` targets
+/// point at the mock, trusting both CAs.
+struct Stack {
+    tokens: TokenEndpoint,
+    mock: MockUpstream,
+    daemon: Daemon,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    async fn start(test: &str) -> Option<Stack> {
+        let tokens = TokenEndpoint::start(test)?;
+        let mock = MockUpstream::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = tokens.ca_bundle(&mock.ca_pem());
+        let config = format!(
+            "[targets.vertex]\nbase_url = \"{base}\"\nca_file = \"{ca}\"\n\n\
+             [targets.azure-openai]\nbase_url = \"{base}\"\nca_file = \"{ca}\"\n\
+             authority = \"{authority}\"\n",
+            base = mock.base_url(),
+            ca = ca.display(),
+            authority = tokens.base,
+        );
+        let daemon = Daemon::builder().config(&config).start();
+        Some(Stack {
+            tokens,
+            mock,
+            daemon,
+            _dir: dir,
+        })
+    }
+
+    /// A client token and the credential id of a `kind` credential for `target` made from the
+    /// token endpoint's file `doc`.
+    fn provision(&self, target: &str, kind: &str, doc: &str) -> (String, String) {
+        self.daemon
+            .provision("acme", target, &self.tokens.read(doc), &["--kind", kind])
+    }
+
+    /// The service account's private key, its base64 lines one by one, and the key id.
+    fn key_material(&self, doc: &str) -> Vec<String> {
+        let sa = self.tokens.json(doc);
+        let pem = sa["private_key"].as_str().unwrap();
+        let mut parts: Vec<String> = pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .map(str::to_string)
+            .collect();
+        parts.push(pem.to_string());
+        parts
+    }
+
+    /// Every place a secret could surface for an operator or on disk.
+    fn assert_nowhere(&self, secrets: &[String]) {
+        let d = &self.daemon;
+        let audit = d.ok(&["audit", "query", "--json"]);
+        let creds = d.ok(&["cred", "list", "--json"]);
+        let state = d.all_state_bytes();
+        let (out, err) = (d.stdout(), d.stderr());
+        for s in secrets {
+            assert!(!audit.contains(s.as_str()), "a secret in the audit");
+            assert!(!creds.contains(s.as_str()), "a secret in cred list");
+            assert!(!contains(&state, s), "a secret in the state directory");
+            assert!(
+                !out.contains(s.as_str()) && !err.contains(s.as_str()),
+                "a secret logged"
+            );
+        }
+    }
+}
+
+fn issued(tokens: &TokenEndpoint) -> Vec<String> {
+    tokens.stats()["issued"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn bearer_seen(mock: &MockUpstream) -> String {
+    mock.last_request()
+        .unwrap()
+        .header("authorization")
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn vertex_requests_carry_a_token_minted_from_the_service_account() {
+    let Some(s) =
+        Stack::start("vertex_requests_carry_a_token_minted_from_the_service_account").await
+    else {
+        return;
+    };
+    let (token, cred) = s.provision("vertex", "gcp-service-account", "sa.json");
+    let sock = s.daemon.socket();
+    let (status, headers, body) = call_as(
+        &sock,
+        &token,
+        &format!("{GEMINI}:generateContent"),
+        &gemini_body(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("candidates"), "{body}");
+    assert_eq!(
+        headers["keyward-credential"].to_str().unwrap(),
+        format!("{cred}/v1")
+    );
+    // The endpoint verified the JWT and issued one token, which the provider got.
+    assert_eq!(s.tokens.count("google"), 1, "{}", s.tokens.stats());
+    assert_eq!(s.tokens.count("google_refused"), 0, "{}", s.tokens.stats());
+    let minted = issued(&s.tokens).remove(0);
+    assert_eq!(bearer_seen(&s.mock), format!("Bearer {minted}"));
+    let seen = s.mock.last_request().unwrap();
+    assert!(!seen.headers.contains_key("x-goog-api-key"));
+
+    // Streaming and an Anthropic partner model reuse the cached token.
+    let (status, _, body) = call_as(
+        &sock,
+        &token,
+        &format!("{GEMINI}:streamGenerateContent?alt=sse"),
+        &gemini_body(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("data: "), "{body}");
+    let claude = json!({"anthropic_version": "vertex-2023-10-16", "max_tokens": 16,
+                        "messages": [{"role": "user", "content": "hi"}]});
+    let (status, _, body) = call_as(
+        &sock,
+        &token,
+        &format!("{CLAUDE}:rawPredict"),
+        &claude.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(s.tokens.count("google"), 1);
+    assert_eq!(bearer_seen(&s.mock), format!("Bearer {minted}"));
+
+    // Model, capability and usage reach the audit from both shapes.
+    let done = s
+        .daemon
+        .json_lines(&["audit", "query", "--event", "request.completed"]);
+    assert_eq!(done.len(), 3, "{done:?}");
+    for row in &done {
+        assert_eq!(row["capability"], "chat", "{row}");
+        assert_eq!(row["input_tokens"], 9, "{row}");
+        assert!(row["output_tokens"].as_u64().unwrap() > 0, "{row}");
+    }
+    assert!(done.iter().any(|r| r["model"] == "gemini-2.0-flash"));
+    assert!(
+        done.iter()
+            .any(|r| r["model"] == "claude-sonnet-4@20250514")
+    );
+
+    let mut secrets = s.key_material("sa.json");
+    secrets.push(minted);
+    s.assert_nowhere(&secrets);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_after_expiry_makes_one_token_request() {
+    let Some(s) = Stack::start("a_burst_after_expiry_makes_one_token_request").await else {
+        return;
+    };
+    // Two-second tokens are refreshed 0.2 s before they expire; each answer takes 300 ms, so
+    // the burst arrives while the refresh is under way.
+    s.tokens.control(2, 300, &[]);
+    let (token, _) = s.provision("vertex", "gcp-service-account", "sa.json");
+    let sock = s.daemon.socket();
+    let path = format!("{GEMINI}:generateContent");
+    let (status, _, body) = call_as(&sock, &token, &path, &gemini_body()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(s.tokens.count("google"), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let before = s.mock.request_count();
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let (sock, token, path) = (sock.clone(), token.clone(), path.clone());
+            tokio::spawn(async move { call_as(&sock, &token, &path, &gemini_body()).await })
+        })
+        .collect();
+    for c in calls {
+        let (status, _, body) = c.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(s.tokens.count("google"), 2, "{}", s.tokens.stats());
+    let fresh = format!("Bearer {}", issued(&s.tokens)[1]);
+    let requests = s.mock.requests();
+    assert_eq!(requests.len() - before, 20);
+    for r in &requests[before..] {
+        assert_eq!(r.header("authorization"), Some(fresh.as_str()));
+    }
+}
+
+#[tokio::test]
+async fn a_key_the_endpoint_does_not_know_is_refused_with_its_reason() {
+    let Some(s) = Stack::start("a_key_the_endpoint_does_not_know_is_refused_with_its_reason").await
+    else {
+        return;
+    };
+    // Same account and key id, another private key: the signature does not verify.
+    let (token, cred) = s.provision("vertex", "gcp-service-account", "sa_other.json");
+    let (status, headers, body) = call_as(
+        &s.daemon.socket(),
+        &token,
+        &format!("{GEMINI}:generateContent"),
+        &gemini_body(),
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(error_code(&headers), "upstream_unreachable");
+    let message = serde_json::from_str::<Value>(&body).unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for part in [
+        cred.as_str(),
+        &format!("{}/token", s.tokens.base),
+        "invalid_grant",
+        "Invalid JWT Signature",
+    ] {
+        assert!(message.contains(part), "{part} not in: {message}");
+    }
+    assert_eq!(s.tokens.count("google_refused"), 1);
+    assert_eq!(s.mock.request_count(), 0, "nothing went to the provider");
+    s.assert_nowhere(&s.key_material("sa_other.json"));
+    assert!(!body.contains("PRIVATE KEY"));
+}
+
+#[tokio::test]
+async fn echoed_tokens_and_key_material_are_redacted_and_a_refused_token_is_dropped() {
+    let Some(s) =
+        Stack::start("echoed_tokens_and_key_material_are_redacted_and_a_refused_token_is_dropped")
+            .await
+    else {
+        return;
+    };
+    let first = format!("ya29.first-{}", support::daemon::random_key(""));
+    let second = format!("ya29.second-{}", support::daemon::random_key(""));
+    s.tokens.control(3599, 0, &[&first, &second]);
+    let (token, _) = s.provision("vertex", "gcp-service-account", "sa.json");
+    let pem_line = s.key_material("sa.json")[3].clone();
+    s.mock.set_key_reply(
+        &first,
+        Reply::json(json!({"debug": {"token": first, "key": pem_line}}))
+            .header("x-debug-token", &first),
+    );
+    let sock = s.daemon.socket();
+    let path = format!("{GEMINI}:generateContent");
+    let (status, headers, body) = call_as(&sock, &token, &path, &gemini_body()).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("[REDACTED]"), "{body}");
+    assert!(
+        !body.contains(&first) && !body.contains(&pem_line),
+        "{body}"
+    );
+    assert_eq!(headers["x-debug-token"], "[REDACTED]");
+
+    // The provider refuses the token: the app gets that answer, the token is forgotten, and
+    // the next request is served with a new one.
+    s.mock.set_key_reply(&first, Reply::status(401));
+    let (status, _, _) = call_as(&sock, &token, &path, &gemini_body()).await;
+    assert_eq!(status, 401);
+    assert_eq!(s.tokens.count("google"), 1);
+    let (status, _, body) = call_as(&sock, &token, &path, &gemini_body()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(s.tokens.count("google"), 2);
+    assert_eq!(bearer_seen(&s.mock), format!("Bearer {second}"));
+    s.assert_nowhere(&[first, second, pem_line]);
+}
