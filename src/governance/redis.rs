@@ -86,6 +86,9 @@ pub(crate) struct RedisBackend {
     timeout: Duration,
     /// Set when a failure was logged, so an outage logs once and its end once.
     down_logged: AtomicBool,
+    /// Set once a connection was attempted: before that (just after start or a reload), the
+    /// first call connects itself rather than finding the backend "down".
+    tried: AtomicBool,
     admit: redis::Script,
     charge: redis::Script,
 }
@@ -100,6 +103,7 @@ impl RedisBackend {
             conn: ArcSwapOption::empty(),
             timeout,
             down_logged: AtomicBool::new(false),
+            tried: AtomicBool::new(false),
             admit: redis::Script::new(ADMIT),
             charge: redis::Script::new(CHARGE),
         })
@@ -123,6 +127,7 @@ impl RedisBackend {
             redis::cmd("PING").query_async::<String>(&mut conn).await?;
             Ok::<_, redis::RedisError>(conn)
         };
+        self.tried.store(true, Ordering::Relaxed);
         match tokio::time::timeout(self.timeout * 2, attempt).await {
             Ok(Ok(conn)) => {
                 self.conn.store(Some(std::sync::Arc::new(conn)));
@@ -151,14 +156,22 @@ impl RedisBackend {
         }
     }
 
+    /// The connection, connecting first when none was ever attempted.
+    async fn connection(&self) -> Result<MultiplexedConnection, RedisDown> {
+        if self.conn.load().is_none() && !self.tried.load(Ordering::Relaxed) {
+            self.reconnect().await;
+        }
+        match self.conn.load_full() {
+            Some(conn) => Ok((*conn).clone()),
+            None => Err(RedisDown::NotConnected),
+        }
+    }
+
     async fn run<T: redis::FromRedisValue>(
         &self,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T, RedisDown> {
-        let Some(conn) = self.conn.load_full() else {
-            return Err(RedisDown::NotConnected);
-        };
-        let mut conn = (*conn).clone();
+        let mut conn = self.connection().await?;
         let result =
             match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
                 Ok(Ok(v)) => Ok(v),
@@ -235,10 +248,7 @@ impl RedisBackend {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let Some(conn) = self.conn.load_full() else {
-            return Err(RedisDown::NotConnected);
-        };
-        let mut conn = (*conn).clone();
+        let mut conn = self.connection().await?;
         let mut cmd = redis::cmd("MGET");
         for key in keys {
             cmd.arg(format!("{KEY_PREFIX}{key}"));
