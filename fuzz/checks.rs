@@ -256,3 +256,43 @@ pub fn framing(data: &[u8]) {
         assert_eq!(n, heads, "only the last head can be refused");
     }
 }
+
+/// Content types the usage target reads a body as: plain JSON (OpenAI, Anthropic, Gemini's
+/// JSON array stream) and SSE.
+const USAGE_CONTENT_TYPES: [Option<&str>; 3] = [
+    Some("application/json"),
+    Some("text/event-stream; charset=utf-8"),
+    None,
+];
+
+/// The usage reader gives the same counts over any split of a response as over the whole of
+/// it, including one byte at a time, and its totals add up.
+pub fn usage(data: &[u8]) {
+    use keyward::audit::usage::UsageTap;
+    let (sizes, body) = seed_and_payload(data);
+    for content_type in USAGE_CONTENT_TYPES {
+        let read = |chunks: &[&[u8]]| {
+            let mut tap = UsageTap::new(content_type);
+            for c in chunks {
+                tap.feed(c);
+            }
+            tap.finish()
+        };
+        let whole = read(&[body]);
+        assert_eq!(
+            whole,
+            read(&split(body, &sizes)),
+            "usage depends on the split ({content_type:?})"
+        );
+        assert_eq!(
+            whole,
+            read(&split(body, &[1])),
+            "usage read one byte at a time differs ({content_type:?})"
+        );
+        if let Some(u) = whole
+            && let (Some(i), Some(o)) = (u.input_tokens, u.output_tokens)
+        {
+            assert_eq!(u.total_tokens, Some(i.saturating_add(o)), "{u:?}");
+        }
+    }
+}

@@ -139,7 +139,11 @@ pub enum BudgetCommand {
         #[arg(long, value_parser = ["deny", "warn"])]
         on_exceed: Option<String>,
         /// Write a budget.threshold audit event when spend crosses PCT percent (repeatable).
-        #[arg(long = "alert", value_name = "PCT", value_parser = clap::value_parser!(u8).range(1..=100))]
+        #[arg(
+            long = "alert",
+            value_name = "PCT",
+            value_parser = clap::value_parser!(u8).range(1..=100)
+        )]
         alerts: Vec<u8>,
     },
     /// List budgets with spent, limit and reset time.

@@ -199,7 +199,8 @@ impl State {
                 Err(e) => tracing::warn!(
                     budget = %b.id,
                     error = %e,
-                    "cannot read this period's spend from the audit trail; the budget counts from now"
+                    "cannot read this period's spend from the audit trail; the budget counts \
+                     from now"
                 ),
             }
         }

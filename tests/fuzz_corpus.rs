@@ -61,3 +61,8 @@ fn config_corpus() {
 fn framing_corpus() {
     run_corpus("framing", checks::framing);
 }
+
+#[test]
+fn usage_corpus() {
+    run_corpus("usage", checks::usage);
+}

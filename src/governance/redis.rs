@@ -132,7 +132,10 @@ impl RedisBackend {
             Ok(Ok(conn)) => {
                 self.conn.store(Some(std::sync::Arc::new(conn)));
                 if self.down_logged.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(redis = %self.shown, "governance counters: Redis reachable again");
+                    tracing::warn!(
+                        redis = %self.shown,
+                        "governance counters: Redis reachable again"
+                    );
                 } else {
                     tracing::info!(redis = %self.shown, "governance counters in Redis");
                 }
@@ -152,7 +155,11 @@ impl RedisBackend {
     fn mark_down(&self, why: &RedisDown) {
         self.conn.store(None);
         if !self.down_logged.swap(true, Ordering::Relaxed) {
-            tracing::error!(redis = %self.shown, reason = %why, "governance counters: Redis unreachable");
+            tracing::error!(
+                redis = %self.shown,
+                reason = %why,
+                "governance counters: Redis unreachable"
+            );
         }
     }
 
