@@ -296,3 +296,244 @@ async fn echoed_tokens_and_key_material_are_redacted_and_a_refused_token_is_drop
     assert_eq!(bearer_seen(&s.mock), format!("Bearer {second}"));
     s.assert_nowhere(&[first, second, pem_line]);
 }
+
+// === Azure OpenAI with Entra ID ===
+
+const AZURE_CHAT: &str = "/azure-openai/openai/deployments/gpt-4o/chat/completions\
+                          ?api-version=2024-10-21";
+
+fn azure_body(stream: bool) -> String {
+    json!({"model": "gpt-4o", "stream": stream,
+           "messages": [{"role": "user", "content": "hi"}]})
+    .to_string()
+}
+
+#[tokio::test]
+async fn azure_openai_takes_an_entra_token_and_a_wrong_secret_is_named_not_shown() {
+    let Some(s) =
+        Stack::start("azure_openai_takes_an_entra_token_and_a_wrong_secret_is_named_not_shown")
+            .await
+    else {
+        return;
+    };
+    let minted = format!("eyJ0eXAi.entra-{}", support::daemon::random_key(""));
+    s.tokens.control(3599, 0, &[&minted]);
+    let entra = s.tokens.json("entra.json");
+    let client_secret = entra["client_secret"].as_str().unwrap().to_string();
+    let (token, cred) = s.provision("azure-openai", "azure-entra", "entra.json");
+    // The provider echoes the token and the client secret back.
+    s.mock.set_key_reply(
+        &minted,
+        Reply::json(json!({"debug": [minted, client_secret]})).header("x-secret", &client_secret),
+    );
+    let sock = s.daemon.socket();
+    let (status, headers, body) = call_as(&sock, &token, AZURE_CHAT, &azure_body(false)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        headers["keyward-credential"].to_str().unwrap(),
+        format!("{cred}/v1")
+    );
+    assert!(body.contains("[REDACTED]"), "{body}");
+    assert!(
+        !body.contains(&minted) && !body.contains(&client_secret),
+        "{body}"
+    );
+    assert_eq!(headers["x-secret"], "[REDACTED]");
+    let seen = s.mock.last_request().unwrap();
+    assert_eq!(
+        seen.header("authorization"),
+        Some(format!("Bearer {minted}").as_str())
+    );
+    assert!(
+        seen.header("api-key").is_none(),
+        "an api-key header went upstream"
+    );
+    assert_eq!(s.tokens.count("entra"), 1, "{}", s.tokens.stats());
+    // Streaming reuses the token.
+    s.mock.clear_key_reply(&minted);
+    let (status, _, body) = call_as(&sock, &token, AZURE_CHAT, &azure_body(true)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("data: "), "{body}");
+    assert_eq!(s.tokens.count("entra"), 1);
+
+    // Another tenant's registration with a wrong secret: refused by the endpoint, named by
+    // keyward, never shown.
+    let wrong = format!("Q~{}", support::daemon::random_key(""));
+    let mut doc = entra.clone();
+    doc["client_secret"] = json!(wrong);
+    let (other_token, other_cred) = s.daemon.provision(
+        "other",
+        "azure-openai",
+        &doc.to_string(),
+        &["--kind", "azure-entra"],
+    );
+    let (status, headers, body) =
+        call_as(&sock, &other_token, AZURE_CHAT, &azure_body(false)).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(error_code(&headers), "upstream_unreachable");
+    let endpoint = format!(
+        "{}/contoso.onmicrosoft.com/oauth2/v2.0/token",
+        s.tokens.base
+    );
+    for part in [
+        other_cred.as_str(),
+        &endpoint,
+        "invalid_client",
+        "AADSTS7000215",
+    ] {
+        assert!(body.contains(part), "{part} not in: {body}");
+    }
+    assert!(!body.contains(&wrong) && !body.contains(&client_secret));
+    assert_eq!(s.tokens.count("entra_refused"), 1);
+    s.assert_nowhere(&[minted, client_secret, wrong]);
+}
+
+// === official SDKs ===
+
+fn root() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `examples/clients/setup.sh` once per test binary (pinned SDKs; a no-op when present).
+fn sdks() {
+    static SETUP: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let result = SETUP.get_or_init(|| {
+        let out = std::process::Command::new("bash")
+            .arg(root().join("examples/clients/setup.sh"))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("could not run setup.sh: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "examples/clients/setup.sh failed; it needs PyPI and npm:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    });
+    if let Err(why) = result {
+        panic!("{why}");
+    }
+}
+
+/// Runs a Python example against the daemon as an app holding only `token`; returns its
+/// stdout after checking it succeeded.
+async fn example(s: &Stack, script: &str, token: &str) -> String {
+    sdks();
+    let out = tokio::process::Command::new(root().join("target/sdk-venv/bin/python"))
+        .arg(root().join("examples/clients/python").join(script))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("KEYWARD_SOCKET", s.daemon.socket())
+        .env("KEYWARD_TOKEN", token)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(180), out)
+        .await
+        .expect("the example finished")
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{script}:\n{stdout}\n{stderr}");
+    let text = support::mock_upstream::DEFAULT_TEXT;
+    assert!(stdout.contains(&format!("chat: {text}")), "{stdout}");
+    assert!(stdout.contains(&format!("stream: {text}")), "{stdout}");
+    let chunks: usize = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("stream chunks: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(chunks > 1, "the stream came in one piece: {stdout}");
+    stdout
+}
+
+/// The provider saw only minted tokens, never the app's client token.
+fn provider_saw_only(s: &Stack, app_token: &str, minted: &[String]) {
+    for r in s.mock.requests() {
+        let auth = r.header("authorization").unwrap_or("");
+        assert!(
+            minted.iter().any(|t| auth == format!("Bearer {t}")),
+            "{} carried {auth:?}",
+            r.path()
+        );
+        for (name, value) in &r.headers {
+            assert!(
+                !String::from_utf8_lossy(value.as_bytes()).contains(app_token),
+                "the client token reached the provider in {name}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn anthropic_vertex_sdk_normal_and_streaming() {
+    let Some(s) = Stack::start("anthropic_vertex_sdk_normal_and_streaming").await else {
+        return;
+    };
+    let (token, cred) = s.provision("vertex", "gcp-service-account", "sa.json");
+    let stdout = example(&s, "anthropic_vertex_chat.py", &token).await;
+    assert!(
+        stdout.contains(&format!("keyward-credential: {cred}/v1")),
+        "{stdout}"
+    );
+    let paths: Vec<String> = s
+        .mock
+        .requests()
+        .iter()
+        .map(|r| r.path().to_string())
+        .collect();
+    let base = "/v1/projects/my-project/locations/us-east5/publishers/anthropic/models/\
+                claude-sonnet-4@20250514";
+    assert_eq!(
+        paths,
+        [
+            format!("{base}:rawPredict"),
+            format!("{base}:streamRawPredict")
+        ]
+    );
+    assert_eq!(s.tokens.count("google"), 1);
+    let minted = issued(&s.tokens);
+    provider_saw_only(&s, &token, &minted);
+    let mut secrets = s.key_material("sa.json");
+    secrets.extend(minted.iter().cloned());
+    s.assert_nowhere(&secrets);
+    for m in &minted {
+        assert!(!stdout.contains(m.as_str()));
+    }
+}
+
+#[tokio::test]
+async fn azure_openai_sdk_with_an_entra_token_normal_and_streaming() {
+    let Some(s) = Stack::start("azure_openai_sdk_with_an_entra_token_normal_and_streaming").await
+    else {
+        return;
+    };
+    let (token, cred) = s.provision("azure-openai", "azure-entra", "entra.json");
+    let stdout = example(&s, "azure_openai_entra_chat.py", &token).await;
+    assert!(
+        stdout.contains(&format!("keyward-credential: {cred}/v1")),
+        "{stdout}"
+    );
+    let requests = s.mock.requests();
+    assert_eq!(requests.len(), 2);
+    for r in &requests {
+        assert_eq!(r.path(), "/openai/deployments/gpt-4o/chat/completions");
+        assert!(r.header("api-key").is_none());
+    }
+    assert_eq!(s.tokens.count("entra"), 1);
+    let minted = issued(&s.tokens);
+    provider_saw_only(&s, &token, &minted);
+    let client_secret = s.tokens.json("entra.json")["client_secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut secrets = vec![client_secret];
+    secrets.extend(minted.iter().cloned());
+    s.assert_nowhere(&secrets);
+    assert!(!stdout.contains(&secrets[0]));
+}
