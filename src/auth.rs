@@ -109,6 +109,20 @@ pub fn token_hash(token: &str) -> Vec<u8> {
         .to_vec()
 }
 
+/// The scheme of an AWS SigV4 `Authorization` header.
+const SIGV4_SCHEME: &str = "AWS4-HMAC-SHA256";
+
+/// The access key id of a SigV4 `Authorization` value (after the scheme):
+/// `Credential=<id>/<date>/<region>/<service>/aws4_request, SignedHeaders=..., Signature=...`.
+/// An AWS SDK configured with a client token as its access key id sends the token here; its
+/// signature (made with whatever secret the app holds) is not checked, and never forwarded.
+fn sigv4_key_id(params: &str) -> Option<&str> {
+    params
+        .split(',')
+        .find_map(|p| p.trim().strip_prefix("Credential="))
+        .and_then(|c| c.split('/').next())
+}
+
 /// The client token in the request, if any; errors when two different ones are present.
 fn find_token(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
     let mut found: Option<&str> = None;
@@ -119,6 +133,10 @@ fn find_token(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
             let text = if name == "authorization" {
                 match text.split_once(' ') {
                     Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+                    Some((scheme, rest)) if scheme == SIGV4_SCHEME => match sigv4_key_id(rest) {
+                        Some(id) => id,
+                        None => continue,
+                    },
                     _ => continue,
                 }
             } else {
@@ -405,5 +423,27 @@ mod tests {
         wrong.push('x');
         let err = authenticate(&cat, &headers(&[("x-api-key", &wrong)]), None).unwrap_err();
         assert!(!format!("{err} {err:?}").contains(&wrong));
+    }
+
+    #[test]
+    fn an_aws_sdk_signature_carries_the_token_as_its_access_key_id() {
+        let (cat, t1, _) = catalog();
+        let sigv4 = format!(
+            "AWS4-HMAC-SHA256 Credential={t1}/20261130/us-east-1/bedrock/aws4_request, \
+             SignedHeaders=host;x-amz-date, Signature=00ff"
+        );
+        let p = authenticate(&cat, &headers(&[("authorization", &sigv4)]), None).unwrap();
+        assert_eq!(p.client_id, "cli_a");
+        for bad in [
+            "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20261130/us-east-1/bedrock/x",
+            "AWS4-HMAC-SHA256 SignedHeaders=host",
+            "aws4-hmac-sha256 Credential=kw_x/1",
+        ] {
+            let bad = bad.replace("kw_x", &t1);
+            assert!(
+                authenticate(&cat, &headers(&[("authorization", &bad)]), None).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -134,6 +134,8 @@ pub struct State {
     pub expiry_watch: crate::pool::ExpiryWatch,
     /// Budgets, rate limits and their counters (README, "Spend and limits").
     pub governance: Arc<crate::governance::Governance>,
+    /// Session credentials of assumed AWS roles (README, "Bedrock").
+    pub aws_sessions: crate::proxy::aws_session::AwsSessions,
 }
 
 impl State {
@@ -692,6 +694,7 @@ impl Server {
             tokens: Default::default(),
             pool: crate::pool::Pool::new(&config.pool),
             expiry_watch: crate::pool::ExpiryWatch::default(),
+            aws_sessions: Default::default(),
             config: ArcSwap::from_pointee(config),
         });
         state.reload_rules()?;

@@ -273,7 +273,7 @@ impl Kek for AwsKmsKek {
 }
 
 /// Web PKI roots plus `ca_file`, rustls with the ring provider, TLS 1.3 and 1.2.
-fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, SealError> {
+pub(crate) fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, SealError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
@@ -306,7 +306,7 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, SealError>
 }
 
 /// SigV4 headers (`authorization`, `x-amz-date`, `x-amz-security-token`) for one request.
-fn sign(
+pub(crate) fn sign(
     creds: &Credentials,
     region: &str,
     service: &str,
@@ -362,15 +362,15 @@ fn sign(
 
 /// An `http://` or `https://` URL: scheme, host, port, path and query.
 #[derive(Debug, Clone)]
-struct Url {
-    tls: bool,
+pub(crate) struct Url {
+    pub(crate) tls: bool,
     host: String,
     port: u16,
     path: String,
 }
 
 impl Url {
-    fn parse(text: &str) -> Result<Url, String> {
+    pub(crate) fn parse(text: &str) -> Result<Url, String> {
         let (tls, rest) = if let Some(r) = text.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = text.strip_prefix("http://") {
@@ -420,7 +420,7 @@ impl Url {
         }
     }
 
-    fn origin(&self) -> String {
+    pub(crate) fn origin(&self) -> String {
         format!(
             "{}://{}",
             if self.tls { "https" } else { "http" },
@@ -429,9 +429,9 @@ impl Url {
     }
 }
 
-struct Response {
-    status: u16,
-    body: Zeroizing<Vec<u8>>,
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) body: Zeroizing<Vec<u8>>,
 }
 
 trait Stream: Read + Write {}
@@ -439,7 +439,7 @@ impl<T: Read + Write> Stream for T {}
 
 /// One HTTP/1.1 request on a new connection (`Connection: close`). Errors name the origin and
 /// what failed, never a header value or body.
-fn http(
+pub(crate) fn http(
     tls: &Arc<rustls::ClientConfig>,
     method: &str,
     url: &Url,
@@ -560,12 +560,12 @@ fn parse_response(raw: &[u8]) -> Result<Response, String> {
 }
 
 /// AWS credentials in locked memory.
-struct Credentials {
-    access_key_id: String,
-    secret_access_key: Secret,
-    session_token: Option<Secret>,
+pub(crate) struct Credentials {
+    pub(crate) access_key_id: String,
+    pub(crate) secret_access_key: Secret,
+    pub(crate) session_token: Option<Secret>,
     /// When session credentials expire; `None` for long-term keys.
-    expires: Option<SystemTime>,
+    pub(crate) expires: Option<SystemTime>,
 }
 
 /// Where the credentials come from (decided once at open, renewed from the same source).
@@ -596,7 +596,7 @@ impl Source {
     }
 }
 
-struct CredentialChain {
+pub(crate) struct CredentialChain {
     source: Source,
     tls: Arc<rustls::ClientConfig>,
     cached: Mutex<Option<Arc<Credentials>>>,
@@ -612,7 +612,7 @@ fn cred_error(source: &Source, reason: String) -> SealError {
 
 impl CredentialChain {
     /// Picks the first source of the chain the environment configures, and fetches from it.
-    fn from_env(
+    pub(crate) fn from_env(
         region: &str,
         tls: Arc<rustls::ClientConfig>,
         lookup: EnvLookup<'_>,
@@ -684,7 +684,7 @@ impl CredentialChain {
     }
 
     /// Cached credentials, renewed when they expire within five minutes.
-    fn get(&self) -> Result<Arc<Credentials>, SealError> {
+    pub(crate) fn get(&self) -> Result<Arc<Credentials>, SealError> {
         let mut cached = crate::lock(&self.cached);
         if let Some(c) = cached.as_ref() {
             let fresh = match c.expires {
@@ -836,12 +836,12 @@ fn json_credentials(response: &Response, token_field: &str) -> Result<Credential
     })
 }
 
-fn parse_time(text: &str) -> Option<SystemTime> {
+pub(crate) fn parse_time(text: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339_weak(text.trim().trim_end_matches('Z')).ok()
 }
 
 /// The text of the first `<tag>…</tag>` (STS answers are small, flat XML).
-fn xml_text<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
+pub(crate) fn xml_text<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
     let open = format!("<{tag}>");
     let start = xml.find(&open)? + open.len();
     let end = xml[start..].find(&format!("</{tag}>"))? + start;
@@ -849,7 +849,7 @@ fn xml_text<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
 }
 
 /// `application/x-www-form-urlencoded` escaping.
-fn form_escape(text: &str) -> String {
+pub(crate) fn form_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for b in text.bytes() {
         match b {

@@ -501,7 +501,7 @@ pub fn model_from_json(body: &[u8]) -> Option<String> {
 /// Largest captured object; real usage objects are a few hundred bytes.
 pub const MAX_CAPTURE: usize = 4096;
 /// Longest key remembered while looking for a wanted key.
-pub const MAX_KEY: usize = 16;
+pub const MAX_KEY: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {

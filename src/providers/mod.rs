@@ -13,6 +13,7 @@
 
 mod anthropic;
 mod azure;
+pub mod bedrock;
 mod gemini;
 pub mod json_scan;
 mod openai;
@@ -44,7 +45,7 @@ pub struct TargetSpec {
     pub auth_format: Option<String>,
     /// How model and capability are read: openai|anthropic|gemini|azure|none.
     pub family: Option<String>,
-    /// Extra PEM CA bundle trusted for this target.
+    /// Extra PEM CA bundle trusted for this target (and for its STS endpoint).
     pub ca_file: Option<PathBuf>,
     /// Vertex AI region (`us-central1`, `europe-west4`, `global`): the base URL becomes
     /// `https://{location}-aiplatform.googleapis.com`.
@@ -55,6 +56,11 @@ pub struct TargetSpec {
     /// Entra ID authority for `azure-entra` credentials (`https://login.microsoftonline.us`,
     /// `https://login.chinacloudapi.cn`, ...; default the public cloud's); https only.
     pub authority: Option<String>,
+    /// AWS region of a `bedrock` target (SigV4 signing, and the default base URL).
+    pub region: Option<String>,
+    /// STS endpoint for `aws-assume-role` credentials of a `bedrock` target
+    /// (`https://HOST[:PORT]`; default `https://sts.{region}.amazonaws.com`).
+    pub sts_endpoint: Option<String>,
 }
 
 /// How a target's requests are read for model and capability.
@@ -71,6 +77,9 @@ pub enum Family {
     Vertex,
     /// Azure OpenAI: deployment in the path (`/openai/deployments/{deployment}/...`).
     Azure,
+    /// Amazon Bedrock runtime: model id in the path (`/model/{modelId}/{method}`), requests
+    /// signed with SigV4.
+    Bedrock,
     /// Opaque upstream: no model, capability `other`.
     None,
 }
@@ -84,6 +93,7 @@ impl Family {
             Family::Gemini => "gemini",
             Family::Vertex => "vertex",
             Family::Azure => "azure",
+            Family::Bedrock => "bedrock",
             Family::None => "none",
         }
     }
@@ -97,7 +107,7 @@ impl fmt::Display for Family {
 
 /// A family name that is not one of openai|anthropic|gemini|azure|none.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("unknown family `{0}`: use one of openai, anthropic, gemini, vertex, azure, none")]
+#[error("unknown family `{0}`: use one of openai, anthropic, gemini, vertex, azure, none, bedrock")]
 pub struct UnknownFamily(pub String);
 
 impl FromStr for Family {
@@ -110,6 +120,7 @@ impl FromStr for Family {
             "gemini" => Family::Gemini,
             "vertex" => Family::Vertex,
             "azure" => Family::Azure,
+            "bedrock" => Family::Bedrock,
             "none" => Family::None,
             other => return Err(UnknownFamily(other.to_string())),
         })
@@ -239,6 +250,7 @@ pub fn model_source(family: Family, provider_path: &str) -> ModelSource {
         Family::Gemini => gemini::model_source(&segs),
         Family::Vertex => vertex::model_source(&segs),
         Family::Azure => azure::model_source(&segs),
+        Family::Bedrock => bedrock::model_source(&segs),
         Family::None => ModelSource::Unknown,
     }
 }
@@ -261,6 +273,7 @@ pub fn capability(family: Family, provider_path: &str) -> Capability {
         Family::Gemini => gemini::capability(&segs),
         Family::Vertex => vertex::capability(&segs),
         Family::Azure => azure::capability(&segs),
+        Family::Bedrock => bedrock::capability(&segs),
     }
 }
 
@@ -300,6 +313,15 @@ pub enum AuthScheme {
         prefix: String,
         /// Template text after `{key}`.
         suffix: String,
+    },
+    /// The request is signed with AWS Signature Version 4 (`bedrock` targets).
+    SigV4 {
+        /// Signing name of the service (`bedrock`).
+        service: &'static str,
+        /// AWS region (`us-east-1`).
+        region: String,
+        /// STS endpoint for assumed roles.
+        sts_endpoint: String,
     },
     /// The upstream takes no key (e.g. a local ollama).
     None,
@@ -384,6 +406,17 @@ pub enum InjectError {
         /// The auth header name.
         header: String,
     },
+    /// A SigV4 signature could not be made (never carries key bytes).
+    #[error(
+        "the request for target `{target}` could not be signed with SigV4: {reason}; check the \
+         credential with `keyward cred list` and rotate it if its fields are wrong"
+    )]
+    Signing {
+        /// The target name.
+        target: String,
+        /// What failed.
+        reason: String,
+    },
 }
 
 // === impl Targets ===
@@ -465,6 +498,9 @@ const PRESETS: &[Preset] = &[
         Family::OpenAi,
     ),
 ];
+
+/// The preset whose base URL follows from its `region` (README, "Bedrock").
+const BEDROCK: &str = "bedrock";
 
 const AZURE_HINT: &str = "set it to https://YOUR-RESOURCE.openai.azure.com";
 const VERTEX_HINT: &str =
@@ -584,9 +620,41 @@ impl Targets {
                 None => family,
                 Some(f) => parse_family(name, f)?,
             };
-            let mut target = build(name, &base_url, auth, family, spec.ca_file.clone())?;
+            let mut target = build(name, &base_url, auth, family, &spec)?;
             token_endpoints(name, &spec, &mut target)?;
             targets.by_name.insert(name.to_string(), target);
+        }
+        match specs.get(BEDROCK) {
+            None => {
+                targets.unconfigured.insert(
+                    BEDROCK.to_string(),
+                    format!(
+                        "add [targets.{BEDROCK}] with region; {}",
+                        bedrock::REGION_HINT
+                    ),
+                );
+            }
+            Some(spec) => {
+                let family = match &spec.family {
+                    None => Family::Bedrock,
+                    Some(f) => parse_family(BEDROCK, f)?,
+                };
+                if family == Family::Bedrock && spec.region.is_some() {
+                    // A bad region would otherwise surface as a bad base URL.
+                    bedrock::signing_config(spec)
+                        .map_err(|(field, reason)| err(BEDROCK, field, reason))?;
+                }
+                let regional = spec.region.as_deref().map(bedrock::default_base_url);
+                let Some(base_url) = spec.base_url.as_deref().or(regional.as_deref()) else {
+                    return Err(err(BEDROCK, "region", bedrock::REGION_HINT.into()));
+                };
+                let auth = match (spec.auth_header.as_deref(), spec.auth_format.as_deref()) {
+                    (Some(h), Some(f)) => Some((h.to_string(), f.to_string())),
+                    _ => None,
+                };
+                let target = build(BEDROCK, base_url, auth, family, spec)?;
+                targets.by_name.insert(BEDROCK.to_string(), target);
+            }
         }
         for (name, spec) in specs {
             if is_preset(name) {
@@ -636,7 +704,7 @@ impl Targets {
                     "location applies to the vertex preset only; give base_url".into(),
                 ));
             }
-            let mut target = build(name, base_url, auth, family, spec.ca_file.clone())?;
+            let mut target = build(name, base_url, auth, family, spec)?;
             token_endpoints(name, spec, &mut target)?;
             targets.by_name.insert(name.clone(), target);
         }
@@ -661,7 +729,12 @@ impl Targets {
         }
         Err(TargetLookupError::Unknown {
             name: name.chars().take(64).collect(),
-            presets: PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", "),
+            presets: PRESETS
+                .iter()
+                .map(|p| p.0)
+                .chain([BEDROCK])
+                .collect::<Vec<_>>()
+                .join(", "),
         })
     }
 
@@ -701,7 +774,7 @@ pub fn check_kind(target: &Target, kind: CredentialKind) -> Result<(), String> {
 
 /// Whether `name` is a built-in preset (usable or not).
 pub fn is_preset(name: &str) -> bool {
-    PRESETS.iter().any(|p| p.0 == name)
+    PRESETS.iter().any(|p| p.0 == name) || name == BEDROCK
 }
 
 fn err(name: &str, field: &str, reason: String) -> TargetConfigError {
@@ -749,10 +822,43 @@ fn build(
     base_url: &str,
     auth: Option<(String, String)>,
     family: Family,
-    ca_file: Option<PathBuf>,
+    spec: &TargetSpec,
 ) -> Result<Target, TargetConfigError> {
+    let ca_file = spec.ca_file.clone();
     let upstream = parse_base_url(base_url).map_err(|reason| err(name, "base_url", reason))?;
+    if family != Family::Bedrock {
+        for (field, set) in [
+            ("region", spec.region.is_some()),
+            ("sts_endpoint", spec.sts_endpoint.is_some()),
+        ] {
+            if set {
+                return Err(err(
+                    name,
+                    field,
+                    format!("{field} only applies to family = \"bedrock\" targets; remove it"),
+                ));
+            }
+        }
+    }
     let auth = match auth {
+        None if family == Family::Bedrock => {
+            let (region, sts_endpoint) = bedrock::signing_config(spec)
+                .map_err(|(field, reason)| err(name, field, reason))?;
+            AuthScheme::SigV4 {
+                service: bedrock::SIGNING_NAME,
+                region,
+                sts_endpoint,
+            }
+        }
+        Some(_) if family == Family::Bedrock => {
+            return Err(err(
+                name,
+                "auth_header",
+                "bedrock targets sign each request with SigV4; remove auth_header and \
+                 auth_format"
+                    .into(),
+            ));
+        }
         None => AuthScheme::None,
         Some((header, format)) => {
             let header = parse_auth_header(&header).map_err(|r| err(name, "auth_header", r))?;
@@ -1068,6 +1174,114 @@ pub fn prepare_upstream_headers_as(
         headers.insert(header.clone(), value);
     }
     Ok(())
+}
+
+/// AWS credentials a request is signed with: a stored `aws-access-key` or the session
+/// credentials of an assumed role.
+pub struct AwsSigningKey<'a> {
+    /// `AKIA…` / `ASIA…` (not a secret).
+    pub access_key_id: &'a str,
+    /// The signing secret.
+    pub secret_access_key: &'a Secret,
+    /// The STS session token of temporary credentials.
+    pub session_token: Option<&'a Secret>,
+}
+
+/// The headers an AWS SDK adds to prove its own signature: they describe the app's signing
+/// (with its client token as access key id) and never reach the upstream.
+const AWS_AUTH_HEADERS: &[&str] = &["x-amz-date", "x-amz-security-token", "x-amz-content-sha256"];
+
+/// [`prepare_upstream_headers`] for SigV4 targets: strips what the app must not pass on
+/// (including its own `Authorization` and `x-amz-date`, `x-amz-security-token`,
+/// `x-amz-content-sha256`) and adds a fresh SigV4 signature (`authorization`, `x-amz-date`,
+/// `x-amz-security-token` for session credentials; the first and last marked sensitive) over
+/// `method`, `uri` (the upstream URI; the path is URI-encoded once more in the canonical
+/// request, as AWS computes it for every service but S3), `host`, `content-type`, the other
+/// `x-amz*` headers, and `body_sha256` (hex SHA-256 of the whole body), at `time`.
+///
+/// This is one of the two places a stored secret is exposed on the request path: SigV4 derives
+/// its signing key from it.
+pub fn prepare_signed_headers(
+    target: &Target,
+    method: &http::Method,
+    uri: &Uri,
+    headers: &mut HeaderMap,
+    body_sha256: &str,
+    key: &AwsSigningKey<'_>,
+    time: std::time::SystemTime,
+) -> Result<(), InjectError> {
+    use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+    let AuthScheme::SigV4 {
+        service, region, ..
+    } = &target.auth
+    else {
+        return Err(signing_error(target, "the target is not a SigV4 target"));
+    };
+    strip_client_headers(headers);
+    for name in AWS_AUTH_HEADERS {
+        headers.remove(*name);
+    }
+    let signed: Vec<(&str, &str)> = headers
+        .iter()
+        .filter(|(n, _)| n.as_str() == "content-type" || n.as_str().starts_with("x-amz"))
+        .filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?)))
+        .collect();
+    let secret = Zeroizing::new(
+        String::from_utf8(key.secret_access_key.expose_secret().to_vec())
+            .map_err(|_| signing_error(target, "the secret access key is not UTF-8"))?,
+    );
+    let token = match key.session_token {
+        Some(t) => Some(Zeroizing::new(
+            String::from_utf8(t.expose_secret().to_vec())
+                .map_err(|_| signing_error(target, "the session token is not UTF-8"))?,
+        )),
+        None => None,
+    };
+    let identity = aws_credential_types::Credentials::new(
+        key.access_key_id,
+        secret.as_str(),
+        token.as_ref().map(|t| t.to_string()),
+        None,
+        "keyward",
+    )
+    .into();
+    let params = aws_sigv4::sign::v4::SigningParams::builder()
+        .identity(&identity)
+        .region(region)
+        .name(service)
+        .time(time)
+        .settings(SigningSettings::default())
+        .build()
+        .map_err(|e| signing_error(target, &e.to_string()))?
+        .into();
+    let request = SignableRequest::new(
+        method.as_str(),
+        uri.to_string(),
+        signed.into_iter(),
+        SignableBody::Precomputed(body_sha256.to_string()),
+    )
+    .map_err(|e| signing_error(target, &e.to_string()))?;
+    let (instructions, _) = sign(request, &params)
+        .map_err(|e| signing_error(target, &e.to_string()))?
+        .into_parts();
+    for (name, value) in instructions.headers() {
+        let mut value = HeaderValue::from_str(value)
+            .map_err(|_| signing_error(target, "the signature is not a header value"))?;
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| signing_error(target, "the signature header name is invalid"))?;
+        if name != "x-amz-date" {
+            value.set_sensitive(true);
+        }
+        headers.insert(name, value);
+    }
+    Ok(())
+}
+
+fn signing_error(target: &Target, reason: &str) -> InjectError {
+    InjectError::Signing {
+        target: target.name.clone(),
+        reason: reason.to_string(),
+    }
 }
 
 /// Removes everything an app must not pass through to an upstream (README, "What an app cannot
@@ -1692,6 +1906,130 @@ mod tests {
             assert_eq!(e.key, "targets.openai.ca_file");
             assert!(e.reason.contains(want), "{}", e.reason);
         }
+    }
+
+    #[test]
+    fn bedrock_needs_a_region_and_signs_for_it() {
+        let e = presets().lookup("bedrock").unwrap_err().to_string();
+        assert!(e.contains("region") && e.contains("bedrock-runtime"), "{e}");
+        let t = Targets::resolve(&specs("[targets.bedrock]\nregion = \"eu-central-1\"")).unwrap();
+        let b = t.get("bedrock").unwrap();
+        assert_eq!(b.family, Family::Bedrock);
+        assert_eq!(
+            b.upstream.authority.as_str(),
+            "bedrock-runtime.eu-central-1.amazonaws.com"
+        );
+        assert_eq!(
+            b.auth,
+            AuthScheme::SigV4 {
+                service: "bedrock",
+                region: "eu-central-1".into(),
+                sts_endpoint: "https://sts.eu-central-1.amazonaws.com".into(),
+            }
+        );
+        let t = Targets::resolve(&specs(
+            "[targets.bedrock]\nregion = \"us-east-1\"\nbase_url = \"https://127.0.0.1:9\"\n\
+             sts_endpoint = \"https://sts.internal.example:8443\"\n\
+             [targets.br2]\nbase_url = \"https://vpce.example\"\nfamily = \"bedrock\"\n\
+             region = \"us-west-2\"",
+        ))
+        .unwrap();
+        assert_eq!(t.get("bedrock").unwrap().upstream.port, 9);
+        assert!(matches!(&t.get("bedrock").unwrap().auth,
+            AuthScheme::SigV4 { sts_endpoint, .. }
+            if sts_endpoint == "https://sts.internal.example:8443"));
+        assert!(matches!(&t.get("br2").unwrap().auth,
+            AuthScheme::SigV4 { region, .. } if region == "us-west-2"));
+        for (text, key, want) in [
+            (
+                "[targets.bedrock]\nca_file = \"/x\"",
+                "targets.bedrock.region",
+                "region",
+            ),
+            (
+                "[targets.bedrock]\nregion = \"US East\"",
+                "targets.bedrock.region",
+                "AWS region",
+            ),
+            (
+                "[targets.bedrock]\nregion = \"us-east-1\"\nsts_endpoint = \"http://127.0.0.1:1\"",
+                "targets.bedrock.sts_endpoint",
+                "https",
+            ),
+            (
+                concat!(
+                    "[targets.bedrock]\nregion = \"us-east-1\"\n",
+                    "auth_header = \"A\"\nauth_format = \"{key}\""
+                ),
+                "targets.bedrock.auth_header",
+                "SigV4",
+            ),
+            (
+                "[targets.openai]\nregion = \"us-east-1\"",
+                "targets.openai.region",
+                "bedrock",
+            ),
+            (
+                "[targets.b3]\nbase_url = \"https://x.example\"\nfamily = \"bedrock\"",
+                "targets.b3.region",
+                "region",
+            ),
+        ] {
+            let e = resolve_err(text);
+            assert_eq!(e.key, key, "{text}");
+            assert!(e.reason.contains(want), "{text}: {}", e.reason);
+        }
+    }
+
+    #[test]
+    fn signing_replaces_the_apps_aws_headers_and_marks_the_signature_sensitive() {
+        let t = Targets::resolve(&specs("[targets.bedrock]\nregion = \"us-east-1\"")).unwrap();
+        let b = t.get("bedrock").unwrap();
+        let mut h = hostile_headers();
+        for (n, v) in [
+            (
+                "authorization",
+                "AWS4-HMAC-SHA256 Credential=kw_clienttoken/x",
+            ),
+            ("x-amz-date", "19990101T000000Z"),
+            ("x-amz-security-token", "app-token"),
+            ("x-amz-content-sha256", "app-hash"),
+        ] {
+            h.insert(n, HeaderValue::from_static(v));
+        }
+        let secret = Secret::from_slice(b"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY");
+        let token = Secret::from_slice(b"SESSIONTOKENVALUE");
+        let key = AwsSigningKey {
+            access_key_id: "AKIAIOSFODNN7EXAMPLE",
+            secret_access_key: &secret,
+            session_token: Some(&token),
+        };
+        let uri: Uri = "https://bedrock-runtime.us-east-1.amazonaws.com/model/a%3A0/converse"
+            .parse()
+            .unwrap();
+        let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        prepare_signed_headers(b, &http::Method::POST, &uri, &mut h, "e3b0", &key, time).unwrap();
+        let auth = h.get("authorization").unwrap();
+        assert!(auth.is_sensitive());
+        let auth = auth.to_str().unwrap();
+        assert!(
+            auth.starts_with(
+                "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20270115/us-east-1/bedrock/"
+            ),
+            "{auth}"
+        );
+        assert!(auth.contains("SignedHeaders=content-type;host;x-amz-date;x-amz-security-token"));
+        assert_eq!(h.get("x-amz-date").unwrap(), "20270115T080000Z");
+        assert_eq!(h.get("x-amz-security-token").unwrap(), "SESSIONTOKENVALUE");
+        assert!(h.get("x-amz-security-token").unwrap().is_sensitive());
+        assert!(h.get("x-amz-content-sha256").is_none());
+        assert!(h.get("x-api-key").is_none() && h.get("keyward-workflow").is_none());
+        let shown = format!("{h:?}");
+        assert!(!shown.contains("SESSIONTOKENVALUE") && !shown.contains("wJalr"));
+        let openai = t.get("openai").unwrap();
+        let e = prepare_signed_headers(openai, &http::Method::POST, &uri, &mut h, "e3", &key, time)
+            .unwrap_err();
+        assert!(e.to_string().contains("SigV4"), "{e}");
     }
 
     #[test]

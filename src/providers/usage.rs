@@ -78,13 +78,20 @@ const FAMILIES: &[&UsageFields] = &[
     &super::anthropic::USAGE,
     &super::openai::USAGE,
     &super::gemini::USAGE,
+    &super::bedrock::USAGE,
+    &super::bedrock::INVOCATION_METRICS,
 ];
+
+/// The media type of AWS event streams (Bedrock's streaming responses).
+const EVENT_STREAM: &str = "application/vnd.amazon.eventstream";
 
 /// Every usage key of every family.
 const USAGE_KEYS: &[&[&str]] = &[
     super::anthropic::USAGE.keys,
     super::openai::USAGE.keys,
     super::gemini::USAGE.keys,
+    super::bedrock::USAGE.keys,
+    super::bedrock::INVOCATION_METRICS.keys,
 ];
 
 /// The raw counts as last reported, before they are combined per family in
@@ -116,6 +123,9 @@ struct Raw {
 pub struct UsageTap {
     /// Finds the usage objects.
     tap: ObjectTap,
+    /// For `application/vnd.amazon.eventstream` bodies: the message payloads, each read by a
+    /// fresh tap.
+    events: Option<super::bedrock::EventStreamUsage>,
     /// Counts so far.
     raw: Raw,
     /// A usage object with at least one count was seen.
@@ -130,8 +140,13 @@ impl UsageTap {
                 .next()
                 .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"))
         });
+        let events = content_type
+            .and_then(|c| c.split(';').next())
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case(EVENT_STREAM))
+            .then(super::bedrock::EventStreamUsage::default);
         UsageTap {
             tap: ObjectTap::new(USAGE_KEYS, sse),
+            events,
             raw: Raw::default(),
             found: false,
         }
@@ -139,8 +154,18 @@ impl UsageTap {
 
     /// Scans the next chunk of the body.
     pub fn feed(&mut self, chunk: &[u8]) {
-        let UsageTap { tap, raw, found } = self;
-        tap.feed(chunk, &mut |object| merge(raw, found, object));
+        let UsageTap {
+            tap,
+            events,
+            raw,
+            found,
+        } = self;
+        match events {
+            Some(events) => events.feed(chunk, &mut |payload| {
+                ObjectTap::new(USAGE_KEYS, false).feed(payload, &mut |o| merge(raw, found, o))
+            }),
+            None => tap.feed(chunk, &mut |object| merge(raw, found, object)),
+        }
     }
 
     /// The usage seen, or `None` when the body reported none.
@@ -178,7 +203,9 @@ impl UsageTap {
 
     #[cfg(test)]
     fn byte(&mut self, b: u8) {
-        let UsageTap { tap, raw, found } = self;
+        let UsageTap {
+            tap, raw, found, ..
+        } = self;
         tap.byte(b, &mut |object| merge(raw, found, object));
     }
 }
@@ -594,5 +621,62 @@ data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":7,\"cache_creation
             assert!(tap.buffered() <= 2 * MAX_CAPTURE + MAX_KEY);
         }
         assert_eq!(tap.finish(), None);
+    }
+
+    /// Bedrock: Converse JSON, a ConverseStream `metadata` event, and the invocation metrics in
+    /// the last InvokeModel stream chunk (base64 inside the event payload), at every split.
+    #[test]
+    fn bedrock_converse_and_event_streams() {
+        use base64::Engine;
+        let converse = concat!(
+            r#"{"output":{"message":{"role":"assistant","content":[{"text":"usage"}]}},"#,
+            r#""stopReason":"end_turn","usage":{"inputTokens":7,"outputTokens":50,"#,
+            r#""totalTokens":11057,"cacheReadInputTokens":9800,"cacheWriteInputTokens":1200},"#,
+            r#""metrics":{"latencyMs":12}}"#,
+        );
+        let want = full(11007, Some(9800), Some(1200), 50);
+        check_every_split(Some("application/json"), converse, want);
+
+        let msg = crate::providers::bedrock::tests_support::message;
+        let mut stream = msg("messageStart", br#"{"role":"assistant"}"#);
+        stream.extend(msg(
+            "contentBlockDelta",
+            br#"{"contentBlockIndex":0,"delta":{"text":"\"usage\":{\"inputTokens\":1}"}}"#,
+        ));
+        stream.extend(msg(
+            "metadata",
+            concat!(
+                r#"{"usage":{"inputTokens":7,"outputTokens":50,"totalTokens":11057,"#,
+                r#""cacheReadInputTokens":9800,"cacheWriteInputTokens":1200},"#,
+                r#""metrics":{"latencyMs":3}}"#
+            )
+            .as_bytes(),
+        ));
+        let ct = Some("application/vnd.amazon.eventstream");
+        for cut in 0..=stream.len() {
+            assert_eq!(
+                run(ct, &[&stream[..cut], &stream[cut..]]),
+                Some(want),
+                "{cut}"
+            );
+        }
+
+        let last = concat!(
+            r#"{"type":"message_stop","amazon-bedrock-invocationMetrics":{"#,
+            r#""inputTokenCount":7,"outputTokenCount":50,"invocationLatency":9,"#,
+            r#""cacheReadInputTokenCount":9800,"cacheWriteInputTokenCount":1200}}"#
+        );
+        let b64 = base64::engine::general_purpose::STANDARD.encode(last);
+        let mut stream = msg("chunk", br#"{"bytes":"eyJ0eXBlIjoibWVzc2FnZV9zdGFydCJ9"}"#);
+        stream.extend(msg("chunk", format!(r#"{{"bytes":"{b64}"}}"#).as_bytes()));
+        for cut in 0..=stream.len() {
+            assert_eq!(
+                run(ct, &[&stream[..cut], &stream[cut..]]),
+                Some(want),
+                "{cut}"
+            );
+        }
+        // The same bytes read as JSON find nothing.
+        assert_eq!(run(Some("application/json"), &[&stream]), None);
     }
 }

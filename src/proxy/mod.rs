@@ -4,6 +4,7 @@
 //! `proxy` must not choose credentials (that is `scope`) or know how secrets are sealed.
 
 pub mod app_conn;
+pub mod aws_session;
 pub mod conn;
 pub mod error;
 mod lane;

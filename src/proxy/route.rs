@@ -105,6 +105,26 @@ pub enum RouteError {
     EmptySegment,
 }
 
+/// What a provider path may contain beyond the strict rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PathRules {
+    /// Every check applies.
+    Strict,
+    /// Bedrock: the AWS SDKs percent-encode the `:` of model ids
+    /// (`/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse`), so `%3A` is accepted in
+    /// the segment after `/model/`, encoded once, and nowhere else. Bedrock's path has no
+    /// `model:method` separator that an encoded `:` could hide.
+    EncodedColonInModelId,
+}
+
+/// The request's first path segment, the target name as sent (unchecked), for choosing its
+/// [`PathRules`] before the route is validated.
+pub fn target_name_of(uri: &Uri) -> &str {
+    let path = uri.path().strip_prefix('/').unwrap_or("");
+    path.split('/').next().unwrap_or("")
+}
+
 // === impl Route ===
 
 /// The query may carry a credential the app sent (`?key=`); `Debug` shows it without.
@@ -123,6 +143,16 @@ impl Route {
     /// scheme and authority (from `:scheme`/`:authority`), which are then ignored, while on
     /// HTTP/1 they mean absolute-form and are refused.
     pub fn parse(method: &Method, version: Version, uri: &Uri) -> Result<Route, RouteError> {
+        Route::parse_with(method, version, uri, PathRules::Strict)
+    }
+
+    /// [`Route::parse`] with the leniency a target family needs for what its SDKs send.
+    pub fn parse_with(
+        method: &Method,
+        version: Version,
+        uri: &Uri,
+        rules: PathRules,
+    ) -> Result<Route, RouteError> {
         if method == Method::CONNECT {
             return Err(RouteError::Connect);
         }
@@ -155,7 +185,7 @@ impl Route {
         if provider.is_empty() {
             return Err(RouteError::NoProviderPath);
         }
-        check_path(provider)?;
+        check_path(provider, rules)?;
         if let Some(q) = query {
             check_query(q)?;
         }
@@ -169,6 +199,14 @@ impl Route {
     /// Validates `req`'s method, version and URI (see [`Route::parse`]).
     pub fn from_request<B>(req: &http::Request<B>) -> Result<Route, RouteError> {
         Route::parse(req.method(), req.version(), req.uri())
+    }
+
+    /// [`Route::from_request`] under `rules`.
+    pub fn from_request_with<B>(
+        req: &http::Request<B>,
+        rules: PathRules,
+    ) -> Result<Route, RouteError> {
+        Route::parse_with(req.method(), req.version(), req.uri(), rules)
     }
 
     /// The target name (first path segment).
@@ -388,7 +426,7 @@ fn is_control(b: u8) -> bool {
     b < 0x20 || b == 0x7f
 }
 
-fn check_path(provider: &str) -> Result<(), RouteError> {
+fn check_path(provider: &str, rules: PathRules) -> Result<(), RouteError> {
     let forms = decoded_forms(provider)?;
     for (level, form) in forms.iter().enumerate() {
         if form.iter().any(|&b| is_control(b)) {
@@ -412,6 +450,8 @@ fn check_path(provider: &str) -> Result<(), RouteError> {
         if level > 0
             && form.iter().filter(|&&b| b == b':').count()
                 != forms[0].iter().filter(|&&b| b == b':').count()
+            && !(rules == PathRules::EncodedColonInModelId
+                && colons_decoded_only_in_model_id(&forms, level))
         {
             return Err(RouteError::EncodedColon);
         }
@@ -430,6 +470,34 @@ fn check_path(provider: &str) -> Result<(), RouteError> {
         }
     }
     Ok(())
+}
+
+/// True when every `:` that decoding up to `level` added is in the segment after `/model/`, and
+/// came from one pass of decoding (`%3A`, not `%253A`). Slash counts agree in every form (checked
+/// before), so segments line up.
+fn colons_decoded_only_in_model_id(forms: &[Vec<u8>], level: usize) -> bool {
+    let colons = |seg: &[u8]| seg.iter().filter(|&&b| b == b':').count();
+    let split = |f: &[u8]| -> Vec<Vec<u8>> {
+        f.split(|&b| b == b'/')
+            .skip(1)
+            .map(<[u8]>::to_vec)
+            .collect()
+    };
+    let raw = split(&forms[0]);
+    let once = split(&forms[1]);
+    let now = split(&forms[level]);
+    if raw.first().map(Vec::as_slice) != Some(b"model".as_slice()) {
+        return false;
+    }
+    raw.iter()
+        .zip(&once)
+        .zip(&now)
+        .enumerate()
+        .all(|(i, ((r, o), n))| {
+            let same_as_once = colons(n) == colons(o);
+            let same_as_raw = colons(o) == colons(r);
+            same_as_once && (same_as_raw || i == 1)
+        })
 }
 
 /// `.`/`..` and what some servers treat as such: `..;param` (Tomcat), `.. ` and `...`
@@ -711,6 +779,54 @@ mod tests {
             parse_as(Method::OPTIONS, Version::HTTP_11, "*"),
             Err(NoLeadingSlash)
         );
+    }
+
+    #[test]
+    fn bedrock_model_ids_may_carry_an_encoded_colon_and_nothing_else_reopens() {
+        use RouteError::*;
+        let bedrock = |t: &str| {
+            Route::parse_with(
+                &Method::POST,
+                Version::HTTP_11,
+                &t.parse().unwrap(),
+                PathRules::EncodedColonInModelId,
+            )
+        };
+        let ok = "/bedrock/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse";
+        assert_eq!(parse(ok), Err(EncodedColon), "strict by default");
+        let r = bedrock(ok).unwrap();
+        assert_eq!(r.target(), "bedrock");
+        assert_eq!(
+            r.path(),
+            "/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse"
+        );
+        bedrock("/bedrock/model/us.meta.llama3-2-1b-instruct-v1%3a0/converse-stream").unwrap();
+        bedrock("/bedrock/model/plain-id:0/invoke").unwrap();
+        let refused: &[(&str, RouteError)] = &[
+            ("/bedrock/model/anthropic.x-v1%253A0/converse", EncodedColon),
+            ("/bedrock/model/x/conv%3Aerse", EncodedColon),
+            ("/bedrock/mod%3Ael/x/converse", EncodedColon),
+            (
+                "/bedrock/v1beta/models/gemini%3AgenerateContent",
+                EncodedColon,
+            ),
+            (
+                concat!(
+                    "/bedrock/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1",
+                    "%3Ainference-profile%2Fx/converse"
+                ),
+                EncodedSlash,
+            ),
+            ("/bedrock/model/%2e%2e/converse", DotSegment),
+            ("/bedrock/model/x%3A0/..", DotSegment),
+            ("/bedrock/model/x%3A0%5c/converse", Backslash),
+            ("/bedrock/model/x%3A0%0a/converse", EncodedControl),
+            ("/bedrock/model/x%3A0%3f/converse", EncodedDelimiter),
+        ];
+        for (input, want) in refused {
+            assert_eq!(bedrock(input).as_ref(), Err(want), "{input}");
+        }
+        assert_eq!(target_name_of(&ok.parse().unwrap()), "bedrock");
     }
 
     #[test]

@@ -710,6 +710,39 @@ mod tests {
 
     const KEY: &str = "sk-proj-Abc123_xyz-789";
 
+    /// A credential document's secrets and those derived from it, with more distinct first
+    /// bytes than one key's forms have, are all found, split at every offset.
+    #[test]
+    fn several_secrets_are_all_replaced() {
+        let secrets = [
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCY",
+            "FwoGZXIvYXdzEBY",
+            "ASIAxyz",
+            "%q\\z",
+        ];
+        let parts: Vec<Secret> = secrets
+            .iter()
+            .map(|s| Secret::from_slice(s.as_bytes()))
+            .collect();
+        let text = format!(
+            "a{}b{}c{}d{}e",
+            secrets[0], secrets[1], secrets[2], secrets[3]
+        );
+        for cut in 0..=text.len() {
+            let (x, y) = text.as_bytes().split_at(cut);
+            let mut scrubber = Scrubber::for_secrets(&parts);
+            let mut out = BytesMut::new();
+            scrubber.push(x, &mut out);
+            scrubber.push(y, &mut out);
+            scrubber.finish_into(&mut out);
+            assert_eq!(
+                &out[..],
+                b"a[REDACTED]b[REDACTED]c[REDACTED]d[REDACTED]e",
+                "cut at {cut}"
+            );
+        }
+    }
+
     #[test]
     fn several_secrets_with_many_first_bytes_are_all_replaced_across_chunks() {
         // A document's parts and a derived token: more distinct first bytes than one key's

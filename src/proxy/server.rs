@@ -36,10 +36,13 @@ use hyper_util::server::conn::auto;
 use tokio::sync::watch;
 
 use super::app_conn::{AppConn, ConnCheck};
+use super::aws_session::{SessionCredentials, StsTarget};
 use super::conn::{Activity, ConnectionGuard, Full, Throttle};
 use super::error::{CALL_ID_HEADER, ErrorCode, error_response};
 use super::limits::{BodyHold, ShareGuard};
-use super::route::{Route, app_base, rewrite_upstream_urls, upstream_uri};
+use super::route::{
+    PathRules, Route, RouteError, app_base, rewrite_upstream_urls, target_name_of, upstream_uri,
+};
 use super::scrub::{ScrubBody, Scrubber};
 use super::token::{TokenKey, TokenRequest};
 use super::upstream::{BoxError, IdleTimeoutBody, ResponseBody, UpstreamBody, UpstreamError};
@@ -51,7 +54,8 @@ use crate::identity::CredentialKind;
 use crate::lock;
 use crate::pool::{Change, Outcome, parse_retry_after, unix_secs};
 use crate::providers::{
-    Target, bearer_auth, prepare_upstream_headers, prepare_upstream_headers_as,
+    AuthScheme, AwsSigningKey, Family, Target, bearer_auth, prepare_signed_headers,
+    prepare_upstream_headers, prepare_upstream_headers_as,
 };
 use crate::scope::attrs::{ModelScanner, ModelSource, ScanState, capability, model_source};
 use crate::scope::multipart::{MultipartScanner, form_data_boundary};
@@ -479,8 +483,15 @@ async fn process(
     known.share = Some(share);
     known.principal = Some(principal.clone());
     known.app_base = Some(app_base(&req));
-    let route =
-        Route::from_request(&req).map_err(|e| Reject::new(ErrorCode::BadRequest, e.to_string()))?;
+    let route = Route::from_request(&req)
+        .or_else(|e| match e {
+            // The AWS SDKs encode the `:` of Bedrock model ids (README, "Bedrock").
+            RouteError::EncodedColon if is_bedrock(state, req.uri()) => {
+                Route::from_request_with(&req, PathRules::EncodedColonInModelId)
+            }
+            e => Err(e),
+        })
+        .map_err(|e| Reject::new(ErrorCode::BadRequest, e.to_string()))?;
     // One snapshot of the configuration and upstream clients serves the whole request, across
     // a reload (README, "Reload").
     let config = state.config.load_full();
@@ -532,6 +543,17 @@ async fn process(
         }
     };
     known.model = model.clone();
+    // SigV4 signs the body's hash, so a signed request's body is read whole before it is sent.
+    let body_sha256 = if matches!(target.auth, AuthScheme::SigV4 { .. }) {
+        let scan = Scan {
+            limit,
+            window: limit,
+            budget: state.bodies.limit(),
+        };
+        Some(read_whole(&mut body, &mut prefix, &mut held, scan).await?)
+    } else {
+        None
+    };
     let attrs = RequestAttrs {
         target: target.name.clone(),
         model,
@@ -603,7 +625,7 @@ async fn process(
             format!("fingerprint key unavailable: {e}"),
         )
     })?;
-    let rest = (!body.is_end_stream()).then_some(body);
+    let rest = (body_sha256.is_none() && !body.is_end_stream()).then_some(body);
     let replay = Replay::new(
         (prefix, held),
         rest,
@@ -631,6 +653,7 @@ async fn process(
         route: &route,
         declared,
         upstream: &upstream,
+        body_sha256,
     };
     let mut index = 0;
     loop {
@@ -759,6 +782,8 @@ struct Outgoing<'a> {
     declared: Option<u64>,
     /// The upstream clients of the request's configuration snapshot.
     upstream: &'a super::upstream::Upstream,
+    /// Hex SHA-256 of the whole body, for SigV4 targets (whose body is read whole first).
+    body_sha256: Option<String>,
 }
 
 /// What one attempt with one key produced.
@@ -790,6 +815,24 @@ async fn attempt(
     number: u32,
     upstream_time: &mut std::time::Duration,
 ) -> Step {
+    let kind = chosen.credential.kind;
+    let signed = matches!(request.target.auth, AuthScheme::SigV4 { .. });
+    let signing_kind = matches!(
+        kind,
+        CredentialKind::AwsAccessKey | CredentialKind::AwsAssumeRole
+    );
+    if signed != signing_kind {
+        return Step::Failed {
+            reject: Reject::new(
+                ErrorCode::UpstreamUnreachable,
+                format!(
+                    "credential {} is of kind {kind}, which this keyward cannot use for target {}",
+                    chosen.credential.id, request.target.name
+                ),
+            ),
+            retryable: true,
+        };
+    }
     let secret = match unseal(tenant, chosen) {
         Ok(secret) => secret,
         Err(reject) => {
@@ -800,9 +843,28 @@ async fn attempt(
         }
     };
     let mut headers = request.headers.clone();
-    let used = match inject(state, request.target, chosen, secret, &mut headers).await {
-        Ok(used) => used,
-        Err(failed) => return failed,
+    let uri = upstream_uri(request.target, request.route);
+    let signing = if signed {
+        Some(sign(state, request, chosen, &uri, &mut headers, &secret).await)
+    } else {
+        None
+    };
+    let used = match signing {
+        Some(Ok((scrub, session))) => Used {
+            scrub,
+            token: None,
+            session,
+        },
+        Some(Err(reject)) => {
+            return Step::Failed {
+                reject,
+                retryable: true,
+            };
+        }
+        None => match inject(state, request.target, chosen, secret, &mut headers).await {
+            Ok(used) => used,
+            Err(failed) => return failed,
+        },
     };
     let body = ForwardBody {
         replay: replay.clone(),
@@ -811,7 +873,7 @@ async fn attempt(
     };
     let mut upstream_req = Request::new(body.boxed());
     *upstream_req.method_mut() = request.method.clone();
-    *upstream_req.uri_mut() = upstream_uri(request.target, request.route);
+    *upstream_req.uri_mut() = uri;
     *upstream_req.headers_mut() = headers;
     let sending = Instant::now();
     let sent = request.upstream.send(request.target, upstream_req).await;
@@ -833,7 +895,19 @@ async fn attempt(
             ),
             retryable: false,
         },
-        Ok(response) => Step::Answer(response, used),
+        Ok(response) => {
+            // A refused session may have been revoked: the next request assumes the role again.
+            if let Some(session) = &used.session
+                && matches!(response.status().as_u16(), 401 | 403)
+            {
+                let version = chosen.version().version;
+                state
+                    .aws_sessions
+                    .invalidate(&chosen.credential.id, version, session)
+                    .await;
+            }
+            Step::Answer(response, used)
+        }
         Err(e) => Step::Failed {
             retryable: matches!(
                 e,
@@ -851,6 +925,8 @@ struct Used {
     scrub: Vec<Secret>,
     /// The derived access token and its cache key, to forget it if the upstream refuses it.
     token: Option<(TokenKey, Arc<Secret>)>,
+    /// The assumed-role session that signed the request, to forget it if it is refused.
+    session: Option<Arc<SessionCredentials>>,
 }
 
 /// Puts `chosen`'s credential into `headers`: a key as the target takes it, or for a token kind
@@ -874,6 +950,7 @@ async fn inject(
             Ok(Used {
                 scrub: vec![secret],
                 token: None,
+                session: None,
             })
         }
         CredentialKind::GcpServiceAccount | CredentialKind::AzureEntra => {
@@ -914,6 +991,7 @@ async fn inject(
             Ok(Used {
                 scrub,
                 token: Some((key, token)),
+                session: None,
             })
         }
         other => Err(Step::Failed {
@@ -928,6 +1006,145 @@ async fn inject(
             retryable: true,
         }),
     }
+}
+
+/// Signs the request for a SigV4 target with `chosen` (an `aws-access-key`, or the session of
+/// an `aws-assume-role`). Returns the secrets to scrub from the answer and the session used, or
+/// why it cannot (another key may do better).
+async fn sign(
+    state: &State,
+    request: &Outgoing<'_>,
+    chosen: &Candidate,
+    uri: &http::Uri,
+    headers: &mut HeaderMap,
+    secret: &Secret,
+) -> Result<(Vec<Secret>, Option<Arc<SessionCredentials>>), Reject> {
+    use crate::identity::kind::{AwsAccessKey, AwsAssumeRole};
+    let target = request.target;
+    let id = &chosen.credential.id;
+    let unusable = |what: String| {
+        Reject::new(
+            ErrorCode::UpstreamUnreachable,
+            format!(
+                "credential {id} cannot sign for target {}: {what}",
+                target.name
+            ),
+        )
+    };
+    let body_sha256 = request
+        .body_sha256
+        .as_deref()
+        .ok_or_else(|| unusable("the body was not read whole".into()))?;
+    let sign = |headers: &mut HeaderMap, key: &AwsSigningKey<'_>| {
+        prepare_signed_headers(
+            target,
+            &request.method,
+            uri,
+            headers,
+            body_sha256,
+            key,
+            SystemTime::now(),
+        )
+        .map_err(|e| Reject::new(ErrorCode::UpstreamUnreachable, e.to_string()))
+    };
+    let kind = chosen.credential.kind;
+    match kind {
+        CredentialKind::AwsAccessKey => {
+            let doc = AwsAccessKey::parse(secret).map_err(|e| unusable(e.to_string()))?;
+            let key = AwsSigningKey {
+                access_key_id: &doc.access_key_id,
+                secret_access_key: &doc.secret_access_key,
+                session_token: doc.session_token.as_ref(),
+            };
+            sign(headers, &key)?;
+            Ok((kind.secret_parts(secret), None))
+        }
+        CredentialKind::AwsAssumeRole => {
+            let doc = AwsAssumeRole::parse(secret).map_err(|e| unusable(e.to_string()))?;
+            let AuthScheme::SigV4 {
+                region,
+                sts_endpoint,
+                ..
+            } = &target.auth
+            else {
+                return Err(unusable("the target does not sign".into()));
+            };
+            let sts = StsTarget {
+                endpoint: sts_endpoint,
+                region,
+                ca_file: target.ca_file.as_ref(),
+            };
+            let session = state
+                .aws_sessions
+                .session(id, chosen.version().version, doc, sts)
+                .await
+                .map_err(|e| Reject::new(ErrorCode::UpstreamUnreachable, e))?;
+            let key = AwsSigningKey {
+                access_key_id: &session.access_key_id,
+                secret_access_key: &session.secret_access_key,
+                session_token: Some(&session.session_token),
+            };
+            sign(headers, &key)?;
+            let mut scrub = kind.secret_parts(secret);
+            for s in [&session.secret_access_key, &session.session_token] {
+                scrub.push(Secret::from_slice(s.expose_secret()));
+            }
+            Ok((scrub, Some(session)))
+        }
+        other => Err(unusable(format!("a {other} credential cannot sign"))),
+    }
+}
+
+/// Whether the request names a Bedrock-family target (whose model ids may carry `%3A`).
+fn is_bedrock(state: &State, uri: &http::Uri) -> bool {
+    state
+        .config
+        .load()
+        .targets
+        .get(target_name_of(uri))
+        .is_some_and(|t| t.family == Family::Bedrock)
+}
+
+/// Reads the rest of the body into `prefix` (counted in `held`, bounded by `max_request_body`
+/// and `max_buffered_bodies`), and returns the hex SHA-256 of all of it.
+async fn read_whole(
+    body: &mut AppBody,
+    prefix: &mut Vec<Bytes>,
+    held: &mut BodyHold,
+    scan: Scan,
+) -> Result<String, Reject> {
+    let mut received: u64 = prefix.iter().map(|c| c.len() as u64).sum();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            Reject::new(
+                ErrorCode::BadRequest,
+                format!("reading the request body failed: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        received += data.len() as u64;
+        if received > scan.limit {
+            return Err(too_large(scan.limit));
+        }
+        if !held.grow(data.len() as u64) {
+            return Err(Reject::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "request bodies held while keyward signs them have reached \
+                     limits.max_buffered_bodies ({} bytes); retry shortly",
+                    scan.budget
+                ),
+            ));
+        }
+        prefix.push(data);
+    }
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    for chunk in prefix.iter() {
+        digest.update(chunk);
+    }
+    Ok(crate::hex::encode(digest.finish().as_ref()))
 }
 
 /// True when the response body is not plain bytes keyward can scrub.
