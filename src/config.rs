@@ -200,6 +200,9 @@ pub struct Config {
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`metrics_listen`; off when
     /// unset).
     pub metrics_listen: Option<SocketAddr>,
+    /// Base URL of an OTLP/HTTP collector (`otlp_endpoint`, e.g. `http://127.0.0.1:4318`);
+    /// spans go to `{otlp_endpoint}/v1/traces`. Off when unset.
+    pub otlp_endpoint: Option<String>,
     /// Memory locking mode.
     pub lock_memory: LockMemory,
     /// Audit durability.
@@ -278,6 +281,7 @@ struct RawConfig {
     listen_tcp: Option<String>,
     listen_tcp_allow_remote: Option<bool>,
     metrics_listen: Option<String>,
+    otlp_endpoint: Option<String>,
     lock_memory: Option<String>,
     audit_sync: Option<String>,
     audit_retention: Option<String>,
@@ -758,6 +762,10 @@ fn build(
             )
         })?),
     };
+    let otlp_endpoint = raw
+        .otlp_endpoint
+        .map(|u| otlp_endpoint(&u).map_err(|r| value_err("otlp_endpoint", r)))
+        .transpose()?;
     let lock_memory = match raw.lock_memory.as_deref() {
         None | Some("all") => LockMemory::All,
         Some("secrets") => LockMemory::Secrets,
@@ -1071,6 +1079,7 @@ fn build(
         require_external_master_key: raw.require_external_master_key.unwrap_or(false),
         listen_tcp,
         metrics_listen,
+        otlp_endpoint,
         lock_memory,
         audit_sync,
         audit_retention,
@@ -1083,6 +1092,41 @@ fn build(
         pool,
         targets,
     })
+}
+
+/// Checks `otlp_endpoint`: an `http` or `https` URL with a host, no user name or password
+/// (they would be logged with the URL; collectors that need a token take it from
+/// `OTEL_EXPORTER_OTLP_HEADERS`), no query or fragment. Returns it without a trailing `/`.
+fn otlp_endpoint(text: &str) -> Result<String, String> {
+    let uri: http::Uri = text.parse().map_err(|_| {
+        "not a URL: write the collector's OTLP/HTTP base URL, like http://127.0.0.1:4318"
+            .to_string()
+    })?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => {
+            return Err(
+                "must start with http:// or https:// (OTLP over HTTP; gRPC is not supported)"
+                    .into(),
+            );
+        }
+    }
+    let authority = uri.authority().ok_or("names no host")?;
+    if authority.as_str().contains('@') {
+        return Err(
+            "holds a user name or password; put collector credentials in \
+                    OTEL_EXPORTER_OTLP_HEADERS instead"
+                .into(),
+        );
+    }
+    if uri.query().is_some() || text.contains('#') {
+        return Err(
+            "must not have a query or fragment: give the base URL; keyward adds \
+                    /v1/traces"
+                .into(),
+        );
+    }
+    Ok(text.trim_end_matches('/').to_string())
 }
 
 #[cfg(test)]
@@ -1307,6 +1351,41 @@ mod tests {
             for needle in needles {
                 assert!(e.contains(needle), "{text}: {e} lacks {needle}");
             }
+        }
+    }
+
+    #[test]
+    fn otlp_endpoints_are_http_base_urls_without_credentials() {
+        let env = env_of(&[("KEYWARD_HOME", "/tmp/x")]);
+        let f = Path::new("/etc/kw.toml");
+        let c = Config::from_toml("", f, &env).unwrap();
+        assert_eq!(c.otlp_endpoint, None);
+        for (text, want) in [
+            ("http://127.0.0.1:4318", "http://127.0.0.1:4318"),
+            ("https://otel.example:4318/", "https://otel.example:4318"),
+            ("http://collector/prefix", "http://collector/prefix"),
+        ] {
+            let c = Config::from_toml(&format!("otlp_endpoint = \"{text}\""), f, &env).unwrap();
+            assert_eq!(c.otlp_endpoint.as_deref(), Some(want));
+        }
+        for (text, needle) in [
+            ("127.0.0.1:4318", "http:// or https://"),
+            ("grpc://127.0.0.1:4317", "gRPC is not supported"),
+            (
+                "http://user:pw@collector:4318",
+                "OTEL_EXPORTER_OTLP_HEADERS",
+            ),
+            ("http://collector:4318/?token=x", "query"),
+            ("not a url", "not a URL"),
+        ] {
+            let e = Config::from_toml(&format!("otlp_endpoint = \"{text}\""), f, &env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("otlp_endpoint") && e.contains(needle),
+                "{text}: {e}"
+            );
+            assert!(!e.contains("pw@"), "{e}");
         }
     }
 

@@ -70,6 +70,9 @@ pub enum ServeError {
     /// The async runtime could not start.
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    /// The trace exporter for `otlp_endpoint` could not start.
+    #[error(transparent)]
+    Traces(#[from] crate::traces::TraceError),
 }
 
 /// Everything a running daemon shares between its data plane and admin socket.
@@ -108,6 +111,8 @@ pub struct State {
     pub started_at: std::time::SystemTime,
     /// The per-request metric families (README, "Metrics and health").
     pub metrics: crate::metrics::Metrics,
+    /// Spans for `otlp_endpoint` (README, "Traces"); off when it is unset.
+    pub traces: crate::traces::Tracing,
     /// The runtime, for blocking admin work that must await the audit writer.
     pub runtime: tokio::runtime::Handle,
     /// Data-plane requests being served now.
@@ -255,6 +260,9 @@ pub enum ReloadError {
     /// The new targets' upstream TLS setup failed (an unreadable `ca_file`, …).
     #[error("upstream TLS setup: {0}")]
     Upstream(String),
+    /// The trace exporter for a new `otlp_endpoint` could not start.
+    #[error(transparent)]
+    Traces(#[from] crate::traces::TraceError),
 }
 
 impl State {
@@ -314,6 +322,7 @@ impl State {
             ("pool", &old.pool, &new.pool),
             ("prices", &old.prices, &new.prices),
             ("governance", &old.governance, &new.governance),
+            ("otlp_endpoint", &old.otlp_endpoint, &new.otlp_endpoint),
         ] {
             if differs(a, b) {
                 changed.push(name.to_string());
@@ -356,6 +365,10 @@ impl State {
                     })
                 })?;
         }
+        // Spans of requests that start from here on go to the new collector; the old
+        // exporter sends what it queued, then ends.
+        self.traces
+            .configure(new.otlp_endpoint.as_deref(), &self.instance)?;
         // Everything is validated: apply.
         self.resize_limiter(new.limits.max_concurrent_requests);
         self.shares.set_limits(
@@ -675,6 +688,7 @@ impl Server {
             started: Instant::now(),
             started_at: std::time::SystemTime::now(),
             metrics: crate::metrics::Metrics::new(),
+            traces: Default::default(),
             runtime,
             in_flight: AtomicUsize::new(0),
             limiter: Arc::new(tokio::sync::Semaphore::new(
@@ -698,6 +712,10 @@ impl Server {
             config: ArcSwap::from_pointee(config),
         });
         state.reload_rules()?;
+        let endpoint = state.config.load().otlp_endpoint.clone();
+        state
+            .traces
+            .configure(endpoint.as_deref(), &state.instance)?;
         Ok(Server { state, listeners })
     }
 
@@ -1104,6 +1122,13 @@ async fn run(
         let _ = t.await;
     }
     state.audit.flush().await;
+    let st = state.clone();
+    let flushed = tokio::task::spawn_blocking(move || st.traces.shutdown(Duration::from_secs(5)))
+        .await
+        .unwrap_or(false);
+    if !flushed {
+        tracing::warn!("spans still waiting for the OTLP collector at exit were not sent");
+    }
     if !state.audit.stop_export(Duration::from_secs(5)).await {
         tracing::warn!(
             "audit lines still waiting for the export sink at exit; the next start over this \

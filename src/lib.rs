@@ -33,6 +33,7 @@ pub mod scope;
 pub mod seal;
 pub mod store;
 pub mod systemd;
+pub mod traces;
 pub mod units;
 
 /// Locks `m`, carrying on if a thread panicked while holding it. Every mutex here guards state

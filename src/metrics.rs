@@ -261,6 +261,13 @@ struct PoolLabels {
     state: &'static str,
 }
 
+/// Labels of `keyward_trace_spans_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SpanLabels {
+    /// `exported`, `dropped` or `failed`.
+    outcome: &'static str,
+}
+
 /// Labels of the key age family.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KeyLabels {
@@ -301,6 +308,23 @@ fn scrape_registry(state: &State) -> Registry {
         "audit_dropped_events",
         "Audit records of finished requests dropped because the queue was full",
         dropped,
+    );
+    let spans = Family::<SpanLabels, Counter>::default();
+    let counts = state.traces.counts();
+    for (outcome, n) in [
+        ("exported", &counts.exported),
+        ("dropped", &counts.dropped),
+        ("failed", &counts.failed),
+    ] {
+        spans
+            .get_or_create(&SpanLabels { outcome })
+            .inc_by(n.load(std::sync::atomic::Ordering::Relaxed));
+    }
+    registry.register(
+        "trace_spans",
+        "Spans for otlp_endpoint by outcome: exported (the collector took them), dropped (the \
+         export queue was full) or failed (the collector refused them or could not be reached)",
+        spans,
     );
     if let Some(bundle) = &state.bundle {
         registry.register(

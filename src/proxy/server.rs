@@ -359,6 +359,13 @@ async fn handle(
             started,
             Default::default(),
         );
+        trace_refusal(
+            &state,
+            &Known::default(),
+            &call_id,
+            started,
+            ErrorCode::BadRequest,
+        );
         let mut response = error_response(ErrorCode::BadRequest, &reason, &call_id);
         response
             .headers_mut()
@@ -373,6 +380,13 @@ async fn handle(
             ErrorCode::Overloaded.as_str(),
             started,
             Default::default(),
+        );
+        trace_refusal(
+            &state,
+            &Known::default(),
+            &call_id,
+            started,
+            ErrorCode::Overloaded,
         );
         return error_response(
             ErrorCode::Overloaded,
@@ -431,6 +445,7 @@ async fn handle(
                 started,
                 known.upstream_time,
             );
+            trace_refusal(&state, &known, &call_id, started, reject.code);
             let mut response = error_response(reject.code, &reject.message, &call_id);
             if let Some(secs) = reject.retry_after {
                 response
@@ -456,6 +471,60 @@ fn count(
     state
         .metrics
         .overhead(target, started.elapsed().saturating_sub(upstream));
+}
+
+/// Records the span of a call keyward refused (README, "Traces").
+fn trace_refusal(state: &State, known: &Known, call_id: &str, started: Instant, code: ErrorCode) {
+    state.traces.record(|| {
+        let end = SystemTime::now();
+        crate::traces::CallSpan {
+            call_id: call_id.to_string(),
+            start: end - started.elapsed(),
+            end,
+            target: known.target.clone(),
+            capability: known.capability.clone(),
+            model: known.model.clone(),
+            tenant: known.principal.as_ref().map(|p| p.tenant_name.clone()),
+            credential: known
+                .attempted
+                .as_ref()
+                .map(|c| (c.credential.id.clone(), c.version().version)),
+            status: code.status().as_u16(),
+            error: Some(code.as_str().into()),
+            input_tokens: None,
+            output_tokens: None,
+        }
+    });
+}
+
+/// Records the span of a call whose response reached the app, from its completion row.
+fn trace_completion(state: &State, event: &Event, started: Instant, detail: Option<&str>) {
+    state.traces.record(|| {
+        let end = SystemTime::now();
+        let status = event.upstream_status.unwrap_or(0);
+        let error = match detail {
+            // Why the stream ended early, as a class (the detail itself stays in the audit).
+            Some(d) if d.starts_with("response stream failed") => Some("upstream_stream".into()),
+            Some(d) if d.starts_with("the client was revoked") => Some("client_revoked".into()),
+            Some(_) => Some("client_closed".into()),
+            None if status >= 400 => Some(status.to_string().into()),
+            None => None,
+        };
+        crate::traces::CallSpan {
+            call_id: event.call_id.clone().unwrap_or_default(),
+            start: end - started.elapsed(),
+            end,
+            target: event.target.clone(),
+            capability: event.capability.clone(),
+            model: event.model.clone(),
+            tenant: event.tenant.clone(),
+            credential: event.credential_id.clone().zip(event.credential_version),
+            status,
+            error,
+            input_tokens: event.input_tokens,
+            output_tokens: event.output_tokens,
+        }
+    });
 }
 
 async fn process(
@@ -1831,6 +1900,7 @@ impl<B> CompletionBody<B> {
                 None => event.flags.push("unpriced".into()),
             }
         }
+        trace_completion(&self.state, &event, self.started, detail.as_deref());
         event.detail = detail;
         drop(replay);
         let tokens = match (event.input_tokens, event.output_tokens) {

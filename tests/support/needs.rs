@@ -46,3 +46,9 @@ pub fn program(test: &str, program: &str, probe_arg: &str) -> bool {
         .is_ok()
         || unmet(test, &format!("the program `{program}` is not installed"))
 }
+
+/// Whether `test` can go on, given whether some other need holds; `why` says what is missing
+/// when it does not.
+pub fn holds(test: &str, holds: bool, why: &str) -> bool {
+    holds || unmet(test, why)
+}
