@@ -296,3 +296,67 @@ pub fn usage(data: &[u8]) {
         }
     }
 }
+
+/// The master key the bundle corpus was sealed under (a fixed test key, never a real one).
+pub const BUNDLE_MASTER_KEY: [u8; 32] = *b"keyward fuzz bundle master key!!";
+
+fn bundle_master() -> &'static keyward::seal::MasterKeyProvider {
+    static MASTER: std::sync::OnceLock<keyward::seal::MasterKeyProvider> =
+        std::sync::OnceLock::new();
+    MASTER.get_or_init(|| {
+        keyward::seal::MasterKey::from_secret(keyward::seal::Secret::from_slice(&BUNDLE_MASTER_KEY))
+            .into()
+    })
+}
+
+/// The sealed-bundle reader a sidecar runs on every file it is handed. The first byte picks
+/// the input: even, the rest is a whole bundle file; odd, the rest is a payload text that is
+/// sealed properly first, so what `open` does after the MAC check is reached too. Whatever
+/// the bytes, `open` answers without panicking; a refusal names the file; a bundle it accepts
+/// builds a catalog, and exporting that content again gives a bundle it accepts with the same
+/// serial and counts.
+pub fn bundle(data: &[u8]) {
+    use keyward::bundle::{export, open, seal_payload_text};
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let master = bundle_master();
+    let file = std::path::Path::new("/fuzz/keyward.bundle");
+    let bytes = if mode % 2 == 0 {
+        rest.to_vec()
+    } else {
+        let Ok(text) = std::str::from_utf8(rest) else {
+            return;
+        };
+        // The header serial must match the payload's for `open` to go on.
+        let serial = serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .and_then(|v| v.get("serial").and_then(serde_json::Value::as_u64))
+            .unwrap_or(1);
+        seal_payload_text(master, "fuzz", serial, text.to_string())
+            .unwrap()
+            .into_bytes()
+    };
+    let loaded = match open(&bytes, file, master) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            assert!(e.contains("/fuzz/keyward.bundle"), "{e}");
+            return;
+        }
+    };
+    let counts =
+        |s: &keyward::store::Snapshot| (s.tenants.len(), s.clients.len(), s.credentials.len());
+    let before = counts(&loaded.snapshot);
+    let again = export(master, &loaded.snapshot, &[], "fuzz", loaded.serial).unwrap();
+    let _ = keyward::catalog::Catalog::build(loaded.snapshot);
+    let reopened = open(again.text.as_bytes(), file, master).unwrap();
+    assert_eq!(reopened.serial, loaded.serial);
+    // Clients and credentials of tenants the bundle does not hold are not exported again.
+    let after = counts(&reopened.snapshot);
+    assert_eq!(after.0, before.0);
+    assert!(
+        after.1 <= before.1 && after.2 <= before.2,
+        "{before:?} -> {after:?}"
+    );
+    let _ = keyward::catalog::Catalog::build(reopened.snapshot);
+}

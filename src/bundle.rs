@@ -271,26 +271,14 @@ pub fn export(
             })
             .collect(),
     };
-    let key = Secret::random(KEY_LEN);
-    let wrapped = master
-        .wrap(Purpose::BundleKey, &key)
-        .map_err(|e| format!("cannot wrap the bundle key: {e}"))?;
-    let mut envelope = Envelope {
-        format: FORMAT.into(),
+    let text = seal_payload_text(
+        master,
+        instance,
         serial,
-        instance: instance.into(),
-        exported_at: crate::units::format_time(crate::units::now_unix()),
-        master_key: MasterKeyId {
-            provider: master.provider().into(),
-            identity: master.identity(),
-        },
-        bundle_key: hex::encode(&wrapped),
-        payload: serde_json::to_string(&payload).expect("a payload serializes"),
-        mac: String::new(),
-    };
-    envelope.mac = hex::encode(&mac(&key, &envelope));
+        serde_json::to_string(&payload).expect("a payload serializes"),
+    )?;
     Ok(Exported {
-        text: serde_json::to_string_pretty(&envelope).expect("a bundle serializes") + "\n",
+        text,
         serial,
         tenants: payload.tenants.len(),
         clients: payload.clients.len(),
@@ -353,6 +341,38 @@ pub fn bundle_file(path: &Path) -> PathBuf {
     } else {
         path.to_path_buf()
     }
+}
+
+/// Seals a payload JSON text, taken as it is, into a bundle text under `master`: a fresh
+/// bundle key wrapped by the master key, the header, and the MAC over both. [`export`] makes
+/// real bundles with it; the fuzz target for [`open`] uses it to reach what `open` does after
+/// the MAC check. Fails when the master key cannot wrap the bundle key.
+#[doc(hidden)]
+pub fn seal_payload_text(
+    master: &MasterKeyProvider,
+    instance: &str,
+    serial: u64,
+    payload: String,
+) -> Result<String, String> {
+    let key = Secret::random(KEY_LEN);
+    let wrapped = master
+        .wrap(Purpose::BundleKey, &key)
+        .map_err(|e| format!("cannot wrap the bundle key: {e}"))?;
+    let mut envelope = Envelope {
+        format: FORMAT.into(),
+        serial,
+        instance: instance.into(),
+        exported_at: crate::units::format_time(crate::units::now_unix()),
+        master_key: MasterKeyId {
+            provider: master.provider().into(),
+            identity: master.identity(),
+        },
+        bundle_key: hex::encode(&wrapped),
+        payload,
+        mac: String::new(),
+    };
+    envelope.mac = hex::encode(&mac(&key, &envelope));
+    Ok(serde_json::to_string_pretty(&envelope).expect("a bundle serializes") + "\n")
 }
 
 /// Checks and decodes bundle `bytes` read from `file` (named in messages) under `master`.
