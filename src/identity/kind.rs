@@ -98,33 +98,43 @@ impl CredentialKind {
     }
 
     /// Every secret part of a `secret` of this kind that a response must not carry: the key
-    /// itself for `api-key`, the secret fields of a document (and each base64 line of a private
-    /// key, so fragments of it are found too). A document that no longer parses yields nothing
-    /// beyond the whole text.
-    pub fn secret_parts(self, secret: &Secret) -> Vec<Secret> {
-        let mut parts = vec![Secret::from_slice(secret.expose_secret())];
+    /// itself for `api-key`; the secret fields of a document (`whole`), and the base64 lines of a
+    /// service account's private key (`fragments`), so that pieces of it are found too. A
+    /// document's other fields are not secret, and any echo of the whole document holds one of
+    /// these parts. A role to assume holds no secret.
+    pub fn secret_parts(self, secret: &Secret) -> SecretParts {
+        let mut parts = SecretParts::default();
         match self {
-            CredentialKind::ApiKey | CredentialKind::AwsAssumeRole => {}
+            CredentialKind::ApiKey => parts.whole.push(Secret::from_slice(secret.expose_secret())),
+            CredentialKind::AwsAssumeRole => {}
             CredentialKind::AwsAccessKey => {
                 if let Ok(doc) = AwsAccessKey::parse(secret) {
-                    parts.push(doc.secret_access_key);
-                    parts.extend(doc.session_token);
+                    parts.whole.push(doc.secret_access_key);
+                    parts.whole.extend(doc.session_token);
                 }
             }
             CredentialKind::GcpServiceAccount => {
                 if let Ok(doc) = GcpServiceAccount::parse(secret) {
-                    parts.extend(pem_lines(&doc.private_key_pem));
-                    parts.push(doc.private_key_pem);
+                    parts.fragments = pem_lines(&doc.private_key_pem);
                 }
             }
             CredentialKind::AzureEntra => {
                 if let Ok(doc) = AzureEntra::parse(secret) {
-                    parts.push(doc.client_secret);
+                    parts.whole.push(doc.client_secret);
                 }
             }
         }
         parts
     }
+}
+
+/// The secret parts of a credential (see [`CredentialKind::secret_parts`]), in locked memory.
+#[derive(Default)]
+pub struct SecretParts {
+    /// Secrets a response may carry in any encoding.
+    pub whole: Vec<Secret>,
+    /// Lines of a private key, found raw or in a JSON string.
+    pub fragments: Vec<Secret>,
 }
 
 impl fmt::Display for CredentialKind {
@@ -610,7 +620,7 @@ mod tests {
         let preview = CredentialKind::AwsAccessKey.check(&s(doc)).unwrap();
         assert_eq!(preview, "AKIA…MPLE");
         let parts = CredentialKind::AwsAccessKey.secret_parts(&s(doc));
-        let parts: Vec<&[u8]> = parts.iter().map(|p| p.expose_secret()).collect();
+        let parts: Vec<&[u8]> = parts.whole.iter().map(|p| p.expose_secret()).collect();
         assert!(parts.contains(&&b"wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY"[..]));
         assert!(parts.contains(&&b"FwoGZXIvYXdzEJr"[..]));
         let entra = concat!(

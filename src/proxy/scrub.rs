@@ -29,6 +29,7 @@
 
 use std::fmt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
@@ -129,6 +130,23 @@ fn needles_for(secret: &Secret) -> Vec<Needle> {
                 needles.push(Needle::new(needle));
             }
         }
+    }
+    needles
+}
+
+/// The raw bytes of `secret` and its JSON string forms (`"`, `\` and `/` escaped), without
+/// the percent and `\u` encodings.
+fn json_needles_for(secret: &Secret) -> Vec<Needle> {
+    let raw = secret.expose_secret();
+    if raw.is_empty() {
+        return Vec::new();
+    }
+    let mut needles = vec![Needle::new(Secret::from_slice(raw))];
+    if raw.iter().any(|&b| b == b'"' || b == b'\\') {
+        needles.push(Needle::new(json_escaped(raw, false)));
+    }
+    if raw.contains(&b'/') {
+        needles.push(Needle::new(json_escaped(raw, true)));
     }
     needles
 }
@@ -270,12 +288,54 @@ enum Piece<'a> {
 /// this is exactly `str::replace`.
 pub struct Scrubber {
     /// The forms of the secret to find; empty for an empty secret.
-    needles: Vec<Needle>,
+    needles: Arc<Vec<Needle>>,
     /// Per needle, how many bytes of it the unemitted tail of the input currently matches.
     states: Vec<usize>,
     /// Indices of the needles that are a secret's raw bytes (the only form a header name can
     /// hold).
-    raw: Vec<usize>,
+    raw: Arc<Vec<usize>>,
+}
+
+/// The needles for a set of secrets, built once and shared by every response that needs them
+/// (a cached access token and its credential's secret parts serve many requests).
+#[derive(Clone)]
+pub struct ScrubSet {
+    /// The forms of every secret.
+    needles: Arc<Vec<Needle>>,
+    /// Indices of the raw forms.
+    raw: Arc<Vec<usize>>,
+}
+
+impl fmt::Debug for ScrubSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScrubSet")
+            .field("needles", &self.needles.len())
+            .finish()
+    }
+}
+
+impl ScrubSet {
+    /// Every form (see the module doc) of each of `whole`, and for each of `fragments` (the
+    /// base64 lines of a private key, say: many, and of a fixed alphabet) the raw bytes and
+    /// their JSON string forms only.
+    pub fn new(whole: &[Secret], fragments: &[Secret]) -> ScrubSet {
+        let mut needles = Vec::new();
+        let mut raw = Vec::new();
+        let forms = whole
+            .iter()
+            .map(needles_for)
+            .chain(fragments.iter().map(json_needles_for));
+        for forms in forms {
+            if !forms.is_empty() {
+                raw.push(needles.len());
+            }
+            needles.extend(forms);
+        }
+        ScrubSet {
+            needles: Arc::new(needles),
+            raw: Arc::new(raw),
+        }
+    }
 }
 
 impl fmt::Debug for Scrubber {
@@ -296,20 +356,15 @@ impl Scrubber {
     /// A scrubber for every one of `secrets` (a key, or a document's secret parts and the
     /// token derived from it).
     pub fn for_secrets(secrets: &[Secret]) -> Scrubber {
-        let mut needles = Vec::new();
-        let mut raw = Vec::new();
-        for secret in secrets {
-            let forms = needles_for(secret);
-            if !forms.is_empty() {
-                raw.push(needles.len());
-            }
-            needles.extend(forms);
-        }
-        let states = vec![0; needles.len()];
+        Scrubber::from_set(&ScrubSet::new(secrets, &[]))
+    }
+
+    /// A scrubber for a prepared set, sharing its needles.
+    pub fn from_set(set: &ScrubSet) -> Scrubber {
         Scrubber {
-            needles,
-            states,
-            raw,
+            needles: set.needles.clone(),
+            states: vec![0; set.needles.len()],
+            raw: set.raw.clone(),
         }
     }
 

@@ -43,8 +43,8 @@ use super::limits::{BodyHold, ShareGuard};
 use super::route::{
     PathRules, Route, RouteError, app_base, rewrite_upstream_urls, target_name_of, upstream_uri,
 };
-use super::scrub::{ScrubBody, Scrubber};
-use super::token::{TokenKey, TokenRequest};
+use super::scrub::{ScrubBody, ScrubSet, Scrubber};
+use super::token::{Derived, TokenKey, TokenRequest};
 use super::upstream::{BoxError, IdleTimeoutBody, ResponseBody, UpstreamBody, UpstreamError};
 use crate::audit::usage::UsageTap;
 use crate::audit::{Event, EventKind, Fingerprinter};
@@ -991,9 +991,9 @@ async fn attempt(
 struct Used {
     /// Every secret the response must not carry: the key, or a document's secret parts and the
     /// token derived from it.
-    scrub: Vec<Secret>,
+    scrub: ScrubSet,
     /// The derived access token and its cache key, to forget it if the upstream refuses it.
-    token: Option<(TokenKey, Arc<Secret>)>,
+    token: Option<(TokenKey, Arc<Derived>)>,
     /// The assumed-role session that signed the request, to forget it if it is refused.
     session: Option<Arc<SessionCredentials>>,
 }
@@ -1017,7 +1017,7 @@ async fn inject(
         CredentialKind::ApiKey => {
             prepare_upstream_headers(target, headers, &secret).map_err(refused)?;
             Ok(Used {
-                scrub: vec![secret],
+                scrub: ScrubSet::new(std::slice::from_ref(&secret), &[]),
                 token: None,
                 session: None,
             })
@@ -1053,12 +1053,11 @@ async fn inject(
                         retryable: true,
                     }
                 })?;
-            prepare_upstream_headers_as(target, &bearer_auth(), headers, &token)
+            prepare_upstream_headers_as(target, &bearer_auth(), headers, &token.token)
                 .map_err(refused)?;
-            let mut scrub = kind.secret_parts(&secret);
-            scrub.push(Secret::from_slice(token.expose_secret()));
+            drop(secret);
             Ok(Used {
-                scrub,
+                scrub: token.scrub.clone(),
                 token: Some((key, token)),
                 session: None,
             })
@@ -1087,7 +1086,7 @@ async fn sign(
     uri: &http::Uri,
     headers: &mut HeaderMap,
     secret: &Secret,
-) -> Result<(Vec<Secret>, Option<Arc<SessionCredentials>>), Reject> {
+) -> Result<(ScrubSet, Option<Arc<SessionCredentials>>), Reject> {
     use crate::identity::kind::{AwsAccessKey, AwsAssumeRole};
     let target = request.target;
     let id = &chosen.credential.id;
@@ -1126,7 +1125,7 @@ async fn sign(
                 session_token: doc.session_token.as_ref(),
             };
             sign(headers, &key)?;
-            Ok((kind.secret_parts(secret), None))
+            Ok((ScrubSet::new(&kind.secret_parts(secret).whole, &[]), None))
         }
         CredentialKind::AwsAssumeRole => {
             let doc = AwsAssumeRole::parse(secret).map_err(|e| unusable(e.to_string()))?;
@@ -1154,11 +1153,11 @@ async fn sign(
                 session_token: Some(&session.session_token),
             };
             sign(headers, &key)?;
-            let mut scrub = kind.secret_parts(secret);
+            let mut scrub = kind.secret_parts(secret).whole;
             for s in [&session.secret_access_key, &session.session_token] {
                 scrub.push(Secret::from_slice(s.expose_secret()));
             }
-            Ok((scrub, Some(session)))
+            Ok((ScrubSet::new(&scrub, &[]), Some(session)))
         }
         other => Err(unusable(format!("a {other} credential cannot sign"))),
     }
@@ -1527,7 +1526,7 @@ fn respond(
     }
     // Scrubbing may change the body's length.
     parts.headers.remove(CONTENT_LENGTH);
-    let mut scrubber = Scrubber::for_secrets(&secret.scrub);
+    let mut scrubber = Scrubber::from_set(&secret.scrub);
     scrubber.scrub_headers(&mut parts.headers);
     let version = chosen.version().version;
     parts.headers.insert(

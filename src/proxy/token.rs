@@ -19,6 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::scrub::ScrubSet;
 use crate::identity::kind::{AzureEntra, GcpServiceAccount};
 use crate::identity::oauth::{self, MAX_TOKEN_RESPONSE, TokenError};
 use crate::identity::{CredentialKind, DerivedCache};
@@ -49,10 +50,20 @@ pub struct TokenRequest<'a> {
     pub ca_file: Option<&'a Path>,
 }
 
+/// An access token and what a response must not carry while it is in use.
+pub struct Derived {
+    /// The access token.
+    pub token: Secret,
+    /// The needles for the token and the credential's secret parts (README, "Credential
+    /// kinds"), built once per token rather than per request: parsing a service account key
+    /// checks its RSA key, and a key has dozens of lines to look for.
+    pub scrub: ScrubSet,
+}
+
 /// Cached access tokens and the clients that fetch them.
 #[derive(Default)]
 pub struct TokenSource {
-    cache: DerivedCache<TokenKey, Secret, TokenError>,
+    cache: DerivedCache<TokenKey, Derived, TokenError>,
     /// One client per trust set (`ca_file`), made on first use.
     clients: std::sync::Mutex<HashMap<Option<PathBuf>, HttpsClient>>,
     /// Token requests sent since start.
@@ -70,13 +81,28 @@ impl std::fmt::Debug for TokenSource {
 impl TokenSource {
     /// The access token for `req`: cached until shortly before it expires, else fetched once
     /// for every request that needs it meanwhile.
-    pub async fn token(&self, req: TokenRequest<'_>) -> Result<Arc<Secret>, TokenError> {
+    pub async fn token(&self, req: TokenRequest<'_>) -> Result<Arc<Derived>, TokenError> {
         let key = req.key.clone();
-        self.cache.get(&key, || self.fetch(req)).await
+        self.cache
+            .get(&key, || async {
+                let mut parts = req.kind.secret_parts(req.secret);
+                let fresh = self.fetch(req).await?;
+                parts
+                    .whole
+                    .push(Secret::from_slice(fresh.value.expose_secret()));
+                Ok(crate::identity::Fresh {
+                    value: Derived {
+                        token: fresh.value,
+                        scrub: ScrubSet::new(&parts.whole, &parts.fragments),
+                    },
+                    lifetime: fresh.lifetime,
+                })
+            })
+            .await
     }
 
     /// Forgets `token` (the upstream answered 401 to it), so the next request fetches anew.
-    pub async fn refused(&self, key: &TokenKey, token: &Arc<Secret>) {
+    pub async fn refused(&self, key: &TokenKey, token: &Arc<Derived>) {
         self.cache.invalidate(key, token).await;
     }
 
@@ -90,7 +116,7 @@ impl TokenSource {
         req: TokenRequest<'_>,
     ) -> Result<crate::identity::Fresh<Secret>, TokenError> {
         let (url, body) = grant(&req)?;
-        let secrets = req.kind.secret_parts(req.secret);
+        let secrets = req.kind.secret_parts(req.secret).whole;
         let client = self.client(req.ca_file, &url)?;
         self.fetches
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
