@@ -446,6 +446,7 @@ fn status(state: &State) -> Value {
         "max_connections": state.connections.max_total(),
         "buffered_body_bytes": state.bodies.held(),
         "store_accesses": state.store.accesses(),
+        "governance": state.governance.status(),
     })
 }
 

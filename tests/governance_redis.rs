@@ -229,6 +229,9 @@ async fn redis_down_denies_then_recovers() {
         "no rule applies to globex"
     );
     assert!(d.stderr().contains("Redis unreachable"));
+    let status = &d.json_lines(&["status"])[0];
+    assert_eq!(status["governance"]["redis_up"], false, "{status}");
+    assert_eq!(status["governance"]["counters"], redis.url());
 
     redis.restart();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -242,6 +245,7 @@ async fn redis_down_denies_then_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(d.stderr().contains("Redis reachable again"));
+    assert_eq!(d.json_lines(&["status"])[0]["governance"]["redis_up"], true);
 }
 
 /// With `on_backend_error = "local"`, this keyward counts alone while Redis is down (its own

@@ -524,6 +524,24 @@ impl Governance {
         }
     }
 
+    /// For `keyward status`: where the counters are, whether Redis answers, and how many
+    /// charges wait for it.
+    pub fn status(&self) -> serde_json::Value {
+        let pending = crate::lock(&self.pending).len();
+        match self.redis.load_full() {
+            None => serde_json::json!({ "counters": "local" }),
+            Some(redis) => serde_json::json!({
+                "counters": redis.shown,
+                "redis_up": redis.is_up(),
+                "on_backend_error": match self.settings.load().on_backend_error {
+                    OnBackendError::Deny => "deny",
+                    OnBackendError::Local => "local",
+                },
+                "charges_waiting": pending,
+            }),
+        }
+    }
+
     /// Spent this period per budget: from Redis when it is used and reachable, else from this
     /// process's counters. Returns (spent, source) per budget.
     pub async fn spent(&self, budgets: &[Budget]) -> Vec<(u64, &'static str)> {
