@@ -257,11 +257,12 @@ async fn a_warn_budget_serves_and_flags() {
 async fn client_and_credential_budgets_apply_to_their_scope_only() {
     let (mock, d, _dir) = start("").await;
     let (first, cred_a) = d.provision("acme", "openai", &random_key("sk-"), &[]);
+    // The only client so far is the one `provision` made for `first`.
+    let first_id = d.json_lines(&["client", "list", "--tenant", "acme"])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (_, cred_b) = d.provision("acme", "openai", &random_key("sk-"), &["--priority", "200"]);
-    let (_, first_id) = {
-        let rows = d.json_lines(&["client", "list", "--tenant", "acme"]);
-        ((), rows[0]["id"].as_str().unwrap().to_string())
-    };
     let (second, _) = client(&d, "acme", None);
     d.ok(&[
         "budget",
