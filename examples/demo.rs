@@ -14,13 +14,13 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use keyward::admin::{NewCredential, Request as AdminRequest, WireSecret};
+use keyward::admin::WireSecret;
+use keyward::admin::api::{clients::NewClient, credentials::NewCredential, tenants::NewTenant};
 use keyward::config::Config;
 use keyward::daemon::Server;
 use keyward::seal::{MasterKey, Secret};
 use mock_upstream::{MockUpstream, key_of};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 #[tokio::main]
@@ -64,24 +64,28 @@ async fn main() -> anyhow::Result<()> {
     println!("\n1. operator: keyward tenant add demo");
     admin_call(
         &admin,
-        &AdminRequest::TenantAdd {
+        "POST",
+        "/v1/tenants",
+        serde_json::to_vec(&NewTenant {
             name: "demo".into(),
             max_key_age_s: None,
             on_expiry: None,
             rotation_overlap_s: None,
-        },
+        })?,
     )
     .await?;
     println!("   operator: keyward client add --tenant demo --name chat-app");
     let client = admin_call(
         &admin,
-        &AdminRequest::ClientAdd {
+        "POST",
+        "/v1/clients",
+        serde_json::to_vec(&NewClient {
             tenant: "demo".into(),
             name: "chat-app".into(),
             team: None,
             uid: None,
             workflows: vec![],
-        },
+        })?,
     )
     .await?;
     let token = client["token"]
@@ -93,7 +97,9 @@ async fn main() -> anyhow::Result<()> {
     );
     let cred = admin_call(
         &admin,
-        &AdminRequest::CredAdd(NewCredential {
+        "POST",
+        "/v1/credentials",
+        serde_json::to_vec(&NewCredential {
             tenant: "demo".into(),
             target: "openai".into(),
             name: "main".into(),
@@ -104,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
             priority: None,
             kind: None,
             secret: WireSecret(Secret::from_slice(demo_key.as_bytes())),
-        }),
+        })?,
     )
     .await?;
     println!(
@@ -168,13 +174,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     println!("\n5. the audit trail (keyward audit query):");
-    let rows = admin_call(
-        &admin,
-        &AdminRequest::AuditQuery {
-            filter: Default::default(),
-        },
-    )
-    .await?;
+    let rows = admin_call(&admin, "GET", "/v1/audit/events", Vec::new()).await?;
     for row in rows.as_array().into_iter().flatten().rev() {
         println!(
             "   #{:<3} {:<20} {} {} {}",
@@ -191,7 +191,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_default()
         );
     }
-    let verify = admin_call(&admin, &AdminRequest::AuditVerify).await?;
+    let verify = admin_call(&admin, "GET", "/v1/audit/verify", Vec::new()).await?;
     println!(
         "   keyward audit verify: ok={} rows={}",
         verify["ok"], verify["rows_checked"]
@@ -228,20 +228,26 @@ fn report_upstream(mock: &MockUpstream, demo_key: &str, token: &str) -> anyhow::
     Ok(())
 }
 
-async fn admin_call(socket: &Path, request: &AdminRequest) -> anyhow::Result<Value> {
-    let mut stream = UnixStream::connect(socket)
+/// One call of the admin API (README, "Admin API"), what `keyward tenant add` etc. send.
+async fn admin_call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<Value> {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "keyward")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))?;
+    let (status, _, text) = send(socket, req)
         .await
-        .with_context(|| format!("connect {}", socket.display()))?;
-    let mut line = serde_json::to_vec(request)?;
-    line.push(b'\n');
-    stream.write_all(&line).await?;
-    let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).await?;
-    let value: Value = serde_json::from_str(&answer)?;
-    if value["ok"] != Value::Bool(true) {
-        bail!("admin refused: {}", value["error"]);
+        .with_context(|| format!("admin socket {}", socket.display()))?;
+    if !(200..300).contains(&status) {
+        bail!("admin refused ({status}): {text}");
     }
-    Ok(value["data"].clone())
+    Ok(serde_json::from_str(&text)?)
 }
 
 async fn app_call(

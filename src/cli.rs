@@ -3,7 +3,7 @@
 //!
 //! `cli` must not open the database or any key file. Secrets are read from standard input only.
 
-use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::io::{BufRead, IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 use zeroize::Zeroizing;
 
-use crate::admin::{AuditQueryArgs, NewCredential, Request, WireSecret};
+use crate::admin::{WireSecret, api};
 use crate::config::{admin_socket_for_cli, process_env};
 use crate::identity::CredentialKind;
 use crate::seal::Secret;
@@ -474,8 +474,8 @@ fn trusted_daemon_uids(flag: Option<&str>) -> Result<Vec<u32>, Failure> {
 }
 
 fn execute(command: &Command, endpoint: &Endpoint, json: bool) -> Result<(), Failure> {
-    let request = build_request(command)?;
-    let data = call(endpoint, &request)?;
+    let (call, decode) = build_request(command)?;
+    let data = send(endpoint, call, decode)?;
     if let Command::Bundle(BundleCommand::Export { out, .. }) = command {
         return write_bundle(out, &data, json);
     }
@@ -523,70 +523,203 @@ fn write_bundle(out: &std::path::Path, data: &Value, json: bool) -> Result<(), F
     Ok(())
 }
 
-fn build_request(command: &Command) -> Result<Request, Failure> {
+/// One request of the admin API: method, path with its query string, and JSON body (empty
+/// for none; wiped when dropped, as it may hold a provider key).
+struct Call {
+    method: http::Method,
+    path: String,
+    body: Zeroizing<Vec<u8>>,
+}
+
+impl Call {
+    fn get(path: impl Into<String>) -> Call {
+        Call {
+            method: http::Method::GET,
+            path: path.into(),
+            body: Zeroizing::new(Vec::new()),
+        }
+    }
+
+    fn delete(path: impl Into<String>) -> Call {
+        Call {
+            method: http::Method::DELETE,
+            ..Call::get(path)
+        }
+    }
+
+    fn post<T: serde::Serialize>(path: impl Into<String>, body: &T) -> Result<Call, Failure> {
+        Ok(Call {
+            method: http::Method::POST,
+            path: path.into(),
+            body: Zeroizing::new(serde_json::to_vec(body).map_err(|e| Failure(1, e.to_string()))?),
+        })
+    }
+
+    /// `path?query` for a filter, or `path` when it has no parameters set.
+    fn get_with<T: serde::Serialize>(path: &str, filter: &T) -> Result<Call, Failure> {
+        let query = serde_urlencoded::to_string(filter).map_err(|e| Failure(2, e.to_string()))?;
+        Ok(Call::get(if query.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}?{query}")
+        }))
+    }
+}
+
+/// Reads a successful answer's body as the typed response `T`, then as a JSON value for the
+/// printers (which show its fields by name).
+type Decode = fn(&[u8]) -> Result<Value, String>;
+
+fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(body: &[u8]) -> Result<Value, String> {
+    let value: T = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    serde_json::to_value(value).map_err(|e| e.to_string())
+}
+
+/// The Prometheus text of `/v1/metrics`, as `{"text": ...}` for `--json`.
+fn text(body: &[u8]) -> Result<Value, String> {
+    Ok(serde_json::json!({ "text": String::from_utf8_lossy(body) }))
+}
+
+/// An id as a path segment: ids are plain (`cred_…`); anything else cannot name a resource.
+fn segment(id: &str) -> Result<&str, Failure> {
+    let plain = !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if plain && id != "." && id != ".." {
+        Ok(id)
+    } else {
+        Err(Failure(
+            1,
+            format!(
+                "`{}` is not an id (ids look like cred_… or cli_…; see the list commands)",
+                id.escape_debug()
+            ),
+        ))
+    }
+}
+
+fn build_request(command: &Command) -> Result<(Call, Decode), Failure> {
+    use api::{audit, clients, credentials, governance, system, tenants};
     let secs = |d: &Option<Duration>| d.map(|d| d.as_secs());
     Ok(match command {
         Command::Serve { .. } => unreachable!("serve is handled by main"),
-        Command::Status => Request::Status,
-        Command::Metrics => Request::Metrics,
-        Command::Reload => Request::Reload,
+        Command::Status => (Call::get("/v1/status"), typed::<system::Status>),
+        Command::Metrics => (Call::get("/v1/metrics"), text),
+        Command::Reload => (
+            Call::post("/v1/reload", &serde_json::json!({}))?,
+            typed::<system::Reloaded>,
+        ),
         Command::Tenant(TenantCommand::Add {
             name,
             max_key_age,
             on_expiry,
             rotation_overlap,
-        }) => Request::TenantAdd {
-            name: name.clone(),
-            max_key_age_s: secs(max_key_age),
-            on_expiry: on_expiry.clone(),
-            rotation_overlap_s: secs(rotation_overlap),
-        },
-        Command::Tenant(TenantCommand::List) => Request::TenantList,
-        Command::Cred(CredCommand::Add(a)) => Request::CredAdd(NewCredential {
-            tenant: a.tenant.clone(),
-            target: a.target.clone(),
-            name: a.name.clone(),
-            models: a.models.clone(),
-            capabilities: a.capabilities.clone(),
-            teams: a.teams.clone(),
-            workflows: a.workflows.clone(),
-            priority: a.priority,
-            kind: Some(a.kind.clone()),
-            secret: WireSecret(read_secret(&match a.kind.parse::<CredentialKind>() {
-                Ok(kind) if kind.is_document() => format!("{kind} JSON for {}", a.name),
-                _ => format!("provider key for {}", a.name),
-            })?),
-        }),
-        Command::Cred(CredCommand::List { tenant }) => Request::CredList {
-            tenant: tenant.clone(),
-        },
-        Command::Cred(CredCommand::Rotate { id, overlap }) => Request::CredRotate {
-            id: id.clone(),
-            overlap_s: secs(overlap),
-            secret: WireSecret(read_secret(&format!("new provider key for {id}"))?),
-        },
-        Command::Cred(CredCommand::Revoke { id, version }) => Request::CredRevoke {
-            id: id.clone(),
-            version: *version,
-        },
-        Command::Cred(CredCommand::Delete { id }) => Request::CredDelete { id: id.clone() },
+        }) => (
+            Call::post(
+                "/v1/tenants",
+                &tenants::NewTenant {
+                    name: name.clone(),
+                    max_key_age_s: secs(max_key_age),
+                    on_expiry: match on_expiry.as_deref() {
+                        None => None,
+                        Some("warn") => Some(tenants::OnExpiry::Warn),
+                        Some(_) => Some(tenants::OnExpiry::Deny),
+                    },
+                    rotation_overlap_s: secs(rotation_overlap),
+                },
+            )?,
+            typed::<tenants::Tenant>,
+        ),
+        Command::Tenant(TenantCommand::List) => {
+            (Call::get("/v1/tenants"), typed::<Vec<tenants::Tenant>>)
+        }
+        Command::Cred(CredCommand::Add(a)) => (
+            Call::post(
+                "/v1/credentials",
+                &credentials::NewCredential {
+                    tenant: a.tenant.clone(),
+                    target: a.target.clone(),
+                    name: a.name.clone(),
+                    models: a.models.clone(),
+                    capabilities: a.capabilities.clone(),
+                    teams: a.teams.clone(),
+                    workflows: a.workflows.clone(),
+                    priority: a.priority,
+                    kind: Some(a.kind.clone()),
+                    secret: WireSecret(read_secret(&match a.kind.parse::<CredentialKind>() {
+                        Ok(kind) if kind.is_document() => format!("{kind} JSON for {}", a.name),
+                        _ => format!("provider key for {}", a.name),
+                    })?),
+                },
+            )?,
+            typed::<credentials::CredentialCreated>,
+        ),
+        Command::Cred(CredCommand::List { tenant }) => (
+            Call::get_with(
+                "/v1/credentials",
+                &credentials::CredentialFilter {
+                    tenant: tenant.clone(),
+                },
+            )?,
+            typed::<Vec<credentials::CredentialVersion>>,
+        ),
+        Command::Cred(CredCommand::Rotate { id, overlap }) => (
+            Call::post(
+                format!("/v1/credentials/{}/rotate", segment(id)?),
+                &credentials::RotateCredential {
+                    overlap_s: secs(overlap),
+                    secret: WireSecret(read_secret(&format!("new provider key for {id}"))?),
+                },
+            )?,
+            typed::<credentials::CredentialRotated>,
+        ),
+        Command::Cred(CredCommand::Revoke { id, version }) => (
+            Call::post(
+                format!("/v1/credentials/{}/revoke", segment(id)?),
+                &credentials::RevokeCredential { version: *version },
+            )?,
+            typed::<credentials::CredentialRevoked>,
+        ),
+        Command::Cred(CredCommand::Delete { id }) => (
+            Call::delete(format!("/v1/credentials/{}", segment(id)?)),
+            typed::<credentials::CredentialDeleted>,
+        ),
         Command::Client(ClientCommand::Add {
             tenant,
             name,
             team,
             uid,
             workflows,
-        }) => Request::ClientAdd {
-            tenant: tenant.clone(),
-            name: name.clone(),
-            team: team.clone(),
-            uid: *uid,
-            workflows: workflows.clone(),
-        },
-        Command::Client(ClientCommand::List { tenant }) => Request::ClientList {
-            tenant: tenant.clone(),
-        },
-        Command::Client(ClientCommand::Revoke { id }) => Request::ClientRevoke { id: id.clone() },
+        }) => (
+            Call::post(
+                "/v1/clients",
+                &clients::NewClient {
+                    tenant: tenant.clone(),
+                    name: name.clone(),
+                    team: team.clone(),
+                    uid: *uid,
+                    workflows: workflows.clone(),
+                },
+            )?,
+            typed::<clients::ClientCreated>,
+        ),
+        Command::Client(ClientCommand::List { tenant }) => (
+            Call::get_with(
+                "/v1/clients",
+                &clients::ClientFilter {
+                    tenant: tenant.clone(),
+                },
+            )?,
+            typed::<Vec<clients::Client>>,
+        ),
+        Command::Client(ClientCommand::Revoke { id }) => (
+            Call::post(
+                format!("/v1/clients/{}/revoke", segment(id)?),
+                &serde_json::json!({}),
+            )?,
+            typed::<clients::ClientRevoked>,
+        ),
         Command::Audit(AuditCommand::Query(q)) => {
             let payload_hex = match &q.payload_file {
                 None => None,
@@ -600,39 +733,67 @@ fn build_request(command: &Command) -> Result<Request, Failure> {
                     Some(crate::hex::encode(&bytes))
                 }
             };
-            Request::AuditQuery {
-                filter: AuditQueryArgs {
-                    tenant: q.tenant.clone(),
-                    credential: q.credential.clone(),
-                    client: q.client.clone(),
-                    call_id: q.call_id.clone(),
-                    event: q.event.clone(),
-                    since: q.since,
-                    until: q.until,
-                    limit: q.limit,
-                    payload_hex,
-                },
-            }
+            (
+                Call::post(
+                    "/v1/audit/search",
+                    &audit::AuditQuery {
+                        tenant: q.tenant.clone(),
+                        credential: q.credential.clone(),
+                        client: q.client.clone(),
+                        call_id: q.call_id.clone(),
+                        event: q.event.clone(),
+                        since: q.since,
+                        until: q.until,
+                        limit: q.limit,
+                        payload_hex,
+                    },
+                )?,
+                typed::<Vec<audit::AuditRow>>,
+            )
         }
-        Command::Audit(AuditCommand::Verify(_)) => Request::AuditVerify,
-        Command::Bundle(BundleCommand::Export { tenants, .. }) => Request::BundleExport {
-            tenants: tenants.clone(),
-        },
+        Command::Audit(AuditCommand::Verify(_)) => {
+            (Call::get("/v1/audit/verify"), typed::<audit::VerifyReport>)
+        }
+        Command::Audit(AuditCommand::Lifecycle { credential_id }) => (
+            Call::get(format!("/v1/audit/lifecycle/{}", segment(credential_id)?)),
+            typed::<Vec<audit::AuditRow>>,
+        ),
+        Command::Bundle(BundleCommand::Export { tenants, .. }) => (
+            Call::post(
+                "/v1/bundle",
+                &system::ExportBundle {
+                    tenants: tenants.clone(),
+                },
+            )?,
+            typed::<system::Bundle>,
+        ),
         Command::Spend {
             tenant,
             by,
             since,
             until,
-        } => Request::Spend {
-            tenant: tenant.clone(),
-            by: serde_json::from_value(Value::String(by.clone()))
-                .map_err(|e| Failure(2, format!("--by {by}: {e}")))?,
-            since: *since,
-            until: *until,
-        },
-        Command::Prices { target } => Request::Prices {
-            target: target.clone(),
-        },
+        } => (
+            Call::get_with(
+                "/v1/spend",
+                &system::SpendFilter {
+                    tenant: tenant.clone(),
+                    by: serde_json::from_value(Value::String(by.clone()))
+                        .map_err(|e| Failure(2, format!("--by {by}: {e}")))?,
+                    since: *since,
+                    until: *until,
+                },
+            )?,
+            typed::<Vec<system::SpendRow>>,
+        ),
+        Command::Prices { target } => (
+            Call::get_with(
+                "/v1/prices",
+                &system::PriceFilter {
+                    target: target.clone(),
+                },
+            )?,
+            typed::<Vec<system::Price>>,
+        ),
         Command::Budget(BudgetCommand::Set {
             tenant,
             team,
@@ -642,40 +803,67 @@ fn build_request(command: &Command) -> Result<Request, Failure> {
             period,
             on_exceed,
             alerts,
-        }) => Request::BudgetSet(crate::governance::BudgetSet {
-            tenant: tenant.clone(),
-            team: team.clone(),
-            client: client.clone(),
-            credential: credential.clone(),
-            limit_usd: limit.clone(),
-            period: period.clone(),
-            on_exceed: on_exceed.clone(),
-            alerts: alerts.clone(),
-        }),
-        Command::Budget(BudgetCommand::List { tenant }) => Request::BudgetList {
-            tenant: tenant.clone(),
-        },
-        Command::Budget(BudgetCommand::Delete { id }) => Request::BudgetDelete { id: id.clone() },
+        }) => (
+            Call::post(
+                "/v1/budgets",
+                &governance::NewBudget {
+                    tenant: tenant.clone(),
+                    team: team.clone(),
+                    client: client.clone(),
+                    credential: credential.clone(),
+                    limit_usd: limit.clone(),
+                    period: period.clone(),
+                    on_exceed: on_exceed.clone(),
+                    alerts: alerts.clone(),
+                },
+            )?,
+            typed::<governance::Budget>,
+        ),
+        Command::Budget(BudgetCommand::List { tenant }) => (
+            Call::get_with(
+                "/v1/budgets",
+                &governance::RuleFilter {
+                    tenant: tenant.clone(),
+                },
+            )?,
+            typed::<Vec<governance::Budget>>,
+        ),
+        Command::Budget(BudgetCommand::Delete { id }) => (
+            Call::delete(format!("/v1/budgets/{}", segment(id)?)),
+            typed::<governance::RuleDeleted>,
+        ),
         Command::Limit(LimitCommand::Set {
             tenant,
             team,
             client,
             rpm,
             tpm,
-        }) => Request::LimitSet(crate::governance::LimitSet {
-            tenant: tenant.clone(),
-            team: team.clone(),
-            client: client.clone(),
-            rpm: *rpm,
-            tpm: *tpm,
-        }),
-        Command::Limit(LimitCommand::List { tenant }) => Request::LimitList {
-            tenant: tenant.clone(),
-        },
-        Command::Limit(LimitCommand::Delete { id }) => Request::LimitDelete { id: id.clone() },
-        Command::Audit(AuditCommand::Lifecycle { credential_id }) => Request::AuditLifecycle {
-            id: credential_id.clone(),
-        },
+        }) => (
+            Call::post(
+                "/v1/limits",
+                &governance::NewLimit {
+                    tenant: tenant.clone(),
+                    team: team.clone(),
+                    client: client.clone(),
+                    rpm: *rpm,
+                    tpm: *tpm,
+                },
+            )?,
+            typed::<governance::Limit>,
+        ),
+        Command::Limit(LimitCommand::List { tenant }) => (
+            Call::get_with(
+                "/v1/limits",
+                &governance::RuleFilter {
+                    tenant: tenant.clone(),
+                },
+            )?,
+            typed::<Vec<governance::Limit>>,
+        ),
+        Command::Limit(LimitCommand::Delete { id }) => (
+            Call::delete(format!("/v1/limits/{}", segment(id)?)),
+            typed::<governance::RuleDeleted>,
+        ),
     })
 }
 
@@ -776,8 +964,9 @@ fn check_server(stream: &UnixStream, endpoint: &Endpoint) -> Result<(), Failure>
     ))
 }
 
-/// Sends one request and returns the `data` of a successful answer.
-fn call(endpoint: &Endpoint, request: &Request) -> Result<Value, Failure> {
+/// Connects, checks who serves the socket, sends one request and returns the decoded body of
+/// a successful answer; a refusal is exit 1 with the daemon's message.
+fn send(endpoint: &Endpoint, call: Call, decode: Decode) -> Result<Value, Failure> {
     let socket = endpoint.socket.as_path();
     let unreachable = |reason: String| {
         Failure(
@@ -789,7 +978,7 @@ fn call(endpoint: &Endpoint, request: &Request) -> Result<Value, Failure> {
             ),
         )
     };
-    let mut stream = UnixStream::connect(socket).map_err(|e| {
+    let stream = UnixStream::connect(socket).map_err(|e| {
         if e.kind() == std::io::ErrorKind::PermissionDenied {
             Failure(
                 EXIT_UNREACHABLE,
@@ -805,36 +994,22 @@ fn call(endpoint: &Endpoint, request: &Request) -> Result<Value, Failure> {
         }
     })?;
     check_server(&stream, endpoint)?;
-    let mut line =
-        Zeroizing::new(serde_json::to_vec(request).map_err(|e| Failure(1, e.to_string()))?);
-    line.push(b'\n');
-    // A daemon that refuses this peer answers and closes without reading, so a failed write
-    // is only "unreachable" when no answer can be read either.
-    let written = stream.write_all(&line);
-    drop(line);
-    let mut reader = BufReader::new(stream);
-    let mut answer = String::new();
-    let read = reader.read_line(&mut answer);
-    if answer.is_empty() {
-        let reason = match (written, read) {
-            (Err(e), _) | (_, Err(e)) => e.to_string(),
-            _ => "the daemon closed the connection without answering".into(),
-        };
-        return Err(unreachable(reason));
+    let answer = crate::admin::client::exchange(stream, call.method, &call.path, call.body)
+        .map_err(|e| unreachable(e.0))?;
+    if (200..300).contains(&answer.status) {
+        return decode(&answer.body)
+            .map_err(|e| Failure(1, format!("unreadable answer from the daemon: {e}")));
     }
-    let value: Value = serde_json::from_str(&answer)
-        .map_err(|e| Failure(1, format!("unreadable answer from the daemon: {e}")))?;
-    if value["ok"].as_bool() == Some(true) {
-        Ok(value["data"].clone())
-    } else {
-        Err(Failure(
-            1,
-            value["error"]
-                .as_str()
-                .unwrap_or("the daemon refused the request")
-                .to_string(),
-        ))
-    }
+    let refusal = serde_json::from_slice::<api::ErrorBody>(&answer.body)
+        .map(|b| b.error.message)
+        .unwrap_or_else(|_| {
+            format!(
+                "the daemon refused the request (HTTP {}); are the CLI and the daemon the same \
+                 version?",
+                answer.status
+            )
+        });
+    Err(Failure(1, refusal))
 }
 
 // === output ===

@@ -1008,7 +1008,7 @@ async fn dev_mode(state: &Arc<State>) {
                 state.config.load().socket.display()
             );
         }
-        Ok(Err(e)) => eprintln!("dev mode: could not create a client: {}", e.0),
+        Ok(Err(e)) => eprintln!("dev mode: could not create a client: {e}"),
         Err(e) => eprintln!("dev mode: {e}"),
     }
 }

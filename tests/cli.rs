@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use support::daemon::{Daemon, KEYWARD, contains, random_key};
+use support::daemon::{Daemon, KEYWARD, admin_http, contains, random_key};
 use support::needs;
 
 fn stderr(out: &std::process::Output) -> String {
@@ -758,28 +758,37 @@ fn a_terminal_gets_a_prompt_without_echo() {
 
 #[test]
 fn a_malformed_admin_request_is_refused_without_repeating_its_values() {
-    use std::io::{BufRead, BufReader, Write};
     let d = Daemon::builder().start();
     let key = random_key("sk-");
-    let mut stream = std::os::unix::net::UnixStream::connect(d.admin_socket()).unwrap();
     // A value of the wrong type: serde's own message would quote it.
-    let line = format!(
-        "{{\"op\":\"cred_add\",\"tenant\":\"acme\",\"target\":\"openai\",\"name\":\"k\",\"models\":[],\"capabilities\":[],\"teams\":[],\"workflows\":[],\"priority\":\"{key}\",\"secret\":\"{key}\"}}\n"
+    let body = format!(
+        "{{\"tenant\":\"acme\",\"target\":\"openai\",\"name\":\"k\",\"models\":[],\"capabilities\":[],\"teams\":[],\"workflows\":[],\"priority\":\"{key}\",\"secret\":\"{key}\"}}"
     );
-    stream.write_all(line.as_bytes()).unwrap();
-    let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply).unwrap();
-    assert!(reply.contains("\"ok\":false"), "{reply}");
-    assert!(reply.contains("malformed admin request"), "{reply}");
+    let (status, reply) = admin_http(&d.admin_socket(), "POST", "/v1/credentials", &body);
+    assert_eq!(status, 400, "{reply}");
+    let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(v["error"]["type"], "keyward.bad_request", "{reply}");
+    assert!(reply.contains("malformed request body"), "{reply}");
     assert!(!reply.contains(&key), "the reply repeats the key: {reply}");
     // Broken JSON gets a position.
-    stream.write_all(b"{\"op\": tenant_add}\n").unwrap();
-    let mut reply2 = String::new();
-    BufReader::new(&stream).read_line(&mut reply2).unwrap();
+    let (status, reply2) = admin_http(
+        &d.admin_socket(),
+        "POST",
+        "/v1/tenants",
+        "{\"name\": tenant}",
+    );
+    assert_eq!(status, 400, "{reply2}");
     assert!(
         reply2.contains("not valid JSON at line 1 column"),
         "{reply2}"
     );
+    // Nothing was created by either.
+    assert!(d.json_lines(&["tenant", "list"]).is_empty());
+    // An unknown path and a wrong method are told apart.
+    let (status, reply) = admin_http(&d.admin_socket(), "GET", "/v1/nothing", "");
+    assert_eq!(status, 404, "{reply}");
+    let (status, reply) = admin_http(&d.admin_socket(), "DELETE", "/v1/tenants", "");
+    assert_eq!(status, 405, "{reply}");
 }
 
 #[test]

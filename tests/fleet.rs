@@ -1052,16 +1052,10 @@ async fn reloads_under_load_fail_nothing_and_a_storm_leaks_nothing() {
 
 /// Sends admin requests straight to the socket, one JSON line each (faster than a CLI process
 /// per request when thousands are needed).
-fn admin_batch(socket: &Path, requests: impl Iterator<Item = Value>) {
-    use std::io::{BufRead, BufReader, Write};
-    let stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut writer = stream;
-    for req in requests {
-        writer.write_all(format!("{req}\n").as_bytes()).unwrap();
-        let mut answer = String::new();
-        reader.read_line(&mut answer).unwrap();
-        assert!(answer.contains("\"ok\":true"), "{req}: {answer}");
+fn admin_batch(socket: &Path, requests: impl Iterator<Item = (&'static str, Value)>) {
+    for (path, body) in requests {
+        let (status, answer) = support::daemon::admin_http(socket, "POST", path, &body.to_string());
+        assert!((200..300).contains(&status), "{path} {body}: {answer}");
     }
 }
 
@@ -1079,14 +1073,14 @@ async fn measure_a_sidecar_serving_1000_tenants_by_5_credentials() {
         &author.d.admin_socket(),
         (0..1000).flat_map(|t| {
             let tenant = format!("tenant-{t:04}");
-            let mut reqs = vec![serde_json::json!({"op": "tenant_add", "name": tenant})];
-            reqs.push(serde_json::json!({"op": "client_add", "tenant": tenant, "name": "app", "team": null, "uid": null, "workflows": []}));
+            let mut reqs = vec![("/v1/tenants", serde_json::json!({"name": tenant}))];
+            reqs.push(("/v1/clients", serde_json::json!({"tenant": tenant, "name": "app", "team": null, "uid": null, "workflows": []})));
             for c in 0..5 {
-                reqs.push(serde_json::json!({
-                    "op": "cred_add", "tenant": tenant, "target": "openai", "name": format!("key-{c}"),
+                reqs.push(("/v1/credentials", serde_json::json!({
+                    "tenant": tenant, "target": "openai", "name": format!("key-{c}"),
                     "models": [], "capabilities": [], "teams": [], "workflows": [], "priority": null,
                     "secret": random_key("sk-proj-"),
-                }));
+                })));
             }
             reqs
         }),

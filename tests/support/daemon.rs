@@ -388,3 +388,30 @@ pub fn refused(builder: DaemonBuilder, home: &Path) -> std::process::Output {
     assert!(!home.join("admin.sock").exists(), "admin socket bound");
     output
 }
+
+/// One raw HTTP/1.1 request to the admin API on `socket` (`connection: close`): the status
+/// and the body text. Raw, so tests see exactly what goes over the wire.
+pub fn admin_http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = UnixStream::connect(socket).expect("connect to the admin socket");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: keyward\r\nconnection: close\r\ncontent-type: \
+         application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
