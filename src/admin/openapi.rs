@@ -17,7 +17,7 @@ use super::api::credentials::{
 };
 use super::api::governance::{Budget, Limit, NewBudget, NewLimit, RuleDeleted, RuleFilter};
 use super::api::system::{
-    Bundle, ExportBundle, Price, PriceFilter, Reloaded, SpendFilter, SpendRow, Status,
+    Bundle, ExportBundle, Price, PriceFilter, Reloaded, SpendBy, SpendFilter, SpendRow, Status,
 };
 use super::api::tenants::{NewTenant, Tenant};
 use super::api::{ErrorBody, ErrorDetail};
@@ -45,7 +45,7 @@ use super::api::{ErrorBody, ErrorDetail};
         export_bundle, spend, prices,
         list_budgets, set_budget, delete_budget, list_limits, set_limit, delete_limit,
     ),
-    components(schemas(ErrorBody, ErrorDetail)),
+    components(schemas(ErrorBody, ErrorDetail, SpendBy)),
     tags(
         (name = "daemon", description = "Status, metrics, reload, bundles, spend and prices."),
         (name = "tenants"), (name = "credentials"), (name = "clients"), (name = "audit"),

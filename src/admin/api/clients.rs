@@ -8,8 +8,10 @@ use utoipa::{IntoParams, ToSchema};
 #[serde(deny_unknown_fields)]
 pub struct NewClient {
     /// Tenant name.
+    #[schema(example = "acme")]
     pub tenant: String,
-    /// Client name, unique in the tenant.
+    /// Client name, unique in the tenant: 1–64 characters from `A-Z a-z 0-9 - _ .`.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$", example = "app")]
     pub name: String,
     /// Team.
     #[serde(default)]

@@ -11,12 +11,19 @@ use super::WireSecret;
 /// `POST /v1/credentials` (`keyward cred add`): the credential's scope and its first secret.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "tenant": "acme", "target": "openai", "name": "main", "models": ["gpt-4o*"],
+    "secret": "sk-proj-Example0000000000000000000000000000"
+}))]
 pub struct NewCredential {
     /// Tenant name.
+    #[schema(example = "acme")]
     pub tenant: String,
     /// Target name (`openai`, `anthropic`, … or a custom target).
+    #[schema(example = "openai")]
     pub target: String,
-    /// Credential name, unique in the tenant.
+    /// Credential name, unique in the tenant: 1–64 characters from `A-Z a-z 0-9 - _ .`.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$", example = "main")]
     pub name: String,
     /// Allowed model globs (empty: any).
     #[serde(default)]
@@ -36,8 +43,10 @@ pub struct NewCredential {
     /// Credential kind: `api-key` (default), `aws-access-key`, `aws-assume-role`,
     /// `gcp-service-account` or `azure-entra` (README, "Credential kinds").
     #[serde(default)]
+    #[schema(example = "api-key")]
     pub kind: Option<String>,
     /// The provider key, or the kind's JSON document.
+    #[schema(example = "sk-proj-Example0000000000000000000000000000")]
     pub secret: WireSecret,
 }
 
@@ -111,11 +120,13 @@ pub struct CredentialVersion {
 /// `POST /v1/credentials/{id}/rotate` (`keyward cred rotate`).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"overlap_s": 3600, "secret": "sk-proj-Rotated0000000000000000000000000000"}))]
 pub struct RotateCredential {
     /// How long the previous version stays valid, seconds (default: the tenant's overlap).
     #[serde(default)]
     pub overlap_s: Option<u64>,
     /// The new provider key.
+    #[schema(example = "sk-proj-Rotated0000000000000000000000000000")]
     pub secret: WireSecret,
 }
 

@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 #[serde(deny_unknown_fields)]
 pub struct NewTenant {
     /// Tenant name: 1–64 characters from `A-Z a-z 0-9 - _ .`.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$", example = "acme")]
     pub name: String,
     /// Refuse or flag keys older than this many seconds.
     #[serde(default)]
