@@ -61,7 +61,7 @@ while True:
     c, _ = s.accept()
     c.settimeout(2)
     try:
-        c.sendall(b'{"ok":true,"data":{"id":"cred_fake","version":1,"preview":"sk-f...ake!"}}\n')
+        c.sendall(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n[]')
         while True:
             b = c.recv(65536)
             if not b: break

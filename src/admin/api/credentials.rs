@@ -120,7 +120,9 @@ pub struct CredentialVersion {
 /// `POST /v1/credentials/{id}/rotate` (`keyward cred rotate`).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"overlap_s": 3600, "secret": "sk-proj-Rotated0000000000000000000000000000"}))]
+#[schema(example = json!({
+    "overlap_s": 3600, "secret": "sk-proj-Rotated0000000000000000000000000000"
+}))]
 pub struct RotateCredential {
     /// How long the previous version stays valid, seconds (default: the tenant's overlap).
     #[serde(default)]
