@@ -91,6 +91,13 @@ fn curl_manages_tenants_credentials_and_clients_and_no_answer_holds_a_key() {
     );
     assert_eq!(status, 200, "{body}");
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["version"], 2);
+    // An overlap past any calendar is refused, not added to the clock.
+    let absurd = serde_json::json!({"secret": random_key("sk-"), "overlap_s": i64::MAX});
+    let (status, _, body) = call(
+        &[&json[..], &[&absurd.to_string()]].concat(),
+        &format!("/v1/credentials/{id}/rotate"),
+    );
+    assert_eq!(status, 400, "{body}");
 
     let (status, _, body) = call(
         &[&json[..], &[r#"{"tenant":"acme","name":"app"}"#]].concat(),

@@ -444,6 +444,11 @@ fn cred_rotate(
     overlap_s: Option<u64>,
     secret: Secret,
 ) -> Reply<api::credentials::CredentialRotated> {
+    if overlap_s.is_some_and(|s| s > MAX_POLICY_SECONDS) {
+        return Err(ApiError::bad_request(format!(
+            "overlap_s is over {MAX_POLICY_SECONDS} seconds (100 years)"
+        )));
+    }
     let now = now_unix();
     let reply = state.store.write(|tx| {
         let cred = store::credential(tx, id)?;
