@@ -360,3 +360,142 @@ pub fn bundle(data: &[u8]) {
     );
     let _ = keyward::catalog::Catalog::build(reopened.snapshot);
 }
+
+/// The admin API's request parsing: the first byte picks the method, the bytes up to the first
+/// newline are the path (with an optional query), the rest is the body. The router answers a
+/// route or a 404/405 and never panics; a routed id is one the router's rule admits; every
+/// body type and every query type parses or is refused with a message that quotes no value of
+/// the input (a provider key sent to the wrong field must not come back in an error).
+pub fn admin_api(data: &[u8]) {
+    use keyward::admin::api::{self, ErrorCode, Method, Route};
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    let method = [Method::Get, Method::Post, Method::Delete][usize::from(selector % 3)];
+    let (target, body) = match rest.iter().position(|&b| b == b'\n') {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, &[][..]),
+    };
+    let target = String::from_utf8_lossy(target);
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    match api::route(method, path) {
+        Ok(route) => {
+            assert!(path.starts_with("/v1/"), "{path:?} routed");
+            let id = match &route {
+                Route::RotateCredential(id)
+                | Route::RevokeCredential(id)
+                | Route::DeleteCredential(id)
+                | Route::RevokeClient(id)
+                | Route::AuditLifecycle(id)
+                | Route::DeleteBudget(id)
+                | Route::DeleteLimit(id) => Some(id),
+                _ => None,
+            };
+            if let Some(id) = id {
+                assert!(!id.is_empty() && id.len() <= 128 && id != "." && id != "..");
+                assert!(
+                    id.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')),
+                    "id {id:?} routed"
+                );
+                assert!(path.contains(id.as_str()));
+            }
+            // The same request routes the same way.
+            assert_eq!(api::route(method, path).ok(), Some(route));
+        }
+        Err(e) => assert!(
+            matches!(e.code, ErrorCode::NotFound | ErrorCode::MethodNotAllowed),
+            "{path:?}: {e:?}"
+        ),
+    }
+    use api::{audit, clients, credentials, governance, system, tenants};
+    // Values of the input that an error message must not repeat.
+    let values: Vec<String> = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .map(|v| {
+            let mut out = Vec::new();
+            strings(&v, &mut out);
+            out
+        })
+        .unwrap_or_default();
+    // What the messages say of their own accord (a value that is part of that text proves
+    // nothing); they differ from each other only in line and column numbers.
+    let own_words = [
+        api::parse_body::<tenants::NewTenant>(b"x")
+            .unwrap_err()
+            .message,
+        api::parse_body::<tenants::NewTenant>(b"[]")
+            .unwrap_err()
+            .message,
+        api::parse_query::<system::SpendFilter>("x=1")
+            .unwrap_err()
+            .message,
+    ]
+    .concat();
+    let echoes = |message: &str, v: &str| {
+        message.contains(v)
+            && !own_words.contains(v)
+            && !v.chars().all(|c| c.is_ascii_digit() || c == ' ')
+    };
+    let quiet = |e: api::ApiError| {
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        for v in &values {
+            assert!(!echoes(&e.message, v), "{:?} quotes {v:?}", e.message);
+        }
+    };
+    macro_rules! bodies {
+        ($($t:ty),*) => {$(
+            if let Err(e) = api::parse_body::<$t>(body) {
+                quiet(e);
+            }
+        )*};
+    }
+    bodies!(
+        tenants::NewTenant,
+        credentials::NewCredential,
+        credentials::RotateCredential,
+        credentials::RevokeCredential,
+        clients::NewClient,
+        audit::AuditQuery,
+        system::ExportBundle,
+        governance::NewBudget,
+        governance::NewLimit
+    );
+    macro_rules! queries {
+        ($($t:ty),*) => {$(
+            if let Err(e) = api::parse_query::<$t>(query) {
+                assert_eq!(e.code, ErrorCode::BadRequest);
+                for pair in query.split('&') {
+                    for part in pair.split('=').filter(|p| p.len() >= 4) {
+                        assert!(!echoes(&e.message, part), "{:?} quotes {part:?}", e.message);
+                    }
+                }
+            }
+        )*};
+    }
+    queries!(
+        credentials::CredentialFilter,
+        clients::ClientFilter,
+        audit::AuditQuery,
+        system::SpendFilter,
+        system::PriceFilter,
+        governance::RuleFilter
+    );
+}
+
+/// Every string of `v` (keys and values) of 4 characters or more.
+fn strings(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::String(s) if s.chars().count() >= 4 => out.push(s.clone()),
+        serde_json::Value::Array(items) => items.iter().for_each(|i| strings(i, out)),
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                if k.chars().count() >= 4 {
+                    out.push(k.clone());
+                }
+                strings(v, out);
+            }
+        }
+        _ => {}
+    }
+}

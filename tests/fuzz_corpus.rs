@@ -154,3 +154,8 @@ fn write_bundle_seeds() {
         std::fs::write(dir.join(format!("seed-{name}-payload")), &payload).unwrap();
     }
 }
+
+#[test]
+fn admin_api_corpus() {
+    run_corpus("admin_api", checks::admin_api);
+}
