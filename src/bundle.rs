@@ -40,8 +40,14 @@ use crate::identity::CredentialKind;
 use crate::seal::{KEY_LEN, MasterKeyProvider, Purpose, Secret};
 use crate::store::{ClientRow, CredentialRow, Snapshot, TenantRow, VersionRow};
 
-/// The format tag of this version.
+/// The format tag of a bundle whose credentials are all `api-key`s (readable by every keyward
+/// that reads bundles).
 pub const FORMAT: &str = "keyward-bundle/v1";
+/// The format tag of a bundle holding a credential of another kind (README, "Credential
+/// kinds"). A keyward from before kinds would ignore the `kind` field and inject a kind's JSON
+/// document (a service account key, an Entra client secret) as if it were an API key; it
+/// refuses this tag instead.
+pub const FORMAT_KINDS: &str = "keyward-bundle/v2";
 /// The file read inside a bundle directory.
 pub const BUNDLE_FILE: &str = "keyward.bundle";
 /// The authoring keyward's last exported serial.
@@ -271,11 +277,17 @@ pub fn export(
             })
             .collect(),
     };
-    let text = seal_payload_text(
+    let format = if snapshot_has_other_kinds(&payload.credentials) {
+        FORMAT_KINDS
+    } else {
+        FORMAT
+    };
+    let text = seal(
         master,
         instance,
         serial,
         serde_json::to_string(&payload).expect("a payload serializes"),
+        format,
     )?;
     Ok(Exported {
         text,
@@ -344,8 +356,8 @@ pub fn bundle_file(path: &Path) -> PathBuf {
 }
 
 /// Seals a payload JSON text, taken as it is, into a bundle text under `master`: a fresh
-/// bundle key wrapped by the master key, the header, and the MAC over both. [`export`] makes
-/// real bundles with it; the fuzz target for [`open`] uses it to reach what `open` does after
+/// bundle key wrapped by the master key, the header (tagged [`FORMAT`]), and the MAC over both.
+/// [`export`] makes real bundles the same way; the fuzz target for [`open`] uses it to reach what `open` does after
 /// the MAC check. Fails when the master key cannot wrap the bundle key.
 #[doc(hidden)]
 pub fn seal_payload_text(
@@ -354,12 +366,31 @@ pub fn seal_payload_text(
     serial: u64,
     payload: String,
 ) -> Result<String, String> {
+    seal(master, instance, serial, payload, FORMAT)
+}
+
+/// True when a credential of the payload is not an `api-key`: such a bundle is tagged
+/// [`FORMAT_KINDS`].
+fn snapshot_has_other_kinds(credentials: &[CredentialOut]) -> bool {
+    credentials
+        .iter()
+        .any(|c| c.kind != CredentialKind::ApiKey.as_str())
+}
+
+/// [`seal_payload_text`] with the format tag chosen by the caller.
+fn seal(
+    master: &MasterKeyProvider,
+    instance: &str,
+    serial: u64,
+    payload: String,
+    format: &str,
+) -> Result<String, String> {
     let key = Secret::random(KEY_LEN);
     let wrapped = master
         .wrap(Purpose::BundleKey, &key)
         .map_err(|e| format!("cannot wrap the bundle key: {e}"))?;
     let mut envelope = Envelope {
-        format: FORMAT.into(),
+        format: format.into(),
         serial,
         instance: instance.into(),
         exported_at: crate::units::format_time(crate::units::now_unix()),
@@ -385,9 +416,10 @@ pub fn open(bytes: &[u8], file: &Path, master: &MasterKeyProvider) -> Result<Loa
             format!("damaged or another file ({e})")
         })
     })?;
-    if envelope.format != FORMAT {
+    if envelope.format != FORMAT && envelope.format != FORMAT_KINDS {
         return Err(not_bundle(format!(
-            "format `{}` is not {FORMAT}; is this keyward older than the one that exported it?",
+            "format `{}` is neither {FORMAT} nor {FORMAT_KINDS}; is this keyward older than the \
+             one that exported it?",
             envelope.format.escape_debug()
         )));
     }
@@ -874,6 +906,58 @@ mod tests {
         assert!(err.contains("another master key"), "{err}");
         let cut = &all.text.as_bytes()[..all.text.len() - 10];
         assert!(open(cut, file, &master).unwrap_err().contains("truncated"));
+    }
+
+    #[test]
+    fn a_bundle_with_other_kinds_is_tagged_so_older_readers_refuse_it() {
+        let master: MasterKeyProvider = MasterKey::generate().into();
+        let mut snap = snapshot(&master);
+        let credential = |id: &str, kind: CredentialKind| CredentialRow {
+            id: id.into(),
+            tenant_id: "ten_a".into(),
+            target: "azure".into(),
+            name: id.into(),
+            models: vec![],
+            capabilities: vec![],
+            teams: vec![],
+            workflows: vec![],
+            priority: 100,
+            created_at: 3,
+            revoked_at: None,
+            kind,
+            versions: vec![],
+        };
+        snap.credentials = vec![credential("cred_key", CredentialKind::ApiKey)];
+        let keys_only = export(&master, &snap, &[], "author-1", 1).unwrap();
+        assert!(
+            keys_only
+                .text
+                .contains(&format!("\"format\": \"{FORMAT}\""))
+        );
+        snap.credentials
+            .push(credential("cred_entra", CredentialKind::AzureEntra));
+        let with_kinds = export(&master, &snap, &[], "author-1", 2).unwrap();
+        assert!(
+            with_kinds
+                .text
+                .contains(&format!("\"format\": \"{FORMAT_KINDS}\"")),
+            "{}",
+            with_kinds.text
+        );
+        // This keyward reads both; the kind survives.
+        let file = Path::new("/b");
+        let loaded = open(with_kinds.text.as_bytes(), file, &master).unwrap();
+        let kinds: Vec<CredentialKind> =
+            loaded.snapshot.credentials.iter().map(|c| c.kind).collect();
+        assert_eq!(kinds, [CredentialKind::ApiKey, CredentialKind::AzureEntra]);
+        open(keys_only.text.as_bytes(), file, &master).unwrap();
+        // A tag neither knows is refused, named (the header is checked before the MAC).
+        let future = with_kinds.text.replace(FORMAT_KINDS, "keyward-bundle/v9");
+        let err = open(future.as_bytes(), file, &master).unwrap_err();
+        assert!(
+            err.contains("keyward-bundle/v9") && err.contains("older"),
+            "{err}"
+        );
     }
 
     #[test]
