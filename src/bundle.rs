@@ -357,8 +357,8 @@ pub fn bundle_file(path: &Path) -> PathBuf {
 
 /// Seals a payload JSON text, taken as it is, into a bundle text under `master`: a fresh
 /// bundle key wrapped by the master key, the header (tagged [`FORMAT`]), and the MAC over both.
-/// [`export`] makes real bundles the same way; the fuzz target for [`open`] uses it to reach what `open` does after
-/// the MAC check. Fails when the master key cannot wrap the bundle key.
+/// [`export`] makes real bundles the same way; the fuzz target for [`open`] uses it to reach
+/// what `open` does after the MAC check. Fails when the master key cannot wrap the bundle key.
 #[doc(hidden)]
 pub fn seal_payload_text(
     master: &MasterKeyProvider,
