@@ -199,55 +199,46 @@ mod tests {
         })
     }
 
+    /// 50 concurrent gets of `key`, each of which must see `expected`.
+    async fn burst(
+        cache: &Arc<Cache>,
+        fetches: &Arc<AtomicUsize>,
+        key: &str,
+        expected: &'static [u8],
+    ) {
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let (cache, fetches, key) = (cache.clone(), fetches.clone(), key.to_string());
+            tasks.push(tokio::spawn(async move {
+                let v = cache
+                    .get(&key, || {
+                        token(
+                            &fetches,
+                            Duration::from_secs(3600),
+                            Duration::from_millis(200),
+                        )
+                    })
+                    .await
+                    .unwrap();
+                v.expose_secret().to_vec()
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), expected);
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_burst_at_expiry_makes_one_fetch() {
         let cache = Arc::new(Cache::new());
         let fetches = Arc::new(AtomicUsize::new(0));
         let key = "cred_a/v1".to_string();
-        let mut tasks = Vec::new();
-        for _ in 0..50 {
-            let (cache, fetches, key) = (cache.clone(), fetches.clone(), key.clone());
-            tasks.push(tokio::spawn(async move {
-                let v = cache
-                    .get(&key, || {
-                        token(
-                            &fetches,
-                            Duration::from_secs(3600),
-                            Duration::from_millis(200),
-                        )
-                    })
-                    .await
-                    .unwrap();
-                v.expose_secret().to_vec()
-            }));
-        }
-        for t in tasks {
-            assert_eq!(t.await.unwrap(), b"token-1");
-        }
+        burst(&cache, &fetches, &key, b"token-1").await;
         assert_eq!(fetches.load(Ordering::SeqCst), 1);
 
         // Past the refresh time, a second burst again makes exactly one fetch.
         tokio::time::advance(Duration::from_secs(3600 - 300)).await;
-        let mut tasks = Vec::new();
-        for _ in 0..50 {
-            let (cache, fetches, key) = (cache.clone(), fetches.clone(), key.clone());
-            tasks.push(tokio::spawn(async move {
-                let v = cache
-                    .get(&key, || {
-                        token(
-                            &fetches,
-                            Duration::from_secs(3600),
-                            Duration::from_millis(200),
-                        )
-                    })
-                    .await
-                    .unwrap();
-                v.expose_secret().to_vec()
-            }));
-        }
-        for t in tasks {
-            assert_eq!(t.await.unwrap(), b"token-2");
-        }
+        burst(&cache, &fetches, &key, b"token-2").await;
         assert_eq!(fetches.load(Ordering::SeqCst), 2);
     }
 
