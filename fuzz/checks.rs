@@ -44,37 +44,66 @@ fn seed_and_payload(data: &[u8]) -> (Vec<usize>, &[u8]) {
 }
 
 /// Request-target routing and percent-decoding: a target that parses routes to a preset's
-/// base URL only, with no dot segment, backslash or encoded slash left in its path.
+/// base URL only, with no dot segment, backslash or encoded slash left in its path. Under
+/// Bedrock's rules an encoded slash may appear only in the model id after `/model/`, encoded
+/// once, and still leaves no dot segment and no `..` however often the path is decoded.
 pub fn route(data: &[u8]) {
-    use keyward::proxy::route::{Route, upstream_uri};
+    use keyward::proxy::route::{PathRules, Route, upstream_uri};
     let Ok(uri) = http::Uri::try_from(data) else {
         return;
     };
-    let Ok(route) = Route::parse(&http::Method::POST, http::Version::HTTP_11, &uri) else {
-        return;
-    };
-    assert!(!route.target().is_empty());
-    assert!(route.path().starts_with('/') || route.path().is_empty());
-    let targets = keyward::providers::Targets::resolve(&Default::default()).unwrap();
-    let target = targets.get("openai").unwrap();
-    let up = upstream_uri(target, &route);
-    assert_eq!(up.scheme_str(), Some("https"), "{up}");
-    assert_eq!(
-        up.authority().map(|a| a.as_str()),
-        Some("api.openai.com"),
-        "{up}"
-    );
-    let path = up.path();
-    // Whatever an upstream decodes, it finds no way out of the base URL.
-    let mut decoded = path.as_bytes().to_vec();
-    for _ in 0..4 {
-        decoded = percent_decode(&decoded);
+    for rules in [PathRules::Strict, PathRules::BedrockModelId] {
+        let Ok(route) = Route::parse_with(&http::Method::POST, http::Version::HTTP_11, &uri, rules)
+        else {
+            continue;
+        };
+        assert!(!route.target().is_empty());
+        assert!(route.path().starts_with('/') || route.path().is_empty());
+        let targets = keyward::providers::Targets::resolve(&Default::default()).unwrap();
+        let target = targets.get("openai").unwrap();
+        let up = upstream_uri(target, &route);
+        assert_eq!(up.scheme_str(), Some("https"), "{up}");
+        assert_eq!(
+            up.authority().map(|a| a.as_str()),
+            Some("api.openai.com"),
+            "{up}"
+        );
+        let path = up.path();
+        // Whatever an upstream decodes, it finds no way out of the base URL.
+        let mut decoded = path.as_bytes().to_vec();
+        for _ in 0..4 {
+            decoded = percent_decode(&decoded);
+        }
+        let text = String::from_utf8_lossy(&decoded);
+        for seg in text.split('/') {
+            assert!(seg != ".." && seg != ".", "dot segment in {up}");
+        }
+        assert!(!text.contains('\\'), "backslash in {up}");
+        // Which raw segments gain a '/' from decoding: none, or only a Bedrock model id.
+        let segments: Vec<&str> = route.path().split('/').skip(1).collect();
+        for (i, seg) in segments.iter().enumerate() {
+            let once = percent_decode(seg.as_bytes());
+            let mut all = once.clone();
+            for _ in 0..4 {
+                all = percent_decode(&all);
+            }
+            let slashes = |b: &[u8]| b.iter().filter(|&&c| c == b'/').count();
+            if slashes(&all) == 0 {
+                continue;
+            }
+            assert_eq!(rules, PathRules::BedrockModelId, "encoded slash in {up}");
+            assert!(
+                i == 1 && segments[0] == "model",
+                "encoded slash outside the id: {up}"
+            );
+            assert!(
+                i + 1 < segments.len() && !segments[i + 1].is_empty(),
+                "{up}"
+            );
+            assert_eq!(slashes(&once), slashes(&all), "slash encoded twice: {up}");
+            assert!(!all.windows(2).any(|w| w == b".."), "'..' in the id: {up}");
+        }
     }
-    let text = String::from_utf8_lossy(&decoded);
-    for seg in text.split('/') {
-        assert!(seg != ".." && seg != ".", "dot segment in {up}");
-    }
-    assert!(!text.contains('\\'), "backslash in {up}");
 }
 
 /// A lenient percent-decoder, as an upstream or a proxy in front of it might run.

@@ -510,3 +510,145 @@ print(json.dumps({"raw_status": r.status, "raw": r.read().decode()}))
         assert!(!transcript.contains(s) && !logs.contains(s));
     }
 }
+
+/// keyward's config for a TCP listener on `port` and a bedrock target at the mock.
+fn bedrock_config(port: u16, mock: &Mock) -> String {
+    format!(
+        "listen_tcp = \"127.0.0.1:{port}\"\n\n[targets.bedrock]\n\
+         base_url = \"https://localhost:{}\"\nregion = \"{REGION}\"\n\
+         sts_endpoint = \"https://127.0.0.1:{}\"\nca_file = \"{}\"\n",
+        mock.bedrock,
+        mock.sts,
+        mock.ca.display()
+    )
+}
+
+/// A random static key the mock accepts, as (access key id, secret).
+fn static_key() -> (String, String) {
+    let akid = format!("AKIA{}", random_of(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", 16));
+    let secret = random_of(b"abcdefghijklmnopqrstuvwxyz0123456789", 40);
+    (akid, secret)
+}
+
+/// An inference profile ARN: boto3 sends it as one path segment, `:` and `/` percent-encoded.
+const PROFILE_ARN: &str = "arn:aws:bedrock:us-east-1:123456789012:inference-profile/\
+                           us.anthropic.claude-3-5-sonnet-20240620-v1:0";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn boto3_calls_an_inference_profile_arn_and_steering_through_the_id_is_refused() {
+    let test = "boto3_calls_an_inference_profile_arn";
+    if skip_without_venv(test) {
+        return;
+    }
+    let (akid, secret) = static_key();
+    let mock = Mock::start(
+        serde_json::json!([{"akid": akid, "secret": secret}]),
+        "unused",
+    );
+    let port = free_port();
+    let daemon = Daemon::builder()
+        .config(&bedrock_config(port, &mock))
+        .start();
+    let _logs = ShowLogs(&daemon, &mock);
+    let doc = serde_json::json!({"access_key_id": akid, "secret_access_key": secret});
+    let (token, cred) = daemon.provision(
+        "acme",
+        "bedrock",
+        &doc.to_string(),
+        &[
+            "--kind",
+            "aws-access-key",
+            "--model",
+            "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.*",
+        ],
+    );
+    let code = r#"
+import json, os, http.client, boto3, botocore
+client = boto3.client("bedrock-runtime", region_name="us-east-1",
+    endpoint_url=os.environ["ENDPOINT"], aws_access_key_id=os.environ["TOKEN"],
+    aws_secret_access_key="x", config=botocore.config.Config(retries={"max_attempts": 1}))
+messages = [{"role": "user", "content": [{"text": "hi"}]}]
+r = client.converse(modelId=os.environ["MODEL"], messages=messages)
+print(json.dumps({"text": r["output"]["message"]["content"][0]["text"],
+                  "credential": r["ResponseMetadata"]["HTTPHeaders"].get("keyward-credential")}))
+try:
+    client.converse(modelId=os.environ["MODEL"].replace("us.anthropic", "us.meta"),
+                    messages=messages)
+    print(json.dumps({"status": 200}))
+except botocore.exceptions.ClientError as e:
+    print(json.dumps({"status": e.response["ResponseMetadata"]["HTTPStatusCode"],
+                      "keyward": e.response["ResponseMetadata"]["HTTPHeaders"].get("keyward-error")}))
+host, port = os.environ["ENDPOINT"].split("//")[1].split("/")[0].split(":")
+for path in ["/bedrock/model/arn%3Aaws%2F..%2F..%2Fguardrail/converse",
+             "/bedrock/model/arn%3Aaws%2F.%2Fx/converse",
+             "/bedrock/model/arn%3Aaws%252Fx/converse",
+             "/bedrock/model/x/converse%2F..%2Fy",
+             "/bedrock/model%2Fx/y/converse",
+             "/bedrock/model/arn%3Aaws%2F%2Fx/converse"]:
+    c = http.client.HTTPConnection(host, int(port), timeout=30)
+    c.request("POST", path, body="{}", headers={"authorization": "AWS4-HMAC-SHA256 Credential="
+              + os.environ["TOKEN"] + "/20261130/us-east-1/bedrock/aws4_request, "
+              + "SignedHeaders=host, Signature=0"})
+    resp = c.getresponse()
+    print(json.dumps({"path": path, "status": resp.status,
+                      "keyward": resp.getheader("keyward-error"), "body": resp.read().decode()}))
+"#;
+    let out = Command::new(venv_python())
+        .arg("-c")
+        .arg(code)
+        .env_clear()
+        .env("TOKEN", &token)
+        .env("ENDPOINT", format!("http://127.0.0.1:{port}/bedrock"))
+        .env("MODEL", PROFILE_ARN)
+        .output()
+        .unwrap();
+    let transcript = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{transcript}");
+    let docs: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Converse by ARN reached the mock, signed over the path as boto3 encoded it.
+    assert_eq!(docs[0]["text"], "hello from bedrock", "{transcript}");
+    assert!(
+        docs[0]["credential"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{cred}/v")),
+        "{transcript}"
+    );
+    // A profile outside the credential's glob (matched against the decoded ARN) is refused.
+    assert_eq!(docs[1]["status"], 403, "{transcript}");
+    assert_eq!(docs[1]["keyward"], "scope_denied");
+    // Steering through the model id: dot segments, a doubled or twice-encoded slash, an
+    // encoded slash outside the id. Each is refused before any credential is looked at.
+    for d in &docs[2..] {
+        assert_eq!(d["status"], 400, "{d}");
+        assert_eq!(d["keyward"], "bad_request", "{d}");
+    }
+    assert_eq!(docs.len(), 8, "{transcript}");
+    let requests = mock.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0]["verified"], true, "{}", requests[0]);
+    assert_eq!(
+        requests[0]["path"],
+        "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2F\
+         us.anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse"
+    );
+    // The audit names the decoded ARN as the model, for the served call and the denied one.
+    let rows = daemon.json_lines(&["audit", "query", "--limit", "100"]);
+    assert!(
+        rows.iter()
+            .any(|r| r["event"] == "request.resolved" && r["model"] == PROFILE_ARN),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().any(|r| r["event"] == "request.denied"
+            && r["model"] == PROFILE_ARN.replace("us.anthropic", "us.meta")),
+        "{rows:?}"
+    );
+}

@@ -111,11 +111,15 @@ pub enum RouteError {
 pub enum PathRules {
     /// Every check applies.
     Strict,
-    /// Bedrock: the AWS SDKs percent-encode the `:` of model ids
-    /// (`/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse`), so `%3A` is accepted in
-    /// the segment after `/model/`, encoded once, and nowhere else. Bedrock's path has no
-    /// `model:method` separator that an encoded `:` could hide.
-    EncodedColonInModelId,
+    /// Bedrock: the AWS SDKs percent-encode the model id as one path segment, so `:` becomes
+    /// `%3A` (`/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse`) and the `/` of an
+    /// inference-profile, provisioned-model or imported-model ARN becomes `%2F`
+    /// (`/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.x%3A0/
+    /// converse`). `%3A` and `%2F` are accepted in the segment after `/model/`, when a method
+    /// segment follows it, encoded once, and nowhere else; once decoded, that segment must
+    /// still hold no `.` or `..` segment, no empty segment and no `..` at all. Bedrock's path
+    /// has no `model:method` separator that an encoded `:` could hide.
+    BedrockModelId,
 }
 
 /// The request's first path segment, the target name as sent (unchecked), for choosing its
@@ -438,9 +442,10 @@ fn check_path(provider: &str, rules: PathRules) -> Result<(), RouteError> {
         if form.contains(&b'\\') {
             return Err(RouteError::Backslash);
         }
+        let lenient = rules == PathRules::BedrockModelId;
         if level > 0
-            && form.iter().filter(|&&b| b == b'/').count()
-                != forms[0].iter().filter(|&&b| b == b'/').count()
+            && count(form, b'/') != count(&forms[0], b'/')
+            && !(lenient && decoded_only_in_model_id(&forms, level, b'/'))
         {
             return Err(RouteError::EncodedSlash);
         }
@@ -448,12 +453,18 @@ fn check_path(provider: &str, rules: PathRules) -> Result<(), RouteError> {
             return Err(RouteError::EncodedDelimiter);
         }
         if level > 0
-            && form.iter().filter(|&&b| b == b':').count()
-                != forms[0].iter().filter(|&&b| b == b':').count()
-            && !(rules == PathRules::EncodedColonInModelId
-                && colons_decoded_only_in_model_id(&forms, level))
+            && count(form, b':') != count(&forms[0], b':')
+            && !(lenient && decoded_only_in_model_id(&forms, level, b':'))
         {
             return Err(RouteError::EncodedColon);
+        }
+        // An ARN never holds `..`; refusing it outright once the id's slashes are decoded
+        // leaves no dot-segment spelling (`..;x`, `.. `) to reason about.
+        if level > 0
+            && count(form, b'/') != count(&forms[0], b'/')
+            && form.windows(2).any(|w| w == b"..")
+        {
+            return Err(RouteError::DotSegment);
         }
         // `provider` starts with '/', so the first split piece is the empty string before it.
         let segments: Vec<&[u8]> = form.split(|&b| b == b'/').skip(1).collect();
@@ -472,32 +483,32 @@ fn check_path(provider: &str, rules: PathRules) -> Result<(), RouteError> {
     Ok(())
 }
 
-/// True when every `:` that decoding up to `level` added is in the segment after `/model/`, and
-/// came from one pass of decoding (`%3A`, not `%253A`). Slash counts agree in every form (checked
-/// before), so segments line up.
-fn colons_decoded_only_in_model_id(forms: &[Vec<u8>], level: usize) -> bool {
-    let colons = |seg: &[u8]| seg.iter().filter(|&&b| b == b':').count();
-    let split = |f: &[u8]| -> Vec<Vec<u8>> {
-        f.split(|&b| b == b'/')
-            .skip(1)
-            .map(<[u8]>::to_vec)
-            .collect()
+fn count(form: &[u8], byte: u8) -> usize {
+    form.iter().filter(|&&b| b == byte).count()
+}
+
+/// True when every `byte` (`:` or `/`) that decoding up to `level` added is in the segment
+/// after `/model/`, that segment is followed by another, and each such `byte` came from one
+/// pass of decoding (`%3A`, not `%253A`). Each raw segment is decoded on its own: the raw
+/// separators are literal `/`, which no escape can span, so this equals decoding the whole.
+fn decoded_only_in_model_id(forms: &[Vec<u8>], level: usize, byte: u8) -> bool {
+    let decode = |seg: &[u8], times: usize| {
+        let mut cur = seg.to_vec();
+        for _ in 0..times {
+            cur = percent_decode_once(&cur, false, false).expect("lenient decoding never fails");
+        }
+        cur
     };
-    let raw = split(&forms[0]);
-    let once = split(&forms[1]);
-    let now = split(&forms[level]);
-    if raw.first().map(Vec::as_slice) != Some(b"model".as_slice()) {
+    let raw: Vec<&[u8]> = forms[0].split(|&b| b == b'/').skip(1).collect();
+    if raw.len() < 3 || raw[0] != b"model" || raw[2].is_empty() {
         return false;
     }
-    raw.iter()
-        .zip(&once)
-        .zip(&now)
-        .enumerate()
-        .all(|(i, ((r, o), n))| {
-            let same_as_once = colons(n) == colons(o);
-            let same_as_raw = colons(o) == colons(r);
-            same_as_once && (same_as_raw || i == 1)
-        })
+    raw.iter().enumerate().all(|(i, seg)| {
+        let once = decode(seg, 1);
+        let now = decode(seg, level);
+        count(&now, byte) == count(&once, byte)
+            && (i == 1 || count(&once, byte) == count(seg, byte))
+    })
 }
 
 /// `.`/`..` and what some servers treat as such: `..;param` (Tomcat), `.. ` and `...`
@@ -782,14 +793,14 @@ mod tests {
     }
 
     #[test]
-    fn bedrock_model_ids_may_carry_an_encoded_colon_and_nothing_else_reopens() {
+    fn bedrock_model_ids_may_carry_an_encoded_colon_or_slash_and_nothing_else_reopens() {
         use RouteError::*;
         let bedrock = |t: &str| {
             Route::parse_with(
                 &Method::POST,
                 Version::HTTP_11,
                 &t.parse().unwrap(),
-                PathRules::EncodedColonInModelId,
+                PathRules::BedrockModelId,
             )
         };
         let ok = "/bedrock/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse";
@@ -802,6 +813,36 @@ mod tests {
         );
         bedrock("/bedrock/model/us.meta.llama3-2-1b-instruct-v1%3a0/converse-stream").unwrap();
         bedrock("/bedrock/model/plain-id:0/invoke").unwrap();
+        // What boto3 sends for inference-profile, provisioned-model and imported-model ARNs.
+        let arns = [
+            concat!(
+                "/bedrock/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3A",
+                "inference-profile%2Fus.anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse"
+            ),
+            concat!(
+                "/bedrock/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3A",
+                "provisioned-model%2Fabc123xyz/invoke-with-response-stream"
+            ),
+            concat!(
+                "/bedrock/model/arn%3aaws%3abedrock%3aus-east-1%3a123456789012%3a",
+                "imported-model%2fmy-model/invoke"
+            ),
+        ];
+        for arn in arns {
+            assert_eq!(parse(arn), Err(EncodedSlash), "strict by default: {arn}");
+            let r = bedrock(arn).unwrap_or_else(|e| panic!("{arn}: {e}"));
+            assert_eq!(
+                r.path(),
+                &arn["/bedrock".len()..],
+                "sent upstream as received"
+            );
+        }
+        let t = targets();
+        let r = bedrock(arns[0]).unwrap();
+        assert_eq!(
+            upstream_uri(t.get("openai").unwrap(), &r).path(),
+            &arns[0]["/bedrock".len()..]
+        );
         let refused: &[(&str, RouteError)] = &[
             ("/bedrock/model/anthropic.x-v1%253A0/converse", EncodedColon),
             ("/bedrock/model/x/conv%3Aerse", EncodedColon),
@@ -810,18 +851,33 @@ mod tests {
                 "/bedrock/v1beta/models/gemini%3AgenerateContent",
                 EncodedColon,
             ),
-            (
-                concat!(
-                    "/bedrock/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1",
-                    "%3Ainference-profile%2Fx/converse"
-                ),
-                EncodedSlash,
-            ),
             ("/bedrock/model/%2e%2e/converse", DotSegment),
             ("/bedrock/model/x%3A0/..", DotSegment),
             ("/bedrock/model/x%3A0%5c/converse", Backslash),
             ("/bedrock/model/x%3A0%0a/converse", EncodedControl),
             ("/bedrock/model/x%3A0%3f/converse", EncodedDelimiter),
+            // An encoded slash anywhere but the model id, or encoded twice.
+            ("/bedrock/model/x/converse%2Fx", EncodedSlash),
+            ("/bedrock/mod%2Fel/x/converse", EncodedSlash),
+            ("/bedrock/guardrail%2Fx/y/z", EncodedSlash),
+            ("/bedrock/v1%2Fmodel/x/converse", EncodedSlash),
+            ("/bedrock/model/arn%252Fx/converse", EncodedSlash),
+            ("/bedrock/model/arn%25252Fx/converse", EncodedSlash),
+            ("/bedrock/model/arn%2Fx", EncodedSlash),
+            ("/bedrock/model/arn%2Fx/", EncodedSlash),
+            // Dot segments, empty segments or `..` once the id's slashes are decoded.
+            ("/bedrock/model/..%2F..%2Fguardrail/converse", DotSegment),
+            ("/bedrock/model/arn%2F..%2F..%2Fx/converse", DotSegment),
+            ("/bedrock/model/arn%2F.%2Fx/converse", DotSegment),
+            ("/bedrock/model/arn%2F..;x/converse", DotSegment),
+            ("/bedrock/model/arn%2F..%20/converse", DotSegment),
+            ("/bedrock/model/arn%2Fa..b/converse", DotSegment),
+            ("/bedrock/model/%2e%2e%2Fx/converse", DotSegment),
+            ("/bedrock/model/%2Fx/converse", EmptySegment),
+            ("/bedrock/model/x%2F/converse", EmptySegment),
+            ("/bedrock/model/x%2F%2Fy/converse", EmptySegment),
+            ("/bedrock/model/x%2F%5cy/converse", Backslash),
+            ("/bedrock/model/x%2F%3fy/converse", EncodedDelimiter),
         ];
         for (input, want) in refused {
             assert_eq!(bedrock(input).as_ref(), Err(want), "{input}");

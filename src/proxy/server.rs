@@ -554,9 +554,9 @@ async fn process(
     known.app_base = Some(app_base(&req));
     let route = Route::from_request(&req)
         .or_else(|e| match e {
-            // The AWS SDKs encode the `:` of Bedrock model ids (README, "Bedrock").
-            RouteError::EncodedColon if is_bedrock(state, req.uri()) => {
-                Route::from_request_with(&req, PathRules::EncodedColonInModelId)
+            // The AWS SDKs encode the `:` and `/` of Bedrock model ids (README, "Bedrock").
+            RouteError::EncodedColon | RouteError::EncodedSlash if is_bedrock(state, req.uri()) => {
+                Route::from_request_with(&req, PathRules::BedrockModelId)
             }
             e => Err(e),
         })
@@ -1163,7 +1163,7 @@ async fn sign(
     }
 }
 
-/// Whether the request names a Bedrock-family target (whose model ids may carry `%3A`).
+/// Whether the request names a Bedrock-family target (whose model ids may carry `%3A`, `%2F`).
 fn is_bedrock(state: &State, uri: &http::Uri) -> bool {
     state
         .config

@@ -4,8 +4,11 @@ Every request's SigV4 signature is recomputed with botocore (``botocore.auth.Sig
 the request as received, with the secret the test generated (or, for assumed roles, the one
 moto's STS issued, read from moto's backend in this same process); a bad or stale signature,
 an unknown access key id, a wrong region or service gets 403 like the real service. Answers
-Converse with JSON and ConverseStream with ``application/vnd.amazon.eventstream`` frames
-(prelude, headers, payload and CRC32s built here with zlib).
+Converse and InvokeModel with JSON, ConverseStream and InvokeModelWithResponseStream with
+``application/vnd.amazon.eventstream`` frames (prelude, headers, payload and CRC32s built here
+with zlib; InvokeModel chunks carry the model's JSON base64-encoded in ``bytes``). A streamed
+request whose body holds ``"hold": true`` gets its first frame, then nothing until the file
+``release`` appears in ``out`` (or 20 s pass); ``holds.jsonl`` says which happened.
 
 Also serves moto's STS (the real moto server application) over TLS on a second port.
 
@@ -14,7 +17,10 @@ credentials ``[{"akid", "secret", "token"?}]``, the expected external id, and ``
 directory that receives ``ports.json`` and ``requests.jsonl``).
 """
 
+import base64
 import datetime
+import os
+import time
 import json
 import re
 import struct
@@ -150,7 +156,10 @@ class Bedrock(BaseHTTPRequestHandler):
         if who is None:
             self.refuse(403, "InvalidSignatureException", why)
             return
-        m = re.match(r"^/model/([^/]+)/(converse|converse-stream)$", self.path)
+        m = re.match(
+            r"^/model/([^/]+)/(converse|converse-stream|invoke|invoke-with-response-stream)$",
+            self.path,
+        )
         if not m:
             self.refuse(404, "UnknownOperationException", "unknown path " + self.path)
             return
@@ -164,15 +173,22 @@ class Bedrock(BaseHTTPRequestHandler):
             "cacheReadInputTokens": 3,
             "cacheWriteInputTokens": 2,
         }
-        if m.group(2) == "converse":
-            out = json.dumps(
-                {
+        method = m.group(2)
+        if method in ("converse", "invoke"):
+            if method == "converse":
+                doc = {
                     "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
                     "stopReason": "end_turn",
                     "usage": usage,
                     "metrics": {"latencyMs": 7},
                 }
-            ).encode()
+            else:
+                doc = {
+                    "type": "message",
+                    "content": [{"type": "text", "text": text}],
+                    "usage": {"input_tokens": 21, "output_tokens": 7},
+                }
+            out = json.dumps(doc).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(out)))
@@ -183,19 +199,62 @@ class Bedrock(BaseHTTPRequestHandler):
         self.send_header("content-type", "application/vnd.amazon.eventstream")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
-        frames = [frame("messageStart", {"role": "assistant"})]
-        for piece in text.split(" "):
-            frames.append(
-                frame("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": piece + " "}})
+        if method == "converse-stream":
+            frames = [frame("messageStart", {"role": "assistant"})]
+            for piece in text.split(" "):
+                frames.append(
+                    frame(
+                        "contentBlockDelta",
+                        {"contentBlockIndex": 0, "delta": {"text": piece + " "}},
+                    )
+                )
+            frames += [
+                frame("contentBlockStop", {"contentBlockIndex": 0}),
+                frame("messageStop", {"stopReason": "end_turn"}),
+                frame("metadata", {"usage": usage, "metrics": {"latencyMs": 9}}),
+            ]
+        else:
+            # The model's own stream (Anthropic messages here), one chunk per event; usage only
+            # in the last chunk's invocation metrics, as Bedrock adds them.
+            events = [{"type": "message_start", "message": {"role": "assistant"}}]
+            for piece in text.split(" "):
+                events.append(
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": piece + " "},
+                    }
+                )
+            events.append(
+                {
+                    "type": "message_stop",
+                    "amazon-bedrock-invocationMetrics": {
+                        "inputTokenCount": 21,
+                        "outputTokenCount": 7,
+                        "invocationLatency": 40,
+                        "firstByteLatency": 10,
+                    },
+                }
             )
-        frames += [
-            frame("contentBlockStop", {"contentBlockIndex": 0}),
-            frame("messageStop", {"stopReason": "end_turn"}),
-            frame("metadata", {"usage": usage, "metrics": {"latencyMs": 9}}),
-        ]
-        for f in frames:
+            frames = [
+                frame(
+                    "chunk",
+                    {"bytes": base64.b64encode(json.dumps(e).encode()).decode(), "p": "abcdefgh"},
+                )
+                for e in events
+            ]
+        hold = b'"hold": true' in body or b'"hold":true' in body
+        for i, f in enumerate(frames):
             self.wfile.write(b"%x\r\n" % len(f) + f + b"\r\n")
             self.wfile.flush()
+            if hold and i == 0:
+                release = CONFIG["out"] + "/release"
+                deadline = time.time() + 20
+                while not os.path.exists(release) and time.time() < deadline:
+                    time.sleep(0.02)
+                with LOG_LOCK:
+                    with open(CONFIG["out"] + "/holds.jsonl", "a") as h:
+                        h.write(json.dumps({"released": os.path.exists(release)}) + "\n")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -224,8 +283,6 @@ def main():
     bedrock = tls(ThreadingHTTPServer(("127.0.0.1", 0), Bedrock))
     with open(CONFIG["out"] + "/ports.json.tmp", "w") as f:
         json.dump({"bedrock": bedrock.server_address[1], "sts": sts.server_address[1]}, f)
-    import os
-
     os.rename(CONFIG["out"] + "/ports.json.tmp", CONFIG["out"] + "/ports.json")
     bedrock.serve_forever()
 
