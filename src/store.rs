@@ -150,6 +150,10 @@ pub enum StoreError {
     /// The operation does not apply in the object's current state.
     #[error("{0}")]
     Conflict(String),
+    /// The request itself is wrong whatever the state (for example a secret that is not of the
+    /// credential's kind); the message says what to send instead.
+    #[error("{0}")]
+    Invalid(String),
     /// SQLite failed.
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),

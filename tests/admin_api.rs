@@ -91,6 +91,14 @@ fn curl_manages_tenants_credentials_and_clients_and_no_answer_holds_a_key() {
     );
     assert_eq!(status, 200, "{body}");
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["version"], 2);
+    // A secret that is not a provider key is the request's fault (400), whatever the state.
+    let spaced = serde_json::json!({"secret": format!("{} x", random_key("sk-"))});
+    let (status, _, body) = call(
+        &[&json[..], &[&spaced.to_string()]].concat(),
+        &format!("/v1/credentials/{id}/rotate"),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("at position"), "{body}");
     // An overlap past any calendar is refused, not added to the clock.
     let absurd = serde_json::json!({"secret": random_key("sk-"), "overlap_s": i64::MAX});
     let (status, _, body) = call(

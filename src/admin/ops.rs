@@ -27,6 +27,7 @@ impl From<StoreError> for ApiError {
                 ErrorCode::AuditUnavailable
             }
             StoreError::NotFound { .. } => ErrorCode::NotFound,
+            StoreError::Invalid(_) => ErrorCode::BadRequest,
             StoreError::Duplicate { .. } | StoreError::Conflict(_) => ErrorCode::Conflict,
             _ => ErrorCode::Internal,
         };
@@ -454,7 +455,7 @@ fn cred_rotate(
         let cred = store::credential(tx, id)?;
         // The new version is a secret of the same kind as the first.
         let preview =
-            check_kind_secret(cred.kind, &secret).map_err(|e| StoreError::Conflict(e.message))?;
+            check_kind_secret(cred.kind, &secret).map_err(|e| StoreError::Invalid(e.message))?;
         if cred.revoked_at.is_some() {
             return Err(StoreError::Conflict(format!(
                 "credential {id} is revoked and cannot be rotated; add a new credential with \
