@@ -1085,7 +1085,7 @@ pub fn audit_query(
     // Rows nobody waits on (request.completed) may sit in the writer briefly: show them too.
     state.runtime.block_on(state.audit.flush());
     let rows = state.audit.query(&filter)?;
-    Ok(rows.into_iter().map(Into::into).collect())
+    Ok(rows)
 }
 
 /// `GET /v1/audit/verify`.
@@ -1102,7 +1102,7 @@ pub fn audit_lifecycle(state: &State, id: &str) -> Reply<Vec<api::audit::AuditRo
             "no audit history for credential `{id}` (see `keyward cred list` for ids)"
         )));
     }
-    Ok(rows.into_iter().map(Into::into).collect())
+    Ok(rows)
 }
 
 /// A tenant's fingerprint key, from the tenant key cache.

@@ -159,11 +159,17 @@ impl FromStr for EventKind {
 }
 
 /// One event to record. Build with `Event { tenant: Some(..), ..Event::new(kind) }`; the writer
-/// sets the sequence number and the time.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// sets the sequence number and the time. Also part of the admin API's row type ([`Row`]), so
+/// its field docs are the API's descriptions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(
+    as = AuditEvent,
+    description = "An audit event and its fields (absent fields are omitted)."
+)]
 pub struct Event {
-    /// What happened.
+    /// The event, e.g. `credential.created`, `request.completed`.
     #[serde(rename = "event")]
+    #[schema(value_type = String)]
     pub kind: EventKind,
     /// The request's call id (also returned to the app).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -201,13 +207,14 @@ pub struct Event {
     /// Credential version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_version: Option<u32>,
-    /// Request fingerprint: lowercase hex HMAC-SHA256 from [`super::fingerprint`].
+    /// Request fingerprint: lowercase hex HMAC-SHA256 of the body under the tenant's
+    /// fingerprint key (`keyward audit search`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
     /// HTTP status the upstream answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_status: Option<u16>,
-    /// Time from accept to the end of the response.
+    /// Time from accept to the end of the response, milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<u64>,
     /// Request body bytes sent upstream.
@@ -216,7 +223,7 @@ pub struct Event {
     /// Response body bytes returned to the app.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_out: Option<u64>,
-    /// Every prompt token the provider reported, cached or not (see [`super::usage`]).
+    /// Every prompt token the provider reported, cached or not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_tokens: Option<u64>,
     /// Completion tokens the provider reported, reasoning tokens included.
@@ -364,8 +371,15 @@ fn clamp(s: &mut String, max: usize) {
     }
 }
 
-/// One stored audit row, as `query`, `lifecycle` and the CLI's `--json` present it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One stored audit row (README, "Audit"), as `query`, `lifecycle`, the admin API and the
+/// CLI's `--json` present it: its place in the chain, its time, the event and its fields
+/// (absent fields are omitted), and the chain MAC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(
+    as = AuditRow,
+    description = "One audit row (README, \"Audit\"): its place in the chain, its time, the \
+                   event and its fields (absent fields are omitted), and the chain MAC."
+)]
 pub struct Row {
     /// Position in the chain, from 1, contiguous.
     pub seq: u64,
