@@ -31,6 +31,7 @@ pub mod providers;
 pub mod proxy;
 pub mod scope;
 pub mod seal;
+pub mod state;
 pub mod store;
 pub mod systemd;
 pub mod traces;

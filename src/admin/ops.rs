@@ -7,9 +7,9 @@
 
 use crate::audit::{AuditError, Event, EventKind};
 use crate::catalog::{Catalog, version_state};
-use crate::daemon::State;
 use crate::identity::CredentialKind;
 use crate::seal::{CredentialRef, Purpose, Secret, seal_with_tenant_key};
+use crate::state::State;
 use crate::store::{self, ClientRow, CredentialRow, StoreError, TenantRow, VersionRow};
 use crate::units::{format_duration, now_unix};
 

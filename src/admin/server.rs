@@ -21,7 +21,7 @@ use zeroize::Zeroizing;
 
 use super::api::{self, ApiError, ErrorCode, MAX_REQUEST_BODY, Method, Route};
 use super::ops;
-use crate::daemon::State;
+use crate::state::State;
 
 /// Most admin connections served at once.
 pub const MAX_CONNECTIONS: usize = 32;

@@ -126,7 +126,7 @@ pub fn migrate(
 /// Writes the `master.rewrapped` audit event of a migration whose store transaction committed,
 /// and clears its pending record in the same store transaction (so a crash before the event is
 /// written leaves it pending for the next start).
-pub fn record_migration(state: &crate::daemon::State) -> Result<(), crate::store::StoreError> {
+pub fn record_migration(state: &crate::state::State) -> Result<(), crate::store::StoreError> {
     use crate::audit::{Event, EventKind};
     state.store.write(|tx| {
         if let Some(from) = crate::store::pending_migration(tx, true)? {

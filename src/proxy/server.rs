@@ -49,7 +49,6 @@ use super::upstream::{BoxError, IdleTimeoutBody, ResponseBody, UpstreamBody, Ups
 use crate::audit::usage::UsageTap;
 use crate::audit::{Event, EventKind, Fingerprinter};
 use crate::auth::{AuthError, PeerCred, Principal, authenticate};
-use crate::daemon::State;
 use crate::identity::CredentialKind;
 use crate::lock;
 use crate::pool::{Change, Outcome, parse_retry_after, unix_secs};
@@ -61,6 +60,7 @@ use crate::scope::attrs::{ModelScanner, ModelSource, ScanState, capability, mode
 use crate::scope::multipart::{MultipartScanner, form_data_boundary};
 use crate::scope::{Candidate, Denial, RequestAttrs, select};
 use crate::seal::{CredentialRef, Secret, open_with_tenant_key};
+use crate::state::State;
 use crate::units::format_time;
 
 /// The app's request body, cut off when it stalls for `limits.request_idle_timeout`.
