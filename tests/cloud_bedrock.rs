@@ -652,3 +652,142 @@ for path in ["/bedrock/model/arn%3Aaws%2F..%2F..%2Fguardrail/converse",
         "{rows:?}"
     );
 }
+
+/// InvokeModelWithResponseStream: the first event reaches boto3 while the mock still holds
+/// the rest of the stream back; a secret the model echoes inside a chunk's base64 `bytes`, or
+/// in a ConverseStream delta, reaches boto3 as `[REDACTED]` in a message whose checksums boto3
+/// accepts; the usage of the stream comes from its `amazon-bedrock-invocationMetrics`.
+#[tokio::test(flavor = "multi_thread")]
+async fn boto3_invoke_stream_passes_events_as_they_come_and_scrubs_inside_them() {
+    let test = "boto3_invoke_stream_passes_events_as_they_come";
+    if skip_without_venv(test) {
+        return;
+    }
+    let (akid, secret) = static_key();
+    let mock = Mock::start(
+        serde_json::json!([{"akid": akid, "secret": secret}]),
+        "unused",
+    );
+    let port = free_port();
+    let daemon = Daemon::builder()
+        .config(&bedrock_config(port, &mock))
+        .start();
+    let _logs = ShowLogs(&daemon, &mock);
+    let doc = serde_json::json!({"access_key_id": akid, "secret_access_key": secret});
+    let (token, _) = daemon.provision(
+        "acme",
+        "bedrock",
+        &doc.to_string(),
+        &["--kind", "aws-access-key"],
+    );
+    let code = r#"
+import json, os, time, boto3, botocore
+client = boto3.client("bedrock-runtime", region_name="us-east-1",
+    endpoint_url=os.environ["ENDPOINT"], aws_access_key_id=os.environ["TOKEN"],
+    aws_secret_access_key="x", config=botocore.config.Config(retries={"max_attempts": 1}))
+def invoke_stream(text, hold):
+    body = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 64,
+            "messages": [{"role": "user", "content": text}], "hold": hold}
+    r = client.invoke_model_with_response_stream(modelId=os.environ["MODEL"],
+                                                 body=json.dumps(body))
+    events, released = [], False
+    for e in r["body"]:
+        events.append(json.loads(e["chunk"]["bytes"]))
+        if hold and not released:
+            # Seen while the mock still holds every later event back.
+            open(os.environ["RELEASE"], "w").close()
+            released = True
+    return events
+events = invoke_stream("hi", True)
+print(json.dumps({"held": [e["type"] for e in events],
+                  "text": "".join(e["delta"]["text"] for e in events
+                                  if e["type"] == "content_block_delta")}))
+events = invoke_stream("ECHO", False)
+print(json.dumps({"echo": "".join(e["delta"]["text"] for e in events
+                                  if e["type"] == "content_block_delta")}))
+messages = [{"role": "user", "content": [{"text": "ECHO"}]}]
+events = list(client.converse_stream(modelId=os.environ["MODEL"], messages=messages)["stream"])
+print(json.dumps({"converse_echo": "".join(e["contentBlockDelta"]["delta"]["text"]
+                                           for e in events if "contentBlockDelta" in e),
+                  "metadata": [e["metadata"]["usage"] for e in events if "metadata" in e]}))
+"#;
+    let release = mock.dir.path().join("release");
+    let out = Command::new(venv_python())
+        .arg("-c")
+        .arg(code)
+        .env_clear()
+        .env("TOKEN", &token)
+        .env("ENDPOINT", format!("http://127.0.0.1:{port}/bedrock"))
+        .env("MODEL", MODEL)
+        .env("RELEASE", &release)
+        .output()
+        .unwrap();
+    let transcript = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{transcript}");
+    let docs: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Every event arrived, and the first one before the mock let go of the rest.
+    assert_eq!(docs[0]["text"], "hello from bedrock ", "{transcript}");
+    assert_eq!(
+        docs[0]["held"],
+        serde_json::json!([
+            "message_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "message_stop"
+        ])
+    );
+    let holds = std::fs::read_to_string(mock.dir.path().join("holds.jsonl")).unwrap();
+    assert_eq!(holds.trim(), r#"{"released": true}"#, "{holds}");
+    // The echoed secret came back redacted inside messages boto3 checked and decoded.
+    for (name, text) in [
+        ("invoke", docs[1]["echo"].as_str().unwrap()),
+        ("converse", docs[2]["converse_echo"].as_str().unwrap()),
+    ] {
+        assert!(
+            text.starts_with("hello from bedrock [REDACTED]"),
+            "{name}: {text}"
+        );
+        assert!(!text.contains(&secret), "{name}");
+    }
+    assert_eq!(docs[2]["metadata"][0]["outputTokens"], 5);
+    assert!(!transcript.contains(&secret));
+    // The usage of both InvokeModel streams, from the invocation metrics of their last chunk.
+    let invoke_rows = || {
+        daemon
+            .json_lines(&["audit", "query", "--limit", "100"])
+            .into_iter()
+            .filter(|r| r["event"] == "request.completed")
+            .collect::<Vec<Value>>()
+    };
+    let mut rows = invoke_rows();
+    for _ in 0..200 {
+        if rows.len() == 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+        rows = invoke_rows();
+    }
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let tokens = |r: &Value| (r["input_tokens"].clone(), r["output_tokens"].clone());
+    let invoke: Vec<_> = rows
+        .iter()
+        .filter(|r| r["input_tokens"] == 21)
+        .map(tokens)
+        .collect();
+    assert_eq!(
+        invoke,
+        vec![(21.into(), 7.into()), (21.into(), 7.into())],
+        "{rows:?}"
+    );
+    let requests = mock.requests();
+    assert_eq!(requests.len(), 3, "{requests:?}");
+    assert!(requests.iter().all(|r| r["verified"] == true));
+}

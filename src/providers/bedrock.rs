@@ -256,6 +256,104 @@ fn payload_json(payload: &[u8], sink: &mut dyn FnMut(&[u8])) {
     }
 }
 
+/// Total length of an event-stream message from its 12-byte prelude, if the prelude's checksum
+/// holds and the length can describe a message (at least prelude, header length fitting, and
+/// message CRC).
+pub(crate) fn prelude_total(prelude: &[u8]) -> Option<usize> {
+    let word = |i: usize| Some(u32::from_be_bytes(prelude.get(i..i + 4)?.try_into().ok()?));
+    let (total, headers, crc) = (word(0)? as usize, word(4)? as usize, word(8)?);
+    (crc32(&prelude[..8]) == crc && total >= PRELUDE + 4 && PRELUDE + headers + 4 <= total)
+        .then_some(total)
+}
+
+/// One header of an event-stream message: its name, value type (0-9) and the value's encoded
+/// bytes (with the 2-byte length of types 6, byte array, and 7, string).
+pub(crate) struct Header<'a> {
+    /// Header name (1-255 bytes).
+    pub name: &'a [u8],
+    /// Value type: 0/1 true/false, 2 byte, 3 short, 4 integer, 5 long, 6 bytes, 7 string,
+    /// 8 timestamp, 9 UUID.
+    pub kind: u8,
+    /// The encoded value as it follows the type byte.
+    pub value: &'a [u8],
+}
+
+impl Header<'_> {
+    /// The bytes of a byte-array or string value (after its length), or `None` for the other
+    /// types, which hold no text.
+    pub fn text(&self) -> Option<&[u8]> {
+        matches!(self.kind, 6 | 7).then(|| &self.value[2..])
+    }
+}
+
+/// The headers and payload of one complete message whose checksums hold.
+pub(crate) fn split_message(message: &[u8]) -> Option<(Vec<Header<'_>>, &[u8])> {
+    let payload = message_payload(message)?;
+    let header_len = u32::from_be_bytes(message[4..8].try_into().ok()?) as usize;
+    let mut rest = &message[PRELUDE..PRELUDE + header_len];
+    let mut headers = Vec::new();
+    while let Some((&name_len, after)) = rest.split_first() {
+        let name = after.get(..usize::from(name_len))?;
+        let (&kind, after) = after.get(usize::from(name_len)..)?.split_first()?;
+        let len = match kind {
+            0 | 1 => 0,
+            2 => 1,
+            3 => 2,
+            4 => 4,
+            5 | 8 => 8,
+            9 => 16,
+            6 | 7 => 2 + usize::from(u16::from_be_bytes(after.get(..2)?.try_into().ok()?)),
+            _ => return None,
+        };
+        headers.push(Header {
+            name,
+            kind,
+            value: after.get(..len)?,
+        });
+        rest = &after[len..];
+    }
+    Some((headers, payload))
+}
+
+/// Encodes one message: `headers` as (name, type, encoded value) and `payload`, with its
+/// prelude and message checksums. `None` when a name or value is too long for the encoding.
+pub(crate) fn encode_message(headers: &[(&[u8], u8, Vec<u8>)], payload: &[u8]) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    for (name, kind, value) in headers {
+        head.push(u8::try_from(name.len()).ok()?);
+        head.extend_from_slice(name);
+        head.push(*kind);
+        head.extend_from_slice(value);
+    }
+    let total = u32::try_from(PRELUDE + head.len() + payload.len() + 4).ok()?;
+    let mut m = Vec::with_capacity(total as usize);
+    m.extend_from_slice(&total.to_be_bytes());
+    m.extend_from_slice(&u32::try_from(head.len()).ok()?.to_be_bytes());
+    let c = crc32(&m);
+    m.extend_from_slice(&c.to_be_bytes());
+    m.extend_from_slice(&head);
+    m.extend_from_slice(payload);
+    let c = crc32(&m);
+    m.extend_from_slice(&c.to_be_bytes());
+    Some(m)
+}
+
+/// The model output an InvokeModel stream chunk carries base64-encoded in `bytes`
+/// (`{"bytes":"<base64>","p":"<padding>"}`), rewritten by `rewrite`: the chunk's JSON with the
+/// re-encoded output, or `None` when the payload is not such a chunk or `rewrite` changes
+/// nothing.
+pub(crate) fn rewrite_chunk_bytes(
+    payload: &[u8],
+    rewrite: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
+) -> Option<Vec<u8>> {
+    let mut chunk: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(payload).ok()?;
+    let inner = B64.decode(chunk.get("bytes")?.as_str()?).ok()?;
+    let rewritten = rewrite(&inner)?;
+    chunk.insert("bytes".into(), B64.encode(rewritten).into());
+    serde_json::to_vec(&chunk).ok()
+}
+
 /// CRC-32 (IEEE 802.3, the event stream checksum).
 fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = !0u32;

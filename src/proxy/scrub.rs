@@ -20,9 +20,13 @@
 //!   `\u`-escaped (`\u002F`, as .NET's and HTML-safe JSON encoders write them), each with
 //!   upper- and lowercase hex digits.
 //!
-//! Not handled: mixtures of those forms within one occurrence, base64, control characters (a
-//! key cannot hold them: it travels in a header), and case changes, except in header *names*,
-//! which HTTP lowercases and which are compared case-insensitively.
+//! Bedrock event streams are scrubbed message by message and encoded again, so they stay valid
+//! (see [`ScrubBody::framed_by`]); their InvokeModel chunks' base64 output is decoded for it.
+//!
+//! Not handled: mixtures of those forms within one occurrence, base64 (but for those chunks),
+//! control characters (a key cannot hold them: it travels in a header), and case changes,
+//! except in header *names*, which HTTP lowercases and which are compared case-insensitively.
+//! A secret split across two event-stream messages (two text deltas) is not found.
 //!
 //! This module must not log, return or store the key anywhere but locked memory ([`Secret`]),
 //! and must not decide which responses are scrubbed: the proxy scrubs every upstream response.
@@ -598,6 +602,144 @@ impl Scrubber {
 
 // === impl ScrubBody ===
 
+// === impl EventStreamScrub ===
+
+/// Largest event-stream message held back to be scrubbed as a whole; a longer one is scrubbed
+/// as plain bytes while it streams (Bedrock's messages are a few KiB).
+const MAX_HELD_MESSAGE: usize = 1024 * 1024;
+
+/// Scrubs an `application/vnd.amazon.eventstream` body (Bedrock's streams) message by message,
+/// so that what reaches the app is still a valid event stream: each message is passed on as
+/// soon as its last byte arrives; one that held a secret is encoded again, with the secret
+/// replaced in its header values and payload and fresh lengths and checksums, and an InvokeModel
+/// chunk's base64 `bytes` are decoded, scrubbed and encoded again (a plain byte scrubber could
+/// not see a secret inside base64).
+///
+/// A message longer than [`MAX_HELD_MESSAGE`], one whose checksums fail, and everything after a
+/// prelude that is not one fall back to plain byte scrubbing: the secret is still replaced, and
+/// the SDK refuses that message's checksum instead of receiving it.
+#[derive(Debug, Default)]
+struct EventStreamScrub {
+    /// Bytes of the message being collected.
+    buf: BytesMut,
+    /// Bytes of an over-long message still to pass through the byte scrubber.
+    raw_left: usize,
+    /// The body is not an event stream after all: byte-scrub the rest.
+    broken: bool,
+}
+
+/// Event-stream prelude length (total length, headers length, prelude CRC).
+const PRELUDE: usize = 12;
+
+impl EventStreamScrub {
+    /// Scrubs the next chunk; returns what can be sent now.
+    fn push(&mut self, mut chunk: Bytes, scrubber: &mut Scrubber) -> Bytes {
+        let mut out = BytesMut::new();
+        while !chunk.is_empty() {
+            if self.broken {
+                out.extend_from_slice(&scrubber.push_bytes(chunk));
+                break;
+            }
+            if self.raw_left > 0 {
+                let n = self.raw_left.min(chunk.len());
+                scrubber.push(&chunk.split_to(n), &mut out);
+                self.raw_left -= n;
+                if self.raw_left == 0 {
+                    scrubber.finish_into(&mut out);
+                }
+                continue;
+            }
+            let want = if self.buf.len() < PRELUDE {
+                PRELUDE
+            } else {
+                crate::providers::bedrock::prelude_total(&self.buf[..PRELUDE])
+                    .expect("checked when the prelude was complete")
+            };
+            let n = (want - self.buf.len()).min(chunk.len());
+            self.buf.extend_from_slice(&chunk.split_to(n));
+            if self.buf.len() == PRELUDE {
+                match crate::providers::bedrock::prelude_total(&self.buf) {
+                    None => {
+                        self.broken = true;
+                        let held = self.buf.split();
+                        scrubber.push(&held, &mut out);
+                        continue;
+                    }
+                    Some(total) if total > MAX_HELD_MESSAGE => {
+                        self.raw_left = total - PRELUDE;
+                        let held = self.buf.split();
+                        scrubber.push(&held, &mut out);
+                        continue;
+                    }
+                    Some(_) => {}
+                }
+            }
+            if self.buf.len() > PRELUDE && self.buf.len() == want {
+                let message = self.buf.split();
+                scrub_message(&message, scrubber, &mut out);
+            }
+        }
+        out.freeze()
+    }
+
+    /// Ends the stream: a message cut short is byte-scrubbed and sent as it is.
+    fn finish(&mut self, scrubber: &mut Scrubber, out: &mut BytesMut) {
+        let held = self.buf.split();
+        scrubber.push(&held, out);
+        scrubber.finish_into(out);
+    }
+
+    /// Bytes collected and not yet sent.
+    fn held(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// Appends `message` to `out`, encoded again without the secret if it held one.
+fn scrub_message(message: &[u8], scrubber: &mut Scrubber, out: &mut BytesMut) {
+    use crate::providers::bedrock::{encode_message, rewrite_chunk_bytes, split_message};
+    let rebuilt = split_message(message).and_then(|(headers, payload)| {
+        let mut changed = false;
+        let mut new_headers = Vec::with_capacity(headers.len());
+        for h in &headers {
+            let value = match h.text().and_then(|t| scrubber.scrub_whole(t)) {
+                Some(text) => {
+                    changed = true;
+                    let mut v = u16::try_from(text.len()).ok()?.to_be_bytes().to_vec();
+                    v.extend_from_slice(&text);
+                    v
+                }
+                None => h.value.to_vec(),
+            };
+            if scrubber.names_key(h.name) {
+                // A name cannot hold `[REDACTED]` (its length is fixed by the schema): drop it.
+                changed = true;
+                continue;
+            }
+            new_headers.push((h.name, h.kind, value));
+        }
+        let decoded = rewrite_chunk_bytes(payload, |inner| {
+            scrubber.scrub_whole(inner).map(|b| b.to_vec())
+        });
+        let payload = decoded.as_deref().unwrap_or(payload);
+        let scrubbed = scrubber.scrub_whole(payload);
+        changed |= decoded.is_some() || scrubbed.is_some();
+        if !changed {
+            return Some(None);
+        }
+        let payload = scrubbed.as_deref().unwrap_or(payload);
+        encode_message(&new_headers, payload).map(Some)
+    });
+    match rebuilt {
+        Some(None) => out.extend_from_slice(message),
+        Some(Some(clean)) => out.extend_from_slice(&clean),
+        None => {
+            scrubber.push(message, out);
+            scrubber.finish_into(out);
+        }
+    }
+}
+
 /// A response body whose data frames pass through a [`Scrubber`] and whose trailers are
 /// scrubbed like headers. At the end of the stream the held-back bytes are sent before the
 /// trailers. Errors of the inner body pass through unchanged (held-back bytes are dropped).
@@ -612,6 +754,8 @@ pub struct ScrubBody<B> {
     /// The body scrubber, holding its copy of the secret in locked memory; it scrubs the
     /// trailers too, once the data is done.
     scrubber: Scrubber,
+    /// For event-stream bodies: the message being collected, scrubbed as a whole.
+    events: Option<EventStreamScrub>,
     /// Trailers received while bytes were still held back; sent after those bytes.
     pending_trailers: Option<HeaderMap>,
     /// The inner body has ended (or sent trailers); only the flush and the trailers remain.
@@ -637,14 +781,36 @@ impl<B> ScrubBody<B> {
         ScrubBody {
             inner,
             scrubber,
+            events: None,
             pending_trailers: None,
             inner_done: false,
             done: false,
         }
     }
 
+    /// Scrubs the body message by message when `content_type` is
+    /// `application/vnd.amazon.eventstream`, so that it stays a valid event stream (see
+    /// [`EventStreamScrub`]); other bodies are scrubbed as bytes.
+    pub fn framed_by(mut self, content_type: Option<&str>) -> ScrubBody<B> {
+        let event_stream = content_type
+            .and_then(|c| c.split(';').next())
+            .is_some_and(|m| {
+                m.trim()
+                    .eq_ignore_ascii_case("application/vnd.amazon.eventstream")
+            });
+        if event_stream && !self.scrubber.needles.is_empty() {
+            self.events = Some(EventStreamScrub::default());
+        }
+        self
+    }
+
     /// The end-of-stream sequence: held-back bytes, then trailers, then `None`.
     fn drain(&mut self) -> Option<Frame<Bytes>> {
+        if let Some(events) = self.events.as_mut().filter(|e| e.held() > 0) {
+            let mut out = BytesMut::new();
+            events.finish(&mut self.scrubber, &mut out);
+            return Some(Frame::data(out.freeze()));
+        }
         if self.scrubber.held_back() > 0 {
             return Some(Frame::data(self.scrubber.finish()));
         }
@@ -691,7 +857,10 @@ where
             };
             match frame.into_data() {
                 Ok(data) => {
-                    let out = this.scrubber.push_bytes(data);
+                    let out = match &mut this.events {
+                        Some(events) => events.push(data, &mut this.scrubber),
+                        None => this.scrubber.push_bytes(data),
+                    };
                     // An empty data frame would be wasted work for hyper; wait for more input.
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(out))));
@@ -713,6 +882,7 @@ where
         self.done
             || (self.inner.is_end_stream()
                 && self.scrubber.held_back() == 0
+                && self.events.as_ref().is_none_or(|e| e.held() == 0)
                 && self.pending_trailers.is_none())
     }
 
@@ -764,6 +934,119 @@ mod tests {
     }
 
     const KEY: &str = "sk-proj-Abc123_xyz-789";
+
+    /// Runs an event stream through [`EventStreamScrub`] cut at `cuts`, returning the output
+    /// of each push and the end.
+    fn event_stream(stream: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut scrubber = Scrubber::new(&secret(KEY));
+        let mut events = EventStreamScrub::default();
+        let mut outs = Vec::new();
+        let mut last = 0;
+        for &c in cuts.iter().chain([&stream.len()]) {
+            let chunk = Bytes::copy_from_slice(&stream[last..c]);
+            outs.push(events.push(chunk, &mut scrubber).to_vec());
+            last = c;
+        }
+        let mut end = BytesMut::new();
+        events.finish(&mut scrubber, &mut end);
+        outs.push(end.to_vec());
+        outs
+    }
+
+    /// The payloads of the messages of `stream`, which must all be complete and valid.
+    fn messages(mut stream: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while !stream.is_empty() {
+            let total = crate::providers::bedrock::prelude_total(stream).expect("a prelude");
+            let (_, payload) =
+                crate::providers::bedrock::split_message(&stream[..total]).expect("valid message");
+            out.push(payload.to_vec());
+            stream = &stream[total..];
+        }
+        out
+    }
+
+    #[test]
+    fn event_stream_messages_stay_valid_with_the_key_replaced_inside_them() {
+        use crate::providers::bedrock::tests_support::message;
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let delta = format!(r#"{{"delta":{{"text":"the key is {KEY}."}}}}"#);
+        let inner = format!(r#"{{"type":"content_block_delta","delta":{{"text":"{KEY}"}}}}"#);
+        let chunk = format!(r#"{{"bytes":"{}","p":"abc"}}"#, b64.encode(&inner));
+        let start = message("messageStart", br#"{"role":"assistant"}"#);
+        let mut stream = start.clone();
+        stream.extend(message("contentBlockDelta", delta.as_bytes()));
+        stream.extend(message("chunk", chunk.as_bytes()));
+        stream.extend(message("metadata", br#"{"usage":{"inputTokens":3}}"#));
+        let want_inner = r#"{"type":"content_block_delta","delta":{"text":"[REDACTED]"}}"#;
+        for cut in 0..=stream.len() {
+            let outs = event_stream(&stream, &[cut]);
+            let all = outs.concat();
+            assert!(!contains(&all, KEY.as_bytes()), "cut at {cut}");
+            let payloads = messages(&all);
+            assert_eq!(payloads.len(), 4, "cut at {cut}");
+            assert_eq!(payloads[0], br#"{"role":"assistant"}"#);
+            assert_eq!(
+                payloads[1],
+                br#"{"delta":{"text":"the key is [REDACTED]."}}"#
+            );
+            let rechunked: serde_json::Value = serde_json::from_slice(&payloads[2]).unwrap();
+            let decoded = b64.decode(rechunked["bytes"].as_str().unwrap()).unwrap();
+            assert_eq!(decoded, want_inner.as_bytes(), "cut at {cut}");
+            assert_eq!(rechunked["p"], "abc");
+            assert_eq!(payloads[3], br#"{"usage":{"inputTokens":3}}"#);
+            // A message leaves as soon as its last byte is in: nothing waits for the next one.
+            if cut >= start.len() {
+                assert!(outs[0].starts_with(&start), "cut at {cut}");
+            }
+        }
+        // Messages without the key pass unchanged, byte for byte.
+        let clean = [start.clone(), message("metadata", b"{}")].concat();
+        assert_eq!(event_stream(&clean, &[5, 30]).concat(), clean);
+    }
+
+    #[test]
+    fn event_stream_that_cannot_be_reframed_is_still_scrubbed_as_bytes() {
+        use crate::providers::bedrock::tests_support::message;
+        let good = message("metadata", br#"{"usage":{"inputTokens":3}}"#);
+        // A message whose checksum fails, then a good one.
+        let mut bad = message("contentBlockDelta", format!("x{KEY}x").as_bytes());
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        let stream = [bad.clone(), good.clone()].concat();
+        for cut in 0..=stream.len() {
+            let all = event_stream(&stream, &[cut]).concat();
+            assert!(!contains(&all, KEY.as_bytes()) && contains(&all, REDACTED));
+            assert!(all.ends_with(&good), "cut at {cut}");
+        }
+        // Not an event stream at all, and a message cut short by the end of the body.
+        for body in [format!("plain {KEY} text").into_bytes(), {
+            let m = message("contentBlockDelta", format!("x{KEY}x").as_bytes());
+            m[..m.len() - 3].to_vec()
+        }] {
+            for cut in 0..=body.len() {
+                let all = event_stream(&body, &[cut]).concat();
+                assert!(!contains(&all, KEY.as_bytes()), "cut at {cut}");
+            }
+        }
+        // An over-long message streams through the byte scrubber without being held.
+        let big_text = format!("{}{KEY}", "y".repeat(MAX_HELD_MESSAGE));
+        let big = message("chunk", big_text.as_bytes());
+        let mut scrubber = Scrubber::new(&secret(KEY));
+        let mut events = EventStreamScrub::default();
+        let mut all = Vec::new();
+        for piece in big.chunks(4096).chain([good.as_slice()]) {
+            all.extend_from_slice(&events.push(Bytes::copy_from_slice(piece), &mut scrubber));
+            assert!(events.held() <= good.len(), "{}", events.held());
+        }
+        assert!(!contains(&all, KEY.as_bytes()));
+        assert!(all.ends_with(&good));
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
 
     /// A credential document's secrets and those derived from it, with more distinct first
     /// bytes than one key's forms have, are all found, split at every offset.

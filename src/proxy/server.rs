@@ -1561,7 +1561,8 @@ fn respond(
                 None => state.upstream.load().idle_guard(body),
             },
             scrubber,
-        ),
+        )
+        .framed_by(content_type.as_deref()),
         usage: Some(UsageTap::new(content_type.as_deref())),
         bytes_out: 0,
         started,
