@@ -246,6 +246,15 @@ pub enum CredCommand {
         /// Credential id.
         id: String,
     },
+    /// Make one read-only call (the target's models list) with this credential through the
+    /// data plane, audited like any call; exit 1 unless the provider accepts the key.
+    Test {
+        /// Credential id.
+        id: String,
+        /// Test this version (default: the current one).
+        #[arg(long = "version", id = "test_version", value_name = "N")]
+        version: Option<u32>,
+    },
 }
 
 /// Arguments of `cred add`.
@@ -279,6 +288,10 @@ pub struct CredAdd {
     /// gcp-service-account or azure-entra (a JSON document; README, "Credential kinds").
     #[arg(long, default_value = "api-key", value_name = "KIND", value_parser = kind_names())]
     pub kind: String,
+    /// Right after adding it, test the credential as `cred test` does. A failed test keeps the
+    /// credential: the command says it was added and exits 1.
+    #[arg(long)]
+    pub test: bool,
 }
 
 fn kind_names() -> clap::builder::PossibleValuesParser {
@@ -479,7 +492,67 @@ fn execute(command: &Command, endpoint: &Endpoint, json: bool) -> Result<(), Fai
     if let Command::Bundle(BundleCommand::Export { out, .. }) = command {
         return write_bundle(out, &data, json);
     }
-    print(command, &data, json)
+    print(command, &data, json)?;
+    match command {
+        Command::Cred(CredCommand::Add(a)) if a.test => test_added(endpoint, &data, json),
+        Command::Cred(CredCommand::Test { .. }) => tested(&data),
+        _ => Ok(()),
+    }
+}
+
+/// `cred add --test`: tests the credential just added. Whatever happens, the credential stays
+/// added, and a failure says so.
+fn test_added(endpoint: &Endpoint, added: &Value, json: bool) -> Result<(), Failure> {
+    let id = added["id"].as_str().unwrap_or_default();
+    let kept = |why: String| format!("credential {id} was added and is kept, but {why}");
+    let call = Call::post(
+        format!("/v1/credentials/{}/test", segment(id)?),
+        &api::credentials::TestCredential::default(),
+    )?;
+    let data = send(endpoint, call, typed::<api::credentials::CredentialTested>).map_err(
+        |Failure(code, why)| Failure(code, kept(format!("it could not be tested: {why}"))),
+    )?;
+    print_test(&data, json);
+    tested(&data).map_err(|Failure(code, why)| Failure(code, kept(why)))
+}
+
+/// A test whose provider did not accept the key is exit 1, with the verdict.
+fn tested(data: &Value) -> Result<(), Failure> {
+    if data["ok"].as_bool() == Some(true) {
+        Ok(())
+    } else {
+        Err(Failure(
+            1,
+            format!("its test failed: {}", plain(&data["verdict"])),
+        ))
+    }
+}
+
+/// Prints a test call's outcome: id, version and preview, the call, the provider's status,
+/// the latency and the audit call id.
+fn print_test(data: &Value, json: bool) {
+    if json {
+        println!("{data}");
+        return;
+    }
+    println!(
+        "tested   {}/v{} ({}) on target {}: {}",
+        plain(&data["id"]),
+        plain(&data["version"]),
+        plain(&data["preview"]),
+        plain(&data["target"]),
+        plain(&data["request"])
+    );
+    match data["status"].as_u64() {
+        Some(status) => println!("status   {status} from the provider"),
+        None => println!(
+            "status   none: keyward answered itself ({})",
+            plain(&data["error"])
+        ),
+    }
+    println!("latency  {} ms", plain(&data["latency_ms"]));
+    println!("call id  {}", plain(&data["call_id"]));
+    println!("result   {}", plain(&data["verdict"]));
 }
 
 /// Writes an exported bundle next to `out` and renames it into place, so a reader (or a
@@ -684,6 +757,13 @@ fn build_request(command: &Command) -> Result<(Call, Decode), Failure> {
         Command::Cred(CredCommand::Delete { id }) => (
             Call::delete(format!("/v1/credentials/{}", segment(id)?)),
             typed::<credentials::CredentialDeleted>,
+        ),
+        Command::Cred(CredCommand::Test { id, version }) => (
+            Call::post(
+                format!("/v1/credentials/{}/test", segment(id)?),
+                &credentials::TestCredential { version: *version },
+            )?,
+            typed::<credentials::CredentialTested>,
         ),
         Command::Client(ClientCommand::Add {
             tenant,
@@ -1116,6 +1196,7 @@ fn print(command: &Command, data: &Value, json: bool) -> Result<(), Failure> {
         Command::Cred(CredCommand::Delete { id }) => {
             println!("deleted {id}; its wrapped data keys are destroyed")
         }
+        Command::Cred(CredCommand::Test { .. }) => print_test(data, false),
         Command::Client(ClientCommand::Add { .. }) => {
             println!("id     {}", plain(&data["id"]));
             println!("token  {}", plain(&data["token"]));

@@ -13,7 +13,8 @@ use super::api::audit::{AuditExport, AuditQuery, AuditRow, VerifyReport};
 use super::api::clients::{Client, ClientCreated, ClientFilter, ClientRevoked, NewClient};
 use super::api::credentials::{
     CredentialCreated, CredentialDeleted, CredentialFilter, CredentialRevoked, CredentialRotated,
-    CredentialVersion, NewCredential, RevokeCredential, RotateCredential,
+    CredentialTested, CredentialVersion, NewCredential, RevokeCredential, RotateCredential,
+    TestCredential,
 };
 use super::api::governance::{Budget, Limit, NewBudget, NewLimit, RuleDeleted, RuleFilter};
 use super::api::system::{
@@ -39,7 +40,7 @@ use super::api::{ErrorBody, ErrorDetail};
         status, metrics, reload, openapi_json,
         list_tenants, create_tenant,
         list_credentials, create_credential, rotate_credential, revoke_credential,
-        delete_credential,
+        delete_credential, test_credential,
         list_clients, create_client, revoke_client,
         audit_events, audit_search, audit_verify, audit_lifecycle, audit_export,
         export_bundle, spend, prices,
@@ -159,6 +160,20 @@ fn revoke_credential() {}
             body = ErrorBody),
     ))]
 fn delete_credential() {}
+
+#[utoipa::path(post, path = "/v1/credentials/{id}/test", tag = "credentials",
+    params(("id" = String, Path, description = "Credential id")),
+    request_body = Option<TestCredential>,
+    responses(
+        (status = 200, description = "The test call was made (ok says whether the provider \
+            accepted the key); it is audited like any call. Only the masked preview of the key \
+            and the provider's status are returned", body = CredentialTested),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 404, description = "No such credential or version", body = ErrorBody),
+        (status = 409, description = "The credential or version cannot serve (revoked, retired, \
+            past the max key age), or its target has no known read-only call", body = ErrorBody),
+    ))]
+fn test_credential() {}
 
 #[utoipa::path(get, path = "/v1/clients", tag = "clients", params(ClientFilter),
     responses(
@@ -354,6 +369,6 @@ mod tests {
             }
         }
         // One per variant of `Route`.
-        assert_eq!(operations, 28);
+        assert_eq!(operations, 29);
     }
 }

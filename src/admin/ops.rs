@@ -126,6 +126,121 @@ pub fn delete_credential(state: &State, id: &str) -> Reply<api::credentials::Cre
     change(state, || cred_delete(state, id))
 }
 
+/// `POST /v1/credentials/{id}/test`: one read-only call with the credential through the data
+/// plane (README, "Testing a credential"). Unlike the other operations it does not block: it
+/// awaits the call. Refused (404) for an unknown id or version, (409) for a credential that
+/// cannot serve or a target keyward knows no read-only call for; the provider's refusal of the
+/// key is an answer (`ok: false`), not a refusal.
+pub async fn test_credential(
+    state: std::sync::Arc<State>,
+    id: &str,
+    test: api::credentials::TestCredential,
+    peer: Option<crate::auth::PeerCred>,
+) -> Reply<api::credentials::CredentialTested> {
+    use crate::proxy::server::{Pinned, operator_call};
+    use crate::scope::{PinError, pinned};
+    let catalog = state.catalog.load();
+    let (candidate, tenant_id) =
+        pinned(&catalog, id, test.version, now_unix()).map_err(|e| match e {
+            PinError::Unknown(_) => ApiError::not_found(e.to_string()),
+            other => ApiError::conflict(other.to_string()),
+        })?;
+    let config = state.config.load_full();
+    let target = config
+        .targets
+        .lookup(&candidate.credential.target)
+        .map_err(|e| ApiError::conflict(e.to_string()))?;
+    let path = crate::providers::test_path(target).ok_or_else(|| {
+        ApiError::conflict(format!(
+            "target {} is of family none: keyward knows no read-only call to test its keys with; \
+             make a call through the data socket instead",
+            target.name
+        ))
+    })?;
+    let (version, preview) = {
+        let v = candidate.version();
+        (v.version, v.preview.clone())
+    };
+    let target_name = target.name.clone();
+    let family = target.family;
+    let pinned = Pinned {
+        candidate,
+        tenant_id,
+        peer,
+    };
+    let answer = operator_call(state, pinned, path)
+        .await
+        .map_err(ApiError::internal)?;
+    let (status, error, error_message) = match answer.error {
+        Some((code, message)) => (None, Some(code), Some(message)),
+        None => (Some(answer.status), None, None),
+    };
+    let ok = status.is_some_and(|s| (200..300).contains(&s));
+    let verdict = test_verdict(
+        id,
+        family,
+        status,
+        error.as_deref(),
+        error_message.as_deref(),
+    );
+    Ok(api::credentials::CredentialTested {
+        id: id.to_string(),
+        version,
+        preview,
+        target: target_name,
+        request: format!("GET {path}"),
+        status,
+        error,
+        error_message,
+        latency_ms: answer.head_latency.as_millis() as u64,
+        call_id: answer.call_id,
+        ok,
+        verdict,
+    })
+}
+
+/// What a test call's outcome means for the key, and what to do.
+fn test_verdict(
+    id: &str,
+    family: crate::providers::Family,
+    status: Option<u16>,
+    error: Option<&str>,
+    message: Option<&str>,
+) -> String {
+    match (status, error) {
+        (Some(200..=299), _) => "the provider accepted the key".into(),
+        (Some(s @ (401 | 403)), _) => {
+            let permission = match family {
+                crate::providers::Family::Bedrock if s == 403 => {
+                    " (or lacks the bedrock:ListAsyncInvokes permission this test needs)"
+                }
+                _ => "",
+            };
+            format!(
+                "the provider refused the key ({s}): it is wrong, revoked or expired at the \
+                 provider{permission}; check it in the provider's console, then replace it \
+                 with `keyward cred rotate {id}` (new key on stdin) or take it out of service \
+                 with `keyward cred revoke {id}`"
+            )
+        }
+        (Some(429), _) => "the provider is rate limiting this key or its quota is used up \
+                           (429): the key was recognised; retry later or raise the quota"
+            .into(),
+        (Some(404), _) => "the provider has no such endpoint (404): the key was not judged; \
+                           check the target's base_url"
+            .into(),
+        (Some(s @ 500..), _) => {
+            format!("the provider failed ({s}): the key was not judged; try again later")
+        }
+        (Some(s), _) => format!("the provider answered {s}: the key was not judged"),
+        (None, Some(code)) => format!(
+            "keyward could not complete the call ({code}): {}",
+            message.unwrap_or("no message")
+        ),
+        (None, None) => "the call got no answer".into(),
+    }
+}
+
 /// `POST /v1/clients`.
 pub fn create_client(
     state: &State,

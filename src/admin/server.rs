@@ -105,9 +105,15 @@ async fn handle_connection(mut stream: UnixStream, state: Arc<State>) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         return;
     }
+    // Who asked, for the audit rows of a test call.
+    let peer = stream.peer_cred().ok().map(|c| crate::auth::PeerCred {
+        uid: c.uid(),
+        gid: c.gid(),
+        pid: c.pid().unwrap_or(0),
+    });
     let service = hyper::service::service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(state, req).await) }
+        async move { Ok::<_, Infallible>(handle(state, req, peer).await) }
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -122,8 +128,12 @@ async fn handle_connection(mut stream: UnixStream, state: Arc<State>) {
 }
 
 /// One request: route, read the body, run the operation, answer JSON.
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match answer(state, req).await {
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    peer: Option<crate::auth::PeerCred>,
+) -> Response<Full<Bytes>> {
+    match answer(state, req, peer).await {
         Ok(response) => response,
         Err(e) => error_response(&e),
     }
@@ -218,6 +228,7 @@ async fn blocking<T: Send + 'static>(
 async fn answer(
     state: Arc<State>,
     req: Request<Incoming>,
+    peer: Option<crate::auth::PeerCred>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let method = match *req.method() {
         http::Method::GET => Method::Get,
@@ -315,6 +326,10 @@ async fn answer(
         }
         Route::DeleteCredential(id) => {
             ok(&blocking(move || ops::delete_credential(&st, &id)).await?)
+        }
+        Route::TestCredential(id) => {
+            let test = optional(&body)?;
+            ok(&ops::test_credential(st, &id, test, peer).await?)
         }
         Route::ListClients => {
             let f: api::clients::ClientFilter = api::parse_query(&query)?;

@@ -10,6 +10,9 @@ use super::{Capability, ModelSource};
 /// `x-api-key: {key}`.
 pub(super) const AUTH: Option<(&str, &str)> = Some(("x-api-key", "{key}"));
 
+/// The read-only call `keyward cred test` makes: List Models (`GET /v1/models`).
+pub(super) const TEST_PATH: &str = "/v1/models";
+
 /// Added when absent: the API refuses requests without a version.
 pub(super) const DEFAULT_HEADERS: &[(&str, &str)] = &[("anthropic-version", "2023-06-01")];
 

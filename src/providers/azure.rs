@@ -8,6 +8,10 @@ use super::{Capability, ModelSource, percent_decode};
 /// `api-key: {key}`.
 pub(super) const AUTH: Option<(&str, &str)> = Some(("api-key", "{key}"));
 
+/// The read-only call `keyward cred test` makes: Models - List of the data-plane API
+/// (`GET /openai/models`, API version 2024-10-21, the GA version of that date).
+pub(super) const TEST_PATH: &str = "/openai/models?api-version=2024-10-21";
+
 /// Where the model is named.
 pub(super) fn model_source(segs: &[&str]) -> ModelSource {
     match deployment(segs) {

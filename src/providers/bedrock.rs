@@ -17,6 +17,12 @@ use super::{Capability, ModelSource, TargetSpec, percent_decode};
 /// SigV4 signing name of the Bedrock runtime.
 pub const SIGNING_NAME: &str = "bedrock";
 
+/// The read-only call `keyward cred test` makes: ListAsyncInvokes (`GET /async-invoke`), the
+/// runtime API's only list call (it lists no models), one result per page. It needs the
+/// `bedrock:ListAsyncInvokes` permission: a 403 may mean the key lacks that permission rather
+/// than that it is wrong.
+pub(super) const TEST_PATH: &str = "/async-invoke?maxResults=1";
+
 /// What a bedrock target without a region is told.
 pub(super) const REGION_HINT: &str = concat!(
     "needs region = \"us-east-1\" (or another AWS region): it signs requests for that region ",

@@ -10,6 +10,10 @@ use super::{Capability, ModelSource, percent_decode};
 /// `x-goog-api-key: {key}`.
 pub(super) const AUTH: Option<(&str, &str)> = Some(("x-goog-api-key", "{key}"));
 
+/// The read-only call `keyward cred test` makes: `models.list` (`GET /v1beta/models`), one
+/// model per page.
+pub(super) const TEST_PATH: &str = "/v1beta/models?pageSize=1";
+
 /// `usageMetadata`: `candidatesTokenCount` leaves out `thoughtsTokenCount`, and
 /// `promptTokenCount` leaves out `toolUsePromptTokenCount`.
 pub(super) const USAGE: UsageFields = UsageFields {

@@ -277,6 +277,25 @@ pub fn capability(family: Family, provider_path: &str) -> Capability {
     }
 }
 
+/// The provider path (with its query) of the cheapest read-only call a `family` target
+/// answers, for `keyward cred test` (README, "Testing a credential"): a models list where the
+/// API has one. `None` for the `none` family, whose API keyward does not know.
+///
+/// A target whose base URL already ends in `/v1` (a custom OpenAI-compatible server configured
+/// as `https://host/v1`) is asked for `/models`, so the prefix is not doubled.
+pub fn test_path(target: &Target) -> Option<&'static str> {
+    match target.family {
+        Family::OpenAi if target.upstream.path_prefix.ends_with("/v1") => Some("/models"),
+        Family::OpenAi => Some(openai::TEST_PATH),
+        Family::Anthropic => Some(anthropic::TEST_PATH),
+        Family::Gemini => Some(gemini::TEST_PATH),
+        Family::Vertex => Some(vertex::TEST_PATH),
+        Family::Azure => Some(azure::TEST_PATH),
+        Family::Bedrock => Some(bedrock::TEST_PATH),
+        Family::None => None,
+    }
+}
+
 // === targets ===
 
 /// Where a target's requests go. Only these parts ever decide the upstream scheme, host and

@@ -11,6 +11,9 @@ use super::{Capability, ModelSource};
 /// `Authorization: Bearer {key}`.
 pub(super) const AUTH: Option<(&str, &str)> = Some(("authorization", "Bearer {key}"));
 
+/// The read-only call `keyward cred test` makes: List models (`GET /v1/models`).
+pub(super) const TEST_PATH: &str = "/v1/models";
+
 /// Chat Completions (`prompt_tokens`, `completion_tokens`, `prompt_tokens_details`) and
 /// Responses (`input_tokens`, `output_tokens`, `input_tokens_details`) `usage` objects.
 pub(super) const USAGE: UsageFields = UsageFields {

@@ -12,6 +12,11 @@ use super::{Capability, ModelSource, percent_decode};
 /// `Authorization: Bearer {token}`.
 pub(super) const AUTH: Option<(&str, &str)> = super::openai::AUTH;
 
+/// The read-only call `keyward cred test` makes: list Google's publisher models in the Model
+/// Garden (`GET /v1beta1/publishers/google/models`), one per page; it needs no project in the
+/// path, only a token the API accepts.
+pub(super) const TEST_PATH: &str = "/v1beta1/publishers/google/models?pageSize=1";
+
 /// Where the model is named.
 pub(super) fn model_source(segs: &[&str]) -> ModelSource {
     match model_and_method(segs) {

@@ -180,6 +180,84 @@ pub fn select(
     Ok(order(candidates, rotation))
 }
 
+/// Why a credential cannot be pinned for an operator's test call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PinError {
+    /// No credential has this id.
+    #[error("no credential {0}; see `keyward cred list`")]
+    Unknown(String),
+    /// The credential or the requested version cannot serve (revoked, retired, or past the
+    /// tenant's max key age under `deny`): the message says which and what to do.
+    #[error("{0}")]
+    NotServing(String),
+}
+
+/// The one credential version an operator's test call (`keyward cred test`) uses: `version`,
+/// or the credential's current version. Scope allowlists do not apply (the operator names the
+/// key); the lifecycle and the tenant's max-key-age policy do, as for any call. Returns the
+/// candidate and the id of its tenant.
+pub fn pinned(
+    catalog: &Catalog,
+    credential_id: &str,
+    version: Option<u32>,
+    now: i64,
+) -> Result<(Candidate, String), PinError> {
+    let cred = catalog
+        .credentials_by_tenant
+        .values()
+        .flatten()
+        .find(|c| c.id == credential_id)
+        .ok_or_else(|| PinError::Unknown(credential_id.to_string()))?;
+    let tenant = catalog.tenant(&cred.tenant_id).map(Arc::as_ref);
+    let not_serving = |what: String| PinError::NotServing(what);
+    if cred.revoked_at.is_some() {
+        return Err(not_serving(format!(
+            "credential {credential_id} is revoked; there is nothing to test (add a new one \
+             with `keyward cred add`)"
+        )));
+    }
+    let live = live_versions(&[cred], tenant, now).map_err(|d| match d {
+        Denial::Policy(_) => not_serving(format!(
+            "every live version of {credential_id} is older than the tenant's max key age \
+             (policy: deny), so no call may use it; rotate it with `keyward cred rotate`"
+        )),
+        Denial::Scope { .. } => not_serving(format!(
+            "credential {credential_id} has no active version (all are revoked or retired)"
+        )),
+    })?;
+    let chosen = match version {
+        None => live.into_iter().find(|c| !c.overlapping).ok_or_else(|| {
+            not_serving(format!(
+                "the current version of {credential_id} cannot serve (past the tenant's \
+                     max key age, policy: deny); rotate it, or name an overlapping version \
+                     with --version"
+            ))
+        })?,
+        Some(n) => {
+            let Some(v) = cred.versions.iter().find(|v| v.version == n) else {
+                return Err(PinError::Unknown(format!("{credential_id} version {n}")));
+            };
+            let state = version_state(cred, v, now);
+            let why = match state {
+                VersionState::Current | VersionState::Overlapping => {
+                    " but older than the tenant's max key age (policy: deny)"
+                }
+                _ => "",
+            };
+            live.into_iter()
+                .find(|c| c.version().version == n)
+                .ok_or_else(|| {
+                    not_serving(format!(
+                        "{credential_id} version {n} cannot serve: it is {}{why}",
+                        state.as_str()
+                    ))
+                })?
+        }
+    };
+    Ok((chosen, cred.tenant_id.clone()))
+}
+
 fn live_versions(
     creds: &[&Arc<CredentialRow>],
     tenant: Option<&TenantRow>,

@@ -172,24 +172,45 @@ pub struct CredentialDeleted {
     pub deleted: bool,
 }
 
+/// `POST /v1/credentials/{id}/test` (`keyward cred test`); the body is optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestCredential {
+    /// Test this version (default: the current one). It must still be able to serve: current,
+    /// or overlapping after a rotation.
+    #[serde(default)]
+    pub version: Option<u32>,
+}
+
 /// What `POST /v1/credentials/{id}/test` returns: the outcome of one read-only call to the
-/// target made with this credential through the data plane (audited like any app call).
+/// target (its models list, or the family's equivalent) made with this one credential version
+/// through the data plane, audited like any app call (README, "Testing a credential"). Says
+/// nothing of the key beyond its masked preview, and nothing of the provider's answer beyond
+/// its status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CredentialTested {
     /// Credential id.
     pub id: String,
-    /// The version that served the call.
+    /// The version that made the call (no other is tried).
     pub version: u32,
+    /// That version's masked preview.
+    pub preview: String,
+    /// Target name.
+    pub target: String,
     /// Method and provider path called, e.g. `GET /v1/models`.
     pub request: String,
-    /// The provider's HTTP status; absent when it could not be reached.
+    /// The provider's HTTP status; absent when keyward answered itself (see `error`).
     pub status: Option<u16>,
-    /// Time to the response head, milliseconds.
+    /// Why keyward answered itself (`upstream_unreachable`, `budget_exceeded`, …), when it did.
+    pub error: Option<String>,
+    /// keyward's message for `error`.
+    pub error_message: Option<String>,
+    /// Time until the response head arrived, milliseconds.
     pub latency_ms: u64,
-    /// The audit call id of the call.
-    pub call_id: String,
+    /// The audit call id of the call (`keyward audit query --call-id`).
+    pub call_id: Option<String>,
     /// True when the provider accepted the key (a 2xx answer).
     pub ok: bool,
-    /// What the outcome means, e.g. that a 401 says the key is wrong or revoked.
+    /// What the outcome means and what to do about it.
     pub verdict: String,
 }

@@ -265,6 +265,8 @@ pub enum Route {
     RevokeCredential(String),
     /// `DELETE /v1/credentials/{id}`.
     DeleteCredential(String),
+    /// `POST /v1/credentials/{id}/test`.
+    TestCredential(String),
     /// `GET /v1/clients`.
     ListClients,
     /// `POST /v1/clients`.
@@ -357,6 +359,7 @@ pub fn route(method: Method, path: &str) -> Result<Route, ApiError> {
             let found = match *action {
                 "rotate" => Route::RotateCredential(cred),
                 "revoke" => Route::RevokeCredential(cred),
+                "test" => Route::TestCredential(cred),
                 _ => return Err(unknown_path(path)),
             };
             (matches!(method, Post).then_some(found), "POST")
@@ -490,6 +493,10 @@ mod tests {
         assert_eq!(
             route(Method::Post, "/v1/credentials/cred_abc/rotate"),
             Ok(Route::RotateCredential("cred_abc".into()))
+        );
+        assert_eq!(
+            route(Method::Post, "/v1/credentials/cred_abc/test"),
+            Ok(Route::TestCredential("cred_abc".into()))
         );
         assert_eq!(
             route(Method::Delete, "/v1/credentials/cred_abc"),
