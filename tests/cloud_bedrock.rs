@@ -791,3 +791,136 @@ print(json.dumps({"converse_echo": "".join(e["contentBlockDelta"]["delta"]["text
     assert_eq!(requests.len(), 3, "{requests:?}");
     assert!(requests.iter().all(|r| r["verified"] == true));
 }
+
+/// Two static keys for one tenant: the first (priority 1) carries a session token Bedrock calls
+/// expired, the second signs correctly. The 403 moves the call to the second key before a byte
+/// reaches the app, quarantines the first, and the audit shows both; the next call goes
+/// straight to the second key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_signature_fails_over_to_the_next_aws_key_and_both_are_audited() {
+    let test = "a_refused_signature_fails_over_to_the_next_aws_key";
+    if skip_without_venv(test) {
+        return;
+    }
+    let (akid1, secret1) = static_key();
+    let (akid2, secret2) = static_key();
+    let live_token = random_of(b"abcdefghijklmnopqrstuvwxyz0123456789", 32);
+    let stale_token = random_of(b"abcdefghijklmnopqrstuvwxyz0123456789", 32);
+    let mock = Mock::start(
+        serde_json::json!([
+            {"akid": akid1, "secret": secret1, "token": live_token},
+            {"akid": akid2, "secret": secret2},
+        ]),
+        "unused",
+    );
+    let port = free_port();
+    let daemon = Daemon::builder()
+        .config(&bedrock_config(port, &mock))
+        .start();
+    let _logs = ShowLogs(&daemon, &mock);
+    let stale = serde_json::json!({
+        "access_key_id": akid1, "secret_access_key": secret1, "session_token": stale_token,
+    });
+    let (token, first) = daemon.provision(
+        "acme",
+        "bedrock",
+        &stale.to_string(),
+        &["--kind", "aws-access-key", "--priority", "1"],
+    );
+    let good = serde_json::json!({"access_key_id": akid2, "secret_access_key": secret2});
+    let out = daemon.cli_stdin(
+        &[
+            "cred",
+            "add",
+            "--tenant",
+            "acme",
+            "--target",
+            "bedrock",
+            "--name",
+            "second",
+            "--kind",
+            "aws-access-key",
+            "--priority",
+            "2",
+            "--json",
+        ],
+        Some(good.to_string().as_bytes()),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let second: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let second = second["id"].as_str().unwrap().to_string();
+    let code = r#"
+import json, os, boto3, botocore
+client = boto3.client("bedrock-runtime", region_name="us-east-1",
+    endpoint_url=os.environ["ENDPOINT"], aws_access_key_id=os.environ["TOKEN"],
+    aws_secret_access_key="x", config=botocore.config.Config(retries={"max_attempts": 1}))
+for _ in range(2):
+    r = client.converse(modelId=os.environ["MODEL"],
+                        messages=[{"role": "user", "content": [{"text": "hi"}]}])
+    print(json.dumps({"text": r["output"]["message"]["content"][0]["text"],
+                      "credential": r["ResponseMetadata"]["HTTPHeaders"]["keyward-credential"]}))
+"#;
+    let (docs, transcript) = python(code, &token, &format!("http://127.0.0.1:{port}/bedrock"));
+    for d in &docs {
+        assert_eq!(d["text"], "hello from bedrock", "{transcript}");
+        assert_eq!(d["credential"], format!("{second}/v1"), "{transcript}");
+    }
+    let requests = mock.requests();
+    let seen: Vec<(&str, bool)> = requests
+        .iter()
+        .map(|r| {
+            (
+                r["akid"].as_str().unwrap_or("refused"),
+                r["verified"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("refused", false),
+            (akid2.as_str(), true),
+            (akid2.as_str(), true)
+        ],
+        "{requests:?}"
+    );
+    assert!(
+        requests[0]["why"]
+            .as_str()
+            .unwrap()
+            .starts_with("ExpiredTokenException"),
+        "{}",
+        requests[0]
+    );
+    let mut rows = daemon.json_lines(&["audit", "query", "--limit", "100"]);
+    rows.sort_by_key(|r| r["seq"].as_u64());
+    let of = |event: &str| -> Vec<&Value> { rows.iter().filter(|r| r["event"] == event).collect() };
+    let failovers = of("request.failover");
+    assert_eq!(failovers.len(), 1, "{rows:?}");
+    assert_eq!(failovers[0]["credential_id"], first.as_str());
+    assert_eq!(failovers[0]["upstream_status"], 403);
+    let detail = failovers[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("from {first}/v1 to {second}/v1")),
+        "{detail}"
+    );
+    let quarantined = of("credential.quarantined");
+    assert_eq!(quarantined.len(), 1, "{rows:?}");
+    assert_eq!(quarantined[0]["credential_id"], first.as_str());
+    let resolved = of("request.resolved");
+    assert_eq!(resolved.len(), 2, "{rows:?}");
+    assert_eq!(resolved[0]["credential_id"], first.as_str());
+    assert_eq!(
+        resolved[1]["credential_id"],
+        second.as_str(),
+        "quarantined key skipped"
+    );
+    let text = format!(
+        "{rows:?}\n{}\n{}\n{transcript}",
+        daemon.stdout(),
+        daemon.stderr()
+    );
+    for s in [&secret1, &secret2, &stale_token, &live_token] {
+        assert!(!text.contains(s.as_str()), "a secret leaked");
+    }
+}

@@ -112,7 +112,7 @@ class Bedrock(BaseHTTPRequestHandler):
             if external != CONFIG["external_id"]:
                 return None, "the role was assumed without the expected external id"
         if token is not None and self.headers.get("x-amz-security-token") != token:
-            return None, "the session token is missing or wrong"
+            return None, "ExpiredTokenException: the security token included in the request is expired"
         amz_date = self.headers.get("x-amz-date", "")
         when = datetime.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ")
         if abs((datetime.datetime.utcnow() - when).total_seconds()) > 300:
@@ -154,7 +154,8 @@ class Bedrock(BaseHTTPRequestHandler):
             }
         )
         if who is None:
-            self.refuse(403, "InvalidSignatureException", why)
+            kind = why.split(":")[0] if why.split(":")[0].endswith("Exception") else None
+            self.refuse(403, kind or "InvalidSignatureException", why)
             return
         m = re.match(
             r"^/model/([^/]+)/(converse|converse-stream|invoke|invoke-with-response-stream)$",
