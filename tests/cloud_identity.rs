@@ -537,3 +537,73 @@ async fn azure_openai_sdk_with_an_entra_token_normal_and_streaming() {
     s.assert_nowhere(&secrets);
     assert!(!stdout.contains(&secrets[0]));
 }
+
+// === configured token endpoints ===
+
+/// A target's `token_url` and `authority` decide where tokens come from: the Vertex key's own
+/// `token_uri` names a host that does not resolve and the mock's Google endpoint lives under a
+/// private path; the Entra authority is another host name with a path, as a sovereign cloud's.
+#[tokio::test]
+async fn configured_token_url_and_authority_are_where_tokens_come_from() {
+    let Some(tokens) = TokenEndpoint::start("configured_token_url_and_authority") else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let ca = tokens.ca_bundle(&mock.ca_pem());
+    let port = tokens.base.rsplit(':').next().unwrap();
+    let config = format!(
+        "[targets.vertex]\nbase_url = \"{base}\"\nca_file = \"{ca}\"\n\
+         token_url = \"https://localhost:{port}/private/oauth2/token\"\n\n\
+         [targets.azure-openai]\nbase_url = \"{base}\"\nca_file = \"{ca}\"\n\
+         authority = \"https://localhost:{port}/sovereign\"\n",
+        base = mock.base_url(),
+        ca = ca.display(),
+    );
+    let daemon = Daemon::builder().config(&config).start();
+    let (vertex_token, _) = daemon.provision(
+        "acme",
+        "vertex",
+        &tokens.read("sa_private.json"),
+        &["--kind", "gcp-service-account"],
+    );
+    let (azure_token, _) = daemon.provision(
+        "acme",
+        "azure-openai",
+        &tokens.read("entra.json"),
+        &["--kind", "azure-entra"],
+    );
+    let sock = daemon.socket();
+    let (status, _, body) = call_as(
+        &sock,
+        &vertex_token,
+        &format!("{GEMINI}:generateContent"),
+        &gemini_body(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = call_as(&sock, &azure_token, AZURE_CHAT, &azure_body(false)).await;
+    assert_eq!(status, 200, "{body}");
+    let stats = tokens.stats();
+    assert_eq!(
+        stats["paths"],
+        json!([
+            "/private/oauth2/token",
+            "/sovereign/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        ]),
+        "{stats}"
+    );
+    assert_eq!((tokens.count("google"), tokens.count("entra")), (1, 1));
+    let minted = issued(&tokens);
+    let seen: Vec<String> = mock
+        .requests()
+        .iter()
+        .map(|r| r.header("authorization").unwrap().to_string())
+        .collect();
+    assert_eq!(
+        seen,
+        minted
+            .iter()
+            .map(|t| format!("Bearer {t}"))
+            .collect::<Vec<_>>()
+    );
+}

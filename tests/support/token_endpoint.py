@@ -6,9 +6,15 @@ independent of keyward's (pyca/cryptography, not ring):
   verifies against the service account's PUBLIC key, iss = the account's email, scope =
   cloud-platform, aud = this token URL, iat not in the future, exp after now and at most an hour
   after iat. Anything else: 400 {"error": "invalid_grant"}.
+- POST /private/oauth2/token: the same grant as a private or VPC endpoint a target's
+  `token_url` names, for the key in sa_private.json, whose own token_uri (the JWT's aud) is a
+  host that does not resolve: it only works when keyward goes where the target says.
 - POST /{tenant}/oauth2/v2.0/token (Entra ID, client credentials): grant_type, the tenant,
   client_id, client_secret and scope https://cognitiveservices.azure.com/.default. A wrong
-  secret: 401 {"error": "invalid_client", "error_description": "AADSTS7000215: ..."}.
+  secret: 401 {"error": "invalid_client", "error_description": "AADSTS7000215: ..."}. Also
+  under /sovereign/..., as a sovereign cloud's authority with a path.
+
+Every path asked for is listed in stats.json's "paths".
 
 Usage: token_endpoint.py DIR. It writes into DIR: ca.pem (its own test CA), sa.json (a fresh
 service account key whose token_uri is this server), sa_other.json (a key the server does not
@@ -42,7 +48,9 @@ JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 DIR = sys.argv[1]
 LOCK = threading.Lock()
 STATS = {"google": 0, "google_refused": 0, "entra": 0, "entra_refused": 0, "issued": [],
-         "reasons": []}
+         "reasons": [], "paths": []}
+# The token URI of sa_private.json: Google's, on a name that never resolves.
+PRIVATE_AUD = "https://oauth2.googleapis.invalid/token"
 
 
 def write_atomic(name, data):
@@ -141,10 +149,16 @@ class Handler(BaseHTTPRequestHandler):
         time.sleep(control.get("delay_ms", 0) / 1000)
         if self.headers.get("content-type") != "application/x-www-form-urlencoded":
             return self.refuse("google", 400, "invalid_request", "content-type is not a form")
+        with LOCK:
+            STATS["paths"].append(self.path)
         if self.path == "/token":
-            reason = self.check_google(field)
+            reason = self.check_google(field, SA["token_uri"])
             kind = "google"
-        elif self.path == f"/{ENTRA['tenant_id']}/oauth2/v2.0/token":
+        elif self.path == "/private/oauth2/token":
+            reason = self.check_google(field, PRIVATE_AUD)
+            kind = "google"
+        elif self.path in (f"/{ENTRA['tenant_id']}/oauth2/v2.0/token",
+                           f"/sovereign/{ENTRA['tenant_id']}/oauth2/v2.0/token"):
             reason = self.check_entra(field)
             kind = "entra"
         else:
@@ -175,7 +189,7 @@ class Handler(BaseHTTPRequestHandler):
                            "secret ID. " + reason)
         self.answer(status, {"error": code, "error_description": description})
 
-    def check_google(self, field):
+    def check_google(self, field, audience):
         if field("grant_type") != JWT_BEARER:
             return "grant_type is not jwt-bearer"
         assertion = field("assertion") or ""
@@ -197,7 +211,7 @@ class Handler(BaseHTTPRequestHandler):
             return "iss is not the service account"
         if claims.get("scope") != GOOGLE_SCOPE:
             return "scope is not cloud-platform"
-        if claims.get("aud") != SA["token_uri"]:
+        if claims.get("aud") != audience:
             return "aud is not the token URI"
         iat, exp = claims.get("iat"), claims.get("exp")
         if not isinstance(iat, int) or not isinstance(exp, int):
@@ -232,6 +246,7 @@ context.load_cert_chain(tls_files())
 server.socket = context.wrap_socket(server.socket, server_side=True)
 write_atomic("sa.json", json.dumps(SA, indent=2))
 write_atomic("sa_other.json", json.dumps(SA_OTHER, indent=2))
+write_atomic("sa_private.json", json.dumps(dict(SA, token_uri=PRIVATE_AUD), indent=2))
 write_atomic("entra.json", json.dumps(ENTRA))
 write_atomic("stats.json", json.dumps(STATS))
 write_atomic("port", str(port))
