@@ -974,9 +974,8 @@ fn check_scope(
 /// data: they can be changed while a bundle is served.
 pub fn set_budget(
     state: &State,
-    new: api::governance::NewBudget,
+    req: api::governance::NewBudget,
 ) -> Reply<api::governance::Budget> {
-    let req: crate::governance::BudgetSet = new.into();
     let (scope, limit_micros, period, on_exceed, alerts) =
         req.validate().map_err(ApiError::bad_request)?;
     check_scope(state, &req.tenant, &scope)?;
@@ -1027,7 +1026,7 @@ fn budget_statuses(
         .zip(spent)
         .map(|(b, (spent, source))| {
             let (start, end) = b.period.bounds(now);
-            let status = crate::governance::BudgetStatus {
+            crate::governance::BudgetStatus {
                 scope: b.scope.kind().to_owned(),
                 scope_id: Some(b.scope.value().to_owned()).filter(|v| !v.is_empty()),
                 period: b.period.as_str().to_owned(),
@@ -1042,8 +1041,7 @@ fn budget_statuses(
                 source: source.to_owned(),
                 id: b.id,
                 tenant: b.tenant,
-            };
-            status.into()
+            }
         })
         .collect()
 }
@@ -1066,8 +1064,7 @@ pub fn delete_budget(state: &State, id: &str) -> Reply<api::governance::RuleDele
 }
 
 /// `POST /v1/limits`.
-pub fn set_limit(state: &State, new: api::governance::NewLimit) -> Reply<api::governance::Limit> {
-    let req: crate::governance::LimitSet = new.into();
+pub fn set_limit(state: &State, req: api::governance::NewLimit) -> Reply<api::governance::Limit> {
     let (scope, rpm, tpm) = req.validate().map_err(ApiError::bad_request)?;
     check_scope(state, &req.tenant, &scope)?;
     let limit = crate::governance::RateLimit {
@@ -1111,18 +1108,15 @@ fn limit_statuses(
     limits
         .into_iter()
         .zip(used)
-        .map(|(l, (requests, tokens))| {
-            let status = crate::governance::LimitStatus {
-                scope: l.scope.kind().to_owned(),
-                scope_id: Some(l.scope.value().to_owned()).filter(|v| !v.is_empty()),
-                rpm: l.rpm,
-                tpm: l.tpm,
-                requests_this_minute: requests,
-                tokens_this_minute: tokens,
-                id: l.id,
-                tenant: l.tenant,
-            };
-            status.into()
+        .map(|(l, (requests, tokens))| crate::governance::LimitStatus {
+            scope: l.scope.kind().to_owned(),
+            scope_id: Some(l.scope.value().to_owned()).filter(|v| !v.is_empty()),
+            rpm: l.rpm,
+            tpm: l.tpm,
+            requests_this_minute: requests,
+            tokens_this_minute: tokens,
+            id: l.id,
+            tenant: l.tenant,
         })
         .collect()
 }

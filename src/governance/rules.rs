@@ -324,25 +324,36 @@ pub fn parse_usd(text: &str) -> Option<u64> {
 
 // === admin API shapes ===
 
-/// `budget set`: creates the budget of this scope and period, or replaces its limit, action
+/// `budget set` / `POST /v1/budgets`: creates the budget of this scope and period, or replaces its limit, action
 /// and alerts (the id stays).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(
+    as = NewBudget,
+    example = json!({"tenant": "acme", "limit_usd": "10", "period": "day", "alerts": [80]})
+)]
 pub struct BudgetSet {
     /// Tenant name.
     pub tenant: String,
-    /// Team name (at most one of team, client, credential; none = whole tenant).
+    /// Only this team's clients (at most one of `team`, `client`, `credential`; none: the
+    /// whole tenant).
+    #[serde(default)]
     pub team: Option<String>,
-    /// Client id.
+    /// Only this client (id).
+    #[serde(default)]
     pub client: Option<String>,
-    /// Credential id.
+    /// Only calls this credential (id) serves.
+    #[serde(default)]
     pub credential: Option<String>,
-    /// Limit in USD as typed (`10`, `2.50`): decimal, at most six decimals.
+    /// Most spend per period, USD, as a decimal string (`10`, `2.50`; at most six decimals).
     pub limit_usd: String,
-    /// `day`, `week` or `month`.
+    /// `day`, `week` (ISO, from Monday) or `month`, in UTC.
     pub period: String,
-    /// `deny` (default) or `warn`.
+    /// `deny` (default: 429 `budget_exceeded`) or `warn` (serve and flag).
+    #[serde(default)]
     pub on_exceed: Option<String>,
-    /// Alert thresholds, percent of the limit (1-100).
+    /// Percentages of the limit (1–100) at which a `budget.threshold` event is written.
+    #[serde(default)]
     pub alerts: Vec<u8>,
 }
 
@@ -407,25 +418,32 @@ fn one_scope(
     }
 }
 
-/// `limit set`: creates or replaces the rate limit of this scope.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `limit set` / `POST /v1/limits`: creates or replaces the rate limit of this scope.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = NewLimit, example = json!({"tenant": "acme", "rpm": 600, "tpm": 200000}))]
 pub struct LimitSet {
     /// Tenant name.
     pub tenant: String,
-    /// Team name (at most one of team, client; none = whole tenant).
+    /// Only this team's clients (at most one of `team`, `client`; none: the whole tenant).
+    #[serde(default)]
     pub team: Option<String>,
-    /// Client id.
+    /// Only this client (id).
+    #[serde(default)]
     pub client: Option<String>,
-    /// Requests per minute.
+    /// Requests per UTC minute.
+    #[serde(default)]
     pub rpm: Option<u64>,
-    /// Tokens per minute.
+    /// Tokens (input + output, as providers report them) per UTC minute.
+    #[serde(default)]
     pub tpm: Option<u64>,
 }
 
-/// One line of `budget list`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A budget with its spend in the current period (`budget list`, `GET /v1/budgets`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = Budget)]
 pub struct BudgetStatus {
-    /// Budget id.
+    /// Budget id (`bud_…`).
     pub id: String,
     /// Tenant name.
     pub tenant: String,
@@ -447,18 +465,19 @@ pub struct BudgetStatus {
     pub on_exceed: String,
     /// Alert thresholds, percent.
     pub alerts: Vec<u8>,
-    /// Start of the current period (RFC 3339, UTC).
+    /// Start of the current period, RFC 3339 UTC.
     pub period_start: String,
-    /// When the spend resets (RFC 3339, UTC).
+    /// When the spend resets, RFC 3339 UTC.
     pub resets_at: String,
-    /// Where `spent` was read: `local` (this keyward's audit and counters) or `redis`.
+    /// Where the spend was read: `local` or `redis`.
     pub source: String,
 }
 
-/// One line of `limit list`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A rate limit with this minute's use (`limit list`, `GET /v1/limits`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = Limit)]
 pub struct LimitStatus {
-    /// Limit id.
+    /// Limit id (`lim_…`).
     pub id: String,
     /// Tenant name.
     pub tenant: String,
