@@ -151,6 +151,57 @@ pub fn error_response(
     response
 }
 
+/// A refusal keyward produces itself: the code, the message the app reads (never a secret),
+/// and for a rate limit the seconds after which to retry.
+#[derive(Debug)]
+pub(crate) struct Reject {
+    /// What went wrong, as one of the contract's codes.
+    pub code: ErrorCode,
+    /// Sent to the app verbatim: what was wrong and how to fix it.
+    pub message: String,
+    /// `Retry-After` seconds, for a rate limit.
+    pub retry_after: Option<u64>,
+}
+
+impl Reject {
+    /// A refusal with `code` and `message` and no `Retry-After`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Reject {
+        Reject {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The response the app gets: [`error_response`], plus `Retry-After` for a rate limit.
+    pub fn response(&self, call_id: &str) -> http::Response<UpstreamBody> {
+        let mut response = error_response(self.code, &self.message, call_id);
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<crate::governance::Refusal> for Reject {
+    fn from(r: crate::governance::Refusal) -> Reject {
+        use crate::governance::Refusal;
+        match r {
+            Refusal::Budget(message) => Reject::new(ErrorCode::BudgetExceeded, message),
+            Refusal::Rate {
+                message,
+                retry_after,
+            } => Reject {
+                retry_after: Some(retry_after),
+                ..Reject::new(ErrorCode::RateLimited, message)
+            },
+            Refusal::Unavailable(message) => Reject::new(ErrorCode::GovernanceUnavailable, message),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

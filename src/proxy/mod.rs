@@ -5,10 +5,13 @@
 
 pub mod app_conn;
 pub mod aws_session;
+mod body;
 pub mod conn;
 pub mod error;
+mod failover;
 mod lane;
 pub mod limits;
+mod replay;
 pub mod route;
 pub mod scrub;
 pub mod server;

@@ -17,7 +17,6 @@
 //! (scrubbed, with `keyward-credential` naming the last key), or keyward's 502/504 error when
 //! the last attempt got no answer.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -37,27 +36,29 @@ use tokio::sync::watch;
 
 use super::app_conn::{AppConn, ConnCheck};
 use super::aws_session::{SessionCredentials, StsTarget};
+use super::body::{BodyScanner, Scan, declared_length, read_model, read_whole, too_large};
 use super::conn::{Activity, ConnectionGuard, Full, Throttle};
-use super::error::{CALL_ID_HEADER, ErrorCode, error_response};
-use super::limits::{BodyHold, ShareGuard};
+use super::error::{CALL_ID_HEADER, ErrorCode, Reject, error_response};
+use super::failover::{self, Step};
+use super::limits::ShareGuard;
+use super::replay::Replay;
 use super::route::{
     PathRules, Route, RouteError, app_base, rewrite_upstream_urls, target_name_of, upstream_uri,
 };
 use super::scrub::{ScrubBody, ScrubSet, Scrubber};
 use super::token::{Derived, TokenKey, TokenRequest};
-use super::upstream::{BoxError, IdleTimeoutBody, ResponseBody, UpstreamBody, UpstreamError};
+use super::upstream::{BoxError, IdleTimeoutBody, ResponseBody, UpstreamBody};
 use crate::audit::usage::UsageTap;
 use crate::audit::{Event, EventKind, Fingerprinter};
 use crate::auth::{AuthError, PeerCred, Principal, authenticate};
 use crate::identity::CredentialKind;
 use crate::lock;
-use crate::pool::{Change, Outcome, parse_retry_after, unix_secs};
+use crate::pool::{Change, unix_secs};
 use crate::providers::{
     AuthScheme, AwsSigningKey, Family, Target, bearer_auth, prepare_signed_headers,
     prepare_upstream_headers, prepare_upstream_headers_as,
 };
-use crate::scope::attrs::{ModelScanner, ModelSource, ScanState, capability, model_source};
-use crate::scope::multipart::{MultipartScanner, form_data_boundary};
+use crate::scope::attrs::{ModelSource, capability, model_source};
 use crate::scope::{Candidate, Denial, RequestAttrs, select};
 use crate::seal::{CredentialRef, Secret, open_with_tenant_key};
 use crate::state::State;
@@ -230,41 +231,6 @@ fn serve_connection<I>(
             let _ = conn.await;
         }
     });
-}
-
-/// A refusal produced by keyward itself.
-struct Reject {
-    code: ErrorCode,
-    message: String,
-    /// `Retry-After` seconds, for a rate limit.
-    retry_after: Option<u64>,
-}
-
-impl Reject {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Reject {
-        Reject {
-            code,
-            message: message.into(),
-            retry_after: None,
-        }
-    }
-}
-
-impl From<crate::governance::Refusal> for Reject {
-    fn from(r: crate::governance::Refusal) -> Reject {
-        use crate::governance::Refusal;
-        match r {
-            Refusal::Budget(message) => Reject::new(ErrorCode::BudgetExceeded, message),
-            Refusal::Rate {
-                message,
-                retry_after,
-            } => Reject {
-                retry_after: Some(retry_after),
-                ..Reject::new(ErrorCode::RateLimited, message)
-            },
-            Refusal::Unavailable(message) => Reject::new(ErrorCode::GovernanceUnavailable, message),
-        }
-    }
 }
 
 /// What is known about a request so far, for its audit rows.
@@ -446,13 +412,7 @@ async fn handle(
                 known.upstream_time,
             );
             trace_refusal(&state, &known, &call_id, started, reject.code);
-            let mut response = error_response(reject.code, &reject.message, &call_id);
-            if let Some(secs) = reject.retry_after {
-                response
-                    .headers_mut()
-                    .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
-            }
-            response
+            reject.response(&call_id)
         }
     }
 }
@@ -719,8 +679,7 @@ async fn process(
         limit,
         candidates.len() > 1,
     );
-    resolved.fingerprint = replay.fingerprint.clone();
-    let replay = Arc::new(Mutex::new(replay));
+    resolved.fingerprint = replay.fingerprint();
     let committing = Instant::now();
     let committed = state.audit.commit(resolved).await;
     state.metrics.audit_commit(committing.elapsed());
@@ -740,77 +699,101 @@ async fn process(
         upstream: &upstream,
         body_sha256,
     };
-    let mut index = 0;
-    loop {
-        let chosen = &candidates[index];
-        known.attempted = Some(chosen.clone());
-        let next = candidates.get(index + 1);
+    let mut attempts = KeyAttempts {
+        state,
+        tenant: (&tenant.id, &keys),
+        request: &request,
+        candidates: &candidates,
+        replay: &replay,
+        known,
+        call_id,
+        sent_at: SystemTime::now(),
+    };
+    let (index, (response, used)) = failover::run(&mut attempts, candidates.len(), &replay).await?;
+    Ok(respond(
+        state,
+        response,
+        &used,
+        &candidates[index],
+        known,
+        call_id,
+        started,
+        replay,
+        target,
+    ))
+}
+
+/// The I/O of a call's attempts with its candidate keys, for [`failover::run`].
+struct KeyAttempts<'a> {
+    state: &'a Arc<State>,
+    /// The tenant's id and unwrapped keys.
+    tenant: (&'a str, &'a crate::seal::TenantKeys),
+    request: &'a Outgoing<'a>,
+    candidates: &'a [Candidate],
+    replay: &'a Replay<AppBody>,
+    known: &'a mut Known,
+    call_id: &'a str,
+    /// When the latest attempt's request went out.
+    sent_at: SystemTime,
+}
+
+impl failover::Attempts for KeyAttempts<'_> {
+    type Answer = Answer;
+
+    async fn attempt(&mut self, index: usize) -> Step<Answer> {
+        let chosen = &self.candidates[index];
+        self.known.attempted = Some(chosen.clone());
         if chosen.expired_warn {
             tracing::warn!(
-                call_id,
+                call_id = self.call_id,
                 credential = %chosen.credential.id,
                 version = chosen.version().version,
                 "serving a key past the tenant's max key age (policy: warn)",
             );
         }
-        let sent_at = SystemTime::now();
-        let step = attempt(
-            state,
-            (&tenant.id, &keys),
-            &request,
+        self.sent_at = SystemTime::now();
+        attempt(
+            self.state,
+            self.tenant,
+            self.request,
             chosen,
-            &replay,
+            self.replay,
             index as u32,
-            &mut known.upstream_time,
+            &mut self.known.upstream_time,
         )
-        .await;
-        let (replayable, violation, app_failed) = {
-            let mut r = lock(&replay);
-            (r.replayable(), r.violation.take(), r.app_failed)
-        };
-        // A body the app must fix is refused whatever the upstream said about it.
-        if let Some(reject) = violation {
-            return Err(reject);
+        .await
+    }
+
+    async fn assess(&mut self, index: usize, (response, used): &Answer) -> (u16, Change) {
+        let status = response.status().as_u16();
+        // A refused access token is not offered again: the next request fetches anew.
+        if status == 401
+            && let Some((key, token)) = &used.token
+        {
+            self.state.tokens.refused(key, token).await;
         }
-        if app_failed && matches!(step, Step::Failed { .. }) {
-            return Err(Reject::new(
-                ErrorCode::BadRequest,
-                "reading the request body from the app failed before it ended; send the whole body",
-            ));
-        }
-        let (reason, status, fallback) = match step {
-            Step::Answer(response, secret) => {
-                let status = response.status().as_u16();
-                // A refused access token is not offered again: the next request fetches anew.
-                if status == 401
-                    && let Some((key, token)) = &secret.token
-                {
-                    state.tokens.refused(key, token).await;
-                }
-                let change = report(state, known, call_id, chosen, &response, sent_at);
-                match failover_reason(status, change) {
-                    Some(reason) if next.is_some() && replayable => {
-                        (reason, Some(status), Fallback::Answer(response, secret))
-                    }
-                    _ => {
-                        lock(&replay).stop_retaining();
-                        return Ok(respond(
-                            state, response, &secret, chosen, known, call_id, started, replay,
-                            target,
-                        ));
-                    }
-                }
-            }
-            Step::Failed {
-                reject,
-                retryable: true,
-            } if next.is_some() && replayable => {
-                (reject.message.clone(), None, Fallback::Failed(reject))
-            }
-            Step::Failed { reject, .. } => return Err(reject),
-        };
-        let next = next.expect("checked above");
-        let mut row = known.event(EventKind::RequestFailover, call_id);
+        let chosen = &self.candidates[index];
+        let change = report(
+            self.state,
+            self.known,
+            self.call_id,
+            chosen,
+            response,
+            self.sent_at,
+        );
+        (status, change)
+    }
+
+    async fn record_failover(
+        &mut self,
+        from: usize,
+        to: usize,
+        reason: &str,
+        status: Option<u16>,
+    ) -> Result<(), ()> {
+        let (chosen, next) = (&self.candidates[from], &self.candidates[to]);
+        let call_id = self.call_id;
+        let mut row = self.known.event(EventKind::RequestFailover, call_id);
         name_credential(&mut row, chosen);
         row.upstream_status = status;
         row.detail = Some(format!(
@@ -824,23 +807,15 @@ async fn process(
         }
         // Same rule as the resolution: the next key is not used until this row is durable.
         let committing = Instant::now();
-        let committed = state.audit.commit(row).await;
-        state.metrics.audit_commit(committing.elapsed());
+        let committed = self.state.audit.commit(row).await;
+        self.state.metrics.audit_commit(committing.elapsed());
         if let Err(e) = committed {
             tracing::error!(
                 call_id,
                 error = %e,
                 "failover not possible: its audit record could not be written",
             );
-            return match fallback {
-                Fallback::Answer(response, secret) => {
-                    lock(&replay).stop_retaining();
-                    Ok(respond(
-                        state, response, &secret, chosen, known, call_id, started, replay, target,
-                    ))
-                }
-                Fallback::Failed(reject) => Err(reject),
-            };
+            return Err(());
         }
         tracing::info!(
             call_id,
@@ -849,11 +824,7 @@ async fn process(
             reason,
             "failing over to the next key",
         );
-        // Drops the refused response (and with it the key that was used) before the next one
-        // is unsealed.
-        drop(fallback);
-        index += 1;
-        lock(&replay).restart(index as u32, index + 1 == candidates.len());
+        Ok(())
     }
 }
 
@@ -871,24 +842,8 @@ struct Outgoing<'a> {
     body_sha256: Option<String>,
 }
 
-/// What one attempt with one key produced.
-enum Step {
-    /// Upstream answered (any status), with what was injected, for scrubbing.
-    Answer(Response<ResponseBody>, Used),
-    /// No answer.
-    Failed {
-        /// What the app gets if there is no failover.
-        reject: Reject,
-        /// Another key might do better (connect/TLS failure, broken exchange, unopenable key).
-        retryable: bool,
-    },
-}
-
-/// What the app gets if the failover cannot be audited.
-enum Fallback {
-    Answer(Response<ResponseBody>, Used),
-    Failed(Reject),
-}
+/// An upstream answer, with what was injected to get it (for scrubbing).
+type Answer = (Response<ResponseBody>, Used);
 
 /// Sends the request once with `chosen`.
 async fn attempt(
@@ -896,10 +851,10 @@ async fn attempt(
     tenant: (&str, &crate::seal::TenantKeys),
     request: &Outgoing<'_>,
     chosen: &Candidate,
-    replay: &Arc<Mutex<Replay>>,
+    replay: &Replay<AppBody>,
     number: u32,
     upstream_time: &mut std::time::Duration,
-) -> Step {
+) -> Step<Answer> {
     let kind = chosen.credential.kind;
     let signed = matches!(request.target.auth, AuthScheme::SigV4 { .. });
     let signing_kind = matches!(
@@ -951,11 +906,7 @@ async fn attempt(
             Err(failed) => return failed,
         },
     };
-    let body = ForwardBody {
-        replay: replay.clone(),
-        attempt: number,
-        declared: request.declared,
-    };
+    let body = replay.attempt(number, request.declared);
     let mut upstream_req = Request::new(body.boxed());
     *upstream_req.method_mut() = request.method.clone();
     *upstream_req.uri_mut() = uri;
@@ -991,13 +942,10 @@ async fn attempt(
                     .invalidate(&chosen.credential.id, version, session)
                     .await;
             }
-            Step::Answer(response, used)
+            Step::Answer((response, used))
         }
         Err(e) => Step::Failed {
-            retryable: matches!(
-                e,
-                UpstreamError::Unreachable { .. } | UpstreamError::Failed { .. }
-            ),
+            retryable: failover::retryable(&e),
             reject: Reject::new(e.code(), e.to_string()),
         },
     }
@@ -1023,7 +971,7 @@ async fn inject(
     chosen: &Candidate,
     secret: Secret,
     headers: &mut HeaderMap,
-) -> Result<Used, Step> {
+) -> Result<Used, Step<Answer>> {
     let kind = chosen.credential.kind;
     let refused = |e: crate::providers::InjectError| Step::Failed {
         reject: Reject::new(ErrorCode::BadRequest, e.to_string()),
@@ -1189,48 +1137,6 @@ fn is_bedrock(state: &State, uri: &http::Uri) -> bool {
         .is_some_and(|t| t.family == Family::Bedrock)
 }
 
-/// Reads the rest of the body into `prefix` (counted in `held`, bounded by `max_request_body`
-/// and `max_buffered_bodies`), and returns the hex SHA-256 of all of it.
-async fn read_whole(
-    body: &mut AppBody,
-    prefix: &mut Vec<Bytes>,
-    held: &mut BodyHold,
-    scan: Scan,
-) -> Result<String, Reject> {
-    let mut received: u64 = prefix.iter().map(|c| c.len() as u64).sum();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            Reject::new(
-                ErrorCode::BadRequest,
-                format!("reading the request body failed: {e}"),
-            )
-        })?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        received += data.len() as u64;
-        if received > scan.limit {
-            return Err(too_large(scan.limit));
-        }
-        if !held.grow(data.len() as u64) {
-            return Err(Reject::new(
-                ErrorCode::Overloaded,
-                format!(
-                    "request bodies held while keyward signs them have reached \
-                     limits.max_buffered_bodies ({} bytes); retry shortly",
-                    scan.budget
-                ),
-            ));
-        }
-        prefix.push(data);
-    }
-    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-    for chunk in prefix.iter() {
-        digest.update(chunk);
-    }
-    Ok(crate::hex::encode(digest.finish().as_ref()))
-}
-
 /// True when the response body is not plain bytes keyward can scrub.
 fn is_encoded(headers: &HeaderMap) -> bool {
     let not = |name, allowed: &[&str]| {
@@ -1257,18 +1163,8 @@ fn report(
 ) -> Change {
     let now = SystemTime::now();
     let status = response.status().as_u16();
-    let outcome = match status {
-        429 => Outcome::RateLimited {
-            retry_after: response
-                .headers()
-                .get(http::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| parse_retry_after(v, now)),
-        },
-        401 | 403 => Outcome::Rejected { status },
-        // A server error says nothing about the key.
-        500.. => return Change::None,
-        _ => Outcome::Served { sent_at },
+    let Some(outcome) = failover::outcome(status, response.headers(), sent_at, now) else {
+        return Change::None;
     };
     let version = chosen.version().version;
     let change = state
@@ -1296,23 +1192,6 @@ fn report(
     change
 }
 
-/// Why an upstream answer moves the request to the next key, or `None` to return it.
-fn failover_reason(status: u16, change: Change) -> Option<String> {
-    let until = |t: SystemTime| format_time(unix_secs(t));
-    match (status, change) {
-        (429, Change::CoolingDown(t)) => Some(format!(
-            "upstream answered 429; cooling down until {}",
-            until(t)
-        )),
-        (401 | 403, Change::Quarantined(t) | Change::QuarantineExtended(t)) => Some(format!(
-            "upstream answered {status}; quarantined until {}",
-            until(t)
-        )),
-        (500.., _) => Some(format!("upstream answered {status}")),
-        _ => None,
-    }
-}
-
 /// `cred_x/v2`, as in the `keyward-credential` header.
 fn label(c: &Candidate) -> String {
     format!("{}/v{}", c.credential.id, c.version().version)
@@ -1325,151 +1204,6 @@ fn name_credential(event: &mut Event, c: &Candidate) {
     if c.expired_warn {
         event.flags.push("expired_key_warn".into());
     }
-}
-
-/// The bounds on reading a body for its model.
-struct Scan {
-    /// `limits.max_request_body`.
-    limit: u64,
-    /// `limits.max_model_scan`.
-    window: u64,
-    /// `limits.max_buffered_bodies`.
-    budget: u64,
-}
-
-/// Reads body frames until the model is known or the body ends, holding what was read in
-/// `prefix` (counted in `held`). Returns the model and whether the body has ended. Refuses a
-/// body whose model is not within `max_model_scan` bytes (400), and one that would take the
-/// bodies held by all requests past `max_buffered_bodies` (503).
-async fn read_model(
-    body: &mut AppBody,
-    scanner: &mut BodyScanner,
-    prefix: &mut Vec<Bytes>,
-    held: &mut BodyHold,
-    scan: Scan,
-) -> Result<(Option<String>, bool), Reject> {
-    let Scan {
-        limit,
-        window,
-        budget,
-    } = scan;
-    let mut received = 0u64;
-    loop {
-        let Some(frame) = body.frame().await else {
-            return match scanner.finish() {
-                ScanState::Found(m) => Ok((Some(m), true)),
-                ScanState::Ambiguous => Err(ambiguous()),
-                _ => Ok((None, true)),
-            };
-        };
-        let frame = frame.map_err(|e| {
-            Reject::new(
-                ErrorCode::BadRequest,
-                format!("reading the request body failed: {e}"),
-            )
-        })?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        received += data.len() as u64;
-        if received > limit {
-            return Err(too_large(limit));
-        }
-        if !held.grow(data.len() as u64) {
-            return Err(Reject::new(
-                ErrorCode::Overloaded,
-                format!(
-                    "request bodies held while keyward reads their model have reached \
-                     limits.max_buffered_bodies ({budget} bytes); retry shortly"
-                ),
-            ));
-        }
-        let state = scanner.feed(&data);
-        prefix.push(data);
-        match state {
-            ScanState::NeedMore if received >= window => {
-                let how = match scanner {
-                    BodyScanner::Json(_) => {
-                        "the JSON body does not name its top-level \"model\" within its first \
-                         {window} bytes (limits.max_model_scan); put \"model\" before large \
-                         fields such as \"messages\""
-                    }
-                    BodyScanner::Form(_) => {
-                        "the form does not name its `model` field within its first {window} \
-                         bytes (limits.max_model_scan); send the model field before the file"
-                    }
-                };
-                return Err(Reject::new(
-                    ErrorCode::BadRequest,
-                    format!(
-                        "{}, or ask the operator to raise the limit",
-                        how.replace("{window}", &window.to_string())
-                    ),
-                ));
-            }
-            ScanState::NeedMore => {}
-            ScanState::Found(m) => return Ok((Some(m), body.is_end_stream())),
-            ScanState::Absent => return Ok((None, body.is_end_stream())),
-            ScanState::Ambiguous => return Err(ambiguous()),
-        }
-    }
-}
-
-fn ambiguous() -> Reject {
-    Reject::new(
-        ErrorCode::BadRequest,
-        "the body names its model more than once (a second top-level \"model\" in JSON, a \
-         second `model` field in a form) or is malformed after it; send one model",
-    )
-}
-
-/// Reads the model a request body names: the top-level `"model"` of a JSON body, or the
-/// `model` field of a `multipart/form-data` body (uploads such as audio transcriptions and
-/// image edits).
-enum BodyScanner {
-    Json(ModelScanner),
-    Form(MultipartScanner),
-}
-
-impl BodyScanner {
-    /// The scanner for a body of this `Content-Type`.
-    fn for_content_type(content_type: Option<&str>) -> BodyScanner {
-        match content_type.and_then(form_data_boundary) {
-            Some(boundary) => BodyScanner::Form(MultipartScanner::new(&boundary)),
-            None => BodyScanner::Json(ModelScanner::new()),
-        }
-    }
-
-    fn feed(&mut self, chunk: &[u8]) -> ScanState {
-        match self {
-            BodyScanner::Json(s) => s.feed(chunk),
-            BodyScanner::Form(s) => s.feed(chunk),
-        }
-    }
-
-    fn finish(&mut self) -> ScanState {
-        match self {
-            BodyScanner::Json(s) => s.finish(),
-            BodyScanner::Form(s) => s.finish(),
-        }
-    }
-}
-
-fn too_large(limit: u64) -> Reject {
-    Reject::new(
-        ErrorCode::BodyTooLarge,
-        format!("request body is larger than limits.max_request_body ({limit} bytes)"),
-    )
-}
-
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// Opens the chosen version's key into locked memory, with the tenant's key already unwrapped
@@ -1527,7 +1261,7 @@ fn respond(
     known: &Known,
     call_id: &str,
     started: Instant,
-    replay: Arc<Mutex<Replay>>,
+    replay: Replay<AppBody>,
     target: &Target,
 ) -> Response<UpstreamBody> {
     let (mut parts, body) = response.into_parts();
@@ -1604,226 +1338,6 @@ fn header_value(text: &str) -> HeaderValue {
     HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
-// === request body ===
-
-/// The request body, shared by every attempt: read once from the app, fingerprinted and
-/// size-checked once, and kept (as cheap `Bytes` clones) while a failover may still need to
-/// send it again. Only the attempt that currently owns it may read from it.
-struct Replay {
-    /// Chunks kept for a replay; while `retain` is off, only those not sent yet.
-    chunks: VecDeque<Bytes>,
-    /// The bytes of `chunks`, counted against `limits.max_buffered_bodies`.
-    held: BodyHold,
-    /// Index in `chunks` of the next chunk the owner sends.
-    next: usize,
-    /// Keep sent chunks, because another attempt may follow.
-    retain: bool,
-    /// The attempt allowed to read; bodies of superseded attempts fail if polled again.
-    owner: u32,
-    /// The part of the app's body not read yet.
-    rest: Option<AppBody>,
-    /// Watches the rest of the body for a second top-level `model`.
-    scanner: Option<BodyScanner>,
-    /// Fingerprint of the body so far; taken when the body ends.
-    fingerprinter: Option<Fingerprinter>,
-    /// Body bytes read from the app.
-    received: u64,
-    /// `limits.max_request_body`.
-    limit: u64,
-    /// Fingerprint of the whole body, once it ended.
-    fingerprint: Option<String>,
-    /// Why the body was cut (too large, ambiguous model).
-    violation: Option<Reject>,
-    /// Reading the app's body failed, so it cannot be sent again.
-    app_failed: bool,
-}
-
-impl Replay {
-    fn new(
-        (prefix, held): (Vec<Bytes>, BodyHold),
-        rest: Option<AppBody>,
-        scanner: Option<BodyScanner>,
-        mut fingerprinter: Fingerprinter,
-        limit: u64,
-        retain: bool,
-    ) -> Replay {
-        let mut received = 0;
-        for chunk in &prefix {
-            fingerprinter.update(chunk);
-            received += chunk.len() as u64;
-        }
-        let mut replay = Replay {
-            chunks: prefix.into(),
-            held,
-            next: 0,
-            retain,
-            owner: 0,
-            rest,
-            scanner,
-            fingerprinter: Some(fingerprinter),
-            received,
-            limit,
-            fingerprint: None,
-            violation: None,
-            app_failed: false,
-        };
-        if replay.rest.is_none() {
-            replay.finish();
-        }
-        replay
-    }
-
-    /// Whether the whole body can still be sent to another key.
-    fn replayable(&self) -> bool {
-        self.retain && !self.app_failed && self.violation.is_none()
-    }
-
-    /// Hands the body to attempt `owner`, from its first byte. The last attempt need not keep
-    /// what it sends.
-    fn restart(&mut self, owner: u32, last: bool) {
-        debug_assert!(self.retain, "a body that was not kept cannot be replayed");
-        self.owner = owner;
-        self.next = 0;
-        self.retain = !last;
-    }
-
-    /// No more failover for this request: free what was sent.
-    fn stop_retaining(&mut self) {
-        self.retain = false;
-        let sent: u64 = self.chunks.drain(..self.next).map(|c| c.len() as u64).sum();
-        self.held.shrink(sent);
-        self.next = 0;
-    }
-
-    fn fail(&mut self, reject: Reject) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let message = reject.message.clone();
-        self.violation = Some(reject);
-        self.rest = None;
-        Poll::Ready(Some(Err(message.into())))
-    }
-
-    fn finish(&mut self) {
-        if let Some(fp) = self.fingerprinter.take() {
-            self.fingerprint = Some(fp.finish());
-        }
-    }
-
-    fn poll_next(
-        &mut self,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(chunk) = self.chunks.get(self.next).cloned() {
-            if self.retain {
-                self.next += 1;
-            } else {
-                self.chunks.pop_front();
-                self.held.shrink(chunk.len() as u64);
-            }
-            return Poll::Ready(Some(Ok(Frame::data(chunk))));
-        }
-        let Some(rest) = self.rest.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let polled = loop {
-            match Pin::new(&mut *rest).poll_frame(cx) {
-                // The app's trailers are dropped, like the prefix read drops them: a header
-                // there would bypass the stripping of credentials and `keyward-*` headers, and
-                // no provider API reads request trailers.
-                Poll::Ready(Some(Ok(frame))) if !frame.is_data() => continue,
-                other => break other,
-            }
-        };
-        match polled {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(None) => {
-                self.rest = None;
-                if let Some(ScanState::Ambiguous) = self.scanner.as_mut().map(BodyScanner::finish) {
-                    return self.fail(ambiguous());
-                }
-                self.finish();
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(e))) => {
-                self.app_failed = true;
-                self.rest = None;
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) => {
-                    if self.received + data.len() as u64 > self.limit {
-                        let limit = self.limit;
-                        return self.fail(too_large(limit));
-                    }
-                    if let Some(ScanState::Ambiguous) = self.scanner.as_mut().map(|s| s.feed(&data))
-                    {
-                        return self.fail(ambiguous());
-                    }
-                    if let Some(fp) = self.fingerprinter.as_mut() {
-                        fp.update(&data);
-                    }
-                    self.received += data.len() as u64;
-                    // Past max_buffered_bodies the body is no longer kept: this request loses
-                    // its failover rather than another request its memory.
-                    if self.retain && !self.held.grow(data.len() as u64) {
-                        static THROTTLE: Throttle = Throttle::new(Duration::from_secs(10));
-                        if let Some(suppressed) = THROTTLE.tick(Instant::now()) {
-                            tracing::warn!(
-                                suppressed,
-                                "request body not kept for a failover: \
-                                 limits.max_buffered_bodies reached"
-                            );
-                        }
-                        self.stop_retaining();
-                    }
-                    if self.retain {
-                        self.chunks.push_back(data.clone());
-                        self.next += 1;
-                    }
-                    Poll::Ready(Some(Ok(Frame::data(data))))
-                }
-                Err(_) => unreachable!("non-data frames are dropped above"),
-            },
-        }
-    }
-}
-
-/// One attempt's view of the shared request body.
-struct ForwardBody {
-    replay: Arc<Mutex<Replay>>,
-    attempt: u32,
-    declared: Option<u64>,
-}
-
-impl Body for ForwardBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut replay = lock(&self.replay);
-        if replay.owner != self.attempt {
-            return Poll::Ready(Some(Err(
-                "request abandoned: it failed over to another key".into(),
-            )));
-        }
-        replay.poll_next(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        let replay = lock(&self.replay);
-        replay.owner == self.attempt && replay.next >= replay.chunks.len() && replay.rest.is_none()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.declared {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
-        }
-    }
-}
-
 // === response body ===
 
 /// A response body that keeps request-scoped guards alive until it is dropped.
@@ -1872,7 +1386,8 @@ struct CompletionBody<B> {
     event: Option<Event>,
     /// Budgets and limits the call's cost and tokens are charged to.
     ticket: crate::governance::Ticket,
-    replay: Arc<Mutex<Replay>>,
+    /// The request body, for its size and fingerprint.
+    replay: Replay<AppBody>,
     state: Arc<State>,
 }
 
@@ -1881,11 +1396,10 @@ impl<B> CompletionBody<B> {
         let Some(mut event) = self.event.take() else {
             return;
         };
-        let replay = lock(&self.replay);
         event.latency_ms = Some(self.started.elapsed().as_millis() as u64);
-        event.bytes_in = Some(replay.received);
+        event.bytes_in = Some(self.replay.received());
         event.bytes_out = Some(self.bytes_out);
-        event.fingerprint = replay.fingerprint.clone();
+        event.fingerprint = self.replay.fingerprint();
         if let Some(usage) = self.usage.take().and_then(UsageTap::finish) {
             event.input_tokens = usage.input_tokens;
             event.cached_input_tokens = usage.cached_input_tokens;
@@ -1918,7 +1432,6 @@ impl<B> CompletionBody<B> {
         }
         trace_completion(&self.state, &event, self.started, detail.as_deref());
         event.detail = detail;
-        drop(replay);
         let tokens = match (event.input_tokens, event.output_tokens) {
             (None, None) => event.total_tokens,
             (i, o) => Some(i.unwrap_or(0).saturating_add(o.unwrap_or(0))),
