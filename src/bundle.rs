@@ -762,6 +762,8 @@ pub trait BundleHost: Send + Sync + 'static {
     fn master(&self) -> &MasterKeyProvider;
     /// The catalog to swap.
     fn catalog(&self) -> &crate::catalog::CatalogHandle;
+    /// Called after a new bundle replaced the catalog.
+    fn catalog_replaced(&self) {}
 }
 
 /// Starts the watcher thread for `host`'s bundle; it stops when `host` is dropped. inotify
@@ -821,8 +823,10 @@ pub fn watch<H: BundleHost>(host: &Arc<H>) -> std::io::Result<()> {
                 };
                 let Some(host) = weak.upgrade() else { return };
                 if due {
-                    if let Some(source) = host.bundle() {
-                        source.reload(host.master(), host.catalog());
+                    if let Some(source) = host.bundle()
+                        && source.reload(host.master(), host.catalog()).is_some()
+                    {
+                        host.catalog_replaced();
                     }
                     next_poll = Instant::now() + poll;
                 }

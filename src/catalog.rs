@@ -92,6 +92,26 @@ impl Catalog {
         cat
     }
 
+    /// The (credential id, version) pairs that can still serve at `now` (Unix seconds): current
+    /// or overlapping, of a credential that still exists.
+    pub fn serving_versions(&self, now: i64) -> std::collections::HashSet<(String, u32)> {
+        self.credentials_by_tenant
+            .values()
+            .flatten()
+            .flat_map(|c| {
+                c.versions
+                    .iter()
+                    .filter(move |v| {
+                        matches!(
+                            version_state(c, v, now),
+                            VersionState::Current | VersionState::Overlapping
+                        )
+                    })
+                    .map(move |v| (c.id.clone(), v.version))
+            })
+            .collect()
+    }
+
     /// The tenant with this id.
     pub fn tenant(&self, id: &str) -> Option<&Arc<TenantRow>> {
         self.tenants.get(id)

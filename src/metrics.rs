@@ -268,6 +268,13 @@ struct SpanLabels {
     outcome: &'static str,
 }
 
+/// Labels of `keyward_derived_secrets`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DerivedLabels {
+    /// `access_token` or `aws_session`.
+    kind: &'static str,
+}
+
 /// Labels of the key age family.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KeyLabels {
@@ -345,6 +352,20 @@ fn scrape_registry(state: &State) -> Registry {
         gauge(started),
     );
 
+    let derived = Family::<DerivedLabels, Gauge>::default();
+    for (kind, n) in [
+        ("access_token", state.tokens.cached()),
+        ("aws_session", state.aws_sessions.cached()),
+    ] {
+        derived.get_or_create(&DerivedLabels { kind }).set(n as i64);
+    }
+    registry.register(
+        "derived_secrets",
+        "Credential versions whose derived secret is cached in locked memory, by kind \
+         (access_token: Vertex and Entra ID; aws_session: assumed AWS roles); a deleted, revoked \
+         or retired version's is dropped when the catalog changes",
+        derived,
+    );
     let catalog = state.catalog.load();
     let now = SystemTime::now();
     let now_unix = crate::units::now_unix();

@@ -179,7 +179,22 @@ impl State {
             return Ok(());
         }
         self.catalog.replace(Catalog::build(self.store.snapshot()?));
+        self.forget_derived();
         Ok(())
+    }
+
+    /// Drops the access tokens and AWS sessions of credential versions that can no longer
+    /// serve (deleted, revoked, retired by rotation), so none of them is used again and none
+    /// stays in memory. Called whenever the catalog is replaced.
+    pub fn forget_derived(&self) {
+        let serving = self
+            .catalog
+            .load()
+            .serving_versions(crate::units::now_unix());
+        self.tokens
+            .retain(|(id, version)| serving.contains(&(id.clone(), *version)));
+        self.aws_sessions
+            .retain(|id, version| serving.contains(&(id.to_string(), version)));
     }
 
     /// Gives the governance engine the budgets and limits in the store, and starts the counter
@@ -250,6 +265,9 @@ impl crate::bundle::BundleHost for State {
     }
     fn catalog(&self) -> &CatalogHandle {
         &self.catalog
+    }
+    fn catalog_replaced(&self) {
+        self.forget_derived();
     }
 }
 

@@ -367,7 +367,7 @@ async fn boto3_converse_and_stream_are_signed_anew_with_access_keys_and_assumed_
         "role_arn": "arn:aws:iam::123456789012:role/bedrock-caller",
         "external_id": external_id,
     });
-    let (token2, _) = daemon.provision(
+    let (token2, role_cred) = daemon.provision(
         "beta",
         "bedrock",
         &role.to_string(),
@@ -398,6 +398,16 @@ async fn boto3_converse_and_stream_are_signed_anew_with_access_keys_and_assumed_
     assert!(contains(&echoed, "[REDACTED]"), "{transcript2}");
     assert!(!contains(&echoed, &derived_secret));
     assert!(!contains(&echoed, &derived_token));
+    // Deleting the role's credential drops its session from memory at once.
+    let sessions = || {
+        let text = daemon.ok(&["metrics"]);
+        text.lines()
+            .find_map(|l| l.strip_prefix("keyward_derived_secrets{kind=\"aws_session\"} "))
+            .map(|n| n.trim().to_string())
+    };
+    assert_eq!(sessions().as_deref(), Some("1"));
+    daemon.ok(&["cred", "delete", &role_cred]);
+    assert_eq!(sessions().as_deref(), Some("0"));
 
     // No secret anywhere the app, the operator or the disk can see.
     let logs = format!("{}\n{}", daemon.stdout(), daemon.stderr());

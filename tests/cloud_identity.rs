@@ -607,3 +607,65 @@ async fn configured_token_url_and_authority_are_where_tokens_come_from() {
             .collect::<Vec<_>>()
     );
 }
+
+/// `keyward_derived_secrets{kind="access_token"}` as `keyward metrics` prints it.
+fn cached_tokens(daemon: &Daemon) -> u64 {
+    let text = daemon.ok(&["metrics"]);
+    text.lines()
+        .find_map(|l| l.strip_prefix("keyward_derived_secrets{kind=\"access_token\"} "))
+        .unwrap_or_else(|| panic!("no derived_secrets line in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A token belongs to one credential version: rotating the version away (no overlap) drops
+/// it, and the next call gets a new token from the new version; deleting the credential drops
+/// that one too. The dropped tokens never reach the provider again.
+#[tokio::test]
+async fn tokens_of_rotated_away_or_deleted_versions_are_dropped() {
+    let Some(s) = Stack::start("tokens_of_rotated_away_or_deleted_versions_are_dropped").await
+    else {
+        return;
+    };
+    let (token, cred) = s.provision("vertex", "gcp-service-account", "sa.json");
+    let sock = s.daemon.socket();
+    let path = format!("{GEMINI}:generateContent");
+    let (status, _, body) = call_as(&sock, &token, &path, &gemini_body()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(cached_tokens(&s.daemon), 1);
+    let first = issued(&s.tokens).remove(0);
+
+    s.daemon.ok_stdin(
+        &["cred", "rotate", &cred, "--overlap", "0s"],
+        s.tokens.read("sa.json").as_bytes(),
+    );
+    assert_eq!(cached_tokens(&s.daemon), 0, "v1's token outlived v1");
+    let (status, headers, body) = call_as(&sock, &token, &path, &gemini_body()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["keyward-credential"], format!("{cred}/v2").as_str());
+    assert_eq!(s.tokens.count("google"), 2, "v2 fetched its own token");
+    let second = issued(&s.tokens).remove(1);
+    assert_eq!(bearer_seen(&s.mock), format!("Bearer {second}"));
+    assert_eq!(cached_tokens(&s.daemon), 1);
+
+    s.daemon.ok(&["cred", "delete", &cred]);
+    assert_eq!(
+        cached_tokens(&s.daemon),
+        0,
+        "a deleted credential's token outlived it"
+    );
+    let (status, _, _) = call_as(&sock, &token, &path, &gemini_body()).await;
+    assert_eq!(status, 403);
+    let sent: Vec<String> = s
+        .mock
+        .requests()
+        .iter()
+        .map(|r| r.header("authorization").unwrap().to_string())
+        .collect();
+    assert_eq!(
+        sent,
+        [format!("Bearer {first}"), format!("Bearer {second}")],
+        "each token went out only while its version served"
+    );
+}

@@ -166,6 +166,14 @@ impl<K: Eq + Hash + Clone, V, E: Clone> DerivedCache<K, V, E> {
         crate::lock(&self.slots).retain(|k, _| keep(k));
     }
 
+    /// Number of keys holding a value, or fetching one now (a slot in use counts as holding).
+    pub fn held(&self) -> usize {
+        crate::lock(&self.slots)
+            .values()
+            .filter(|slot| slot.state.try_lock().map_or(true, |s| s.held.is_some()))
+            .count()
+    }
+
     /// Number of keys with a slot.
     pub fn len(&self) -> usize {
         crate::lock(&self.slots).len()

@@ -87,6 +87,17 @@ impl AwsSessions {
             .await
     }
 
+    /// Drops the sessions of every credential version `keep` refuses (deleted, revoked,
+    /// retired).
+    pub fn retain(&self, mut keep: impl FnMut(&str, u32) -> bool) {
+        self.cache.retain(|(id, version)| keep(id, *version));
+    }
+
+    /// Credential versions with a session in the cache.
+    pub fn cached(&self) -> usize {
+        self.cache.held()
+    }
+
     /// Forgets a session the upstream refused, so the next request assumes the role again.
     pub async fn invalidate(&self, id: &str, version: u32, value: &Arc<SessionCredentials>) {
         self.cache

@@ -106,6 +106,16 @@ impl TokenSource {
         self.cache.invalidate(key, token).await;
     }
 
+    /// Drops the tokens of every credential version `keep` refuses (deleted, revoked, retired).
+    pub fn retain(&self, keep: impl FnMut(&TokenKey) -> bool) {
+        self.cache.retain(keep);
+    }
+
+    /// Credential versions with a token in the cache.
+    pub fn cached(&self) -> usize {
+        self.cache.held()
+    }
+
     /// Token requests sent since start.
     pub fn fetches(&self) -> u64 {
         self.fetches.load(std::sync::atomic::Ordering::Relaxed)
