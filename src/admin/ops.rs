@@ -137,7 +137,7 @@ pub async fn test_credential(
     test: api::credentials::TestCredential,
     peer: Option<crate::auth::PeerCred>,
 ) -> Reply<api::credentials::CredentialTested> {
-    use crate::proxy::server::{Pinned, operator_call};
+    use crate::proxy::operator::{Pinned, operator_call};
     use crate::scope::{PinError, pinned};
     let catalog = state.catalog.load();
     let (candidate, tenant_id) =

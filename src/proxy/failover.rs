@@ -8,9 +8,13 @@
 //! (connect, TLS, a key that cannot be opened or used, no access token). A timeout, an encoded
 //! answer, or a request the app must fix is never sent again. The decision is made on the
 //! response head, before a byte of the response reaches the app, and only while the request
-//! body can still be sent again ([`super::replay`]). Each move is audited before the next key
-//! is used; when that record cannot be written, the app gets what the current key got. When
-//! every key fails, the app gets the last attempt's result.
+//! body can still be sent again ([`super::replay`]). The audit trail gets one
+//! `request.resolved` row for the first key, then one `request.failover` row per move (naming
+//! the key that failed, the key taken next and why), committed before the next key is unsealed
+//! — fail closed, like the resolution; when that row cannot be written, the app gets what the
+//! current key got. When every key fails, the app gets the last attempt's result: the
+//! upstream's answer (scrubbed, with `keyward-credential` naming the last key), or keyward's
+//! 502/504 error when the last attempt got no answer.
 //!
 //! This module decides; the I/O of an attempt (unseal, inject, send) and of its audit rows is
 //! the caller's, through [`Attempts`].
