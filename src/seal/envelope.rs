@@ -173,6 +173,22 @@ mod tests {
     }
 
     #[test]
+    fn empty_plaintext_opens_and_every_shorter_blob_is_malformed() {
+        // The shortest blob is a nonce and a tag around nothing: it must open, and one byte
+        // less must be refused as malformed rather than split out of bounds.
+        let key = Secret::random(KEY_LEN);
+        let blob = seal(&key, ctx(), b"");
+        assert_eq!(blob.len(), NONCE_LEN + TAG_LEN);
+        assert!(open(&key, ctx(), &blob).unwrap().is_empty());
+        for len in 0..blob.len() {
+            assert!(
+                matches!(open(&key, ctx(), &blob[..len]), Err(SealError::Malformed)),
+                "{len} bytes"
+            );
+        }
+    }
+
+    #[test]
     fn other_context_fails_to_open() {
         let key = Secret::random(KEY_LEN);
         let blob = seal(&key, ctx(), b"sk-hello");

@@ -192,6 +192,11 @@ mod tests {
         assert!(!secret.ct_eq(b"abd"));
         assert!(!secret.ct_eq(b"ab"));
         assert!(Secret::zeroed(0).is_empty());
+        assert!(!secret.is_empty());
+        // Two differences that cancel out when combined with XOR instead of OR.
+        let two = Secret::from_slice(&[1, 2]);
+        assert!(!two.ct_eq(&[0, 3]));
+        assert!(two.ct_eq(&[1, 2]));
     }
 
     #[test]
@@ -212,6 +217,17 @@ mod tests {
         assert_eq!(class(33), Some((1, 64)));
         assert_eq!(class(1), Some((0, 32)));
         assert_eq!(class(4097), None);
+    }
+
+    #[test]
+    fn the_pool_keeps_at_most_its_depth_per_class() {
+        // 1000 bytes is the 1024-byte class, which no other test uses; one more than the pool
+        // holds plus a few must leave it exactly full (the rest are freed).
+        let (class_index, cap) = class(1000).unwrap();
+        assert_eq!(cap, 1024);
+        let many: Vec<Secret> = (0..POOL_DEPTH + 8).map(|_| Secret::zeroed(1000)).collect();
+        drop(many);
+        assert_eq!(pool()[class_index].len(), POOL_DEPTH);
     }
 
     #[test]

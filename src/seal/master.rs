@@ -168,7 +168,12 @@ mod tests {
     #[test]
     fn parses_hex_and_rejects_bad_text() {
         let hex = "00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF\n";
-        assert!(parse_hex_key(hex, "test").is_ok());
+        let key = parse_hex_key(hex, "test").unwrap();
+        // Each pair is one byte, high nibble first.
+        let expected: Vec<u8> = (0..2)
+            .flat_map(|_| (0..16u8).map(|i| (i << 4) | i))
+            .collect();
+        assert_eq!(key.0.expose_secret(), &expected[..]);
         let short = parse_hex_key("abcd", "test").err().unwrap().to_string();
         assert!(
             short.contains("64 hex characters") && short.contains("wrong length"),

@@ -307,6 +307,86 @@ mod tests {
         assert!(!b.matches_check_value(&kcv).unwrap());
     }
 
+    /// A KEK that implements only wrap and unwrap (as the PKCS#11 and KMS providers do), so
+    /// the key check is the trait's own: a random value wrapped for [`Purpose::KeyCheck`].
+    struct WrapOnly(FileKek);
+
+    impl Kek for WrapOnly {
+        fn provider(&self) -> &'static str {
+            "wrap-only"
+        }
+        fn identity(&self) -> String {
+            "a test key".into()
+        }
+        fn wrap(&self, purpose: Purpose<'_>, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
+            self.0.wrap(purpose, plaintext)
+        }
+        fn unwrap(&self, purpose: Purpose<'_>, wrapped: &[u8]) -> Result<Secret, SealError> {
+            self.0.unwrap(purpose, wrapped)
+        }
+    }
+
+    fn wrap_only() -> MasterKeyProvider {
+        let source = MasterKeySource::ConfigFile("/etc/keyward/master.key".into());
+        MasterKeyProvider::new(Box::new(WrapOnly(FileKek::new(
+            MasterKey::generate(),
+            &source,
+        ))))
+    }
+
+    #[test]
+    fn the_default_key_check_is_a_wrap_only_this_key_opens() {
+        let a = wrap_only();
+        let b = wrap_only();
+        let kcv = a.key_check_value().unwrap();
+        // A wrapped 32-byte key: nonce, key, tag.
+        assert_eq!(kcv.len(), 12 + KEY_LEN + 16);
+        assert!(a.matches_check_value(&kcv).unwrap());
+        assert!(!b.matches_check_value(&kcv).unwrap());
+        // Something that is not a wrap at all is another key's value, not an error.
+        assert!(!a.matches_check_value(b"short").unwrap());
+        // A value wrapped for another purpose is not a check value.
+        let other = a.new_wrapped_key(Purpose::AuditMacKey).unwrap();
+        assert!(!a.matches_check_value(&other).unwrap());
+        assert_eq!(a.operations(), 5);
+    }
+
+    #[test]
+    fn provider_and_identity_name_the_kek_and_its_source() {
+        let source = MasterKeySource::ConfigFile("/etc/keyward/master.key".into());
+        let file = MasterKeyProvider::new(Box::new(FileKek::new(MasterKey::generate(), &source)));
+        assert_eq!(file.provider(), "file");
+        assert_eq!(file.identity(), "file /etc/keyward/master.key");
+        // A key generated on this start is named as the state file later starts will read.
+        let generated = MasterKeySource::Generated("/var/lib/keyward/master.key".into());
+        let kek = FileKek::new(MasterKey::generate(), &generated);
+        assert_eq!(kek.identity(), "generated file /var/lib/keyward/master.key");
+        let other = wrap_only();
+        assert_eq!(other.provider(), "wrap-only");
+        assert_eq!(other.identity(), "a test key");
+        assert_eq!(
+            MasterKeyProvider::from(MasterKey::generate()).identity(),
+            "in-memory key"
+        );
+    }
+
+    #[test]
+    fn an_unwrapped_key_of_another_length_is_malformed() {
+        let kek = MasterKeyProvider::from(MasterKey::generate());
+        let short = kek
+            .wrap(Purpose::AuditMacKey, &Secret::from_slice(&[7; 16]))
+            .unwrap();
+        assert!(matches!(
+            kek.unwrap(Purpose::AuditMacKey, &short),
+            Err(SealError::Malformed)
+        ));
+        let good = kek.new_wrapped_key(Purpose::AuditMacKey).unwrap();
+        assert_eq!(
+            kek.unwrap(Purpose::AuditMacKey, &good).unwrap().len(),
+            KEY_LEN
+        );
+    }
+
     #[test]
     fn encryption_context_names_purpose_and_tenant() {
         assert_eq!(
