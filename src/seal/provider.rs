@@ -388,6 +388,36 @@ mod tests {
     }
 
     #[test]
+    fn associated_data_is_the_purposes_envelope_context() {
+        // What a PKCS#11 token binds to its wraps: the same bytes the file provider binds.
+        assert_eq!(
+            Purpose::TenantKey { tenant: "ten_a" }.associated_data(),
+            Context::TenantKey { tenant: "ten_a" }.encode()
+        );
+        assert_eq!(
+            Purpose::AuditMacKey.associated_data(),
+            Context::AuxKey {
+                purpose: "audit-mac"
+            }
+            .encode()
+        );
+        let all = [
+            Purpose::TenantKey { tenant: "ten_a" },
+            Purpose::TenantKey { tenant: "ten_b" },
+            Purpose::FingerprintKey { tenant: "ten_a" },
+            Purpose::AuditMacKey,
+            Purpose::BundleKey,
+            Purpose::KeyCheck,
+        ]
+        .map(|p| p.associated_data());
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+
+    #[test]
     fn encryption_context_names_purpose_and_tenant() {
         assert_eq!(
             Purpose::FingerprintKey { tenant: "ten_a" }.encryption_context(),
