@@ -247,6 +247,18 @@ mod tests {
     }
 
     #[test]
+    fn ct_eq_needs_equal_lengths_and_every_byte_equal() {
+        assert!(ct_eq(b"", b""));
+        assert!(ct_eq(&[1, 2, 3], &[1, 2, 3]));
+        // A prefix is not equal, whichever side is shorter.
+        assert!(!ct_eq(&[1, 2], &[1, 2, 3]));
+        assert!(!ct_eq(&[1, 2, 3], &[1, 2]));
+        assert!(!ct_eq(&[1, 2, 3], &[1, 2, 4]));
+        // Two differences that cancel out when combined with XOR instead of OR.
+        assert!(!ct_eq(&[1, 1], &[0, 0]));
+    }
+
+    #[test]
     fn anchor_round_trips_and_rejects_edits() {
         let dir = tempfile::tempdir().unwrap();
         let key = MacKey::new(&Secret::random(32));
