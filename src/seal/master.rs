@@ -189,6 +189,53 @@ mod tests {
         );
     }
 
+    /// Run by [`the_environment_block_no_longer_holds_a_scrubbed_variable`] in a process of its
+    /// own (changing the environment of the multi-threaded test process is not sound).
+    #[test]
+    fn scrub_in_a_child_process() {
+        let Some(secret) = std::env::var_os("KEYWARD_TEST_SCRUB_A") else {
+            return;
+        };
+        let secret = secret.into_string().unwrap();
+        scrub_environment_variable("KEYWARD_TEST_SCRUB_A");
+        assert!(std::env::var_os("KEYWARD_TEST_SCRUB_A").is_none());
+        let block = fs::read("/proc/self/environ").unwrap();
+        let has = |needle: &[u8]| block.windows(needle.len()).any(|w| w == needle);
+        assert!(!has(secret.as_bytes()), "the value is still in the block");
+        // Every byte of the value, and nothing past it, is overwritten.
+        let wiped = format!("\0KEYWARD_TEST_SCRUB_A={}\0", "0".repeat(secret.len()));
+        assert!(has(wiped.as_bytes()), "the value was not wiped in place");
+        assert!(
+            has(b"\0KEYWARD_TEST_SCRUB_B=kept\0"),
+            "the next variable was damaged"
+        );
+        assert_eq!(std::env::var("KEYWARD_TEST_SCRUB_B").unwrap(), "kept");
+        println!("scrubbed in place");
+    }
+
+    #[test]
+    fn the_environment_block_no_longer_holds_a_scrubbed_variable() {
+        let secret = crate::hex::encode(crate::seal::Secret::random(32).expose_secret());
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "seal::master::tests::scrub_in_a_child_process",
+                "--exact",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env("KEYWARD_TEST_SCRUB_A", &secret)
+            .env("KEYWARD_TEST_SCRUB_B", "kept")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("scrubbed in place"),
+            "{}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     #[test]
     fn generates_a_0600_file_then_reuses_it() {
         use std::os::unix::fs::PermissionsExt;
