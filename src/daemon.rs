@@ -45,6 +45,9 @@ pub enum ServeError {
     /// The audit trail could not be opened.
     #[error("audit trail: {0}")]
     Audit(#[from] crate::audit::AuditError),
+    /// The master key migration (`[master_key.previous]`) stopped.
+    #[error(transparent)]
+    Migrate(#[from] crate::custody::MigrateError),
     /// A state or socket directory, database or key file another user could have planted.
     #[error(transparent)]
     Untrusted(#[from] crate::ownership::OwnershipError),

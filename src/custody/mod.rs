@@ -83,6 +83,18 @@ pub fn open_provider(
     }
 }
 
+/// Why a master-key migration stopped; each message names what to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MigrateError {
+    /// The audit database's MAC key could not be rewrapped.
+    #[error("audit trail: {0}")]
+    Audit(#[from] crate::audit::AuditError),
+    /// The store's wrapped keys could not be rewrapped (including a wrong previous key).
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
 /// Migrates `state_dir` from the `old` master key to the `new` one, as Vault's seal migration:
 /// the store's wrapped keys (every tenant's tenant and fingerprint key, the key-check value) in
 /// one SQLite transaction, after the audit MAC key's new wrap is staged beside its old one in the
@@ -94,7 +106,7 @@ pub fn migrate(
     state_dir: &Path,
     old: &MasterKeyProvider,
     new: &MasterKeyProvider,
-) -> Result<String, crate::daemon::ServeError> {
+) -> Result<String, MigrateError> {
     // The audit key first, staged beside the old wrap: the old key alone still opens
     // everything until the store's transaction commits, the new key alone from then on.
     let audit = crate::audit::stage_rewrap(state_dir, old, new)?;

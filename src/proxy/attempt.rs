@@ -39,8 +39,11 @@ pub(super) struct KeyAttempts<'a> {
     call: &'a mut Call,
     /// The tenant's id and unwrapped keys.
     tenant: (&'a str, &'a TenantKeys),
+    /// The parts of the app's request every attempt sends.
     request: &'a Outgoing<'a>,
+    /// The keys to try, in order.
     candidates: &'a [Candidate],
+    /// The request body, sent again by each attempt.
     replay: &'a Replay<AppBody>,
     /// When the latest attempt's request went out.
     sent_at: SystemTime,

@@ -397,13 +397,14 @@ fn is_bedrock(config: &Config, uri: &http::Uri) -> bool {
 }
 
 /// What [`read_body`] read of the app's request, and the rest still to come.
-pub(super) struct Intake {
+struct Intake {
     /// The request's method and headers (the body is in `prefix` and `rest`).
     parts: http::request::Parts,
     /// The app's `Content-Length`, when it declared one.
     declared: Option<u64>,
     /// Body chunks read so far, counted in `held`.
     prefix: Vec<Bytes>,
+    /// The bytes of `prefix`, against `limits.max_buffered_bodies`.
     held: BodyHold,
     /// The body not read yet; `None` once it has ended.
     rest: Option<AppBody>,
@@ -563,16 +564,18 @@ async fn govern(call: &mut Call, mut candidates: Vec<Candidate>) -> Result<Vec<C
 
 /// What [`audit_resolution`] settled: the tenant whose keys serve, and the body every attempt
 /// sends.
-pub(super) struct Resolution {
+struct Resolution {
     /// The tenant's id.
     tenant: String,
     /// The tenant's unwrapped keys.
     keys: Arc<TenantKeys>,
     /// The request body, shared by the attempts.
-    pub replay: Replay<AppBody>,
-    /// The app's request head and body facts every attempt reuses.
+    replay: Replay<AppBody>,
+    /// The app's method and headers, which every attempt reuses.
     parts: http::request::Parts,
+    /// The app's `Content-Length`, when it declared one.
     declared: Option<u64>,
+    /// Hex SHA-256 of the whole body, for SigV4 targets.
     body_sha256: Option<String>,
 }
 

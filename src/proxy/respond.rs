@@ -27,9 +27,9 @@ use crate::scope::Candidate;
 use crate::state::State;
 
 /// Response header naming the credential version that served the request.
-pub const CREDENTIAL_HEADER: &str = "keyward-credential";
+pub(super) const CREDENTIAL_HEADER: &str = "keyward-credential";
 /// Header on a response served over a `warn` budget: which budgets are spent, by how much.
-pub const BUDGET_HEADER: &str = "keyward-budget";
+pub(super) const BUDGET_HEADER: &str = "keyward-budget";
 
 /// Phase 9 of a call: the answer of the key that served, on its way to the app — without
 /// connection-level or forged `keyward-*` headers, with upstream URLs pointing back at
