@@ -669,3 +669,146 @@ async fn tokens_of_rotated_away_or_deleted_versions_are_dropped() {
         "each token went out only while its version served"
     );
 }
+
+/// Adds a second credential of `kind` from `doc` for `target` to tenant acme, at `priority`;
+/// returns its id.
+fn add_cred(daemon: &Daemon, target: &str, kind: &str, doc: &str, priority: &str) -> String {
+    let name = format!("second-{}", &support::daemon::random_key("")[..6]);
+    let out = daemon.ok_stdin(
+        &[
+            "cred",
+            "add",
+            "--tenant",
+            "acme",
+            "--target",
+            target,
+            "--name",
+            &name,
+            "--kind",
+            kind,
+            "--priority",
+            priority,
+            "--json",
+        ],
+        doc.as_bytes(),
+    );
+    let row: Value = serde_json::from_str(out.trim()).unwrap();
+    row["id"].as_str().unwrap().to_string()
+}
+
+/// A token endpoint that refuses a credential (Google `invalid_grant` for a key it does not
+/// know, Entra ID `invalid_client` for a wrong secret) fails the call over to the next key like
+/// a provider's 401: the refused version is quarantined and skipped by the next call, and the
+/// failover and quarantine rows name the endpoint and its reason, never a secret.
+#[tokio::test]
+async fn a_token_endpoint_refusal_fails_over_and_quarantines_the_credential() {
+    let Some(s) =
+        Stack::start("a_token_endpoint_refusal_fails_over_and_quarantines_the_credential").await
+    else {
+        return;
+    };
+    let sock = s.daemon.socket();
+    let (token, bad_sa) = s.daemon.provision(
+        "acme",
+        "vertex",
+        &s.tokens.read("sa_other.json"),
+        &["--kind", "gcp-service-account", "--priority", "1"],
+    );
+    let good_sa = add_cred(
+        &s.daemon,
+        "vertex",
+        "gcp-service-account",
+        &s.tokens.read("sa.json"),
+        "2",
+    );
+    let entra = s.tokens.json("entra.json");
+    let wrong = format!("Q~{}", support::daemon::random_key(""));
+    let mut wrong_doc = entra.clone();
+    wrong_doc["client_secret"] = json!(wrong);
+    let bad_entra = add_cred(
+        &s.daemon,
+        "azure-openai",
+        "azure-entra",
+        &wrong_doc.to_string(),
+        "1",
+    );
+    let good_entra = add_cred(
+        &s.daemon,
+        "azure-openai",
+        "azure-entra",
+        &entra.to_string(),
+        "2",
+    );
+    let gemini = format!("{GEMINI}:generateContent");
+    for _ in 0..2 {
+        let (status, headers, body) = call_as(&sock, &token, &gemini, &gemini_body()).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            headers["keyward-credential"],
+            format!("{good_sa}/v1").as_str()
+        );
+        let (status, headers, body) = call_as(&sock, &token, AZURE_CHAT, &azure_body(false)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            headers["keyward-credential"],
+            format!("{good_entra}/v1").as_str()
+        );
+    }
+    // Each refused credential was asked for a token once: the second calls skipped it.
+    let stats = s.tokens.stats();
+    assert_eq!(
+        (
+            s.tokens.count("google_refused"),
+            s.tokens.count("entra_refused")
+        ),
+        (1, 1),
+        "{stats}"
+    );
+    let mut rows = s.daemon.json_lines(&["audit", "query", "--limit", "200"]);
+    rows.sort_by_key(|r| r["seq"].as_u64());
+    let google = format!("{}/token", s.tokens.base);
+    let microsoft = format!(
+        "{}/contoso.onmicrosoft.com/oauth2/v2.0/token",
+        s.tokens.base
+    );
+    for (bad, good, endpoint, reason) in [
+        (&bad_sa, &good_sa, &google, "invalid_grant"),
+        (&bad_entra, &good_entra, &microsoft, "invalid_client"),
+    ] {
+        let of = |event: &str| -> Vec<&Value> {
+            rows.iter()
+                .filter(|r| r["event"] == event && r["credential_id"] == bad.as_str())
+                .collect()
+        };
+        let failovers = of("request.failover");
+        assert_eq!(failovers.len(), 1, "{rows:?}");
+        let detail = failovers[0]["detail"].as_str().unwrap();
+        for part in [
+            format!("from {bad}/v1 to {good}/v1"),
+            endpoint.clone(),
+            reason.to_string(),
+            "quarantined until".to_string(),
+        ] {
+            assert!(detail.contains(&part), "{part} not in {detail}");
+        }
+        let quarantined = of("credential.quarantined");
+        assert_eq!(quarantined.len(), 1, "{rows:?}");
+        let detail = quarantined[0]["detail"].as_str().unwrap();
+        assert!(
+            detail.contains(endpoint.as_str()) && detail.contains(reason),
+            "{detail}"
+        );
+        let resolved = of("request.resolved");
+        assert_eq!(
+            resolved.len(),
+            1,
+            "the quarantined key led only the first call"
+        );
+    }
+    let mut secrets = s.key_material("sa.json");
+    secrets.extend(s.key_material("sa_other.json"));
+    secrets.push(wrong);
+    secrets.push(entra["client_secret"].as_str().unwrap().to_string());
+    secrets.extend(issued(&s.tokens));
+    s.assert_nowhere(&secrets);
+}

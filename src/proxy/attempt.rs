@@ -23,7 +23,7 @@ use super::token::{Derived, TokenKey, TokenRequest};
 use super::upstream::{ResponseBody, Upstream};
 use crate::audit::{Event, EventKind};
 use crate::identity::CredentialKind;
-use crate::pool::{Change, unix_secs};
+use crate::pool::{Change, Outcome, unix_secs};
 use crate::providers::{
     AuthScheme, AwsSigningKey, Target, bearer_auth, prepare_signed_headers,
     prepare_upstream_headers, prepare_upstream_headers_as,
@@ -84,7 +84,8 @@ impl failover::Attempts for KeyAttempts<'_> {
             );
         }
         self.sent_at = SystemTime::now();
-        attempt(
+        let mut refusal = None;
+        let mut step = attempt(
             &self.call.state,
             self.tenant,
             self.request,
@@ -92,8 +93,17 @@ impl failover::Attempts for KeyAttempts<'_> {
             self.replay,
             index as u32,
             &mut self.call.upstream_time,
+            &mut refusal,
         )
-        .await
+        .await;
+        if let (Some(reason), Step::Failed { reject, .. }) = (refusal, &mut step)
+            && let Some(until) = quarantine_refused(self.call, chosen, &reason)
+        {
+            reject
+                .message
+                .push_str(&format!("; quarantined until {until}"));
+        }
+        step
     }
 
     async fn assess(&mut self, index: usize, (response, used): &Answer) -> (u16, Change) {
@@ -174,7 +184,9 @@ pub(super) struct Outgoing<'a> {
 /// An upstream answer, with what was injected to get it (for scrubbing).
 pub(super) type Answer = (Response<ResponseBody>, Used);
 
-/// Sends the request once with `chosen`.
+/// Sends the request once with `chosen`. `refusal` gets the reason when the token endpoint
+/// refused the credential itself.
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
     state: &State,
     tenant: (&str, &crate::seal::TenantKeys),
@@ -183,6 +195,7 @@ async fn attempt(
     replay: &Replay<AppBody>,
     number: u32,
     upstream_time: &mut std::time::Duration,
+    refusal: &mut Option<String>,
 ) -> Step<Answer> {
     let kind = chosen.credential.kind;
     let signed = matches!(request.target.auth, AuthScheme::SigV4 { .. });
@@ -230,7 +243,7 @@ async fn attempt(
                 retryable: true,
             };
         }
-        None => match inject(state, request.target, chosen, secret, &mut headers).await {
+        None => match inject(state, request.target, chosen, secret, &mut headers, refusal).await {
             Ok(used) => used,
             Err(failed) => return failed,
         },
@@ -300,6 +313,7 @@ async fn inject(
     chosen: &Candidate,
     secret: Secret,
     headers: &mut HeaderMap,
+    refusal: &mut Option<String>,
 ) -> Result<Used, Step<Answer>> {
     let kind = chosen.credential.kind;
     let refused = |e: crate::providers::InjectError| Step::Failed {
@@ -335,6 +349,9 @@ async fn inject(
                         error = %e,
                         "no access token for the credential",
                     );
+                    if e.refused {
+                        *refusal = Some(e.to_string());
+                    }
                     Step::Failed {
                         reject: Reject::new(
                             ErrorCode::UpstreamUnreachable,
@@ -507,6 +524,43 @@ fn report(
         state.audit.enqueue(event);
     }
     change
+}
+
+/// The token endpoint refused `chosen`'s credential itself (`invalid_grant`, `invalid_client`,
+/// as `reason` says): the version is quarantined like a key the upstream refused with 401, and
+/// a new quarantine is audited. Returns until when, for the failover's reason.
+fn quarantine_refused(call: &Call, chosen: &Candidate, reason: &str) -> Option<String> {
+    let (state, call_id) = (&call.state, call.id.as_str());
+    let version = chosen.version().version;
+    let now = SystemTime::now();
+    let change = state.pool.report(
+        &chosen.credential.id,
+        version,
+        Outcome::Rejected { status: 401 },
+        now,
+    );
+    let (Change::Quarantined(until) | Change::QuarantineExtended(until)) = change else {
+        return None;
+    };
+    let until = format_time(unix_secs(until));
+    if matches!(change, Change::Quarantined(_)) {
+        tracing::warn!(
+            call_id,
+            credential = %chosen.credential.id,
+            version,
+            %until,
+            reason,
+            "the token endpoint refused the credential; quarantined",
+        );
+        let mut event = call.event(EventKind::CredentialQuarantined);
+        name_credential(&mut event, chosen);
+        event.detail = Some(format!(
+            "{reason}: the credential may be revoked or its secret wrong; skipped until {until} \
+             while other keys can serve"
+        ));
+        state.audit.enqueue(event);
+    }
+    Some(until)
 }
 
 /// `cred_x/v2`, as in the `keyward-credential` header.
