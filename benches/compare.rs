@@ -53,6 +53,11 @@ struct Options {
     attach: Vec<String>,
     /// Attach during the 80 %-of-peak phase instead (`--attach-loaded`).
     attach_loaded: bool,
+    /// Instead of the comparison: send exactly this many calls through keyward and stop it
+    /// (`--calls N`, for instruction counts under `--keyward-wrap "valgrind --tool=callgrind"`).
+    calls: Option<u64>,
+    /// Connections those calls use (`--calls-conns C`).
+    calls_conns: usize,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -69,6 +74,8 @@ fn parse_args() -> Result<Options, String> {
         },
         attach: Vec::new(),
         attach_loaded: false,
+        calls: None,
+        calls_conns: 1,
     };
     let mut phase_set = false;
     let mut args = std::env::args().skip(1);
@@ -103,6 +110,20 @@ fn parse_args() -> Result<Options, String> {
                     .collect()
             }
             "--attach-loaded" => o.attach_loaded = true,
+            "--calls" => {
+                let v = value("--calls")?;
+                o.calls = Some(
+                    v.parse()
+                        .map_err(|_| format!("--calls wants a count, got {v:?}"))?,
+                );
+            }
+            "--calls-conns" => {
+                let v = value("--calls-conns")?;
+                o.calls_conns = v
+                    .parse::<usize>()
+                    .map_err(|_| format!("--calls-conns wants a count, got {v:?}"))?
+                    .max(1);
+            }
             "--attach" => {
                 o.attach = value("--attach")?
                     .split_whitespace()
@@ -119,7 +140,8 @@ fn parse_args() -> Result<Options, String> {
                     "usage: cargo bench --bench compare -- [--quick] [--phase-secs S] [--only keyward,keyward-full,nginx,litellm]\n\
                      \x20                                     [--json FILE] [--no-install] [--keyward-wrap \"CMD ARGS\"]\n\
                      \x20                                     [--keyward-bin PATH] [--keyward-config 'TOML LINE']...\n\
-                     \x20                                     [--attach \"perf stat -p {{pid}}\" [--attach-loaded]]"
+                     \x20                                     [--attach \"perf stat -p {{pid}}\" [--attach-loaded]]\n\
+                     \x20      or: cargo bench --bench compare -- --calls N [--calls-conns C] [--keyward-wrap ...] [--keyward-bin PATH]"
                 );
                 std::process::exit(0);
             }
@@ -152,6 +174,9 @@ fn main() {
         .enable_all()
         .build()
         .expect("load generator runtime");
+    if let Some(n) = opts.calls {
+        std::process::exit(rt.block_on(calls(&opts, n)));
+    }
     let run = rt.block_on(run(&opts));
     let markdown = report::markdown(&run);
     println!("{markdown}");
@@ -244,6 +269,46 @@ async fn run(opts: &Options) -> Run {
         peers,
         wall: started.elapsed(),
     }
+}
+
+/// `--calls N`: starts the mock and keyward (under `--keyward-wrap`, if given), sends exactly
+/// `n` calls, then stops keyward with a long grace so a wrapping profiler can write its output.
+/// Run it for two values of `n`: the difference of the profiler's totals divided by the
+/// difference of `n` is the cost of one call without start-up and shutdown (benches/callgrind.sh).
+async fn calls(opts: &Options, n: u64) -> i32 {
+    let mock_dir = tempfile::Builder::new()
+        .prefix("mockb")
+        .tempdir_in("/tmp")
+        .expect("temp dir");
+    let mock = match Mock::start(mock_dir.path(), UPSTREAM_KEY) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("compare: {e}");
+            return 1;
+        }
+    };
+    let peer = match peers::start_keyward(&mock, UPSTREAM_KEY, "normal", &opts.keyward) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("compare: {e}");
+            return 1;
+        }
+    };
+    let result = load::count(&peer.target, n, opts.calls_conns).await;
+    eprintln!(
+        "calls: {} ok, {} failed in {:.1}s over {} connection(s){}",
+        result.ok,
+        result.errors,
+        result.elapsed.as_secs_f64(),
+        opts.calls_conns,
+        result
+            .first_error
+            .as_deref()
+            .map(|e| format!("; first error: {e}"))
+            .unwrap_or_default()
+    );
+    peer.stop(Duration::from_secs(120));
+    i32::from(result.ok != n)
 }
 
 /// One fixed-rate comparison: direct first, then the peer, back to back.

@@ -310,6 +310,36 @@ pub async fn flat_out(target: &Target, duration: Duration, connections: usize) -
     collect(tasks, start).await
 }
 
+/// Sends exactly `total` requests over `connections` connections, each as soon as its
+/// connection is free: a fixed amount of work, for counting instructions per call.
+pub async fn count(target: &Target, total: u64, connections: usize) -> PhaseResult {
+    let start = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let body = chat_body(false);
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let target = target.clone();
+        let next = next.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = PhaseResult::default();
+            let mut sender = connect(&target.endpoint).await.ok();
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                let t = Instant::now();
+                match send_one(&mut sender, &target, &body).await {
+                    Ok(()) => {
+                        out.ok += 1;
+                        out.latencies_ns.push(t.elapsed().as_nanos() as u64);
+                    }
+                    Err(e) => out.note_error(e),
+                }
+            }
+            out
+        }));
+    }
+    collect(tasks, start).await
+}
+
 async fn collect(tasks: Vec<tokio::task::JoinHandle<PhaseResult>>, start: Instant) -> PhaseResult {
     let mut all = PhaseResult::default();
     for t in tasks {

@@ -106,14 +106,23 @@ pub struct Peer {
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Peer {
-    fn drop(&mut self) {
+impl Peer {
+    /// Stops the peer with SIGTERM, waiting up to `grace` for it to exit before killing it (a
+    /// peer under a profiler needs longer to write its report).
+    pub fn stop(mut self, grace: Duration) {
+        self.terminate(grace);
+    }
+
+    fn terminate(&mut self, grace: Duration) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         // SIGTERM first so nginx's master takes its workers down with it.
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.pid.to_string())
             .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
@@ -122,6 +131,12 @@ impl Drop for Peer {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.terminate(Duration::from_secs(5));
     }
 }
 
