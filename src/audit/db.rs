@@ -86,47 +86,98 @@ pub(crate) const SPEND_BUCKET_MS: i64 = 3_600_000;
 /// `audit_meta` key set once the spend aggregate covers every row of the database.
 const META_SPEND: &str = "spend_aggregate";
 
-/// Adds one `request.completed` row to the spend aggregate (in the caller's transaction).
+/// Adds `calls` `request.completed` rows, summed, to the spend aggregate (in the caller's
+/// transaction).
 pub(crate) const SPEND_UPSERT: &str = "INSERT INTO audit_spend (tenant, hour, team, client_id, \
      credential_id, model, target, calls, input, cached_input, cache_write, output, cost_micros, \
-     unpriced) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?9, ?10, ?11, ?12, ?13) \
-     ON CONFLICT DO UPDATE SET calls = calls + 1, input = input + excluded.input, \
+     unpriced) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?14, ?8, ?9, ?10, ?11, ?12, ?13) \
+     ON CONFLICT DO UPDATE SET calls = calls + excluded.calls, input = input + excluded.input, \
      cached_input = cached_input + excluded.cached_input, \
      cache_write = cache_write + excluded.cache_write, output = output + excluded.output, \
      cost_micros = cost_micros + excluded.cost_micros, unpriced = unpriced + excluded.unpriced";
 
-/// Runs [`SPEND_UPSERT`] for `e` when it is a `request.completed` row of a tenant.
-pub(crate) fn add_spend(
-    stmt: &mut rusqlite::CachedStatement<'_>,
-    time_ms: i64,
-    e: &Event,
-) -> rusqlite::Result<()> {
-    let Some(tenant) = e
-        .tenant
-        .as_deref()
-        .filter(|_| e.kind == EventKind::RequestCompleted)
-    else {
-        return Ok(());
-    };
-    let text = |v: &Option<String>| v.clone().unwrap_or_default();
-    let n = |v: Option<u64>| v.unwrap_or(0).min(i64::MAX as u64) as i64;
-    let unpriced = i64::from(e.flags.iter().any(|f| f == "unpriced"));
-    stmt.execute(rusqlite::params![
-        tenant,
-        time_ms.div_euclid(SPEND_BUCKET_MS),
-        text(&e.team),
-        text(&e.client_id),
-        text(&e.credential_id),
-        text(&e.model),
-        text(&e.target),
-        n(e.input_tokens),
-        n(e.cached_input_tokens),
-        n(e.cache_write_tokens),
-        n(e.output_tokens),
-        n(e.cost_micros),
-        unpriced,
-    ])
-    .map(|_| ())
+/// One cell of the spend aggregate: tenant, hour, team, client, credential, model, target.
+type SpendKey<'a> = (&'a str, i64, &'a str, &'a str, &'a str, &'a str, &'a str);
+
+/// The spend of a batch of rows, summed per aggregate cell before it is written: one upsert
+/// per cell instead of one per row (a fold of many calls of one client on one model is one
+/// statement).
+#[derive(Default)]
+pub(crate) struct SpendBatch<'a> {
+    /// calls, input, cached input, cache write, output, cost, unpriced; per cell, in order of
+    /// first appearance.
+    cells: Vec<(SpendKey<'a>, [i64; 7])>,
+    /// Index into `cells` by key.
+    index: std::collections::HashMap<SpendKey<'a>, usize>,
+}
+
+impl<'a> SpendBatch<'a> {
+    /// Counts `e` when it is a `request.completed` row of a tenant.
+    pub(crate) fn add(&mut self, time_ms: i64, e: &'a Event) {
+        let Some(tenant) = e
+            .tenant
+            .as_deref()
+            .filter(|_| e.kind == EventKind::RequestCompleted)
+        else {
+            return;
+        };
+        let text = |v: &'a Option<String>| v.as_deref().unwrap_or_default();
+        let n = |v: Option<u64>| v.unwrap_or(0).min(i64::MAX as u64) as i64;
+        let key = (
+            tenant,
+            time_ms.div_euclid(SPEND_BUCKET_MS),
+            text(&e.team),
+            text(&e.client_id),
+            text(&e.credential_id),
+            text(&e.model),
+            text(&e.target),
+        );
+        let add = [
+            1,
+            n(e.input_tokens),
+            n(e.cached_input_tokens),
+            n(e.cache_write_tokens),
+            n(e.output_tokens),
+            n(e.cost_micros),
+            i64::from(e.flags.iter().any(|f| f == "unpriced")),
+        ];
+        let at = *self.index.entry(key).or_insert_with(|| {
+            self.cells.push((key, [0; 7]));
+            self.cells.len() - 1
+        });
+        for (sum, v) in self.cells[at].1.iter_mut().zip(add) {
+            *sum = sum.saturating_add(v);
+        }
+    }
+
+    /// Writes every cell with [`SPEND_UPSERT`] and empties the batch.
+    pub(crate) fn write(
+        &mut self,
+        stmt: &mut rusqlite::CachedStatement<'_>,
+    ) -> rusqlite::Result<()> {
+        for ((tenant, hour, team, client, credential, model, target), sums) in self.cells.drain(..)
+        {
+            let [calls, input, cached, cache_write, output, cost, unpriced] = sums;
+            stmt.execute(rusqlite::params![
+                tenant,
+                hour,
+                team,
+                client,
+                credential,
+                model,
+                target,
+                input,
+                cached,
+                cache_write,
+                output,
+                cost,
+                unpriced,
+                calls,
+            ])?;
+        }
+        self.index.clear();
+        Ok(())
+    }
 }
 
 /// Builds the spend aggregate from the rows already in a database that predates it, once.
@@ -144,7 +195,9 @@ fn backfill_spend(conn: &mut Connection) -> rusqlite::Result<()> {
         let mut rows = read.query([])?;
         while let Some(r) = rows.next()? {
             if let Ok(raw) = decode(r)? {
-                add_spend(&mut write, raw.time_ms, &raw.event)?;
+                let mut one = SpendBatch::default();
+                one.add(raw.time_ms, &raw.event);
+                one.write(&mut write)?;
             }
         }
     }

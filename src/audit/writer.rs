@@ -672,11 +672,12 @@ pub(crate) fn insert_rows(conn: &mut Connection, rows: &[RawRow]) -> rusqlite::R
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
         let mut stmt = tx.prepare_cached(INSERT)?;
-        let mut spend = tx.prepare_cached(db::SPEND_UPSERT)?;
+        let mut spend = db::SpendBatch::default();
         for row in rows {
             db::insert(&mut stmt, row.seq as u64, row.time_ms, &row.event, &row.mac)?;
-            db::add_spend(&mut spend, row.time_ms, &row.event)?;
+            spend.add(row.time_ms, &row.event);
         }
+        spend.write(&mut tx.prepare_cached(db::SPEND_UPSERT)?)?;
     }
     tx.commit()
 }
