@@ -61,14 +61,23 @@ pub enum Denial {
 
 /// Matches `*` (any run) and `?` (one character) globs, case-sensitively.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
+    // Price and scope lookups run this for every call: ASCII (every model id seen so far)
+    // matches byte by byte without allocating; anything else by characters.
+    if pattern.is_ascii() && text.is_ascii() {
+        return glob_match_units(pattern.as_bytes(), text.as_bytes(), b'*', b'?');
+    }
     let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    glob_match_units(&p, &t, '*', '?')
+}
+
+fn glob_match_units<T: Copy + PartialEq>(p: &[T], t: &[T], any: T, one: T) -> bool {
     let (mut pi, mut ti) = (0, 0);
     let (mut star, mut mark) = (None, 0);
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+        if pi < p.len() && (p[pi] == one || p[pi] == t[ti]) {
             pi += 1;
             ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
+        } else if pi < p.len() && p[pi] == any {
             star = Some(pi);
             mark = ti;
             pi += 1;
@@ -80,7 +89,7 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
             return false;
         }
     }
-    p[pi..].iter().all(|&c| c == '*')
+    p[pi..].iter().all(|&c| c == any)
 }
 
 fn allows(list: &[String], value: Option<&str>, matches: impl Fn(&str, &str) -> bool) -> bool {
@@ -346,6 +355,10 @@ mod tests {
     #[test]
     fn globs() {
         assert!(glob_match("gpt-4o*", "gpt-4o-mini"));
+        // `?` is one character, not one byte, outside ASCII.
+        assert!(glob_match("caf?", "café"));
+        assert!(!glob_match("caf??", "café"));
+        assert!(glob_match("*é-?", "modèle-é-x"));
         assert!(glob_match("gpt-4o*", "gpt-4o"));
         assert!(!glob_match("gpt-4o*", "gpt-4"));
         assert!(glob_match("*", ""));
