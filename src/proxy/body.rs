@@ -217,3 +217,154 @@ pub(super) fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .parse()
         .ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::limits::BodyBudget;
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// The app's body in a test: its chunks, then the end.
+    struct Chunks(VecDeque<Bytes>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(|c| Ok(hyper::body::Frame::data(c))))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+    }
+
+    fn chunks(parts: &[&'static str]) -> Chunks {
+        Chunks(
+            parts
+                .iter()
+                .map(|p| Bytes::from_static(p.as_bytes()))
+                .collect(),
+        )
+    }
+
+    fn scan(limit: u64, window: u64, budget: u64) -> Scan {
+        Scan {
+            limit,
+            window,
+            budget,
+        }
+    }
+
+    #[tokio::test]
+    async fn reading_stops_once_the_model_is_known() {
+        let budget = BodyBudget::new(1 << 20);
+        let mut held = budget.hold();
+        let mut body = chunks(&["{\"model\":\"gpt-4o\",", "\"messages\":[]", "}"]);
+        let mut scanner = BodyScanner::for_content_type(Some("application/json"));
+        let mut prefix = Vec::new();
+        let (model, ended) = read_model(
+            &mut body,
+            &mut scanner,
+            &mut prefix,
+            &mut held,
+            scan(1 << 20, 1024, budget.limit()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(model.as_deref(), Some("gpt-4o"));
+        assert!(!ended, "the rest of the body is still with the app");
+        assert_eq!(prefix.len(), 1);
+        assert_eq!(held.bytes(), 18);
+        assert_eq!(body.0.len(), 2, "read past the model");
+    }
+
+    #[tokio::test]
+    async fn a_model_past_max_model_scan_is_refused() {
+        let budget = BodyBudget::new(1 << 20);
+        let mut held = budget.hold();
+        let mut body = chunks(&["{\"messages\":[\"aaaaaaaa\"],", "\"model\":\"m\"}"]);
+        let mut scanner = BodyScanner::for_content_type(None);
+        let err = read_model(
+            &mut body,
+            &mut scanner,
+            &mut Vec::new(),
+            &mut held,
+            scan(1 << 20, 16, budget.limit()),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest);
+        assert!(
+            err.message
+                .contains("first 16 bytes (limits.max_model_scan)"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_past_max_request_body_or_the_shared_budget_is_refused() {
+        let budget = BodyBudget::new(1 << 20);
+        let mut body = chunks(&["{\"messages\":", "[1,2,3,4,5,6]"]);
+        let err = read_model(
+            &mut body,
+            &mut BodyScanner::for_content_type(None),
+            &mut Vec::new(),
+            &mut budget.hold(),
+            scan(20, 1024, budget.limit()),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code, ErrorCode::BodyTooLarge);
+
+        let small = BodyBudget::new(10);
+        let mut held = small.hold();
+        let err = read_model(
+            &mut chunks(&["{\"messages\":", "[1]"]),
+            &mut BodyScanner::for_content_type(None),
+            &mut Vec::new(),
+            &mut held,
+            scan(1 << 20, 1024, small.limit()),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code, ErrorCode::Overloaded);
+        assert!(err.message.contains("max_buffered_bodies (10 bytes)"));
+        assert_eq!(small.held(), 0, "nothing is held past the budget");
+    }
+
+    #[tokio::test]
+    async fn a_whole_body_is_hashed_with_its_prefix() {
+        let budget = BodyBudget::new(1 << 20);
+        let mut held = budget.hold();
+        let mut prefix = vec![Bytes::from_static(b"{\"a\":")];
+        assert!(held.grow(5));
+        let hash = read_whole(
+            &mut chunks(&["1", "}"]),
+            &mut prefix,
+            &mut held,
+            scan(1 << 20, 1 << 20, budget.limit()),
+        )
+        .await
+        .unwrap();
+        let want = ring::digest::digest(&ring::digest::SHA256, b"{\"a\":1}");
+        assert_eq!(hash, crate::hex::encode(want.as_ref()));
+        assert_eq!(held.bytes(), 7);
+        let err = read_whole(
+            &mut chunks(&["0123456789"]),
+            &mut Vec::new(),
+            &mut budget.hold(),
+            scan(9, 9, budget.limit()),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code, ErrorCode::BodyTooLarge);
+    }
+}

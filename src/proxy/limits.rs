@@ -5,7 +5,7 @@
 //! It also counts the request-body bytes keyward holds (a body read while looking for its
 //! `model`, a body kept for a failover) against one budget for all requests together.
 //!
-//! This module only counts; `server` decides when a request takes its share and answers 503
+//! This module only counts; `call` decides when a request takes its share and answers 503
 //! `overloaded` when there is none.
 
 use std::collections::HashMap;
