@@ -1573,6 +1573,45 @@ mod tests {
     }
 
     #[test]
+    fn every_known_family_has_a_read_only_test_call_and_prefixes_are_not_doubled() {
+        let t = Targets::resolve(&specs(
+            "[targets.azure-openai]\nbase_url = \"https://x.openai.azure.com\"\n\
+             [targets.bedrock]\nregion = \"us-east-1\"\n\
+             [targets.vertex]\nlocation = \"us-central1\"\n\
+             [targets.local]\nbase_url = \"https://llm.internal.example/v1\"\nfamily = \"openai\"\n\
+             [targets.opaque]\nbase_url = \"https://opaque.example\"\nfamily = \"none\"",
+        ))
+        .unwrap();
+        let path = |name: &str| test_path(t.get(name).unwrap());
+        assert_eq!(path("openai"), Some("/v1/models"));
+        assert_eq!(path("groq"), Some("/v1/models")); // under its /openai prefix
+        assert_eq!(path("local"), Some("/models")); // base URL ends in /v1
+        assert_eq!(path("anthropic"), Some("/v1/models"));
+        assert_eq!(path("gemini"), Some("/v1beta/models?pageSize=1"));
+        assert_eq!(
+            path("azure-openai"),
+            Some("/openai/models?api-version=2024-10-21")
+        );
+        assert_eq!(
+            path("vertex"),
+            Some("/v1beta1/publishers/google/models?pageSize=1")
+        );
+        assert_eq!(path("bedrock"), Some("/async-invoke?maxResults=1"));
+        assert_eq!(path("opaque"), None);
+        // Each is a read-only models-list call for its family, never a billed one.
+        for name in ["openai", "anthropic", "gemini", "azure-openai"] {
+            let target = t.get(name).unwrap();
+            let p = test_path(target).unwrap();
+            let p = p.split('?').next().unwrap();
+            assert_eq!(
+                capability(target.family, p),
+                Capability::Models,
+                "{name} {p}"
+            );
+        }
+    }
+
+    #[test]
     fn azure_with_base_url_uses_api_key_header() {
         let t = Targets::resolve(&specs(
             "[targets.azure-openai]\nbase_url = \"https://res.openai.azure.com\"",

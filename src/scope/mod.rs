@@ -469,6 +469,55 @@ mod tests {
     }
 
     #[test]
+    fn a_pinned_test_uses_the_named_version_or_the_current_one_whatever_the_scope() {
+        // Two rotations: v1 retired at 5, v2 overlaps until 100, v3 is current; the scope
+        // allows one model only, and a test names none.
+        let c = cred(
+            "a",
+            1,
+            &["gpt-4o*"],
+            vec![
+                version(1, 0, Some(5)),
+                version(2, 0, Some(100)),
+                version(3, 10, None),
+            ],
+        );
+        let cat = setup(vec![c], None, "deny");
+        let (chosen, tenant) = pinned(&cat, "a", None, 50).unwrap();
+        assert_eq!((chosen.version().version, tenant.as_str()), (3, "t"));
+        assert!(!chosen.overlapping);
+        let (chosen, _) = pinned(&cat, "a", Some(2), 50).unwrap();
+        assert_eq!(chosen.version().version, 2);
+        assert!(chosen.overlapping);
+        let e = pinned(&cat, "a", Some(1), 50).unwrap_err();
+        assert_eq!(
+            e,
+            PinError::NotServing("a version 1 cannot serve: it is retired".into())
+        );
+        assert!(matches!(
+            pinned(&cat, "a", Some(9), 50),
+            Err(PinError::Unknown(_))
+        ));
+        assert_eq!(
+            pinned(&cat, "b", None, 50).unwrap_err().to_string(),
+            "no credential b; see `keyward cred list`"
+        );
+        // The tenant's max key age still applies: the key is 50 s old at 50.
+        let mut c = cred("a", 1, &[], vec![version(1, 0, None)]);
+        let cat = setup(vec![c.clone()], Some(30), "deny");
+        assert!(
+            matches!(pinned(&cat, "a", None, 50), Err(PinError::NotServing(m)) if m.contains("max key age"))
+        );
+        let cat = setup(vec![c.clone()], Some(30), "warn");
+        assert!(pinned(&cat, "a", None, 50).unwrap().0.expired_warn);
+        c.revoked_at = Some(1);
+        let cat = setup(vec![c], None, "deny");
+        assert!(
+            matches!(pinned(&cat, "a", None, 50), Err(PinError::NotServing(m)) if m.contains("is revoked"))
+        );
+    }
+
+    #[test]
     fn priority_then_round_robin_then_overlap() {
         let cat = setup(
             vec![
