@@ -540,6 +540,101 @@ fn static_key() -> (String, String) {
     (akid, secret)
 }
 
+/// `keyward cred test` on a Bedrock credential: ListAsyncInvokes, signed with the stored key
+/// (the mock recomputes the signature); a key with the wrong secret is refused 403, and the test
+/// names that version, says why, and exits 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn cred_test_signs_list_async_invokes_and_names_a_refused_key() {
+    let test = "cred_test_signs_list_async_invokes_and_names_a_refused_key";
+    if skip_without_venv(test) {
+        return;
+    }
+    let (akid, secret) = static_key();
+    let (_, wrong) = static_key();
+    let mock = Mock::start(
+        serde_json::json!([{"akid": akid, "secret": secret}]),
+        "expected",
+    );
+    let daemon = Daemon::builder()
+        .config(&bedrock_config(free_port(), &mock))
+        .start();
+    let _logs = ShowLogs(&daemon, &mock);
+    let mut printed = String::new();
+    let mut test_cred = |doc: Value| {
+        let (_, id) = daemon.provision(
+            "acme",
+            "bedrock",
+            &doc.to_string(),
+            &["--kind", "aws-access-key"],
+        );
+        let out = daemon.cli(&["cred", "test", &id, "--json"]);
+        let (stdout, stderr) = (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        );
+        printed.push_str(&stdout);
+        printed.push_str(&stderr);
+        let answer: Value = serde_json::from_str(stdout.trim()).unwrap();
+        (id, out.status.code(), answer, stderr)
+    };
+
+    let (id, code, answer, stderr) =
+        test_cred(serde_json::json!({"access_key_id": akid, "secret_access_key": secret}));
+    assert_eq!(code, Some(0), "{answer}\n{stderr}");
+    assert_eq!(answer["status"], 200);
+    assert_eq!(answer["id"], id.as_str());
+    assert_eq!(answer["request"], "GET /async-invoke?maxResults=1");
+    let seen = mock.requests().pop().unwrap();
+    assert_eq!(
+        (
+            &seen["method"],
+            &seen["path"],
+            &seen["verified"],
+            &seen["akid"]
+        ),
+        (
+            &Value::from("GET"),
+            &Value::from("/async-invoke?maxResults=1"),
+            &Value::from(true),
+            &Value::from(akid.as_str())
+        ),
+        "{seen}"
+    );
+
+    let (bad_id, code, answer, stderr) =
+        test_cred(serde_json::json!({"access_key_id": akid, "secret_access_key": wrong}));
+    assert_eq!(code, Some(1), "{answer}");
+    assert_eq!(
+        (answer["status"].as_u64(), answer["version"].as_u64()),
+        (Some(403), Some(1))
+    );
+    assert_eq!(answer["id"], bad_id.as_str());
+    assert!(
+        stderr.contains("the provider refused the key (403)")
+            && stderr.contains("bedrock:ListAsyncInvokes"),
+        "{stderr}"
+    );
+    let seen = mock.requests().pop().unwrap();
+    assert_eq!(seen["verified"], false, "{seen}");
+    let rows = daemon.json_lines(&[
+        "audit",
+        "query",
+        "--call-id",
+        answer["call_id"].as_str().unwrap(),
+    ]);
+    assert!(
+        rows.iter().any(|r| r["event"] == "request.completed"
+            && r["upstream_status"] == 403
+            && r["credential_id"] == bad_id.as_str()
+            && r["client_id"] == "operator"),
+        "{rows:?}"
+    );
+    let logs = format!("{}\n{}", daemon.stdout(), daemon.stderr());
+    for s in [secret.as_str(), wrong.as_str()] {
+        assert!(!printed.contains(s) && !logs.contains(s) && !mock.raw_log().contains(s));
+    }
+}
+
 /// An inference profile ARN: boto3 sends it as one path segment, `:` and `/` percent-encoded.
 const PROFILE_ARN: &str = "arn:aws:bedrock:us-east-1:123456789012:inference-profile/\
                            us.anthropic.claude-3-5-sonnet-20240620-v1:0";

@@ -302,6 +302,92 @@ async fn echoed_tokens_and_key_material_are_redacted_and_a_refused_token_is_drop
 const AZURE_CHAT: &str = "/azure-openai/openai/deployments/gpt-4o/chat/completions\
                           ?api-version=2024-10-21";
 
+/// `keyward cred test` on token kinds: a Vertex service account and an Entra ID credential
+/// each list models with a freshly minted token; a service account the token endpoint refuses
+/// fails the test with the endpoint's reason, names the credential, and sends nothing upstream.
+// Multi-threaded: the CLI blocks this thread while the in-process mock answers the call.
+#[tokio::test(flavor = "multi_thread")]
+async fn cred_test_mints_a_token_for_vertex_and_azure_and_names_a_refused_account() {
+    let Some(s) =
+        Stack::start("cred_test_mints_a_token_for_vertex_and_azure_and_names_a_refused_account")
+            .await
+    else {
+        return;
+    };
+    let d = &s.daemon;
+    let test = |id: &str| {
+        let out = d.cli(&["cred", "test", id, "--json"]);
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        let answer: Value = serde_json::from_str(stdout.trim()).unwrap();
+        (out.status.code(), answer, format!("{stdout}{stderr}"))
+    };
+    let mut printed = String::new();
+
+    let (_, vertex) = s.provision("vertex", "gcp-service-account", "sa.json");
+    let (code, answer, text) = test(&vertex);
+    printed.push_str(&text);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(answer["status"], 200);
+    let minted = issued(&s.tokens).remove(0);
+    let seen = s.mock.last_request().unwrap();
+    assert_eq!(
+        seen.path_and_query,
+        "/v1beta1/publishers/google/models?pageSize=1"
+    );
+    assert_eq!(bearer_seen(&s.mock), format!("Bearer {minted}"));
+
+    let (_, azure) = s.provision("azure-openai", "azure-entra", "entra.json");
+    let (code, answer, text) = test(&azure);
+    printed.push_str(&text);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(
+        s.mock.last_request().unwrap().path_and_query,
+        "/openai/models?api-version=2024-10-21"
+    );
+    let minted_entra = issued(&s.tokens).pop().unwrap();
+    assert_ne!(minted_entra, minted);
+    assert_eq!(bearer_seen(&s.mock), format!("Bearer {minted_entra}"));
+    assert_eq!(
+        answer["request"],
+        "GET /openai/models?api-version=2024-10-21"
+    );
+
+    // Same account and key id, another private key: no token, so nothing goes upstream.
+    let before = s.mock.request_count();
+    let (_, other) = s.provision("vertex", "gcp-service-account", "sa_other.json");
+    let (code, answer, text) = test(&other);
+    printed.push_str(&text);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(answer["status"].is_null(), "{answer}");
+    assert_eq!(answer["error"], "upstream_unreachable");
+    for part in [
+        "keyward could not complete the call (upstream_unreachable)",
+        other.as_str(),
+        "invalid_grant",
+    ] {
+        assert!(text.contains(part), "{part} not in: {text}");
+    }
+    assert_eq!(
+        s.mock.request_count(),
+        before,
+        "nothing went to the provider"
+    );
+
+    let entra = s.tokens.json("entra.json");
+    let mut secrets = s.key_material("sa.json");
+    secrets.extend(s.key_material("sa_other.json"));
+    secrets.push(entra["client_secret"].as_str().unwrap().to_string());
+    secrets.extend([minted, minted_entra]);
+    for secret in &secrets {
+        assert!(
+            !printed.contains(secret.as_str()),
+            "a secret in the CLI's output"
+        );
+    }
+    s.assert_nowhere(&secrets);
+}
+
 fn azure_body(stream: bool) -> String {
     json!({"model": "gpt-4o", "stream": stream,
            "messages": [{"role": "user", "content": "hi"}]})

@@ -205,6 +205,13 @@ async fn a_refused_key_names_its_version_exits_1_and_is_kept_without_failover() 
     let stdout = String::from_utf8(out.stdout).unwrap();
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let first_call = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("call id  "))
+        .unwrap()
+        .trim()
+        .to_string();
+    let first_call = first_call.as_str();
     assert!(
         stdout.contains(&format!("tested   {bad_id}/v1")),
         "{stdout}"
@@ -250,9 +257,32 @@ async fn a_refused_key_names_its_version_exits_1_and_is_kept_without_failover() 
     assert_eq!(completed["credential_id"], bad_id.as_str());
     assert_eq!(completed["credential_version"], 1);
 
-    // The credential is kept; app calls still get served (by the good key, after failover).
+    // The credential is kept, quarantined in the pool as an app call's 401 would leave it,
+    // and the quarantine is audited as part of the operator's test.
     let listed = d.json_lines(&["cred", "list", "--tenant", "acme"]);
-    assert!(listed.iter().any(|c| c["id"] == bad_id), "{listed:?}");
+    assert!(
+        listed
+            .iter()
+            .any(|c| c["id"] == bad_id && c["state"] == "quarantined"),
+        "{listed:?}"
+    );
+    let quarantined = rows
+        .iter()
+        .chain(call_rows(d, first_call).iter())
+        .filter(|r| r["event"] == "credential.quarantined")
+        .cloned()
+        .collect::<Vec<_>>();
+    assert!(
+        quarantined
+            .iter()
+            .any(|r| r["credential_id"] == bad_id.as_str()
+                && r["flags"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f == "operator_test")),
+        "{rows:?}"
+    );
     let (status, headers, _) = support::uds::call(
         &d.socket(),
         support::uds::post(
@@ -463,4 +493,39 @@ fn no_key_anywhere(d: &Daemon, keys: &[&str]) {
         }
         assert!(!contains(&state, key), "key in the state directory");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_family_is_tested_with_its_own_models_list_and_auth_header() {
+    let s = support::setup(&["anthropic", "gemini"], "").await;
+    let d = &s.daemon;
+    let anthropic = random_key("sk-ant-");
+    let (_, anthropic_id) = d.provision("acme", "anthropic", &anthropic, &[]);
+    let gemini = random_key("AIza");
+    let (_, gemini_id) = d.provision("acme", "gemini", &gemini, &[]);
+
+    let (code, answer, _) = test_json(d, &[&anthropic_id]);
+    assert_eq!(
+        (code, answer["status"].as_u64()),
+        (0, Some(200)),
+        "{answer}"
+    );
+    let seen = s.mock.last_request().unwrap();
+    assert_eq!(seen.path_and_query, "/v1/models");
+    assert_eq!(seen.header("x-api-key"), Some(anthropic.as_str()));
+    assert_eq!(seen.header("anthropic-version"), Some("2023-06-01"));
+
+    let (code, answer, _) = test_json(d, &[&gemini_id]);
+    assert_eq!(
+        (code, answer["status"].as_u64()),
+        (0, Some(200)),
+        "{answer}"
+    );
+    assert_eq!(answer["request"], "GET /v1beta/models?pageSize=1");
+    let seen = s.mock.last_request().unwrap();
+    assert_eq!(seen.path_and_query, "/v1beta/models?pageSize=1");
+    assert_eq!(seen.header("x-goog-api-key"), Some(gemini.as_str()));
+    // The key goes in its header only, never in the query.
+    assert!(!seen.path_and_query.contains(&gemini));
+    no_key_anywhere(d, &[&anthropic, &gemini]);
 }

@@ -135,6 +135,34 @@ class Bedrock(BaseHTTPRequestHandler):
             return None, "InvalidSignatureException: the signature does not match"
         return (akid, secret, token), None
 
+    def do_GET(self):
+        """ListAsyncInvokes (``GET /async-invoke``), the read-only call of ``keyward cred test``;
+        signed over an empty body, like every GET."""
+        who, why = self.verify(b"")
+        log(
+            {
+                "method": "GET",
+                "path": self.path,
+                "headers": [[k.lower(), v] for k, v in self.headers.items()],
+                "body": "",
+                "verified": who is not None,
+                "why": why,
+                "akid": who[0] if who else None,
+            }
+        )
+        if who is None:
+            self.refuse(403, "InvalidSignatureException", why)
+            return
+        if not re.match(r"^/async-invoke(\?|$)", self.path):
+            self.refuse(404, "UnknownOperationException", "unknown path " + self.path)
+            return
+        out = json.dumps({"asyncInvokeSummaries": []}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
     def do_POST(self):
         length = int(self.headers.get("content-length", "0"))
         body = self.rfile.read(length)

@@ -567,6 +567,17 @@ async fn route(state: &Arc<State>, req: &RecordedRequest) -> Response<MockBody> 
         (&Method::POST, "/v1/responses") => openai_responses(req, text),
         (&Method::POST, "/v1/embeddings") => openai_embeddings(req),
         (&Method::GET, "/v1/models") => openai_models(),
+        // The models lists of Azure OpenAI's data plane, Gemini and Vertex AI's Model Garden
+        // (`keyward cred test` calls them).
+        (&Method::GET, "/openai/models") => openai_models(),
+        (&Method::GET, "/v1beta/models") => json_response(
+            StatusCode::OK,
+            json!({"models": [{"name": "models/gemini-2.0-flash"}], "nextPageToken": "p2"}),
+        ),
+        (&Method::GET, "/v1beta1/publishers/google/models") => json_response(
+            StatusCode::OK,
+            json!({"publisherModels": [{"name": "publishers/google/models/gemini-2.0-flash"}]}),
+        ),
         (&Method::POST, "/v1/files") => json_response(
             StatusCode::OK,
             json!({
