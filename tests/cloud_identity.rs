@@ -898,3 +898,42 @@ async fn a_token_endpoint_refusal_fails_over_and_quarantines_the_credential() {
     secrets.extend(issued(&s.tokens));
     s.assert_nowhere(&secrets);
 }
+
+#[tokio::test]
+async fn google_genai_sdk_in_vertex_mode_normal_and_streaming() {
+    let Some(s) = Stack::start("google_genai_sdk_in_vertex_mode_normal_and_streaming").await
+    else {
+        return;
+    };
+    let (token, cred) = s.provision("vertex", "gcp-service-account", "sa.json");
+    let stdout = example(&s, "google_genai_vertex_chat.py", &token).await;
+    assert!(
+        stdout.contains(&format!("keyward-credential: {cred}/v1")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("usage: 9 input"), "{stdout}");
+    let paths: Vec<String> = s
+        .mock
+        .requests()
+        .iter()
+        .map(|r| r.path().to_string())
+        .collect();
+    let base = "/v1/projects/my-project/locations/us-central1/publishers/google/models/\
+                gemini-2.0-flash";
+    assert_eq!(
+        paths,
+        [
+            format!("{base}:generateContent"),
+            format!("{base}:streamGenerateContent")
+        ]
+    );
+    assert_eq!(s.tokens.count("google"), 1);
+    let minted = issued(&s.tokens);
+    provider_saw_only(&s, &token, &minted);
+    let mut secrets = s.key_material("sa.json");
+    secrets.extend(minted.iter().cloned());
+    s.assert_nowhere(&secrets);
+    for m in &minted {
+        assert!(!stdout.contains(m.as_str()));
+    }
+}
