@@ -901,8 +901,7 @@ async fn a_token_endpoint_refusal_fails_over_and_quarantines_the_credential() {
 
 #[tokio::test]
 async fn google_genai_sdk_in_vertex_mode_normal_and_streaming() {
-    let Some(s) = Stack::start("google_genai_sdk_in_vertex_mode_normal_and_streaming").await
-    else {
+    let Some(s) = Stack::start("google_genai_sdk_in_vertex_mode_normal_and_streaming").await else {
         return;
     };
     let (token, cred) = s.provision("vertex", "gcp-service-account", "sa.json");
