@@ -528,3 +528,121 @@ fn strings(v: &serde_json::Value, out: &mut Vec<String>) {
         _ => {}
     }
 }
+
+/// CRC-32 (IEEE), the event-stream checksum, for building messages below.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// One event-stream message with a `:event-type` header and `payload`, checksums right.
+fn event_message(event: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut headers = vec![11u8];
+    headers.extend_from_slice(b":event-type");
+    headers.push(7);
+    headers.extend_from_slice(&(event.len() as u16).to_be_bytes());
+    headers.extend_from_slice(event);
+    let total = 12 + headers.len() + payload.len() + 4;
+    let mut m = Vec::with_capacity(total);
+    m.extend_from_slice(&(total as u32).to_be_bytes());
+    m.extend_from_slice(&(headers.len() as u32).to_be_bytes());
+    let c = crc32(&m);
+    m.extend_from_slice(&c.to_be_bytes());
+    m.extend_from_slice(&headers);
+    m.extend_from_slice(payload);
+    let c = crc32(&m);
+    m.extend_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// The body the `eventstream` target reads: with an even first byte, the rest as it is; with
+/// an odd one, the rest as records (one length byte, then that many payload bytes, wrapped in
+/// a message with valid checksums; a length byte over 200 flips a bit of the previous message
+/// instead), so the reader sees well-formed messages, corrupt ones and resynchronisation, not
+/// only noise that fails the first checksum.
+pub fn eventstream_body(data: &[u8]) -> Vec<u8> {
+    let Some((&mode, mut rest)) = data.split_first() else {
+        return Vec::new();
+    };
+    if mode % 2 == 0 {
+        return rest.to_vec();
+    }
+    let mut out = Vec::new();
+    while let Some((&n, after)) = rest.split_first() {
+        if n > 200 {
+            if !out.is_empty() {
+                let at = usize::from(n) * 7 % out.len();
+                out[at] ^= 1 << (n % 8);
+            }
+            rest = after;
+            continue;
+        }
+        let n = usize::from(n).min(after.len());
+        let event: &[u8] = if n % 3 == 0 { b"chunk" } else { b"metadata" };
+        out.extend(event_message(event, &after[..n]));
+        rest = &after[n..];
+    }
+    out
+}
+
+/// The Bedrock event-stream reader (`application/vnd.amazon.eventstream`): the same message
+/// payloads, and so the same usage counts, over any split of the body as over the whole of it,
+/// one byte at a time included; never a panic; the usage totals add up.
+pub fn eventstream(data: &[u8]) {
+    use keyward::audit::usage::UsageTap;
+    use keyward::providers::bedrock::EventStreamUsage;
+    let (sizes, rest) = seed_and_payload(data);
+    let body = eventstream_body(rest);
+    let payloads = |chunks: &[&[u8]]| {
+        let mut reader = EventStreamUsage::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            reader.feed(c, &mut |p| out.push(p.to_vec()));
+        }
+        out
+    };
+    let whole = payloads(&[&body]);
+    assert_eq!(
+        whole,
+        payloads(&split(&body, &sizes)),
+        "payloads depend on the split"
+    );
+    assert_eq!(
+        whole,
+        payloads(&split(&body, &[1])),
+        "payloads read byte by byte differ"
+    );
+    let usage = |chunks: &[&[u8]]| {
+        let mut tap = UsageTap::new(Some("application/vnd.amazon.eventstream"));
+        for c in chunks {
+            tap.feed(c);
+        }
+        tap.finish()
+    };
+    let counts = usage(&[&body]);
+    assert_eq!(
+        counts,
+        usage(&split(&body, &sizes)),
+        "usage depends on the split"
+    );
+    assert_eq!(
+        counts,
+        usage(&split(&body, &[1])),
+        "usage byte by byte differs"
+    );
+    if let Some(u) = counts
+        && let (Some(i), Some(o)) = (u.input_tokens, u.output_tokens)
+    {
+        assert_eq!(u.total_tokens, Some(i.saturating_add(o)), "{u:?}");
+    }
+}

@@ -16,7 +16,7 @@ seconds="${1:-600}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(route json_scanners multipart scrub config framing usage bundle admin_api)
+  targets=(route json_scanners multipart scrub config framing usage bundle admin_api eventstream)
 fi
 jobs="${JOBS:-1}"
 export RUSTC_BOOTSTRAP=1

@@ -68,6 +68,11 @@ fn usage_corpus() {
 }
 
 #[test]
+fn eventstream_corpus() {
+    run_corpus("eventstream", checks::eventstream);
+}
+
+#[test]
 fn bundle_corpus() {
     run_corpus("bundle", checks::bundle);
 }
