@@ -12,7 +12,7 @@ use super::WireSecret;
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({
-    "tenant": "acme", "target": "openai", "name": "main", "models": ["gpt-4o*"],
+    "tenant": "acme", "target": "openai", "name": "primary", "models": ["gpt-4o*"],
     "secret": "sk-proj-Example0000000000000000000000000000"
 }))]
 pub struct NewCredential {
