@@ -460,6 +460,24 @@ async fn a_test_call_counts_against_the_tenants_rate_limit_and_says_when_it_is_r
         before,
         "a refused test reached the provider"
     );
+    // The admitted test is spend of the tenant, under the client `operator` (a models list
+    // reports no tokens, so it costs nothing).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let rows = d.json_lines(&["spend", "--tenant", "acme", "--by", "client"]);
+        if let Some(row) = rows.iter().find(|r| r["client"] == "operator") {
+            assert_eq!(
+                (row["calls"].as_u64(), row["cost_micros"].as_u64()),
+                (Some(1), Some(0))
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no operator spend row: {rows:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     // The refusal is audited like an app's, as an operator test.
     let rows = call_rows(d, answer["call_id"].as_str().unwrap());
     assert_eq!(rows.len(), 1, "{rows:?}");
