@@ -11,6 +11,7 @@
 # and shutdown subtracted. Then the functions with the most inclusive instructions in the N2
 # run. Output files stay in target/bench/callgrind/. COMPARE=<built compare bench binary> skips
 # cargo (e.g. target/release/deps/compare-<hash>, as `cargo bench --bench compare` printed it).
+# PEER=nginx counts nginx instead (one process, no master), for the same calls.
 set -eu
 cd "$(dirname "$0")/.."
 bin=${1:-}
@@ -24,6 +25,9 @@ run() {
     file="$out/callgrind.$tag.$1.out"
     set -- --calls "$1" --calls-conns "$conns" \
         --keyward-wrap "valgrind --tool=callgrind --callgrind-out-file=$PWD/$file"
+    if [ -n "${PEER:-}" ]; then
+        set -- "$@" --calls-peer "$PEER"
+    fi
     if [ -n "$bin" ]; then
         set -- "$@" --keyward-bin "$bin"
     fi

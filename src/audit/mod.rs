@@ -414,7 +414,7 @@ impl Audit {
     /// it was not recorded and the caller must not proceed.
     pub async fn commit(&self, mut event: Event) -> Result<u64, AuditError> {
         event.sanitize().map_err(AuditError::InvalidEvent)?;
-        let (reply, rx) = oneshot::channel();
+        let (reply, mut rx) = oneshot::channel();
         match self.inner.shared.push(event, Some(reply)) {
             Ok(()) => {}
             Err(Refused::Full) => {
@@ -428,6 +428,12 @@ impl Audit {
             Err(Refused::Closed) => return Err(stopped()),
         }
         self.inner.shared.commit_queued().await;
+        // Usually this task wrote the batch itself and the answer is already there.
+        match rx.try_recv() {
+            Ok(result) => return result,
+            Err(oneshot::error::TryRecvError::Closed) => return Err(stopped()),
+            Err(oneshot::error::TryRecvError::Empty) => {}
+        }
         match tokio::time::timeout(COMMIT_TIMEOUT, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(stopped()),

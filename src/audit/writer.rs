@@ -4,8 +4,9 @@
 //! failed batch answers every waiter with `Unavailable` and leaves the chain head where it was.
 //!
 //! With `audit_sync = "normal"` a batch is one append and one anchor write into the page cache, so
-//! the calling task commits itself (after one yield, so that other callers that are ready put their
-//! rows in the same batch): no thread hand-off sits on a request's path. With `full` every batch
+//! the calling task commits itself: no thread hand-off sits on a request's path. When commits come
+//! close together (within [`BATCH_WINDOW`]) it yields once first, so that other callers that are
+//! ready put their rows in the same batch. With `full` every batch
 //! waits for fsync, so callers commit from the blocking pool instead of an async worker. Rows
 //! nobody waits on are committed with the next commit, or alone after [`LINGER`]. The maintenance
 //! thread folds journaled rows into `audit.db` ([`Db`]) every [`FOLD_INTERVAL`], runs retention,
@@ -19,7 +20,7 @@
 //! beyond that is counted as lost and logged as an error, never dropped silently.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -47,6 +48,12 @@ const IDLE_WAKE: Duration = Duration::from_secs(1);
 pub(crate) const RETRY_CAP: usize = 65_536;
 /// How often automatic retention runs.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+/// A commit that follows the previous one within this long yields once before it writes, so
+/// that callers ready at the same moment share its batch (one journal append and one anchor
+/// write for all of them). Further apart, a yield finds nobody to wait for and only adds a
+/// trip through the scheduler (and its poll of the I/O driver) to the call, so the row is
+/// written at once.
+const BATCH_WINDOW: Duration = Duration::from_micros(250);
 
 /// The answer a committing caller waits for.
 pub(crate) type Reply = oneshot::Sender<Result<u64, AuditError>>;
@@ -89,6 +96,10 @@ pub(crate) struct Shared {
     unfolded: AtomicBool,
     /// The writer keeps rows of a failed batch for another attempt.
     retry_pending: AtomicBool,
+    /// When the trail was opened: the origin of `last_commit`.
+    opened: Instant,
+    /// Nanoseconds after `opened` of the latest inline commit (see [`BATCH_WINDOW`]).
+    last_commit: AtomicU64,
 }
 
 impl Shared {
@@ -106,6 +117,8 @@ impl Shared {
             linger_armed: AtomicBool::new(false),
             unfolded: AtomicBool::new(false),
             retry_pending: AtomicBool::new(false),
+            opened: Instant::now(),
+            last_commit: AtomicU64::new(0),
         })
     }
 
@@ -131,7 +144,11 @@ impl Shared {
     /// thread, so an fsync never stalls an async worker.
     pub(crate) async fn commit_queued(self: &Arc<Self>) {
         if self.inline {
-            tokio::task::yield_now().await;
+            let now = self.opened.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+            let previous = self.last_commit.swap(now, Ordering::Relaxed);
+            if now.saturating_sub(previous) < BATCH_WINDOW.as_nanos() as u64 {
+                tokio::task::yield_now().await;
+            }
             self.drive();
         } else {
             let shared = self.clone();
