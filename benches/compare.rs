@@ -58,6 +58,9 @@ struct Options {
     calls: Option<u64>,
     /// Connections those calls use (`--calls-conns C`).
     calls_conns: usize,
+    /// Whom those calls go through: `keyward` or `nginx` (`--calls-peer`), wrapped in
+    /// `--keyward-wrap` either way.
+    calls_peer: String,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -76,6 +79,7 @@ fn parse_args() -> Result<Options, String> {
         attach_loaded: false,
         calls: None,
         calls_conns: 1,
+        calls_peer: "keyward".into(),
     };
     let mut phase_set = false;
     let mut args = std::env::args().skip(1);
@@ -117,6 +121,7 @@ fn parse_args() -> Result<Options, String> {
                         .map_err(|_| format!("--calls wants a count, got {v:?}"))?,
                 );
             }
+            "--calls-peer" => o.calls_peer = value("--calls-peer")?,
             "--calls-conns" => {
                 let v = value("--calls-conns")?;
                 o.calls_conns = v
@@ -141,7 +146,7 @@ fn parse_args() -> Result<Options, String> {
                      \x20                                     [--json FILE] [--no-install] [--keyward-wrap \"CMD ARGS\"]\n\
                      \x20                                     [--keyward-bin PATH] [--keyward-config 'TOML LINE']...\n\
                      \x20                                     [--attach \"perf stat -p {{pid}}\" [--attach-loaded]]\n\
-                     \x20      or: cargo bench --bench compare -- --calls N [--calls-conns C] [--keyward-wrap ...] [--keyward-bin PATH]"
+                     \x20      or: cargo bench --bench compare -- --calls N [--calls-conns C] [--calls-peer keyward|nginx] [--keyward-wrap ...] [--keyward-bin PATH]"
                 );
                 std::process::exit(0);
             }
@@ -238,7 +243,7 @@ async fn run(opts: &Options) -> Run {
         let peer = match key {
             "keyward" => peers::start_keyward(&mock, UPSTREAM_KEY, "normal", &opts.keyward),
             "keyward-full" => peers::start_keyward(&mock, UPSTREAM_KEY, "full", &opts.keyward),
-            "nginx" => peers::start_nginx(&mock, UPSTREAM_KEY),
+            "nginx" => peers::start_nginx(&mock, UPSTREAM_KEY, &[]),
             _ => peers::start_litellm(&mock, UPSTREAM_KEY, opts.install),
         };
         let report = match peer {
@@ -287,20 +292,30 @@ async fn calls(opts: &Options, n: u64) -> i32 {
             return 1;
         }
     };
-    let peer = match peers::start_keyward(&mock, UPSTREAM_KEY, "normal", &opts.keyward) {
+    let started = match opts.calls_peer.as_str() {
+        "keyward" => peers::start_keyward(&mock, UPSTREAM_KEY, "normal", &opts.keyward),
+        "nginx" => peers::start_nginx(&mock, UPSTREAM_KEY, &opts.keyward.wrap),
+        other => Err(format!("--calls-peer {other:?}: keyward or nginx")),
+    };
+    let peer = match started {
         Ok(p) => p,
         Err(e) => {
             eprintln!("compare: {e}");
             return 1;
         }
     };
+    let ticks = procstat::clock_ticks();
+    let cpu0 = procstat::cpu_seconds(peer.pid, ticks);
     let result = load::count(&peer.target, n, opts.calls_conns).await;
+    let cpu = procstat::cpu_seconds(peer.pid, ticks) - cpu0;
     eprintln!(
-        "calls: {} ok, {} failed in {:.1}s over {} connection(s){}",
+        "calls: {} ok, {} failed in {:.1}s over {} connection(s), {:.1} µs of {} CPU per call{}",
         result.ok,
         result.errors,
         result.elapsed.as_secs_f64(),
         opts.calls_conns,
+        cpu * 1e6 / result.ok.max(1) as f64,
+        peer.name,
         result
             .first_error
             .as_deref()

@@ -327,7 +327,9 @@ fn cli(bin: &Path, home: &Path, args: &[&str], stdin: Option<&str>) -> Result<St
 // === nginx ===
 
 /// Starts nginx in the foreground with a generated config that injects the key.
-pub fn start_nginx(mock: &Mock, key: &str) -> Result<Peer, String> {
+/// Starts nginx; with `wrap` (a profiler command, for `--calls`) as one process (no master,
+/// one worker) under that command, so the profiler sees every request.
+pub fn start_nginx(mock: &Mock, key: &str, wrap: &[String]) -> Result<Peer, String> {
     let binary = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
         .find(|p| Path::new(p).exists())
@@ -337,7 +339,7 @@ pub fn start_nginx(mock: &Mock, key: &str) -> Result<Peer, String> {
     let root = nix::unistd::geteuid().is_root();
     let config = format!(
         r#"daemon off;
-{user}worker_processes auto;
+{user}{processes}
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -371,13 +373,26 @@ http {{
 }}
 "#,
         user = if root { "user root;\n" } else { "" },
+        processes = if wrap.is_empty() {
+            "worker_processes auto;"
+        } else {
+            "master_process off;\nworker_processes 1;"
+        },
         port = mock.port,
         ca = mock.ca_path.display(),
     );
     let config_path = dir.path().join("nginx.conf");
     std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
     let (out, err) = log_files(dir.path(), "nginx")?;
-    let mut child = Command::new(binary)
+    let mut cmd = match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(binary);
+            c
+        }
+        None => Command::new(binary),
+    };
+    let mut child = cmd
         .arg("-c")
         .arg(&config_path)
         .arg("-p")
