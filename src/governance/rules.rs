@@ -324,8 +324,8 @@ pub fn parse_usd(text: &str) -> Option<u64> {
 
 // === admin API shapes ===
 
-/// `budget set` / `POST /v1/budgets`: creates the budget of this scope and period, or replaces its limit, action
-/// and alerts (the id stays).
+/// `budget set` / `POST /v1/budgets`: creates the budget of this scope and period, or replaces
+/// its limit, action and alerts (the id stays).
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(

@@ -173,8 +173,9 @@ fn new_call_id() -> String {
         .to_string()
 }
 
-/// Serves one request (an app's, or an operator's test call): admits it, runs its phases, and answers — with the upstream's
-/// scrubbed response, or keyward's error (audited when the caller was authenticated).
+/// Serves one request (an app's, or an operator's test call): admits it, runs its phases, and
+/// answers — with the upstream's scrubbed response, or keyward's error (audited when the caller
+/// was authenticated).
 pub(super) async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
