@@ -505,15 +505,19 @@ mod tests {
         // The tenant's max key age still applies: the key is 50 s old at 50.
         let mut c = cred("a", 1, &[], vec![version(1, 0, None)]);
         let cat = setup(vec![c.clone()], Some(30), "deny");
+        let refused = pinned(&cat, "a", None, 50).unwrap_err();
         assert!(
-            matches!(pinned(&cat, "a", None, 50), Err(PinError::NotServing(m)) if m.contains("max key age"))
+            matches!(&refused, PinError::NotServing(m) if m.contains("max key age")),
+            "{refused:?}"
         );
         let cat = setup(vec![c.clone()], Some(30), "warn");
         assert!(pinned(&cat, "a", None, 50).unwrap().0.expired_warn);
         c.revoked_at = Some(1);
         let cat = setup(vec![c], None, "deny");
+        let refused = pinned(&cat, "a", None, 50).unwrap_err();
         assert!(
-            matches!(pinned(&cat, "a", None, 50), Err(PinError::NotServing(m)) if m.contains("is revoked"))
+            matches!(&refused, PinError::NotServing(m) if m.contains("is revoked")),
+            "{refused:?}"
         );
     }
 
