@@ -36,6 +36,7 @@ pub mod store;
 pub mod systemd;
 pub mod traces;
 pub mod units;
+pub mod wire;
 
 /// Locks `m`, carrying on if a thread panicked while holding it. Every mutex here guards state
 /// that stays consistent at each step (a queue, a pool, a counter map), and a daemon that

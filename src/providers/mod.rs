@@ -32,6 +32,9 @@ use zeroize::Zeroizing;
 
 use crate::identity::CredentialKind;
 use crate::seal::Secret;
+use crate::wire::{
+    HOP_BY_HOP, MAX_DECODE_PASSES, percent_decode_once, strip_hop_by_hop_and_keyward,
+};
 
 /// A `[targets.NAME]` table from the config file: overrides a preset, or defines a target.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
@@ -237,7 +240,7 @@ fn segments(path: &str) -> Vec<&str> {
 
 /// Percent-decodes a path segment naming a model; `None` if it is malformed or empty.
 fn percent_decode(s: &str) -> Option<String> {
-    let out = crate::proxy::route::percent_decode_once(s.as_bytes(), true, false)?;
+    let out = percent_decode_once(s.as_bytes(), true, false)?;
     String::from_utf8(out).ok().filter(|m| !m.is_empty())
 }
 
@@ -1071,17 +1074,6 @@ fn check_ca_file(path: &std::path::Path) -> Result<(), String> {
 
 // === injection ===
 
-/// Headers that describe one connection, not the request (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-connection",
-];
-
 /// Every header an SDK may carry its own credential in.
 const CLIENT_CREDENTIAL_HEADERS: &[&str] = &[
     "authorization",
@@ -1323,32 +1315,6 @@ fn strip_client_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes the headers that describe one connection (those listed in every `Connection`
-/// value, and the standard hop-by-hop set) and every `keyward-*` header, which only keyward
-/// may set. Shared by the request side (app → upstream) and the response side (upstream →
-/// app).
-pub fn strip_hop_by_hop_and_keyward(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .chain(
-            headers
-                .keys()
-                .filter(|n| n.as_str().starts_with("keyward-"))
-                .cloned(),
-        )
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
-    }
-}
-
 /// Query parameter names (compared case-insensitively, after percent-decoding) that carry
 /// credentials in some provider API.
 const QUERY_CREDENTIALS: &[&str] = &[
@@ -1381,9 +1347,8 @@ pub fn strip_query_credentials(query: &str) -> String {
 /// Bounded like the route check, which already refuses deeper nesting.
 fn percent_decode_lossy(s: &str) -> String {
     let mut cur = s.as_bytes().to_vec();
-    for _ in 0..=crate::proxy::route::MAX_DECODE_PASSES {
-        let next = crate::proxy::route::percent_decode_once(&cur, false, true)
-            .expect("lenient decoding never fails");
+    for _ in 0..=MAX_DECODE_PASSES {
+        let next = percent_decode_once(&cur, false, true).expect("lenient decoding never fails");
         if next == cur {
             break;
         }

@@ -49,7 +49,7 @@ pub(super) fn respond(
     // write back verbatim: nothing of the upstream's response travels unscrubbed.
     parts.extensions = http::Extensions::new();
     // Connection-level headers are not relayed, and an upstream must not forge keyward-*.
-    crate::providers::strip_hop_by_hop_and_keyward(&mut parts.headers);
+    crate::wire::strip_hop_by_hop_and_keyward(&mut parts.headers);
     // URLs into the provider's API come back through keyward, where the key and the audit are.
     if let Some(base) = &call.app_base {
         rewrite_upstream_urls(&mut parts.headers, target, base);

@@ -11,6 +11,7 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Method, Version};
 
 use crate::providers::{Target, is_target_name, strip_query_credentials};
+use crate::wire::{MAX_DECODE_PASSES, percent_decode_once};
 
 /// A validated request target. Only [`Route::parse`] builds one, so its parts always satisfy
 /// the checks below.
@@ -389,42 +390,8 @@ fn decoded_forms(s: &str) -> Result<Vec<Vec<u8>>, RouteError> {
     }
 }
 
-/// Decoding passes examined; deeper nesting is refused.
-pub const MAX_DECODE_PASSES: usize = 3;
 /// Longest request target accepted (path and query).
 pub const MAX_TARGET_LEN: usize = 8192;
-
-/// One percent-decoding pass, the one every module uses. A `%` without two hex digits is
-/// `None` when `strict`, else kept as it is (as a lenient decoder would); `plus_as_space`
-/// decodes `+` as form decoders do.
-pub(crate) fn percent_decode_once(b: &[u8], strict: bool, plus_as_space: bool) -> Option<Vec<u8>> {
-    let hex = crate::hex::digit;
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            match (
-                b.get(i + 1).and_then(|&c| hex(c)),
-                b.get(i + 2).and_then(|&c| hex(c)),
-            ) {
-                (Some(h), Some(l)) => {
-                    out.push((h << 4) | l);
-                    i += 3;
-                    continue;
-                }
-                _ if strict => return None,
-                _ => {}
-            }
-        }
-        out.push(if plus_as_space && b[i] == b'+' {
-            b' '
-        } else {
-            b[i]
-        });
-        i += 1;
-    }
-    Some(out)
-}
 
 fn is_control(b: u8) -> bool {
     b < 0x20 || b == 0x7f
