@@ -247,6 +247,47 @@ mod tests {
     }
 
     #[test]
+    fn tags_bind_the_key_the_domain_and_each_part() {
+        let key = MacKey::new(&Secret::random(32));
+        let tag = key.tag("audit-key", &[b"i-1", b"abc"]);
+        assert_eq!(tag, key.tag("audit-key", &[b"i-1", b"abc"]));
+        let others = [
+            MacKey::new(&Secret::random(32)).tag("audit-key", &[b"i-1", b"abc"]),
+            key.tag("audit-stop", &[b"i-1", b"abc"]),
+            key.tag("audit-key", &[b"i-2", b"abc"]),
+            // Parts are length-prefixed: moving a byte across a boundary is another tag.
+            key.tag("audit-key", &[b"i-1a", b"bc"]),
+            key.tag("audit-key", &[b"i-1", b"abc", b""]),
+        ];
+        for (i, other) in others.iter().enumerate() {
+            assert_ne!(&tag, other, "variant {i}");
+        }
+    }
+
+    #[test]
+    fn row_macs_bind_the_previous_mac_and_the_row() {
+        let key = MacKey::new(&Secret::random(32));
+        let mac = key.canonical_mac(&GENESIS, b"row 1");
+        assert_eq!(mac, key.canonical_mac(&GENESIS, b"row 1"));
+        assert_ne!(mac, key.canonical_mac(&[1; MAC_LEN], b"row 1"));
+        assert_ne!(mac, key.canonical_mac(&GENESIS, b"row 2"));
+        let other = MacKey::new(&Secret::random(32));
+        assert_ne!(mac, other.canonical_mac(&GENESIS, b"row 1"));
+        // The MAC is the HMAC output itself, not a constant or a truncated copy.
+        assert_ne!(mac, [0; MAC_LEN]);
+        assert_ne!(mac, [1; MAC_LEN]);
+        // A row's MAC covers its canonical encoding: seq, time and every field.
+        let e = Event::new(crate::audit::EventKind::RequestResolved);
+        let row = key.row_mac(&GENESIS, 1, 1_700_000_000_000, &e);
+        assert_eq!(
+            row,
+            key.canonical_mac(&GENESIS, &canonical(1, 1_700_000_000_000, &e))
+        );
+        assert_ne!(row, key.row_mac(&GENESIS, 2, 1_700_000_000_000, &e));
+        assert_ne!(row, key.row_mac(&GENESIS, 1, 1_700_000_000_001, &e));
+    }
+
+    #[test]
     fn ct_eq_needs_equal_lengths_and_every_byte_equal() {
         assert!(ct_eq(b"", b""));
         assert!(ct_eq(&[1, 2, 3], &[1, 2, 3]));
