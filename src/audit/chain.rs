@@ -247,6 +247,16 @@ mod tests {
     }
 
     #[test]
+    fn an_anchor_that_cannot_be_read_is_an_error_not_a_missing_anchor() {
+        // Only a file that is not there is "missing" (verification then says truncation
+        // cannot be ruled out); any other read failure is reported as itself.
+        let dir = tempfile::tempdir().unwrap();
+        let key = MacKey::new(&Secret::random(32));
+        fs::create_dir(dir.path().join(HEAD_FILE)).unwrap();
+        assert!(read_anchor(&key, dir.path()).is_err());
+    }
+
+    #[test]
     fn tags_bind_the_key_the_domain_and_each_part() {
         let key = MacKey::new(&Secret::random(32));
         let tag = key.tag("audit-key", &[b"i-1", b"abc"]);
