@@ -1806,6 +1806,16 @@ mod tests {
     }
 
     #[test]
+    fn default_ports_follow_the_scheme_and_https_hosts_must_be_tls_names() {
+        assert_eq!(parse_base_url("http://127.0.0.1/v1").unwrap().port, 80);
+        assert_eq!(parse_base_url("http://localhost").unwrap().port, 80);
+        assert_eq!(parse_base_url("https://x.example").unwrap().port, 443);
+        // A host a URI allows but TLS cannot name (an empty label) is refused for https.
+        let e = parse_base_url("https://a..example").unwrap_err();
+        assert!(e.contains("not a valid host name"), "{e}");
+    }
+
+    #[test]
     fn auth_family_and_name_validation() {
         let base = "base_url = \"https://x.example\"";
         let cases = [
