@@ -74,13 +74,14 @@ fn glob_match_units<T: Copy + PartialEq>(p: &[T], t: &[T], any: T, one: T) -> bo
     let (mut pi, mut ti) = (0, 0);
     let (mut star, mut mark) = (None, 0);
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == one || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == any {
+        // A `*` in the pattern is a wildcard even where the text holds a literal `*`.
+        if pi < p.len() && p[pi] == any {
             star = Some(pi);
             mark = ti;
             pi += 1;
+        } else if pi < p.len() && (p[pi] == one || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
         } else if let Some(s) = star {
             pi = s + 1;
             mark += 1;
@@ -367,6 +368,10 @@ mod tests {
         assert!(glob_match("*mini", "gpt-4o-mini"));
         assert!(glob_match("a*b*c", "aXXbYYc"));
         assert!(!glob_match("a*b*c", "aXXbYY"));
+        // A literal `*` in the text does not use up the pattern's wildcard.
+        assert!(glob_match("a*b", "a*xb"));
+        assert!(glob_match("modèle-*b", "modèle-*xb"));
+        assert!(!glob_match("a*b", "a*x"));
     }
 
     fn version(v: u32, created_at: i64, overlap_until: Option<i64>) -> VersionRow {
