@@ -192,6 +192,23 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_folded_away_meanwhile_is_skipped_and_any_other_read_failure_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = Segment::create(dir.path(), 2, false).unwrap();
+        seg.append(&record(2), false).unwrap();
+        let gone = Segment::path_for(dir.path(), 1);
+        let rows = read(&[gone, Segment::path_for(dir.path(), 2)])
+            .unwrap()
+            .unwrap();
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [2]);
+        // A path that exists but cannot be read is not "folded away": the rows behind it
+        // must not be silently passed over.
+        let unreadable = dir.path().join("audit.journal.00000000000000000009");
+        fs::create_dir(&unreadable).unwrap();
+        assert!(read(&[unreadable]).is_err());
+    }
+
+    #[test]
     fn a_whole_record_that_is_not_a_row_is_damage() {
         let dir = tempfile::tempdir().unwrap();
         let mut seg = Segment::create(dir.path(), 1, false).unwrap();
