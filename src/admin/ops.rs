@@ -917,7 +917,7 @@ pub fn spend(state: &State, f: api::system::SpendFilter) -> Reply<Vec<api::syste
     }
     let query = crate::audit::SpendQuery {
         tenant: f.tenant,
-        by: f.by.into(),
+        by: f.by,
         since_ms: f.since.map(|s| s.saturating_mul(1000)),
         until_ms: f.until.map(|s| s.saturating_mul(1000)),
     };

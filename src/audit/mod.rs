@@ -181,8 +181,8 @@ pub struct Filter {
     pub limit: Option<usize>,
 }
 
-/// The dimension `spend` groups by.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The dimension `spend` (and `GET /v1/spend`) groups by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SpendBy {
     /// Tenant name.

@@ -95,38 +95,8 @@ pub struct Bundle {
     pub credentials: usize,
 }
 
-/// The dimension `GET /v1/spend` groups by.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum SpendBy {
-    /// Tenant name.
-    #[default]
-    Tenant,
-    /// The client's team (`""` for clients without one).
-    Team,
-    /// Client id.
-    Client,
-    /// Credential id.
-    Credential,
-    /// Model as the request named it.
-    Model,
-    /// UTC day, `YYYY-MM-DD`.
-    Day,
-}
-
-impl From<SpendBy> for crate::audit::SpendBy {
-    fn from(by: SpendBy) -> crate::audit::SpendBy {
-        use crate::audit::SpendBy as A;
-        match by {
-            SpendBy::Tenant => A::Tenant,
-            SpendBy::Team => A::Team,
-            SpendBy::Client => A::Client,
-            SpendBy::Credential => A::Credential,
-            SpendBy::Model => A::Model,
-            SpendBy::Day => A::Day,
-        }
-    }
-}
+/// The dimension `GET /v1/spend` groups by: the audit module's own, so the API cannot drift.
+pub use crate::audit::SpendBy;
 
 /// Query of `GET /v1/spend` (`keyward spend`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
