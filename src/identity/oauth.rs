@@ -158,7 +158,8 @@ pub fn read_token_response(
         let description = text("error_description")
             .map(|d| format!(" ({})", without_secrets(&d, secrets)))
             .unwrap_or_default();
-        let code: String = code
+        // The code is echoed too, so it gets the same cut as the description.
+        let code: String = without_secrets(&code, secrets)
             .chars()
             .take(64)
             .map(|c| if c.is_ascii_graphic() { c } else { '?' })
@@ -278,6 +279,15 @@ mod tests {
                 && !text.contains("s3cr3t"),
             "{text}"
         );
+        // An endpoint that puts the secret in the error code itself.
+        let echoed = read_token_response(
+            "https://t",
+            400,
+            br#"{"error":"Q~s3cr3t-value"}"#,
+            &[Secret::from_slice(b"Q~s3cr3t-value")],
+        )
+        .unwrap_err();
+        assert!(!echoed.to_string().contains("s3cr3t"), "{echoed}");
         let html = read_token_response("https://t", 404, b"<html>", &[]).unwrap_err();
         assert!(!html.refused && html.reason.contains("404"), "{html}");
         let no_expiry = read_token_response("https://t", 200, br#"{"access_token":"x"}"#, &[]);
