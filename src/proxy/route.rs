@@ -1032,4 +1032,97 @@ mod tests {
             "only {accepted} inputs accepted; the loop tests too little"
         );
     }
+
+    /// The query counts toward [`MAX_TARGET_LEN`]: a short path cannot carry an oversized
+    /// target past the limit in its query.
+    #[test]
+    fn the_query_counts_toward_the_target_length_limit() {
+        let path = format!("/openai/v1/{}", "p".repeat(5000));
+        let fill = |total: usize| format!("{path}?q={}", "a".repeat(total - path.len() - 2));
+        let at_limit = fill(MAX_TARGET_LEN);
+        assert_eq!(at_limit.len(), MAX_TARGET_LEN + 1, "path, '?' and query");
+        assert!(parse(&at_limit).is_ok());
+        assert_eq!(parse(&fill(MAX_TARGET_LEN + 1)), Err(RouteError::TooLong));
+        assert_eq!(parse(&fill(2 * MAX_TARGET_LEN)), Err(RouteError::TooLong));
+    }
+
+    /// `..` inside a segment is a name, not a dot segment; only a decoded model-id slash makes
+    /// any `..` suspect (and only under [`PathRules::BedrockModelId`]).
+    #[test]
+    fn two_dots_inside_a_segment_are_a_name_not_a_dot_segment() {
+        for input in [
+            "/openai/v1/files/file..v2/content",
+            "/openai/v1/files/a..b%20c/content",
+            "/openai/v1/files/..a/content",
+            "/openai/v1/files/a../content",
+        ] {
+            assert_eq!(
+                upstream(input),
+                format!("https://api.openai.com{}", &input[7..])
+            );
+        }
+    }
+
+    /// What the rewrite must and must not touch at the edges of a URL: the base path followed by
+    /// a query, a fragment or the end of a `Link` entry, a path that merely has the prefix's
+    /// length, a URL that ends at its authority, and a base URL without a path.
+    #[test]
+    fn upstream_urls_are_rewritten_only_inside_the_base_url_up_to_where_they_end() {
+        let resolve = |name: &str, url: &str| {
+            let text = format!("[{name}]\nbase_url = \"{url}\"\nfamily = \"openai\"\n");
+            let specs: BTreeMap<String, TargetSpec> = toml::from_str(&text).unwrap();
+            Targets::resolve(&specs).unwrap()
+        };
+        let rewrite = |targets: &Targets, name: &str, from: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("location", http::HeaderValue::from_str(from).unwrap());
+            rewrite_upstream_urls(&mut h, targets.get(name).unwrap(), "http://keyward");
+            h["location"].to_str().unwrap().to_string()
+        };
+        let based = resolve("gw", "https://api.example.com/base");
+        for (from, want) in [
+            (
+                "https://api.example.com/base?upload_id=x",
+                "http://keyward/gw?upload_id=x",
+            ),
+            (
+                "https://api.example.com/base#part",
+                "http://keyward/gw#part",
+            ),
+            (
+                "<https://api.example.com/base>; rel=\"next\"",
+                "<http://keyward/gw>; rel=\"next\"",
+            ),
+            // Outside the base: a path as long as the prefix, or no path at all.
+            (
+                "https://api.example.com/evil/x",
+                "https://api.example.com/evil/x",
+            ),
+            (
+                "https://api.example.com/evil",
+                "https://api.example.com/evil",
+            ),
+            ("https://api.example.com", "https://api.example.com"),
+        ] {
+            assert_eq!(rewrite(&based, "gw", from), want, "{from}");
+        }
+        let bare = resolve("gw", "https://api.example.com");
+        for (from, want) in [
+            ("https://api.example.com", "http://keyward/gw"),
+            ("https://api.example.com?x=1", "http://keyward/gw?x=1"),
+            ("https://api.example.com#f", "http://keyward/gw#f"),
+            (
+                "<https://api.example.com>; rel=x",
+                "<http://keyward/gw>; rel=x",
+            ),
+            ("https://api.example.com/v1/x", "http://keyward/gw/v1/x"),
+            (
+                "https://api.example.com.evil/v1",
+                "https://api.example.com.evil/v1",
+            ),
+            ("https://api.example.com:444", "https://api.example.com:444"),
+        ] {
+            assert_eq!(rewrite(&bare, "gw", from), want, "{from}");
+        }
+    }
 }
