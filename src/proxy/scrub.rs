@@ -1575,4 +1575,373 @@ mod tests {
         drop(tx);
         assert!(body.frame().await.is_none());
     }
+
+    /// The forms of `key` a response may carry, written here independently of `needles_for`:
+    /// the raw bytes, the JSON string forms, and for a whole secret with bytes outside RFC
+    /// 3986's unreserved set the percent and `\u` encodings in both cases of hex digit.
+    fn expected_forms(key: &[u8], whole: bool) -> Vec<Vec<u8>> {
+        let json = |slash: bool| -> Vec<u8> {
+            let mut out = Vec::new();
+            for &b in key {
+                if b == b'"' || b == b'\\' || (slash && b == b'/') {
+                    out.push(b'\\');
+                }
+                out.push(b);
+            }
+            out
+        };
+        let plain = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+        let mut forms = vec![key.to_vec()];
+        if key.iter().any(|&b| b == b'"' || b == b'\\') {
+            forms.push(json(false));
+        }
+        if key.contains(&b'/') {
+            forms.push(json(true));
+        }
+        if whole && !key.iter().all(|&b| plain(b)) {
+            let encodings: [fn(u8) -> String; 4] = [
+                |b| format!("%{b:02X}"),
+                |b| format!("%{b:02x}"),
+                |b| format!("\\u{b:04X}"),
+                |b| format!("\\u{b:04x}"),
+            ];
+            for encode in encodings {
+                let mut out = Vec::new();
+                for &b in key {
+                    if plain(b) {
+                        out.push(b);
+                    } else {
+                        out.extend_from_slice(encode(b).as_bytes());
+                    }
+                }
+                forms.push(out);
+            }
+        }
+        forms
+    }
+
+    /// Every form of a whole secret is replaced, a fragment's raw and JSON forms only, and
+    /// nothing else: random keys over bytes that each form treats differently, in text that
+    /// holds every candidate form, against [`reference_multi`] over the forms listed
+    /// independently above.
+    #[test]
+    fn each_kind_of_secret_is_found_in_exactly_its_forms() {
+        let mut rng = Rng(0x0dd_ba11_cafe_f00d);
+        let key_alphabet = br#"aZ9~/\"+%"#;
+        let filler = br#"ax/\"%2Fu0"#;
+        let fixed: [&[u8]; 9] = [
+            b"\"", b"\\", b"\"\"", b"\\\\", b"/", b"a\"", b"+", b"~a", b"Z9",
+        ];
+        for round in 0..3000 {
+            let key: Vec<u8> = match fixed.get(round) {
+                Some(k) => k.to_vec(),
+                None => (0..1 + rng.below(4))
+                    .map(|_| key_alphabet[rng.below(key_alphabet.len())])
+                    .collect(),
+            };
+            let candidates = expected_forms(&key, true);
+            let mut text = Vec::new();
+            for _ in 0..rng.below(40) {
+                if rng.below(4) == 0 {
+                    text.extend_from_slice(&candidates[rng.below(candidates.len())]);
+                } else {
+                    text.push(filler[rng.below(filler.len())]);
+                }
+            }
+            let chunks = random_chunks(&mut rng, &text);
+            for whole in [true, false] {
+                let secrets = [Secret::from_slice(&key)];
+                let set = if whole {
+                    ScrubSet::new(&secrets, &[])
+                } else {
+                    ScrubSet::new(&[], &secrets)
+                };
+                let mut scrubber = Scrubber::from_set(&set);
+                let mut out = BytesMut::new();
+                for chunk in &chunks {
+                    scrubber.push(chunk, &mut out);
+                }
+                scrubber.finish_into(&mut out);
+                assert_eq!(
+                    out.to_vec(),
+                    reference_multi(&expected_forms(&key, whole), &text),
+                    "round {round} whole {whole}: key {:?} text {:?}",
+                    String::from_utf8_lossy(&key),
+                    String::from_utf8_lossy(&text)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn only_a_header_name_holding_the_key_is_removed() {
+        let key = "Ab12";
+        let mut headers = HeaderMap::new();
+        // Longer than the key, without it: kept.
+        headers.insert("x-a-long-header-name", HeaderValue::from_static("1"));
+        headers.insert("x-ab1-ab12", HeaderValue::from_static("2"));
+        headers.insert("x-ab1", HeaderValue::from_static("3"));
+        Scrubber::new(&secret(key)).scrub_headers(&mut headers);
+        assert_eq!(headers.len(), 2, "{headers:?}");
+        assert_eq!(headers["x-a-long-header-name"], "1");
+        assert_eq!(headers["x-ab1"], "3");
+    }
+
+    /// A string header as [`crate::providers::bedrock::encode_message`] takes it.
+    fn string_header<'a>(name: &'a str, value: &str) -> (&'a [u8], u8, Vec<u8>) {
+        let mut v = (value.len() as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(value.as_bytes());
+        (name.as_bytes(), 7, v)
+    }
+
+    #[test]
+    fn event_stream_header_values_are_scrubbed_and_a_header_named_after_the_key_dropped() {
+        use crate::providers::bedrock::encode_message;
+        let named = format!("x-{KEY}");
+        let kept = |echo: &str| {
+            vec![
+                string_header(":event-type", "contentBlockDelta"),
+                string_header("x-echo", echo),
+                string_header(":message-type", "event"),
+            ]
+        };
+        let mut headers = kept(&format!("key {KEY}"));
+        headers.insert(2, string_header(&named, "1"));
+        let message = encode_message(&headers, b"{}").unwrap();
+        let want = encode_message(&kept("key [REDACTED]"), b"{}").unwrap();
+        for cut in 0..=message.len() {
+            assert_eq!(
+                event_stream(&message, &[cut]).concat(),
+                want,
+                "cut at {cut}"
+            );
+        }
+        // Only a name holding the key is dropped: the same message without it, and with the
+        // key only in the name, loses just that header.
+        let headers = [kept("clean"), vec![string_header(&named, "1")]].concat();
+        let message = encode_message(&headers, b"{}").unwrap();
+        let want = encode_message(&kept("clean"), b"{}").unwrap();
+        assert_eq!(event_stream(&message, &[7]).concat(), want);
+    }
+
+    #[test]
+    fn event_stream_message_of_the_largest_held_size_is_encoded_again() {
+        use crate::providers::bedrock::tests_support::message;
+        let overhead = message("chunk", b"").len();
+        let pad = "y".repeat(MAX_HELD_MESSAGE - overhead - KEY.len() - 1);
+        let at_limit = message("chunk", format!("{pad}{KEY}.").as_bytes());
+        assert_eq!(at_limit.len(), MAX_HELD_MESSAGE);
+        let out = event_stream(&at_limit, &[4096, 700_000]).concat();
+        assert_eq!(messages(&out), [format!("{pad}[REDACTED].").into_bytes()]);
+        // One byte longer streams as bytes: the key is replaced, the checksum no longer holds.
+        let over = message("chunk", format!("{pad}y{KEY}.").as_bytes());
+        let out = event_stream(&over, &[4096, 700_000]).concat();
+        let want = [
+            &over[..over.len() - KEY.len() - 5],
+            REDACTED,
+            &over[over.len() - 5..],
+        ]
+        .concat();
+        assert_eq!(out, want);
+    }
+
+    /// An over-long message passes through the byte scrubber for exactly its length, keeping
+    /// a key cut across chunks inside it, and the message after it is collected and encoded
+    /// again.
+    #[test]
+    fn event_stream_resumes_message_framing_after_an_over_long_message() {
+        use crate::providers::bedrock::tests_support::message;
+        let big = message(
+            "chunk",
+            format!("{}{KEY}z", "y".repeat(MAX_HELD_MESSAGE)).as_bytes(),
+        );
+        let key_at = big.len() - 4 - 1 - KEY.len();
+        let next = message("contentBlockDelta", format!("x{KEY}x").as_bytes());
+        let stream = [big.clone(), next.clone()].concat();
+        let cuts = [
+            5000,
+            key_at + 5,
+            big.len() - 2,
+            big.len() + 30,
+            big.len() + next.len() - 8,
+        ];
+        let want = [
+            &big[..key_at],
+            REDACTED,
+            &big[key_at + KEY.len()..],
+            &message("contentBlockDelta", b"x[REDACTED]x"),
+        ]
+        .concat();
+        assert_eq!(event_stream(&stream, &cuts).concat(), want);
+    }
+
+    #[test]
+    fn event_stream_message_cut_short_is_sent_scrubbed_at_the_end() {
+        use crate::providers::bedrock::tests_support::message;
+        let m = message("contentBlockDelta", format!("x{KEY}x").as_bytes());
+        let cut_short = &m[..m.len() - 3];
+        let key_at = m.len() - 4 - 1 - KEY.len();
+        let want = [&m[..key_at], REDACTED, &m[key_at + KEY.len()..m.len() - 3]].concat();
+        for cut in [0, 11, 12, 40, key_at + 3, cut_short.len()] {
+            let outs = event_stream(cut_short, &[cut]);
+            assert_eq!(outs.concat(), want, "cut at {cut}");
+            assert_eq!(outs.last().unwrap(), &want, "sent only at the end");
+        }
+    }
+
+    /// A body of scripted frames that says it has ended once none are left (as hyper's
+    /// `Incoming` does after its last frame).
+    struct Scripted(VecDeque<Frame<Bytes>>);
+
+    impl Body for Scripted {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+    }
+
+    fn scripted(frames: Vec<Frame<Bytes>>, content_type: Option<&str>) -> ScrubBody<Scripted> {
+        ScrubBody::new(Scripted(frames.into()), Scrubber::new(&secret(KEY))).framed_by(content_type)
+    }
+
+    /// Polls `body` to its end (at most 50 frames), noting after each frame whether the body
+    /// said it had ended.
+    async fn frames_and_ends(mut body: ScrubBody<Scripted>) -> (Vec<Frame<Bytes>>, Vec<bool>) {
+        let mut frames = Vec::new();
+        let mut ends = vec![body.is_end_stream()];
+        while let Some(frame) = body.frame().await {
+            frames.push(frame.unwrap());
+            ends.push(body.is_end_stream());
+            assert!(frames.len() < 50, "the body does not end");
+        }
+        assert!(body.is_end_stream());
+        (frames, ends)
+    }
+
+    fn data_of(frames: &[Frame<Bytes>]) -> Vec<Bytes> {
+        frames
+            .iter()
+            .filter_map(|f| f.data_ref().cloned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn body_ends_only_when_nothing_is_held_or_pending() {
+        // Bytes held after the inner body's last frame: not the end until they are sent.
+        let frames = vec![Frame::data(Bytes::from("abc sk-proj"))];
+        let (got, ends) = frames_and_ends(scripted(frames, None)).await;
+        assert_eq!(data_of(&got), [Bytes::from("abc "), Bytes::from("sk-proj")]);
+        assert_eq!(ends, [false, false, true]);
+        // Nothing held: the end as soon as the inner body's last frame is through.
+        let frames = vec![
+            Frame::data(Bytes::from("one ")),
+            Frame::data(Bytes::from("two")),
+        ];
+        let (got, ends) = frames_and_ends(scripted(frames, None)).await;
+        assert_eq!(data_of(&got), [Bytes::from("one "), Bytes::from("two")]);
+        assert_eq!(ends, [false, false, true]);
+        // Trailers behind held bytes: not the end until they are sent too.
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-t", HeaderValue::from_static("1"));
+        let frames = vec![
+            Frame::data(Bytes::from("abc sk-proj")),
+            Frame::trailers(trailers),
+        ];
+        let (got, ends) = frames_and_ends(scripted(frames, None)).await;
+        assert_eq!(data_of(&got), [Bytes::from("abc "), Bytes::from("sk-proj")]);
+        assert_eq!(got[2].trailers_ref().unwrap()["x-t"], "1");
+        assert_eq!(ends, [false, false, false, true]);
+    }
+
+    #[tokio::test]
+    async fn event_stream_body_is_framed_by_its_content_type_only() {
+        use crate::providers::bedrock::tests_support::message;
+        let m = message("contentBlockDelta", format!("x{KEY}x").as_bytes());
+        let clean = message("contentBlockDelta", b"x[REDACTED]x");
+        let split = |m: &[u8]| {
+            vec![
+                Frame::data(Bytes::copy_from_slice(&m[..20])),
+                Frame::data(Bytes::copy_from_slice(&m[20..])),
+            ]
+        };
+        for content_type in [
+            "application/vnd.amazon.eventstream",
+            "Application/Vnd.Amazon.EventStream ; charset=utf-8",
+        ] {
+            let (got, ends) = frames_and_ends(scripted(split(&m), Some(content_type))).await;
+            assert_eq!(
+                data_of(&got),
+                [Bytes::from(clean.clone())],
+                "{content_type}"
+            );
+            assert_eq!(ends, [false, true]);
+        }
+        // A message cut short is held, so the body has not ended when the inner one has; it
+        // is sent scrubbed as bytes at the end.
+        let cut_short = &m[..m.len() - 3];
+        let stream = [&m[..], cut_short].concat();
+        let body = scripted(split(&stream), Some("application/vnd.amazon.eventstream"));
+        let (got, ends) = frames_and_ends(body).await;
+        let want = [
+            Bytes::from(clean.clone()),
+            Bytes::from(cut_short.replace_key()),
+        ];
+        assert_eq!(data_of(&got), want);
+        assert_eq!(ends, [false, false, true]);
+        // Any other body streams as bytes, each frame as it comes, however short.
+        for content_type in [None, Some("text/event-stream")] {
+            let frames = vec![
+                Frame::data(Bytes::from("hi")),
+                Frame::data(Bytes::from(" x")),
+            ];
+            let (got, _) = frames_and_ends(scripted(frames, content_type)).await;
+            assert_eq!(data_of(&got), [Bytes::from("hi"), Bytes::from(" x")]);
+        }
+    }
+
+    trait ReplaceKey {
+        fn replace_key(&self) -> Vec<u8>;
+    }
+
+    impl ReplaceKey for [u8] {
+        /// The bytes with every occurrence of [`KEY`] replaced.
+        fn replace_key(&self) -> Vec<u8> {
+            let (mut out, mut rest) = (Vec::new(), self);
+            while let Some(at) = rest.windows(KEY.len()).position(|w| w == KEY.as_bytes()) {
+                out.extend_from_slice(&rest[..at]);
+                out.extend_from_slice(REDACTED);
+                rest = &rest[at + KEY.len()..];
+            }
+            out.extend_from_slice(rest);
+            out
+        }
+    }
+
+    #[test]
+    fn debug_output_shows_counts_and_state() {
+        let set = ScrubSet::new(&[secret("a/b")], &[secret("cd")]);
+        // a/b: raw, \/ form, %2F, %2f, \u002F, \u002f; cd: raw.
+        assert_eq!(format!("{set:?}"), "ScrubSet { needles: 7 }");
+        let mut scrubber = Scrubber::from_set(&set);
+        scrubber.push(b"x a", &mut BytesMut::new());
+        assert_eq!(
+            format!("{scrubber:?}"),
+            "Scrubber { needles: 7, held_back: 1, .. }"
+        );
+        let body = ScrubBody::new(http_body_util::Empty::<Bytes>::new(), scrubber);
+        assert_eq!(
+            format!("{body:?}"),
+            "ScrubBody { scrubber: Scrubber { needles: 7, held_back: 1, .. }, \
+             inner_done: false, done: false, .. }"
+        );
+    }
 }
