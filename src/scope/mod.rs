@@ -631,4 +631,71 @@ mod tests {
         batch.workflow = Some("batch".into());
         assert!(select(&cat, &batch, &attrs(Some("gpt-4o")), 10, 0).is_ok());
     }
+
+    #[test]
+    fn a_capability_allowlist_admits_only_the_capabilities_it_names() {
+        let mut embeddings_only = cred("e", 1, &[], vec![version(1, 0, None)]);
+        embeddings_only.capabilities = vec!["embeddings".into()];
+        let cat = setup(vec![embeddings_only.clone()], None, "deny");
+        // A chat call may not use a key limited to embeddings.
+        assert!(matches!(
+            select(&cat, &principal(), &attrs(None), 10, 0),
+            Err(Denial::Scope { attribute: "capability", message })
+                if message.contains("`chat`")
+        ));
+        let mut embeddings = attrs(None);
+        embeddings.capability = Capability::Embeddings;
+        assert_eq!(
+            select(&cat, &principal(), &embeddings, 10, 0)
+                .unwrap()
+                .len(),
+            1
+        );
+        // Beside an unlimited key, the limited one is not offered for chat.
+        let cat = setup(
+            vec![
+                embeddings_only,
+                cred("any", 2, &[], vec![version(1, 0, None)]),
+            ],
+            None,
+            "deny",
+        );
+        let chat = select(&cat, &principal(), &attrs(None), 10, 0).unwrap();
+        assert_eq!(
+            chat.iter()
+                .map(|c| c.credential.id.as_str())
+                .collect::<Vec<_>>(),
+            ["any"]
+        );
+    }
+
+    #[test]
+    fn a_pinned_version_refused_for_its_age_says_so_and_a_retired_one_does_not() {
+        // v1 overlaps until 60, v2 is current; the tenant's limit is 30 s.
+        let c = cred(
+            "a",
+            1,
+            &[],
+            vec![version(1, 0, Some(60)), version(2, 40, None)],
+        );
+        let cat = setup(vec![c], Some(30), "deny");
+        // At 50, v1 (50 s old) is overlapping but too old; v2 (10 s) serves.
+        assert_eq!(
+            pinned(&cat, "a", Some(1), 50).unwrap_err(),
+            PinError::NotServing(
+                "a version 1 cannot serve: it is overlapping but older than the tenant's max \
+                 key age (policy: deny)"
+                    .into()
+            )
+        );
+        assert_eq!(
+            pinned(&cat, "a", Some(2), 50).unwrap().0.version().version,
+            2
+        );
+        // At 61, v1 is retired: its age is not the reason.
+        assert_eq!(
+            pinned(&cat, "a", Some(1), 61).unwrap_err(),
+            PinError::NotServing("a version 1 cannot serve: it is retired".into())
+        );
+    }
 }

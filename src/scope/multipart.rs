@@ -10,7 +10,7 @@
 
 use super::attrs::{MAX_MODEL_LEN, ScanState};
 
-/// Longest part header section kept (all header lines of one part).
+/// Longest part header section kept: all header lines of one part and the CRLF before them.
 const MAX_PART_HEADERS: usize = 16 * 1024;
 /// Longest line after a delimiter (transport padding before its CRLF).
 const MAX_DELIMITER_LINE: usize = 256;
@@ -241,8 +241,8 @@ impl MultipartScanner {
         self.state = State::AfterDelimiter;
     }
 
-    /// Adds `data` to `buf` until `end` occurs in it. Returns what preceded `end` (or `None`
-    /// while it has not occurred) and the bytes of `data` consumed; fails past `limit` bytes.
+    /// Adds `data` to `buf` until `end` occurs in it: what preceded `end` (`None` while it has not
+    /// occurred) and the bytes of `data` consumed. Fails once over `limit` bytes precede `end`.
     fn take_until(
         &mut self,
         data: &[u8],
@@ -263,7 +263,7 @@ impl MultipartScanner {
                 got.truncate(at);
                 Ok((Some(got), used))
             }
-            None if self.buf.len() > limit => Err(self.malformed()),
+            None if self.buf.len() >= limit + end.len() => Err(self.malformed()),
             None => Ok((None, take)),
         }
     }
@@ -301,15 +301,21 @@ fn field_name(headers: &[u8]) -> Option<Field> {
     let Some(disposition) = disposition else {
         return Some(Field::Other);
     };
+    // The type, every key and every value must be well-formed: parsers split a stray quote or
+    // backslash differently, so that one finds a `name` parameter where another does not.
+    let mut params = split_params(disposition).into_iter();
+    if !is_token(params.next().unwrap_or_default().trim()) {
+        return None;
+    }
     let mut names = Vec::new();
-    for param in split_params(disposition).into_iter().skip(1) {
+    for param in params {
         let (key, value) = param.split_once('=')?;
-        let key = key.trim();
-        if key.eq_ignore_ascii_case("name*") {
+        let (key, value) = (key.trim(), unquote(value.trim())?);
+        if !is_token(key) || key.eq_ignore_ascii_case("name*") {
             return None;
         }
         if key.eq_ignore_ascii_case("name") {
-            names.push(unquote(value.trim())?);
+            names.push(value);
         }
     }
     match names.as_slice() {
@@ -339,10 +345,15 @@ fn split_params(value: &str) -> Vec<&str> {
     out
 }
 
+/// Whether `value` may stand unquoted: not empty, and no quote, backslash or space.
+fn is_token(value: &str) -> bool {
+    !value.is_empty() && !value.contains(['"', '\\', ' '])
+}
+
 /// A token or a quoted string (with `\` escapes), or `None` if malformed.
 fn unquote(value: &str) -> Option<String> {
     let Some(inner) = value.strip_prefix('"') else {
-        return (!value.is_empty() && !value.contains(['"', '\\', ' '])).then(|| value.into());
+        return is_token(value).then(|| value.into());
     };
     let inner = inner.strip_suffix('"')?;
     let mut out = String::new();
@@ -514,6 +525,164 @@ mod tests {
         let body = format!("{}{}{}", part("model", "a"), close(), part("model", "b"));
         for got in every_split(&body) {
             assert_eq!(got, ScanState::Found("a".into()));
+        }
+    }
+
+    #[test]
+    fn transport_padding_after_a_delimiter_is_skipped() {
+        // RFC 2046 §5.1.1: spaces and tabs may follow a boundary before its CRLF.
+        let body = format!(
+            "--{B} \t\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n\
+             --{B}\t \r\nContent-Disposition: form-data; name=\"file\"\r\n\r\ndata\r\n{}",
+            close()
+        );
+        for got in every_split(&body) {
+            assert_eq!(got, ScanState::Found("whisper-1".into()));
+        }
+    }
+
+    #[test]
+    fn a_boundary_followed_by_other_text_in_a_file_opens_no_part() {
+        // To a form parser such as Go's this is all file content and the form names no model;
+        // reading `gpt-4o-mini` from it would let a key limited to that model serve whatever
+        // model the upstream picks for a form without one.
+        let hidden =
+            format!("--{B}x\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-mini");
+        let body = format!("{}{}", file(&format!("RIFF\r\n{hidden}")), close());
+        for got in every_split(&body) {
+            assert_eq!(got, ScanState::Absent);
+        }
+    }
+
+    /// A file part whose header lines, with the CRLF before them, are `len` bytes.
+    fn file_with_headers(len: usize) -> String {
+        let head = "\r\nContent-Disposition: form-data; name=\"file\"; filename=\"";
+        let pad = "a".repeat(len - head.len() - 1);
+        format!("--{B}{head}{pad}\"\r\n\r\ndata\r\n")
+    }
+
+    #[test]
+    fn part_headers_are_read_up_to_their_limit_in_any_chunking() {
+        let (fits, over) = (MAX_PART_HEADERS, MAX_PART_HEADERS + 1);
+        let model = || part("model", "whisper-1");
+        for (body, want) in [
+            (
+                format!("{}{}{}", file_with_headers(fits), model(), close()),
+                ScanState::Found("whisper-1".into()),
+            ),
+            (
+                format!("{}{}{}", model(), file_with_headers(fits), close()),
+                ScanState::Found("whisper-1".into()),
+            ),
+            // Too long to keep before the model: no model; after it: unreadable, refused.
+            (
+                format!("{}{}{}", file_with_headers(over), model(), close()),
+                ScanState::Absent,
+            ),
+            (
+                format!("{}{}{}", model(), file_with_headers(over), close()),
+                ScanState::Ambiguous,
+            ),
+        ] {
+            for got in every_split(&body) {
+                assert_eq!(got, want);
+            }
+        }
+    }
+
+    #[test]
+    fn a_model_value_is_read_up_to_the_longest_name_and_no_further() {
+        let longest = "m".repeat(MAX_MODEL_LEN);
+        let body = format!("{}{}", part("model", &longest), close());
+        for got in every_split(&body) {
+            assert_eq!(got, ScanState::Found(longest.clone()));
+        }
+        // Far too long to be a name: no model alone, refused after a model.
+        let long = "m".repeat(16 * MAX_MODEL_LEN);
+        for (body, want) in [
+            (
+                format!("{}{}", part("model", &long), close()),
+                ScanState::Absent,
+            ),
+            (
+                format!("{}{}{}", part("model", "a"), part("model", &long), close()),
+                ScanState::Ambiguous,
+            ),
+        ] {
+            for got in every_split(&body) {
+                assert_eq!(got, want);
+            }
+        }
+        // The scanner gives up once the value cannot be a name, rather than holding it.
+        let mut s = MultipartScanner::new(B);
+        let head = format!("--{B}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n");
+        assert_eq!(s.feed(head.as_bytes()), ScanState::NeedMore);
+        let mut fed = 0;
+        while s.feed(&[b'm'; 16]) == ScanState::NeedMore {
+            fed += 16;
+            assert!(fed <= 1 << 20, "still reading a {fed}-byte model value");
+        }
+        assert!(
+            fed <= MAX_MODEL_LEN + 2 * (B.len() + 4),
+            "gave up after {fed} bytes"
+        );
+    }
+
+    #[test]
+    fn file_contents_are_not_kept() {
+        let mut s = MultipartScanner::new(B);
+        let head = file("");
+        let head = head.strip_suffix("\r\n").unwrap();
+        assert_eq!(s.feed(head.as_bytes()), ScanState::NeedMore);
+        for _ in 0..4 {
+            assert_eq!(s.feed(&[b'x'; 64 * 1024]), ScanState::NeedMore);
+            // Only a tail short of a delimiter, in case one straddles two chunks.
+            assert!(s.tail.len() < s.delimiter.len() && s.buf.is_empty());
+        }
+        let model = format!("\r\n{}", part("model", "a"));
+        assert_eq!(s.feed(model.as_bytes()), ScanState::NeedMore);
+        assert_eq!(s.feed(close().as_bytes()), ScanState::Found("a".into()));
+    }
+
+    #[test]
+    fn part_headers_a_parser_could_read_as_another_model_field_are_refused() {
+        // Each part would be skipped by a strict reading, yet a lenient parser (one that trims
+        // header names, splits at every `;`, or treats `\` as an escape anywhere) finds a
+        // `model` in it. After the model that makes the form ambiguous; before it, unreadable.
+        let smuggled = [
+            "Content-Disposition : form-data; name=\"model\"",
+            ": form-data; name=\"model\"",
+            "Content-Disposition: form-data; filename=a\"; name=\"model\"",
+            "Content-Disposition: form-data; filename=a\\\"; name=\"model\"",
+            "Content-Disposition: form-data; filename=a\\; name=\"model\"",
+            "Content-Disposition: form-data\\; name=\"model\"",
+            "Content-Disposition: form-data; file\"name=\"a; name=\"model\"",
+            "Content-Disposition: form-data; name=model x",
+            "Content-Disposition: form-data; name=",
+        ];
+        for headers in smuggled {
+            let odd = format!("--{B}\r\n{headers}\r\n\r\ngpt-4o\r\n");
+            let after = format!("{}{odd}{}", part("model", "gpt-4o-mini"), close());
+            for got in every_split(&after) {
+                assert_eq!(got, ScanState::Ambiguous, "{headers}");
+            }
+            let before = format!("{odd}{}{}", part("model", "gpt-4o-mini"), close());
+            for got in every_split(&before) {
+                assert_eq!(got, ScanState::Absent, "{headers}");
+            }
+        }
+    }
+
+    #[test]
+    fn escapes_and_tokens_are_read_as_rfc_7578_writes_them() {
+        // A quoted filename holding an escaped quote and a `;`, then a `name` token.
+        let body = format!(
+            "--{B}\r\nContent-Disposition: form-data; filename=\"a\\\";b.mp3\"; name=model\r\n\
+             \r\nwhisper-1\r\n{}",
+            close()
+        );
+        for got in every_split(&body) {
+            assert_eq!(got, ScanState::Found("whisper-1".into()));
         }
     }
 }
