@@ -647,8 +647,9 @@ mod tests {
     #[test]
     fn part_headers_a_parser_could_read_as_another_model_field_are_refused() {
         // Each part would be skipped by a strict reading, yet a lenient parser (one that trims
-        // header names, splits at every `;`, or treats `\` as an escape anywhere) finds a
-        // `model` in it. After the model that makes the form ambiguous; before it, unreadable.
+        // header names, splits at every `;`, unquotes keys, or treats `\` as an escape anywhere)
+        // finds a `model` in it. After the model that makes the form ambiguous; before it,
+        // unreadable.
         let smuggled = [
             "Content-Disposition : form-data; name=\"model\"",
             ": form-data; name=\"model\"",
@@ -657,6 +658,7 @@ mod tests {
             "Content-Disposition: form-data; filename=a\\; name=\"model\"",
             "Content-Disposition: form-data\\; name=\"model\"",
             "Content-Disposition: form-data; file\"name=\"a; name=\"model\"",
+            "Content-Disposition: form-data; \"name\"=model",
             "Content-Disposition: form-data; name=model x",
             "Content-Disposition: form-data; name=",
         ];
