@@ -1733,6 +1733,11 @@ mod tests {
         assert_eq!(at_limit.len(), MAX_HELD_MESSAGE);
         let out = event_stream(&at_limit, &[4096, 700_000]).concat();
         assert_eq!(messages(&out), [format!("{pad}[REDACTED].").into_bytes()]);
+        // So is one of a few hundred KiB (Bedrock's are a few KiB).
+        let text = "y".repeat(300_000);
+        let big = message("chunk", format!("{text}{KEY}.").as_bytes());
+        let out = event_stream(&big, &[4096, 200_000]).concat();
+        assert_eq!(messages(&out), [format!("{text}[REDACTED].").into_bytes()]);
         // One byte longer streams as bytes: the key is replaced, the checksum no longer holds.
         let over = message("chunk", format!("{pad}y{KEY}.").as_bytes());
         let out = event_stream(&over, &[4096, 700_000]).concat();
@@ -1943,5 +1948,20 @@ mod tests {
             "ScrubBody { scrubber: Scrubber { needles: 7, held_back: 1, .. }, \
              inner_done: false, done: false, .. }"
         );
+    }
+
+    #[test]
+    fn a_key_cut_across_repeated_header_values_replaces_that_header() {
+        let (head, tail) = KEY.split_at(9);
+        let mut headers = HeaderMap::new();
+        headers.append("x-part", head.parse().unwrap());
+        headers.append("x-part", tail.parse().unwrap());
+        headers.append("x-list", "a".parse().unwrap());
+        headers.append("x-list", "b".parse().unwrap());
+        Scrubber::new(&secret(KEY)).scrub_headers(&mut headers);
+        let parts: Vec<_> = headers.get_all("x-part").iter().collect();
+        assert_eq!(parts, ["[REDACTED]"]);
+        let list: Vec<_> = headers.get_all("x-list").iter().collect();
+        assert_eq!(list, ["a", "b"]);
     }
 }
