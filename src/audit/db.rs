@@ -55,7 +55,6 @@ CREATE TABLE IF NOT EXISTS audit_events (
     cache_write_tokens INTEGER,
     cost_micros        INTEGER
 );
-CREATE INDEX IF NOT EXISTS audit_events_time ON audit_events(time_ms);
 CREATE INDEX IF NOT EXISTS audit_events_credential ON audit_events(credential_id)
     WHERE credential_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS audit_events_call ON audit_events(call_id) WHERE call_id IS NOT NULL;
@@ -264,6 +263,11 @@ pub(crate) fn open_writer(dir: &Path, sync: AuditSync) -> Result<Connection, Aud
     conn.pragma_update(None, "cache_size", -16_384)
         .map_err(|e| db_err(&path, e))?;
     conn.execute_batch(SCHEMA).map_err(|e| db_err(&path, e))?;
+    // Earlier versions indexed `time_ms`; times never decrease along `seq` (see
+    // [`first_seq_at`]), so the rowid serves every time bound and the index only cost a
+    // b-tree insert per row.
+    conn.execute_batch("DROP INDEX IF EXISTS audit_events_time")
+        .map_err(|e| db_err(&path, e))?;
     add_missing_columns(&conn).map_err(|e| db_err(&path, e))?;
     let mut conn = conn;
     backfill_spend(&mut conn).map_err(|e| db_err(&path, e))?;
@@ -520,11 +524,22 @@ pub(crate) fn query(conn: &Connection, filter: &Filter) -> rusqlite::Result<Vec<
         &filter.event.map(|k| k.as_str().to_owned()),
         &mut sql,
     );
+    // Time bounds become seq bounds (times never decrease along seq), so SQLite walks only
+    // the rows in the window; the time conditions stay as they are.
     if let Some(t) = filter.since_ms {
+        let from = first_seq_at(conn, t)?.unwrap_or(i64::MAX);
+        args.push(Value::Integer(from));
+        sql.push_str(&format!(" AND seq >= ?{}", args.len()));
         args.push(Value::Integer(t));
         sql.push_str(&format!(" AND time_ms >= ?{}", args.len()));
     }
     if let Some(t) = filter.until_ms {
+        if let Some(after) = t.checked_add(1)
+            && let Some(end) = first_seq_at(conn, after)?
+        {
+            args.push(Value::Integer(end));
+            sql.push_str(&format!(" AND seq < ?{}", args.len()));
+        }
         args.push(Value::Integer(t));
         sql.push_str(&format!(" AND time_ms <= ?{}", args.len()));
     }
@@ -533,6 +548,42 @@ pub(crate) fn query(conn: &Connection, filter: &Filter) -> rusqlite::Result<Vec<
         sql.push_str(&format!(" LIMIT {}", limit.min(i64::MAX as usize)));
     }
     collect(conn, &sql, args)
+}
+
+/// The seq of the first row whose time is at or after `time_ms`, `None` when no row's is.
+///
+/// Row times never decrease along seq: the writer stamps a batch with the later of the clock
+/// and the previous row's time (`writer.rs`, starting from the newest stored row's time at
+/// open), replay keeps the journaled times, and retention deletes a prefix. So this is a
+/// binary search over the rowid, about 2·log2(rows) point lookups, where a `time_ms` index
+/// would cost every insert a b-tree write.
+pub(crate) fn first_seq_at(conn: &Connection, time_ms: i64) -> rusqlite::Result<Option<i64>> {
+    let (first, last): (Option<i64>, Option<i64>) =
+        conn.query_row("SELECT min(seq), max(seq) FROM audit_events", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let (Some(first), Some(last)) = (first, last) else {
+        return Ok(None);
+    };
+    let mut at_or_after = conn.prepare_cached(
+        "SELECT seq, time_ms FROM audit_events WHERE seq >= ?1 ORDER BY seq LIMIT 1",
+    )?;
+    let mut row_from = |seq: i64| -> rusqlite::Result<Option<(i64, i64)>> {
+        at_or_after
+            .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+    };
+    // The smallest `s` in first..=last+1 whose first row at or after it is late enough (or
+    // absent): that property only ever turns from false to true as `s` grows.
+    let (mut lo, mut hi) = (first, last + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match row_from(mid)? {
+            Some((_, t)) if t < time_ms => lo = mid + 1,
+            _ => hi = mid,
+        }
+    }
+    Ok(row_from(lo)?.map(|(seq, _)| seq))
 }
 
 /// Sums of the spend aggregate, grouped by `by`, for tenants (all when `None`) and hours

@@ -362,7 +362,8 @@ impl Audit {
         })?;
         let last_time: i64 = conn
             .query_row(
-                "SELECT coalesce(max(time_ms), 0) FROM audit_events",
+                // The newest row's time is the latest (times never decrease along seq).
+                "SELECT coalesce((SELECT time_ms FROM audit_events ORDER BY seq DESC LIMIT 1), 0)",
                 [],
                 |r| r.get(0),
             )

@@ -647,10 +647,15 @@ impl Db {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| unavailable(e, &dir))?;
+        // The rows before the first one at or after the cutoff (times never decrease along
+        // seq, `db::first_seq_at`); verify_prefix below checks each of them.
+        let end = db::first_seq_at(&tx, cutoff_ms)
+            .map_err(|e| unavailable(e, &dir))?
+            .unwrap_or(i64::MAX);
         let last: Option<i64> = tx
             .query_row(
-                "SELECT max(seq) FROM audit_events WHERE time_ms < ?1",
-                [cutoff_ms],
+                "SELECT max(seq) FROM audit_events WHERE seq < ?1",
+                [end],
                 |r| r.get(0),
             )
             .optional()
@@ -740,5 +745,149 @@ pub(crate) fn io_reason(e: &std::io::Error, path: &std::path::Path) -> String {
             "error writing {} ({e}); check the disk and the directory's permissions",
             path.display()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{EventKind, Filter};
+    use crate::config::AuditSync;
+    use crate::seal::Secret;
+
+    /// A chained trail whose rows carry exactly `times` (non-decreasing, repeats and gaps
+    /// included), starting at seq `first` as after retention pruned a prefix.
+    fn trail(first: u64, times: &[i64]) -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = db::open_writer(dir.path(), AuditSync::Normal).unwrap();
+        let key = Arc::new(MacKey::new(&Secret::random(32)));
+        let mut prev = Position::START;
+        let rows: Vec<RawRow> = times
+            .iter()
+            .enumerate()
+            .map(|(i, &time_ms)| {
+                let seq = first + i as u64;
+                let event = Event {
+                    call_id: Some(format!("call-{}", i / 2)),
+                    ..Event::new(EventKind::RequestResolved)
+                };
+                let mac = key.row_mac(&prev.mac, seq, time_ms, &event);
+                prev = Position { seq, mac };
+                RawRow {
+                    seq: seq as i64,
+                    time_ms,
+                    event,
+                    mac: mac.to_vec(),
+                }
+            })
+            .collect();
+        insert_rows(&mut conn, &rows).unwrap();
+        let db = Db {
+            conn,
+            key,
+            dir: dir.path().to_path_buf(),
+            retention: None,
+            rows: Vec::new(),
+            segments: Vec::new(),
+        };
+        (dir, db)
+    }
+
+    const TIMES: [i64; 12] = [100, 100, 101, 105, 105, 105, 106, 200, 200, 201, 350, 351];
+
+    #[test]
+    fn time_bounds_select_exactly_the_rows_in_the_window() {
+        let (_dir, db) = trail(40, &TIMES);
+        let seqs = |since: Option<i64>, until: Option<i64>, limit: Option<usize>| {
+            let filter = Filter {
+                since_ms: since,
+                until_ms: until,
+                limit,
+                ..Filter::default()
+            };
+            db::query(&db.conn, &filter)
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .collect::<Vec<u64>>()
+        };
+        let bounds = [None, Some(i64::MIN), Some(0), Some(i64::MAX)]
+            .into_iter()
+            .chain((98..=353).map(Some));
+        for since in bounds.clone() {
+            for until in bounds.clone() {
+                let want: Vec<u64> = (0..TIMES.len())
+                    .rev()
+                    .filter(|&i| since.is_none_or(|s| TIMES[i] >= s))
+                    .filter(|&i| until.is_none_or(|u| TIMES[i] <= u))
+                    .map(|i| 40 + i as u64)
+                    .collect();
+                assert_eq!(seqs(since, until, None), want, "{since:?}..={until:?}");
+                let newest: Vec<u64> = want.iter().copied().take(2).collect();
+                assert_eq!(seqs(since, until, Some(2)), newest, "{since:?}..={until:?}");
+            }
+        }
+        // Combined with another filter.
+        let filter = Filter {
+            call_id: Some("call-2".into()),
+            since_ms: Some(105),
+            ..Filter::default()
+        };
+        let rows = db::query(&db.conn, &filter).unwrap();
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [45, 44]);
+    }
+
+    #[test]
+    fn first_seq_at_finds_the_first_row_at_or_after_a_time() {
+        let (_dir, db) = trail(7, &TIMES);
+        for t in 90..=360 {
+            let want = TIMES.iter().position(|&x| x >= t).map(|i| 7 + i as i64);
+            assert_eq!(db::first_seq_at(&db.conn, t).unwrap(), want, "time {t}");
+        }
+        assert_eq!(db::first_seq_at(&db.conn, i64::MIN).unwrap(), Some(7));
+        assert_eq!(db::first_seq_at(&db.conn, i64::MAX).unwrap(), None);
+        let (_empty, db) = trail(1, &[]);
+        assert_eq!(db::first_seq_at(&db.conn, 0).unwrap(), None);
+    }
+
+    #[test]
+    fn a_database_with_the_old_time_index_loses_it_on_open() {
+        let (dir, db) = trail(1, &TIMES);
+        db.conn
+            .execute_batch("CREATE INDEX audit_events_time ON audit_events(time_ms)")
+            .unwrap();
+        drop(db);
+        let conn = db::open_writer(dir.path(), AuditSync::Normal).unwrap();
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            !indexes.iter().any(|i| i == "audit_events_time"),
+            "{indexes:?}"
+        );
+        assert_eq!(indexes.len(), 3, "{indexes:?}");
+    }
+
+    #[test]
+    fn prune_deletes_exactly_the_rows_before_the_cutoff() {
+        for cutoff in [0, 100, 101, 105, 106, 107, 200, 201, 351, 352, i64::MAX] {
+            let (_dir, mut db) = trail(1, &TIMES);
+            let older = TIMES.iter().filter(|&&t| t < cutoff).count() as u64;
+            assert_eq!(db.prune(cutoff).unwrap(), older, "cutoff {cutoff}");
+            let left: Vec<u64> = db::query(&db.conn, &Filter::default())
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .rev()
+                .collect();
+            assert_eq!(left, (older + 1..=TIMES.len() as u64).collect::<Vec<_>>());
+            if older > 0 {
+                assert_eq!(db::checkpoint(&db.conn, &db.key).unwrap().seq, older);
+            }
+        }
     }
 }
