@@ -19,6 +19,18 @@ pub(crate) fn encode_into(out: &mut String, bytes: &[u8]) {
     }
 }
 
+/// Lowercase hex of `bytes` into `out`, which must be exactly twice as long.
+///
+/// # Panics
+/// When `out.len() != 2 * bytes.len()`.
+pub(crate) fn encode_to_slice(out: &mut [u8], bytes: &[u8]) {
+    assert_eq!(out.len(), 2 * bytes.len(), "hex output of the wrong length");
+    for (pair, &b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[(b >> 4) as usize];
+        pair[1] = DIGITS[(b & 15) as usize];
+    }
+}
+
 /// The value of one hex digit, either case.
 pub(crate) fn digit(c: u8) -> Option<u8> {
     match c {
@@ -54,5 +66,8 @@ mod tests {
         assert_eq!(decode("abc"), None);
         assert_eq!(decode("+1"), None);
         assert_eq!(decode(""), Some(vec![]));
+        let mut out = [0u8; 8];
+        encode_to_slice(&mut out, &b);
+        assert_eq!(&out, b"0001abff");
     }
 }

@@ -64,17 +64,19 @@ pub fn strip_hop_by_hop_and_keyward(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .chain(
+            // One pass over the names present instead of a lookup per listed name (header
+            // names are stored lowercase, as the list is written).
             headers
                 .keys()
-                .filter(|n| n.as_str().starts_with("keyward-"))
+                .filter(|n| {
+                    let n = n.as_str();
+                    n.starts_with("keyward-") || HOP_BY_HOP.contains(&n)
+                })
                 .cloned(),
         )
         .collect();
     for name in named {
         headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
     }
 }
 
@@ -115,5 +117,16 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort();
         assert_eq!(left, ["content-type", "x-request-id"]);
+        // Header names are stored lowercase and compared as written: a listed name with a
+        // capital would never match.
+        for name in HOP_BY_HOP {
+            assert_eq!(*name, name.to_ascii_lowercase());
+        }
+        let mut every = HeaderMap::new();
+        for name in HOP_BY_HOP {
+            every.append(*name, "x".parse().unwrap());
+        }
+        strip_hop_by_hop_and_keyward(&mut every);
+        assert!(every.is_empty(), "{every:?}");
     }
 }

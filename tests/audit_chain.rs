@@ -288,6 +288,55 @@ async fn a_trail_from_before_the_spend_columns_still_verifies_and_grows() {
     assert_bad(&audit, 3);
 }
 
+/// A database from before the `time_ms` index was dropped (the index put back here) opens,
+/// loses the index, still verifies, answers time-bounded queries the same, and grows; an edit
+/// to an old row's time is still caught.
+#[tokio::test]
+async fn a_trail_with_the_old_time_index_opens_verifies_and_grows() {
+    let (dir, audit) = trail(5).await;
+    audit.shutdown().await;
+    raw(dir.path())
+        .execute_batch("CREATE INDEX audit_events_time ON audit_events(time_ms)")
+        .unwrap();
+    let audit = open(dir.path());
+    assert!(audit.verify().unwrap().ok());
+    let indexes: i64 = raw(dir.path())
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'audit_events_time'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(indexes, 0);
+    assert_eq!(audit.commit(request(6)).await.unwrap(), 6);
+    audit.flush().await;
+    assert!(audit.verify().unwrap().ok());
+    let all = audit.query(&Filter::default()).unwrap();
+    let (first, last) = (all.last().unwrap().time_ms, all[0].time_ms);
+    let seqs = |since_ms, until_ms| {
+        audit
+            .query(&Filter {
+                since_ms,
+                until_ms,
+                ..Filter::default()
+            })
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(seqs(Some(first), Some(last)), [6, 5, 4, 3, 2, 1]);
+    assert_eq!(seqs(Some(last + 1), None), Vec::<u64>::new());
+    assert_eq!(seqs(None, Some(first - 1)), Vec::<u64>::new());
+    raw(dir.path())
+        .execute(
+            "UPDATE audit_events SET time_ms = time_ms + 1 WHERE seq = 2",
+            [],
+        )
+        .unwrap();
+    assert_bad(&audit, 2);
+}
+
 /// The spend aggregate is kept with the rows, and a database from before it existed gets it
 /// built from its rows on open.
 #[tokio::test]

@@ -205,20 +205,47 @@ pub(crate) fn write_anchor_to(
     durable: bool,
 ) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let text = format!(
-        "keyward-audit-head v1\nseq={}\nmac={}\ntag={}\n",
-        pos.seq,
-        hex::encode(&pos.mac),
-        hex::encode(&key.position_tag(b"head", pos))
-    );
-    let mut slot = [b' '; SLOT];
-    slot[..text.len()].copy_from_slice(text.as_bytes());
-    slot[SLOT - 1] = b'\n';
-    file.write_all_at(&slot, 0)?;
+    file.write_all_at(&anchor_slot(key, pos), 0)?;
     if durable {
         file.sync_data()?;
     }
     Ok(())
+}
+
+/// The anchor record for `pos`: `keyward-audit-head v1\nseq=<seq>\nmac=<hex>\ntag=<hex>\n`,
+/// padded with spaces to [`SLOT`] bytes, the last of which is a newline. Written straight into
+/// the slot (it is rewritten after every journaled batch, so no formatting machinery or
+/// temporary strings).
+fn anchor_slot(key: &MacKey, pos: &Position) -> [u8; SLOT] {
+    let mut slot = [b' '; SLOT];
+    let mut at = 0;
+    let mut put = |bytes: &[u8]| {
+        slot[at..at + bytes.len()].copy_from_slice(bytes);
+        at += bytes.len();
+    };
+    put(b"keyward-audit-head v1\nseq=");
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut n = pos.seq;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    put(&digits[start..]);
+    let mut hex = [0u8; 2 * MAC_LEN];
+    put(b"\nmac=");
+    hex::encode_to_slice(&mut hex, &pos.mac);
+    put(&hex);
+    put(b"\ntag=");
+    hex::encode_to_slice(&mut hex, &key.position_tag(b"head", pos));
+    put(&hex);
+    put(b"\n");
+    slot[SLOT - 1] = b'\n';
+    slot
 }
 
 /// Equality that takes the same time wherever the first difference is.
@@ -307,6 +334,32 @@ mod tests {
         assert!(!ct_eq(&[1, 2, 3], &[1, 2, 4]));
         // Two differences that cancel out when combined with XOR instead of OR.
         assert!(!ct_eq(&[1, 1], &[0, 0]));
+    }
+
+    #[test]
+    fn anchor_slot_is_the_documented_text() {
+        let key = MacKey::new(&Secret::random(32));
+        for (seq, mac) in [
+            (0, [0; MAC_LEN]),
+            (9, [3; MAC_LEN]),
+            (u64::MAX, [0xa7; MAC_LEN]),
+        ] {
+            let pos = Position { seq, mac };
+            let text = format!(
+                "keyward-audit-head v1\nseq={seq}\nmac={}\ntag={}\n",
+                hex::encode(&mac),
+                hex::encode(&key.position_tag(b"head", &pos))
+            );
+            let mut want = [b' '; SLOT];
+            want[..text.len()].copy_from_slice(text.as_bytes());
+            want[SLOT - 1] = b'\n';
+            assert_eq!(anchor_slot(&key, &pos), want, "seq {seq}");
+            let read = String::from_utf8(want.to_vec()).unwrap();
+            assert_eq!(
+                parse_slot(&key, read.trim_end_matches([' ', '\n'])),
+                Ok(pos)
+            );
+        }
     }
 
     #[test]

@@ -55,7 +55,6 @@ CREATE TABLE IF NOT EXISTS audit_events (
     cache_write_tokens INTEGER,
     cost_micros        INTEGER
 );
-CREATE INDEX IF NOT EXISTS audit_events_time ON audit_events(time_ms);
 CREATE INDEX IF NOT EXISTS audit_events_credential ON audit_events(credential_id)
     WHERE credential_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS audit_events_call ON audit_events(call_id) WHERE call_id IS NOT NULL;
@@ -264,6 +263,11 @@ pub(crate) fn open_writer(dir: &Path, sync: AuditSync) -> Result<Connection, Aud
     conn.pragma_update(None, "cache_size", -16_384)
         .map_err(|e| db_err(&path, e))?;
     conn.execute_batch(SCHEMA).map_err(|e| db_err(&path, e))?;
+    // Earlier versions indexed `time_ms`; times never decrease along `seq` (see
+    // [`first_seq_at`]), so the rowid serves every time bound and the index only cost a
+    // b-tree insert per row.
+    conn.execute_batch("DROP INDEX IF EXISTS audit_events_time")
+        .map_err(|e| db_err(&path, e))?;
     add_missing_columns(&conn).map_err(|e| db_err(&path, e))?;
     let mut conn = conn;
     backfill_spend(&mut conn).map_err(|e| db_err(&path, e))?;
@@ -520,11 +524,22 @@ pub(crate) fn query(conn: &Connection, filter: &Filter) -> rusqlite::Result<Vec<
         &filter.event.map(|k| k.as_str().to_owned()),
         &mut sql,
     );
+    // Time bounds become seq bounds (times never decrease along seq), so SQLite walks only
+    // the rows in the window; the time conditions stay as they are.
     if let Some(t) = filter.since_ms {
+        let from = first_seq_at(conn, t)?.unwrap_or(i64::MAX);
+        args.push(Value::Integer(from));
+        sql.push_str(&format!(" AND seq >= ?{}", args.len()));
         args.push(Value::Integer(t));
         sql.push_str(&format!(" AND time_ms >= ?{}", args.len()));
     }
     if let Some(t) = filter.until_ms {
+        if let Some(after) = t.checked_add(1)
+            && let Some(end) = first_seq_at(conn, after)?
+        {
+            args.push(Value::Integer(end));
+            sql.push_str(&format!(" AND seq < ?{}", args.len()));
+        }
         args.push(Value::Integer(t));
         sql.push_str(&format!(" AND time_ms <= ?{}", args.len()));
     }
@@ -533,6 +548,42 @@ pub(crate) fn query(conn: &Connection, filter: &Filter) -> rusqlite::Result<Vec<
         sql.push_str(&format!(" LIMIT {}", limit.min(i64::MAX as usize)));
     }
     collect(conn, &sql, args)
+}
+
+/// The seq of the first row whose time is at or after `time_ms`, `None` when no row's is.
+///
+/// Row times never decrease along seq: the writer stamps a batch with the later of the clock
+/// and the previous row's time (`writer.rs`, starting from the newest stored row's time at
+/// open), replay keeps the journaled times, and retention deletes a prefix. So this is a
+/// binary search over the rowid, about 2·log2(rows) point lookups, where a `time_ms` index
+/// would cost every insert a b-tree write.
+pub(crate) fn first_seq_at(conn: &Connection, time_ms: i64) -> rusqlite::Result<Option<i64>> {
+    let (first, last): (Option<i64>, Option<i64>) =
+        conn.query_row("SELECT min(seq), max(seq) FROM audit_events", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let (Some(first), Some(last)) = (first, last) else {
+        return Ok(None);
+    };
+    let mut at_or_after = conn.prepare_cached(
+        "SELECT seq, time_ms FROM audit_events WHERE seq >= ?1 ORDER BY seq LIMIT 1",
+    )?;
+    let mut row_from = |seq: i64| -> rusqlite::Result<Option<(i64, i64)>> {
+        at_or_after
+            .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+    };
+    // The smallest `s` in first..=last+1 whose first row at or after it is late enough (or
+    // absent): that property only ever turns from false to true as `s` grows.
+    let (mut lo, mut hi) = (first, last + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match row_from(mid)? {
+            Some((_, t)) if t < time_ms => lo = mid + 1,
+            _ => hi = mid,
+        }
+    }
+    Ok(row_from(lo)?.map(|(seq, _)| seq))
 }
 
 /// Sums of the spend aggregate, grouped by `by`, for tenants (all when `None`) and hours
@@ -835,5 +886,578 @@ fn restrict_permissions(path: &Path) {
         let mut p = path.as_os_str().to_owned();
         p.push(suffix);
         let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::seal::Secret;
+
+    /// A fresh database file in a temporary directory and a random audit key.
+    struct Store {
+        _dir: tempfile::TempDir,
+        conn: Connection,
+        key: MacKey,
+    }
+
+    fn store() -> Store {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_writer(dir.path(), AuditSync::Normal).unwrap();
+        Store {
+            _dir: dir,
+            conn,
+            key: MacKey::new(&Secret::random(32)),
+        }
+    }
+
+    /// An event with every field set, each to a value no other row or field has, so a column
+    /// read back from the wrong place, as NULL or as a default, changes the row.
+    fn full_event(kind: EventKind, i: u64) -> Event {
+        let small = |base: u32| Some(base + i as u32);
+        Event {
+            kind,
+            call_id: Some(format!("call-{i}")),
+            tenant: Some(format!("tenant-{i}")),
+            client_id: Some(format!("client-{i}")),
+            peer_uid: small(1_000),
+            peer_pid: small(40_000),
+            target: Some(format!("target-{i}")),
+            model: Some(format!("model-{i}")),
+            capability: Some(format!("capability-{i}")),
+            team: Some(format!("team-{i}")),
+            workflow: Some(format!("workflow-{i}")),
+            credential_id: Some(format!("cred_{i}")),
+            credential_version: small(2),
+            fingerprint: Some(format!("{:064x}", 0xf00 + i)),
+            upstream_status: Some(200 + i as u16),
+            latency_ms: Some(11 + i),
+            bytes_in: Some(1_100 + i),
+            bytes_out: Some(2_200 + i),
+            input_tokens: Some(3_300 + i),
+            output_tokens: Some(4_400 + i),
+            total_tokens: Some(7_700 + i),
+            detail: Some(format!("detail {i}")),
+            flags: vec!["unpriced".into(), format!("flag-{i}")],
+            cached_input_tokens: Some(330 + i),
+            cache_write_tokens: Some(55 + i),
+            cost_micros: Some(9_000 + i),
+        }
+    }
+
+    /// `n` rows chained on from `from`: each kind in turn, first with every field empty, then
+    /// with every field set.
+    fn chain(key: &MacKey, from: Position, n: u64) -> Vec<RawRow> {
+        let mut prev = from;
+        (from.seq + 1..=from.seq + n)
+            .map(|seq| {
+                let kind = EventKind::ALL[((seq - 1) / 2) as usize % EventKind::ALL.len()];
+                let event = if seq % 2 == 0 {
+                    full_event(kind, seq)
+                } else {
+                    Event::new(kind)
+                };
+                let time_ms = 1_700_000_000_000 + seq as i64 * 1_000;
+                let mac = key.row_mac(&prev.mac, seq, time_ms, &event);
+                prev = Position { seq, mac };
+                RawRow {
+                    seq: seq as i64,
+                    time_ms,
+                    event,
+                    mac: mac.to_vec(),
+                }
+            })
+            .collect()
+    }
+
+    fn at(row: &RawRow) -> Position {
+        Position {
+            seq: row.seq as u64,
+            mac: row.mac.as_slice().try_into().unwrap(),
+        }
+    }
+
+    fn copy(row: &RawRow) -> RawRow {
+        RawRow {
+            seq: row.seq,
+            time_ms: row.time_ms,
+            event: row.event.clone(),
+            mac: row.mac.clone(),
+        }
+    }
+
+    /// Stores `rows` with [`insert`], as the fold does.
+    fn put(conn: &mut Connection, rows: &[RawRow]) {
+        let tx = conn.transaction().unwrap();
+        {
+            let mut stmt = tx.prepare_cached(INSERT).unwrap();
+            for r in rows {
+                insert(&mut stmt, r.seq as u64, r.time_ms, &r.event, &r.mac).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+
+    fn sql(conn: &Connection, statement: &str) {
+        conn.execute_batch(statement).unwrap();
+    }
+
+    fn set_checkpoint(s: &Store, pos: &Position) {
+        s.conn
+            .execute(
+                "INSERT OR REPLACE INTO audit_meta (key, value) VALUES (?1, ?2)",
+                rusqlite::params![META_CHECKPOINT, chain::encode_checkpoint(&s.key, pos)],
+            )
+            .unwrap();
+    }
+
+    fn check(s: &mut Store, anchor: Anchor, journal: Vec<RawRow>) -> VerifyReport {
+        verify(&mut s.conn, &s.key, anchor, journal).unwrap()
+    }
+
+    fn assert_same(got: &[RawRow], want: &[RawRow]) {
+        let seqs = |rows: &[RawRow]| rows.iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(got), seqs(want));
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g.time_ms, w.time_ms, "row {}", w.seq);
+            assert_eq!(g.event, w.event, "row {}", w.seq);
+            assert_eq!(g.mac, w.mac, "row {}", w.seq);
+        }
+    }
+
+    #[test]
+    fn every_field_of_every_kind_reads_back_as_written_and_verifies() {
+        let mut s = store();
+        let rows = chain(&s.key, Position::START, 2 * EventKind::ALL.len() as u64);
+        put(&mut s.conn, &rows);
+        assert_same(&rows_after(&s.conn, 0).unwrap(), &rows);
+        let tip = at(rows.last().unwrap());
+        let report = check(&mut s, Anchor::At(tip), Vec::new());
+        assert_eq!(
+            report,
+            VerifyReport {
+                rows_checked: 40,
+                first_bad_seq: None,
+                reason: None,
+                last_seq: 40,
+                checkpoint_seq: 0,
+                anchored_seq: 40,
+            }
+        );
+    }
+
+    #[test]
+    fn rows_after_starts_after_the_seq_given_and_names_a_row_that_does_not_decode() {
+        let mut s = store();
+        let rows = chain(&s.key, Position::START, 5);
+        put(&mut s.conn, &rows);
+        assert_same(&rows_after(&s.conn, 0).unwrap(), &rows);
+        assert_same(&rows_after(&s.conn, 2).unwrap(), &rows[2..]);
+        assert_same(&rows_after(&s.conn, 4).unwrap(), &rows[4..]);
+        assert!(rows_after(&s.conn, 5).unwrap().is_empty());
+
+        sql(
+            &s.conn,
+            "UPDATE audit_events SET peer_uid = 'x' WHERE seq = 4",
+        );
+        assert_eq!(
+            rows_after(&s.conn, 0).unwrap_err(),
+            "row 4 is malformed: peer_uid is not an integer"
+        );
+        assert!(rows_after(&s.conn, 4).is_ok());
+    }
+
+    #[test]
+    fn mac_at_is_the_stored_mac_of_that_row_only() {
+        let mut s = store();
+        let rows = chain(&s.key, Position::START, 4);
+        put(&mut s.conn, &rows);
+        for r in &rows {
+            assert_eq!(mac_at(&s.conn, r.seq as u64).unwrap(), Some(r.mac.clone()));
+        }
+        assert_eq!(mac_at(&s.conn, 0).unwrap(), None);
+        assert_eq!(mac_at(&s.conn, 5).unwrap(), None);
+    }
+
+    #[test]
+    fn tip_is_the_newest_row_else_the_checkpoint_else_the_start() {
+        let mut s = store();
+        assert_eq!(tip(&s.conn, &s.key).unwrap(), Position::START);
+        assert_eq!(checkpoint(&s.conn, &s.key).unwrap(), Position::START);
+        let rows = chain(&s.key, Position::START, 5);
+        put(&mut s.conn, &rows[..1]);
+        assert_eq!(tip(&s.conn, &s.key).unwrap(), at(&rows[0]));
+        put(&mut s.conn, &rows[1..3]);
+        assert_eq!(tip(&s.conn, &s.key).unwrap(), at(&rows[2]));
+
+        // Rows 1..=3 pruned: the tip is the checkpoint until newer rows arrive, then theirs.
+        set_checkpoint(&s, &at(&rows[2]));
+        sql(&s.conn, "DELETE FROM audit_events WHERE seq <= 3");
+        assert_eq!(checkpoint(&s.conn, &s.key).unwrap(), at(&rows[2]));
+        assert_eq!(tip(&s.conn, &s.key).unwrap(), at(&rows[2]));
+        put(&mut s.conn, &rows[3..]);
+        assert_eq!(tip(&s.conn, &s.key).unwrap(), at(&rows[4]));
+        assert_eq!(checkpoint(&s.conn, &s.key).unwrap(), at(&rows[2]));
+
+        // A checkpoint under another key is refused, and so is a tip resting on it.
+        let other = MacKey::new(&Secret::random(32));
+        let forged = chain::encode_checkpoint(&other, &at(&rows[4]));
+        s.conn
+            .execute(
+                "UPDATE audit_meta SET value = ?1 WHERE key = ?2",
+                rusqlite::params![forged, META_CHECKPOINT],
+            )
+            .unwrap();
+        let refused = "the retention checkpoint's MAC does not verify";
+        assert_eq!(checkpoint(&s.conn, &s.key).unwrap_err(), refused);
+        sql(&s.conn, "DELETE FROM audit_events");
+        assert_eq!(tip(&s.conn, &s.key).unwrap_err(), refused);
+    }
+
+    #[test]
+    fn a_newest_row_with_a_short_mac_or_a_seq_below_one_is_no_tip() {
+        let mut s = store();
+        put(&mut s.conn, &chain(&s.key, Position::START, 2));
+        sql(
+            &s.conn,
+            "UPDATE audit_events SET mac = zeroblob(31) WHERE seq = 2",
+        );
+        assert_eq!(
+            tip(&s.conn, &s.key).unwrap_err(),
+            "the newest row (seq 2) is malformed"
+        );
+
+        for seq in [0, -3] {
+            let mut s = store();
+            let mut row = chain(&s.key, Position::START, 1).remove(0);
+            row.seq = seq;
+            put(&mut s.conn, &[row]);
+            assert_eq!(
+                tip(&s.conn, &s.key).unwrap_err(),
+                format!("the newest row (seq {seq}) is malformed")
+            );
+        }
+    }
+
+    #[test]
+    fn verify_prefix_checks_every_row_up_to_the_last_one_asked_for() {
+        let mut s = store();
+        let rows = chain(&s.key, Position::START, 5);
+        put(&mut s.conn, &rows);
+        let start = Position::START;
+        assert_eq!(
+            verify_prefix(&s.conn, &s.key, start, 3).unwrap(),
+            at(&rows[2])
+        );
+        assert_eq!(
+            verify_prefix(&s.conn, &s.key, start, 5).unwrap(),
+            at(&rows[4])
+        );
+        assert_eq!(
+            verify_prefix(&s.conn, &s.key, start, 7).unwrap_err(),
+            "rows after 5 are missing"
+        );
+
+        // After a prune of rows 1..=2 the walk starts from the checkpoint.
+        sql(&s.conn, "DELETE FROM audit_events WHERE seq <= 2");
+        let checkpoint = at(&rows[1]);
+        assert_eq!(
+            verify_prefix(&s.conn, &s.key, checkpoint, 4).unwrap(),
+            at(&rows[3])
+        );
+        assert_eq!(
+            verify_prefix(&s.conn, &s.key, start, 4).unwrap_err(),
+            "row 1 is missing"
+        );
+
+        sql(
+            &s.conn,
+            "UPDATE audit_events SET tenant = 'other' WHERE seq = 3",
+        );
+        assert_eq!(
+            verify_prefix(&s.conn, &s.key, checkpoint, 4).unwrap_err(),
+            "row 3 fails its MAC"
+        );
+        sql(
+            &s.conn,
+            "UPDATE audit_events SET mac = 'text' WHERE seq = 3",
+        );
+        assert_eq!(
+            verify_prefix(&s.conn, &s.key, checkpoint, 4).unwrap_err(),
+            "row 3 is malformed: mac is not a blob"
+        );
+    }
+
+    /// Every stored column of a row with every field set (row 4) changed, and every empty one
+    /// of a row without fields (row 3) filled in: each edit fails that row's MAC, and the walk
+    /// still reads the rows after it.
+    #[test]
+    fn an_edit_of_any_column_fails_that_rows_mac() {
+        let mut s = store();
+        let rows = chain(&s.key, Position::START, 5);
+        put(&mut s.conn, &rows);
+        let anchor = at(&rows[4]);
+        let text = [
+            "call_id",
+            "tenant",
+            "client_id",
+            "target",
+            "model",
+            "capability",
+            "team",
+            "workflow",
+            "credential_id",
+            "fingerprint",
+            "detail",
+            "flags",
+        ];
+        let number = [
+            "peer_uid",
+            "peer_pid",
+            "credential_version",
+            "upstream_status",
+            "latency_ms",
+            "bytes_in",
+            "bytes_out",
+            "input_tokens",
+            "output_tokens",
+            "total_tokens",
+            "cached_input_tokens",
+            "cache_write_tokens",
+            "cost_micros",
+        ];
+        let mut edits: Vec<(i64, &str, String)> = Vec::new();
+        for c in text {
+            edits.push((4, c, format!("{c} || 'x'")));
+            edits.push((3, c, "'x'".to_owned()));
+        }
+        for c in number {
+            edits.push((4, c, format!("{c} + 1")));
+            edits.push((3, c, "7".to_owned()));
+        }
+        edits.push((4, "time_ms", "time_ms + 1".to_owned()));
+        edits.push((4, "event", "'limit.deleted'".to_owned()));
+        edits.push((3, "event", "'request.completed'".to_owned()));
+        edits.push((4, "mac", "zeroblob(32)".to_owned()));
+        for (seq, column, value) in edits {
+            let was: Value = s
+                .conn
+                .query_row(
+                    &format!("SELECT {column} FROM audit_events WHERE seq = ?1"),
+                    [seq],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            sql(
+                &s.conn,
+                &format!("UPDATE audit_events SET {column} = {value} WHERE seq = {seq}"),
+            );
+            let report = check(&mut s, Anchor::At(anchor), Vec::new());
+            assert_eq!(
+                report.first_bad_seq,
+                Some(seq as u64),
+                "{column}: {report:?}"
+            );
+            assert_eq!(
+                report.reason.as_deref(),
+                Some(
+                    format!(
+                        "row {seq} fails its MAC: it was edited, inserted or moved, or the row \
+                         before it was"
+                    )
+                    .as_str()
+                ),
+                "{column}"
+            );
+            assert_eq!((report.rows_checked, report.last_seq), (5, 5), "{column}");
+            s.conn
+                .execute(
+                    &format!("UPDATE audit_events SET {column} = ?1 WHERE seq = ?2"),
+                    rusqlite::params![was, seq],
+                )
+                .unwrap();
+        }
+        assert!(check(&mut s, Anchor::At(anchor), Vec::new()).ok());
+    }
+
+    #[test]
+    fn deleted_rows_are_named_by_their_seqs() {
+        for (delete, first, reason) in [
+            ("seq = 3", 3, "row 3 is missing (deleted)"),
+            ("seq IN (2, 3)", 2, "rows 2..=3 are missing (deleted)"),
+            ("seq = 1", 1, "row 1 is missing (deleted)"),
+        ] {
+            let mut s = store();
+            let rows = chain(&s.key, Position::START, 6);
+            put(&mut s.conn, &rows);
+            sql(&s.conn, &format!("DELETE FROM audit_events WHERE {delete}"));
+            let report = check(&mut s, Anchor::At(at(&rows[5])), Vec::new());
+            assert_eq!(report.first_bad_seq, Some(first), "{delete}");
+            assert_eq!(report.reason.as_deref(), Some(reason), "{delete}");
+            assert_eq!(report.last_seq, 6);
+        }
+    }
+
+    #[test]
+    fn a_row_before_row_one_is_out_of_sequence() {
+        let mut s = store();
+        let rows = chain(&s.key, Position::START, 3);
+        let mut early = copy(&rows[0]);
+        early.seq = 0;
+        put(&mut s.conn, &[early]);
+        put(&mut s.conn, &rows);
+        let report = check(&mut s, Anchor::At(at(&rows[2])), Vec::new());
+        assert_eq!(report.first_bad_seq, Some(0));
+        assert_eq!(report.reason.as_deref(), Some("row 0 is out of sequence"));
+    }
+
+    #[test]
+    fn a_row_that_does_not_decode_is_malformed_at_its_seq_and_the_walk_goes_on() {
+        for (edit, why) in [
+            ("mac = 'text'", "mac is not a blob"),
+            ("peer_pid = -1", "peer_pid is out of range"),
+            ("event = 'no.such'", "unknown audit event `no.such`"),
+            ("tenant = X'01'", "tenant is not text"),
+            ("time_ms = 'soon'", "time_ms is not an integer"),
+        ] {
+            let mut s = store();
+            let rows = chain(&s.key, Position::START, 5);
+            put(&mut s.conn, &rows);
+            sql(
+                &s.conn,
+                &format!("UPDATE audit_events SET {edit} WHERE seq = 3"),
+            );
+            let report = check(&mut s, Anchor::At(at(&rows[4])), Vec::new());
+            assert_eq!(report.first_bad_seq, Some(3), "{edit}");
+            let reason = report.reason.unwrap_or_default();
+            assert!(
+                reason.starts_with(&format!("row 3 is malformed: {why}")),
+                "{edit}: {reason}"
+            );
+            assert_eq!((report.rows_checked, report.last_seq), (5, 5), "{edit}");
+        }
+    }
+
+    #[test]
+    fn the_anchor_must_be_present_valid_and_match_the_row_it_names() {
+        let mut s = store();
+        let report = check(&mut s, Anchor::Missing, Vec::new());
+        assert!(report.ok() && report.rows_checked == 0, "{report:?}");
+        let report = check(&mut s, Anchor::At(Position::START), Vec::new());
+        assert!(report.ok(), "{report:?}");
+
+        let rows = chain(&s.key, Position::START, 4);
+        put(&mut s.conn, &rows[..3]);
+        let report = check(&mut s, Anchor::Missing, Vec::new());
+        assert_eq!(report.first_bad_seq, None);
+        assert_eq!(
+            report.reason.as_deref(),
+            Some("audit.head is missing, so truncation of the newest rows cannot be ruled out")
+        );
+        let report = check(&mut s, Anchor::Invalid("bad tag".into()), Vec::new());
+        assert_eq!(
+            report.reason.as_deref(),
+            Some("audit.head is not valid: bad tag")
+        );
+
+        // The trail may be ahead of its anchor (the next open moves it), never behind it.
+        let report = check(&mut s, Anchor::At(at(&rows[1])), Vec::new());
+        assert!(report.ok() && report.anchored_seq == 2, "{report:?}");
+        let report = check(&mut s, Anchor::At(at(&rows[3])), Vec::new());
+        assert_eq!(report.first_bad_seq, Some(4));
+        assert_eq!(
+            report.reason.as_deref(),
+            Some(
+                "the newest rows were truncated: audit.head records seq 4 but the database \
+                 ends at seq 3"
+            )
+        );
+        let wrong = Position {
+            seq: 2,
+            mac: [7; MAC_LEN],
+        };
+        let report = check(&mut s, Anchor::At(wrong), Vec::new());
+        assert_eq!(report.first_bad_seq, Some(2));
+        assert_eq!(
+            report.reason.as_deref(),
+            Some("row 2 does not match the MAC recorded in audit.head")
+        );
+    }
+
+    #[test]
+    fn after_a_prune_the_walk_starts_at_the_checkpoint() {
+        let mut s = store();
+        let rows = chain(&s.key, Position::START, 5);
+        put(&mut s.conn, &rows);
+        set_checkpoint(&s, &at(&rows[2]));
+        sql(&s.conn, "DELETE FROM audit_events WHERE seq <= 3");
+        let report = check(&mut s, Anchor::At(at(&rows[4])), Vec::new());
+        assert_eq!(
+            report,
+            VerifyReport {
+                rows_checked: 2,
+                first_bad_seq: None,
+                reason: None,
+                last_seq: 5,
+                checkpoint_seq: 3,
+                anchored_seq: 5,
+            }
+        );
+        // An anchor the prune went past has nothing left to compare with.
+        assert!(check(&mut s, Anchor::At(at(&rows[1])), Vec::new()).ok());
+        let wrong = Position {
+            seq: 2,
+            mac: [7; MAC_LEN],
+        };
+        assert!(check(&mut s, Anchor::At(wrong), Vec::new()).ok());
+
+        // Every row pruned: the anchor at the checkpoint is checked against it.
+        sql(&s.conn, "DELETE FROM audit_events");
+        set_checkpoint(&s, &at(&rows[4]));
+        let report = check(&mut s, Anchor::At(at(&rows[4])), Vec::new());
+        assert!(report.ok(), "{report:?}");
+        assert_eq!((report.rows_checked, report.last_seq), (0, 5));
+        let wrong = Position {
+            seq: 5,
+            mac: [7; MAC_LEN],
+        };
+        assert_eq!(
+            check(&mut s, Anchor::At(wrong), Vec::new()).first_bad_seq,
+            Some(5)
+        );
+
+        let other = MacKey::new(&Secret::random(32));
+        s.conn
+            .execute(
+                "UPDATE audit_meta SET value = ?1 WHERE key = ?2",
+                rusqlite::params![
+                    chain::encode_checkpoint(&other, &at(&rows[4])),
+                    META_CHECKPOINT
+                ],
+            )
+            .unwrap();
+        let report = check(&mut s, Anchor::At(at(&rows[4])), Vec::new());
+        assert_eq!(report.first_bad_seq, None);
+        assert_eq!(
+            report.reason.as_deref(),
+            Some("the retention checkpoint's MAC does not verify")
+        );
+    }
+
+    #[test]
+    fn journaled_rows_continue_the_database_and_rows_it_already_has_are_skipped() {
+        let mut s = store();
+        let rows = chain(&s.key, Position::START, 6);
+        put(&mut s.conn, &rows[..3]);
+        // A fold stored rows 1..=3 but their segment (from row 2) is not deleted yet.
+        let journal = rows[1..].iter().map(copy).collect();
+        let report = check(&mut s, Anchor::At(at(&rows[5])), journal);
+        assert!(report.ok(), "{report:?}");
+        assert_eq!((report.rows_checked, report.last_seq), (6, 6));
+
+        let mut journal: Vec<RawRow> = rows[3..].iter().map(copy).collect();
+        journal[1].event.tenant = Some("other".into());
+        let report = check(&mut s, Anchor::At(at(&rows[5])), journal);
+        assert_eq!(report.first_bad_seq, Some(5), "{report:?}");
     }
 }

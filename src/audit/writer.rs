@@ -647,10 +647,15 @@ impl Db {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| unavailable(e, &dir))?;
+        // The rows before the first one at or after the cutoff (times never decrease along
+        // seq, `db::first_seq_at`); verify_prefix below checks each of them.
+        let end = db::first_seq_at(&tx, cutoff_ms)
+            .map_err(|e| unavailable(e, &dir))?
+            .unwrap_or(i64::MAX);
         let last: Option<i64> = tx
             .query_row(
-                "SELECT max(seq) FROM audit_events WHERE time_ms < ?1",
-                [cutoff_ms],
+                "SELECT max(seq) FROM audit_events WHERE seq < ?1",
+                [end],
                 |r| r.get(0),
             )
             .optional()
@@ -680,7 +685,81 @@ impl Db {
     }
 }
 
-/// Inserts already sequenced and MACed rows in one transaction.
+/// Rows one statement of [`insert_rows`] inserts: one `INSERT` of this many value lists costs
+/// SQLite one statement start and end (cursors on the table and every index, the statement
+/// transaction) where single-row inserts pay it per row.
+const INSERT_CHUNK: usize = 32;
+
+/// [`INSERT`] with [`INSERT_CHUNK`] value lists of its 29 columns.
+fn chunk_insert_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        let columns = &INSERT[..INSERT.find(" VALUES").expect("INSERT has VALUES")];
+        let one = format!("({})", vec!["?"; 29].join(", "));
+        format!("{columns} VALUES {}", vec![one; INSERT_CHUNK].join(", "))
+    })
+}
+
+/// Binds `rows` (exactly [`INSERT_CHUNK`] of them) to the statement of [`chunk_insert_sql`]
+/// and runs it. Each row's values are those `db::insert` binds, in its column order.
+fn insert_chunk(stmt: &mut rusqlite::CachedStatement<'_>, rows: &[RawRow]) -> rusqlite::Result<()> {
+    use rusqlite::ToSql;
+    debug_assert_eq!(rows.len(), INSERT_CHUNK);
+    // Sanitized events hold no value above i64::MAX; the clamp only keeps this total.
+    let n = |v: Option<u64>| v.map(|n| n.min(i64::MAX as u64) as i64);
+    let mut index = 1;
+    for row in rows {
+        let e = &row.event;
+        let flags = e.flags_column();
+        let (latency, bytes_in, bytes_out) = (n(e.latency_ms), n(e.bytes_in), n(e.bytes_out));
+        let (input, output, total) = (n(e.input_tokens), n(e.output_tokens), n(e.total_tokens));
+        let (cached, cache_write, cost) = (
+            n(e.cached_input_tokens),
+            n(e.cache_write_tokens),
+            n(e.cost_micros),
+        );
+        let mac: &[u8] = &row.mac;
+        let params: [&dyn ToSql; 29] = [
+            &row.seq,
+            &row.time_ms,
+            &e.kind.as_str(),
+            &e.call_id,
+            &e.tenant,
+            &e.client_id,
+            &e.peer_uid,
+            &e.peer_pid,
+            &e.target,
+            &e.model,
+            &e.capability,
+            &e.team,
+            &e.workflow,
+            &e.credential_id,
+            &e.credential_version,
+            &e.fingerprint,
+            &e.upstream_status,
+            &latency,
+            &bytes_in,
+            &bytes_out,
+            &input,
+            &output,
+            &total,
+            &e.detail,
+            &flags,
+            &cached,
+            &cache_write,
+            &cost,
+            &mac,
+        ];
+        for param in params {
+            stmt.raw_bind_parameter(index, param)?;
+            index += 1;
+        }
+    }
+    stmt.raw_execute().map(|_| ())
+}
+
+/// Inserts already sequenced and MACed rows in one transaction: [`INSERT_CHUNK`] rows per
+/// statement, the rest one by one.
 pub(crate) fn insert_rows(conn: &mut Connection, rows: &[RawRow]) -> rusqlite::Result<()> {
     if !conn.is_autocommit() {
         // A failed rollback after an earlier error can leave a transaction open.
@@ -688,10 +767,19 @@ pub(crate) fn insert_rows(conn: &mut Connection, rows: &[RawRow]) -> rusqlite::R
     }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
-        let mut stmt = tx.prepare_cached(INSERT)?;
         let mut spend = db::SpendBatch::default();
-        for row in rows {
+        let mut chunks = rows.chunks_exact(INSERT_CHUNK);
+        if chunks.len() > 0 {
+            let mut stmt = tx.prepare_cached(chunk_insert_sql())?;
+            for chunk in &mut chunks {
+                insert_chunk(&mut stmt, chunk)?;
+            }
+        }
+        let mut stmt = tx.prepare_cached(INSERT)?;
+        for row in chunks.remainder() {
             db::insert(&mut stmt, row.seq as u64, row.time_ms, &row.event, &row.mac)?;
+        }
+        for row in rows {
             spend.add(row.time_ms, &row.event);
         }
         spend.write(&mut tx.prepare_cached(db::SPEND_UPSERT)?)?;
@@ -740,5 +828,259 @@ pub(crate) fn io_reason(e: &std::io::Error, path: &std::path::Path) -> String {
             "error writing {} ({e}); check the disk and the directory's permissions",
             path.display()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{EventKind, Filter};
+    use crate::config::AuditSync;
+    use crate::seal::Secret;
+
+    /// A chained trail whose rows carry exactly `times` (non-decreasing, repeats and gaps
+    /// included), starting at seq `first` as after retention pruned a prefix.
+    fn trail(first: u64, times: &[i64]) -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = db::open_writer(dir.path(), AuditSync::Normal).unwrap();
+        let key = Arc::new(MacKey::new(&Secret::random(32)));
+        let mut prev = Position::START;
+        let rows: Vec<RawRow> = times
+            .iter()
+            .enumerate()
+            .map(|(i, &time_ms)| {
+                let seq = first + i as u64;
+                let event = Event {
+                    call_id: Some(format!("call-{}", i / 2)),
+                    ..Event::new(EventKind::RequestResolved)
+                };
+                let mac = key.row_mac(&prev.mac, seq, time_ms, &event);
+                prev = Position { seq, mac };
+                RawRow {
+                    seq: seq as i64,
+                    time_ms,
+                    event,
+                    mac: mac.to_vec(),
+                }
+            })
+            .collect();
+        insert_rows(&mut conn, &rows).unwrap();
+        let db = Db {
+            conn,
+            key,
+            dir: dir.path().to_path_buf(),
+            retention: None,
+            rows: Vec::new(),
+            segments: Vec::new(),
+        };
+        (dir, db)
+    }
+
+    /// Row `i` of a fold, with fields set or left out depending on `i`, and every field set
+    /// for some rows.
+    fn varied_row(i: u64) -> RawRow {
+        let text = |what: &str| (!i.is_multiple_of(3)).then(|| format!("{what}-{}", i % 5));
+        let num = |k: u64| (i % 4 != k).then_some(i * 1000 + k);
+        let event = Event {
+            call_id: text("call"),
+            tenant: text("tenant"),
+            client_id: text("client"),
+            peer_uid: num(1).map(|n| n as u32),
+            peer_pid: num(2).map(|n| n as u32),
+            target: text("target"),
+            model: text("model"),
+            capability: text("chat"),
+            team: i.is_multiple_of(2).then(|| "team".to_owned()),
+            workflow: text("wf"),
+            credential_id: text("cred"),
+            credential_version: num(3).map(|n| n as u32),
+            fingerprint: text("fp"),
+            upstream_status: num(0).map(|_| 200 + (i % 3) as u16),
+            latency_ms: num(1),
+            bytes_in: num(2),
+            bytes_out: num(3),
+            input_tokens: num(0),
+            output_tokens: num(1),
+            total_tokens: num(2),
+            detail: i
+                .is_multiple_of(7)
+                .then(|| "detail, with a comma".to_owned()),
+            flags: if i.is_multiple_of(3) {
+                vec!["unpriced".to_owned(), "stream".to_owned()]
+            } else {
+                Vec::new()
+            },
+            cached_input_tokens: num(3),
+            cache_write_tokens: num(0),
+            cost_micros: (!i.is_multiple_of(5)).then_some(i * 7),
+            ..Event::new(if i.is_multiple_of(2) {
+                EventKind::RequestResolved
+            } else {
+                EventKind::RequestCompleted
+            })
+        };
+        RawRow {
+            seq: i as i64,
+            time_ms: 1_700_000_000_000 + (i as i64 / 3) * 1_000_000,
+            event,
+            mac: vec![i as u8; 32],
+        }
+    }
+
+    /// Every column and the spend aggregate of a database, in seq (and key) order.
+    fn contents(conn: &Connection) -> Vec<Vec<rusqlite::types::Value>> {
+        let mut out = Vec::new();
+        for sql in [
+            "SELECT * FROM audit_events ORDER BY seq",
+            "SELECT * FROM audit_spend ORDER BY tenant, hour, team, client_id, credential_id, \
+             model, target",
+        ] {
+            let mut stmt = conn.prepare(sql).unwrap();
+            let columns = stmt.column_count();
+            let rows = stmt
+                .query_map([], |r| {
+                    (0..columns)
+                        .map(|i| r.get::<_, rusqlite::types::Value>(i))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .unwrap();
+            out.extend(rows.map(Result::unwrap));
+            out.push(Vec::new());
+        }
+        out
+    }
+
+    #[test]
+    fn chunked_inserts_store_exactly_what_single_row_inserts_store() {
+        // Two whole chunks and a remainder, in two folds.
+        let rows: Vec<RawRow> = (1..=2 * INSERT_CHUNK as u64 + 7).map(varied_row).collect();
+        let (split_at, n) = (INSERT_CHUNK + 3, rows.len());
+        let chunked = tempfile::tempdir().unwrap();
+        let mut conn = db::open_writer(chunked.path(), AuditSync::Normal).unwrap();
+        insert_rows(&mut conn, &rows[..split_at]).unwrap();
+        insert_rows(&mut conn, &rows[split_at..]).unwrap();
+        let single = tempfile::tempdir().unwrap();
+        let one = db::open_writer(single.path(), AuditSync::Normal).unwrap();
+        {
+            let mut stmt = one.prepare_cached(INSERT).unwrap();
+            let mut upsert = one.prepare_cached(db::SPEND_UPSERT).unwrap();
+            for row in &rows {
+                db::insert(&mut stmt, row.seq as u64, row.time_ms, &row.event, &row.mac).unwrap();
+                let mut spend = db::SpendBatch::default();
+                spend.add(row.time_ms, &row.event);
+                spend.write(&mut upsert).unwrap();
+            }
+        }
+        let want = contents(&one);
+        assert!(want.len() > n + 2 + 5, "every row and some spend cells");
+        assert_eq!(contents(&conn), want);
+        // Rows read back decode to the events that went in.
+        let back = db::rows_after(&conn, 0).unwrap();
+        assert_eq!(back.len(), n);
+        for (got, sent) in back.iter().zip(&rows) {
+            assert_eq!(
+                (got.seq, got.time_ms, &got.mac),
+                (sent.seq, sent.time_ms, &sent.mac)
+            );
+            assert_eq!(format!("{:?}", got.event), format!("{:?}", sent.event));
+        }
+    }
+
+    const TIMES: [i64; 12] = [100, 100, 101, 105, 105, 105, 106, 200, 200, 201, 350, 351];
+
+    #[test]
+    fn time_bounds_select_exactly_the_rows_in_the_window() {
+        let (_dir, db) = trail(40, &TIMES);
+        let seqs = |since: Option<i64>, until: Option<i64>, limit: Option<usize>| {
+            let filter = Filter {
+                since_ms: since,
+                until_ms: until,
+                limit,
+                ..Filter::default()
+            };
+            db::query(&db.conn, &filter)
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .collect::<Vec<u64>>()
+        };
+        let bounds = [None, Some(i64::MIN), Some(0), Some(i64::MAX)]
+            .into_iter()
+            .chain((98..=353).map(Some));
+        for since in bounds.clone() {
+            for until in bounds.clone() {
+                let want: Vec<u64> = (0..TIMES.len())
+                    .rev()
+                    .filter(|&i| since.is_none_or(|s| TIMES[i] >= s))
+                    .filter(|&i| until.is_none_or(|u| TIMES[i] <= u))
+                    .map(|i| 40 + i as u64)
+                    .collect();
+                assert_eq!(seqs(since, until, None), want, "{since:?}..={until:?}");
+                let newest: Vec<u64> = want.iter().copied().take(2).collect();
+                assert_eq!(seqs(since, until, Some(2)), newest, "{since:?}..={until:?}");
+            }
+        }
+        // Combined with another filter.
+        let filter = Filter {
+            call_id: Some("call-2".into()),
+            since_ms: Some(105),
+            ..Filter::default()
+        };
+        let rows = db::query(&db.conn, &filter).unwrap();
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [45, 44]);
+    }
+
+    #[test]
+    fn first_seq_at_finds_the_first_row_at_or_after_a_time() {
+        let (_dir, db) = trail(7, &TIMES);
+        for t in 90..=360 {
+            let want = TIMES.iter().position(|&x| x >= t).map(|i| 7 + i as i64);
+            assert_eq!(db::first_seq_at(&db.conn, t).unwrap(), want, "time {t}");
+        }
+        assert_eq!(db::first_seq_at(&db.conn, i64::MIN).unwrap(), Some(7));
+        assert_eq!(db::first_seq_at(&db.conn, i64::MAX).unwrap(), None);
+        let (_empty, db) = trail(1, &[]);
+        assert_eq!(db::first_seq_at(&db.conn, 0).unwrap(), None);
+    }
+
+    #[test]
+    fn a_database_with_the_old_time_index_loses_it_on_open() {
+        let (dir, db) = trail(1, &TIMES);
+        db.conn
+            .execute_batch("CREATE INDEX audit_events_time ON audit_events(time_ms)")
+            .unwrap();
+        drop(db);
+        let conn = db::open_writer(dir.path(), AuditSync::Normal).unwrap();
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            !indexes.iter().any(|i| i == "audit_events_time"),
+            "{indexes:?}"
+        );
+        assert_eq!(indexes.len(), 3, "{indexes:?}");
+    }
+
+    #[test]
+    fn prune_deletes_exactly_the_rows_before_the_cutoff() {
+        for cutoff in [0, 100, 101, 105, 106, 107, 200, 201, 351, 352, i64::MAX] {
+            let (_dir, mut db) = trail(1, &TIMES);
+            let older = TIMES.iter().filter(|&&t| t < cutoff).count() as u64;
+            assert_eq!(db.prune(cutoff).unwrap(), older, "cutoff {cutoff}");
+            let left: Vec<u64> = db::query(&db.conn, &Filter::default())
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .rev()
+                .collect();
+            assert_eq!(left, (older + 1..=TIMES.len() as u64).collect::<Vec<_>>());
+            if older > 0 {
+                assert_eq!(db::checkpoint(&db.conn, &db.key).unwrap().seq, older);
+            }
+        }
     }
 }

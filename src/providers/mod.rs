@@ -1299,19 +1299,19 @@ fn signing_error(target: &Target, reason: &str) -> InjectError {
 /// do").
 fn strip_client_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop_and_keyward(headers);
-    let forwarding: Vec<HeaderName> = headers
+    // One pass over the names present (stored lowercase, as the lists are written) instead of
+    // a lookup per listed name.
+    let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|n| is_forwarding_header(n))
+        .filter(|n| {
+            is_forwarding_header(n)
+                || matches!(n.as_str(), "host" | "accept-encoding")
+                || CLIENT_CREDENTIAL_HEADERS.contains(&n.as_str())
+        })
         .cloned()
         .collect();
-    for name in forwarding {
+    for name in doomed {
         headers.remove(name);
-    }
-    for name in CLIENT_CREDENTIAL_HEADERS
-        .iter()
-        .chain(&["host", "accept-encoding"])
-    {
-        headers.remove(*name);
     }
 }
 
@@ -1592,6 +1592,10 @@ mod tests {
 
     #[test]
     fn client_credentials_hop_by_hop_and_keyward_headers_are_removed() {
+        // Stored header names are lowercase and the lists are compared as written.
+        for name in CLIENT_CREDENTIAL_HEADERS {
+            assert_eq!(*name, name.to_ascii_lowercase());
+        }
         let mut h = hostile_headers();
         inject("openai", &mut h);
         for gone in [

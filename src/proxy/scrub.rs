@@ -295,9 +295,6 @@ pub struct Scrubber {
     needles: Arc<Vec<Needle>>,
     /// Per needle, how many bytes of it the unemitted tail of the input currently matches.
     states: Vec<usize>,
-    /// Indices of the needles that are a secret's raw bytes (the only form a header name can
-    /// hold).
-    raw: Arc<Vec<usize>>,
 }
 
 /// The needles for a set of secrets, built once and shared by every response that needs them
@@ -306,8 +303,6 @@ pub struct Scrubber {
 pub struct ScrubSet {
     /// The forms of every secret.
     needles: Arc<Vec<Needle>>,
-    /// Indices of the raw forms.
-    raw: Arc<Vec<usize>>,
 }
 
 impl fmt::Debug for ScrubSet {
@@ -323,21 +318,13 @@ impl ScrubSet {
     /// base64 lines of a private key, say: many, and of a fixed alphabet) the raw bytes and
     /// their JSON string forms only.
     pub fn new(whole: &[Secret], fragments: &[Secret]) -> ScrubSet {
-        let mut needles = Vec::new();
-        let mut raw = Vec::new();
-        let forms = whole
+        let needles = whole
             .iter()
-            .map(needles_for)
-            .chain(fragments.iter().map(json_needles_for));
-        for forms in forms {
-            if !forms.is_empty() {
-                raw.push(needles.len());
-            }
-            needles.extend(forms);
-        }
+            .flat_map(needles_for)
+            .chain(fragments.iter().flat_map(json_needles_for))
+            .collect();
         ScrubSet {
             needles: Arc::new(needles),
-            raw: Arc::new(raw),
         }
     }
 }
@@ -368,7 +355,6 @@ impl Scrubber {
         Scrubber {
             needles: set.needles.clone(),
             states: vec![0; set.needles.len()],
-            raw: set.raw.clone(),
         }
     }
 
@@ -541,13 +527,17 @@ impl Scrubber {
         Some(out)
     }
 
-    /// Whether `name` holds the key, ignoring ASCII case (header names are always lowercase
-    /// here). Only the raw form can occur: every escaped form contains `\`, which no header
-    /// name may hold. A name shorter than the key cannot hold it, and most are.
+    /// Whether `name` holds the key in any of its forms, ignoring ASCII case (HTTP lowercases
+    /// header names). Not only the raw form: `%` is a token character, so a percent form fits
+    /// an HTTP header name where the raw `/`, `+` or `=` cannot, and an event-stream header
+    /// name may hold any byte. A name shorter than a form cannot hold it, and most are.
     fn names_key(&self, name: &[u8]) -> bool {
-        self.raw.iter().any(|&i| {
-            let raw = self.needles[i].bytes.expose_secret();
-            name.len() >= raw.len() && name.windows(raw.len()).any(|w| w.eq_ignore_ascii_case(raw))
+        self.needles.iter().any(|n| {
+            let form = n.bytes.expose_secret();
+            name.len() >= form.len()
+                && name
+                    .windows(form.len())
+                    .any(|w| w.eq_ignore_ascii_case(form))
         })
     }
 
@@ -1733,6 +1723,11 @@ mod tests {
         assert_eq!(at_limit.len(), MAX_HELD_MESSAGE);
         let out = event_stream(&at_limit, &[4096, 700_000]).concat();
         assert_eq!(messages(&out), [format!("{pad}[REDACTED].").into_bytes()]);
+        // So is one of a few hundred KiB (Bedrock's are a few KiB).
+        let text = "y".repeat(300_000);
+        let big = message("chunk", format!("{text}{KEY}.").as_bytes());
+        let out = event_stream(&big, &[4096, 200_000]).concat();
+        assert_eq!(messages(&out), [format!("{text}[REDACTED].").into_bytes()]);
         // One byte longer streams as bytes: the key is replaced, the checksum no longer holds.
         let over = message("chunk", format!("{pad}y{KEY}.").as_bytes());
         let out = event_stream(&over, &[4096, 700_000]).concat();
@@ -1943,5 +1938,42 @@ mod tests {
             "ScrubBody { scrubber: Scrubber { needles: 7, held_back: 1, .. }, \
              inner_done: false, done: false, .. }"
         );
+    }
+
+    #[test]
+    fn a_key_cut_across_repeated_header_values_replaces_that_header() {
+        let (head, tail) = KEY.split_at(9);
+        let mut headers = HeaderMap::new();
+        headers.append("x-part", head.parse().unwrap());
+        headers.append("x-part", tail.parse().unwrap());
+        headers.append("x-list", "a".parse().unwrap());
+        headers.append("x-list", "b".parse().unwrap());
+        Scrubber::new(&secret(KEY)).scrub_headers(&mut headers);
+        let parts: Vec<_> = headers.get_all("x-part").iter().collect();
+        assert_eq!(parts, ["[REDACTED]"]);
+        let list: Vec<_> = headers.get_all("x-list").iter().collect();
+        assert_eq!(list, ["a", "b"]);
+    }
+
+    /// `%` is a token character, so a key's percent form can stand in a header name (lowercased
+    /// by HTTP) where its raw bytes (`/`, `+`, `=`) cannot.
+    #[test]
+    fn a_header_name_holding_the_keys_percent_form_is_removed() {
+        let key = "kw/Ab+c=d";
+        let mut headers = HeaderMap::new();
+        headers.insert("x-kw%2fab%2bc%3dd", HeaderValue::from_static("1"));
+        headers.insert("x-kw%2fab", HeaderValue::from_static("2"));
+        Scrubber::new(&secret(key)).scrub_headers(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert_eq!(headers["x-kw%2fab"], "2");
+        // The same in an event-stream message, whose header names are bytes.
+        use crate::providers::bedrock::encode_message;
+        let kept = vec![string_header(":event-type", "chunk")];
+        let headers = [kept.clone(), vec![string_header("x-kw%2FAb%2Bc%3Dd", "1")]].concat();
+        let message = encode_message(&headers, b"{}").unwrap();
+        let mut scrubber = Scrubber::new(&secret(key));
+        let mut out = BytesMut::new();
+        scrub_message(&message, &mut scrubber, &mut out);
+        assert_eq!(&out[..], encode_message(&kept, b"{}").unwrap());
     }
 }
