@@ -352,8 +352,23 @@ pub(crate) fn insert(
     e: &Event,
     mac: &[u8],
 ) -> rusqlite::Result<()> {
+    bind_row(stmt, 1, seq as i64, time_ms, e, mac)?;
+    stmt.raw_execute().map(|_| ())
+}
+
+/// Binds one row's 29 values, in [`INSERT`]'s column order, to the parameters `first ..
+/// first + 29` (1-based, as SQLite numbers them) of `stmt`, and returns the index after the
+/// last. [`insert`] binds one row at 1; a multi-row `INSERT` binds each row after the one
+/// before.
+pub(crate) fn bind_row(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    first: usize,
+    seq: i64,
+    time_ms: i64,
+    e: &Event,
+    mac: &[u8],
+) -> rusqlite::Result<usize> {
     use rusqlite::ToSql;
-    let seq = seq as i64;
     let flags = e.flags_column();
     // Sanitized events hold no value above i64::MAX; the clamp only keeps this total.
     let n = |v: Option<u64>| v.map(|n| n.min(i64::MAX as u64) as i64);
@@ -395,7 +410,10 @@ pub(crate) fn insert(
         &cost,
         &mac,
     ];
-    stmt.execute(&params[..]).map(|_| ())
+    for (i, param) in params.into_iter().enumerate() {
+        stmt.raw_bind_parameter(first + i, param)?;
+    }
+    Ok(first + params.len())
 }
 
 /// A row exactly as stored, before its MAC is checked.

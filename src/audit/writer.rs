@@ -701,59 +701,12 @@ fn chunk_insert_sql() -> &'static str {
 }
 
 /// Binds `rows` (exactly [`INSERT_CHUNK`] of them) to the statement of [`chunk_insert_sql`]
-/// and runs it. Each row's values are those `db::insert` binds, in its column order.
+/// with [`db::bind_row`], one after another, and runs it.
 fn insert_chunk(stmt: &mut rusqlite::CachedStatement<'_>, rows: &[RawRow]) -> rusqlite::Result<()> {
-    use rusqlite::ToSql;
     debug_assert_eq!(rows.len(), INSERT_CHUNK);
-    // Sanitized events hold no value above i64::MAX; the clamp only keeps this total.
-    let n = |v: Option<u64>| v.map(|n| n.min(i64::MAX as u64) as i64);
     let mut index = 1;
     for row in rows {
-        let e = &row.event;
-        let flags = e.flags_column();
-        let (latency, bytes_in, bytes_out) = (n(e.latency_ms), n(e.bytes_in), n(e.bytes_out));
-        let (input, output, total) = (n(e.input_tokens), n(e.output_tokens), n(e.total_tokens));
-        let (cached, cache_write, cost) = (
-            n(e.cached_input_tokens),
-            n(e.cache_write_tokens),
-            n(e.cost_micros),
-        );
-        let mac: &[u8] = &row.mac;
-        let params: [&dyn ToSql; 29] = [
-            &row.seq,
-            &row.time_ms,
-            &e.kind.as_str(),
-            &e.call_id,
-            &e.tenant,
-            &e.client_id,
-            &e.peer_uid,
-            &e.peer_pid,
-            &e.target,
-            &e.model,
-            &e.capability,
-            &e.team,
-            &e.workflow,
-            &e.credential_id,
-            &e.credential_version,
-            &e.fingerprint,
-            &e.upstream_status,
-            &latency,
-            &bytes_in,
-            &bytes_out,
-            &input,
-            &output,
-            &total,
-            &e.detail,
-            &flags,
-            &cached,
-            &cache_write,
-            &cost,
-            &mac,
-        ];
-        for param in params {
-            stmt.raw_bind_parameter(index, param)?;
-            index += 1;
-        }
+        index = db::bind_row(stmt, index, row.seq, row.time_ms, &row.event, &row.mac)?;
     }
     stmt.raw_execute().map(|_| ())
 }
