@@ -1246,6 +1246,121 @@ mod tests {
         }
     }
 
+    /// A tenant and one credential whose single version holds `blob` as both its wrapped data
+    /// key and its ciphertext; returns the credential's id.
+    fn store_with_credential(store: &Store, master: &MasterKeyProvider, blob: &[u8]) -> String {
+        let t = tenant(master, "acme");
+        let cred = CredentialRow {
+            id: new_id("cred"),
+            tenant_id: t.id.clone(),
+            target: "openai".into(),
+            name: "main".into(),
+            models: vec![],
+            capabilities: vec![],
+            teams: vec![],
+            workflows: vec![],
+            priority: 0,
+            created_at: 1,
+            revoked_at: None,
+            kind: CredentialKind::ApiKey,
+            versions: vec![],
+        };
+        let version = VersionRow {
+            version: 1,
+            wrapped_data_key: blob.to_vec(),
+            ciphertext: blob.to_vec(),
+            preview: "sk-…".into(),
+            created_at: 1,
+            overlap_until: None,
+            retired_at: None,
+            revoked_at: None,
+        };
+        store
+            .write(|tx| {
+                insert_tenant(tx, &t)?;
+                insert_credential(tx, &cred, "acme")?;
+                insert_version(tx, &cred.id, &version)
+            })
+            .unwrap();
+        // Into the database file itself, as a long-lived store's would be.
+        store.checkpoint().unwrap();
+        cred.id
+    }
+
+    /// The database file and its WAL, concatenated.
+    fn file_bytes(dir: &Path) -> Vec<u8> {
+        ["keyward.db", "keyward.db-wal"]
+            .iter()
+            .filter_map(|f| std::fs::read(dir.join(f)).ok())
+            .flatten()
+            .collect()
+    }
+
+    fn holds(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    fn random_blob() -> Vec<u8> {
+        use ring::rand::SecureRandom;
+        let mut blob = vec![0u8; 48];
+        ring::rand::SystemRandom::new().fill(&mut blob).unwrap();
+        blob
+    }
+
+    #[test]
+    fn delete_credential_overwrites_its_blobs_even_where_secure_delete_is_off() {
+        // Crypto-shredding must not rest on the pragma alone (a SQLite built or opened without
+        // it): delete_credential overwrites the blobs itself before deleting the rows.
+        let dir = tempfile::tempdir().unwrap();
+        let master = MasterKeyProvider::from(MasterKey::generate());
+        let store = Store::open(dir.path(), &master).unwrap();
+        store
+            .conn()
+            .pragma_update(None, "secure_delete", "OFF")
+            .unwrap();
+        let blob = random_blob();
+        let id = store_with_credential(&store, &master, &blob);
+        assert!(
+            holds(&file_bytes(dir.path()), &blob),
+            "the blob is found while it exists"
+        );
+        store.write(|tx| delete_credential(tx, &id)).unwrap();
+        store.checkpoint().unwrap();
+        assert!(
+            !holds(&file_bytes(dir.path()), &blob),
+            "a deleted credential's blob is still in the database file"
+        );
+    }
+
+    #[test]
+    fn rows_deleted_from_an_opened_store_are_overwritten_in_the_file() {
+        // secure_delete, set by Store::open: a plain DELETE, without delete_credential's own
+        // overwrite, leaves no byte of the row behind.
+        let dir = tempfile::tempdir().unwrap();
+        let master = MasterKeyProvider::from(MasterKey::generate());
+        let store = Store::open(dir.path(), &master).unwrap();
+        let blob = random_blob();
+        let id = store_with_credential(&store, &master, &blob);
+        assert!(
+            holds(&file_bytes(dir.path()), &blob),
+            "the blob is found while it exists"
+        );
+        store
+            .write(|tx| {
+                tx.execute(
+                    "DELETE FROM credential_versions WHERE credential_id = ?1",
+                    [&id],
+                )?;
+                Ok(())
+            })
+            .unwrap();
+        store.checkpoint().unwrap();
+        assert!(
+            !holds(&file_bytes(dir.path()), &blob),
+            "a deleted row's bytes are still in the database file"
+        );
+    }
+
     #[test]
     fn reopening_with_another_master_key_fails() {
         let dir = tempfile::tempdir().unwrap();

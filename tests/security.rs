@@ -162,6 +162,9 @@ async fn a_revoked_client_is_refused_on_its_next_request() {
     assert_eq!(s.mock.request_count(), before);
 }
 
+/// Three guards keep deleted keys out of the files, and any one of them suffices here: the
+/// checkpoint after the delete (only this test notices it missing), `delete_credential`'s own
+/// overwrite and `secure_delete` (each tested alone by `store::tests`).
 #[test]
 fn cred_delete_leaves_no_byte_of_its_wrapped_data_keys_in_the_database_or_its_wal() {
     let d = Daemon::builder().start();
