@@ -689,4 +689,21 @@ mod tests {
             assert_eq!(got, ScanState::Found("whisper-1".into()));
         }
     }
+
+    #[test]
+    fn a_span_within_its_limit_is_taken_in_one_call() {
+        // Part headers of exactly the limit, then their end, arrive in one chunk: one call takes
+        // them all. A scanner that took less would crawl through the rest a byte per call.
+        let mut s = MultipartScanner::new(B);
+        let data = [vec![b'x'; MAX_PART_HEADERS], b"\r\n\r\nrest".to_vec()].concat();
+        let (got, used) = s
+            .take_until(&data, b"\r\n\r\n", MAX_PART_HEADERS)
+            .unwrap_or_else(|_| panic!("refused"));
+        assert_eq!(got.map(|g| g.len()), Some(MAX_PART_HEADERS));
+        assert_eq!(used, MAX_PART_HEADERS + 4);
+        // One byte more is refused, also in one call.
+        let mut s = MultipartScanner::new(B);
+        let data = [vec![b'x'; MAX_PART_HEADERS + 1], b"\r\n\r\n".to_vec()].concat();
+        assert!(s.take_until(&data, b"\r\n\r\n", MAX_PART_HEADERS).is_err());
+    }
 }
