@@ -1041,6 +1041,26 @@ mod tests {
     /// A credential document's secrets and those derived from it, with more distinct first
     /// bytes than one key's forms have, are all found, split at every offset.
     #[test]
+    fn first_bytes_find_the_first_byte_that_starts_a_needle_and_no_other() {
+        // Sets of zero to four distinct first bytes: the three that fit in `bytes` (their
+        // unused slots hold 0) and the table past them.
+        for starts in [&b""[..], b"s", b"s%", b"s%\\", b"s%\\a"] {
+            let needles: Vec<Needle> = starts
+                .iter()
+                .map(|&b| Needle::new(Secret::from_slice(&[b, b'k', b'e', b'y'])))
+                .collect();
+            let firsts = first_bytes(&needles);
+            // Every other byte value, NUL first.
+            let others: Vec<u8> = (0..=255u8).filter(|b| !starts.contains(b)).collect();
+            assert_eq!(firsts.find(&others), None, "{starts:?}");
+            for &b in starts {
+                let hay = [&others[..], &[b], &others[..]].concat();
+                assert_eq!(firsts.find(&hay), Some(others.len()), "{starts:?}: {b}");
+            }
+        }
+    }
+
+    #[test]
     fn several_secrets_are_all_replaced() {
         let secrets = [
             "wJalrXUtnFEMI/K7MDENG+bPxRfiCY",
