@@ -417,7 +417,7 @@ pub(crate) fn bind_row(
 }
 
 /// A row exactly as stored, before its MAC is checked.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct RawRow {
     pub seq: i64,
     pub time_ms: i64,
@@ -907,6 +907,29 @@ fn restrict_permissions(path: &Path) {
     }
 }
 
+/// Rows for tests: each `(seq, time_ms, event)` MACed onto the one before it, the first onto
+/// `from`, as the writer chains them.
+#[cfg(test)]
+pub(crate) fn chained(
+    key: &MacKey,
+    from: Position,
+    rows: impl IntoIterator<Item = (u64, i64, Event)>,
+) -> Vec<RawRow> {
+    let mut prev = from;
+    rows.into_iter()
+        .map(|(seq, time_ms, event)| {
+            let mac = key.row_mac(&prev.mac, seq, time_ms, &event);
+            prev = Position { seq, mac };
+            RawRow {
+                seq: seq as i64,
+                time_ms,
+                event,
+                mac: mac.to_vec(),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -966,26 +989,16 @@ mod tests {
     /// `n` rows chained on from `from`: each kind in turn, first with every field empty, then
     /// with every field set.
     fn chain(key: &MacKey, from: Position, n: u64) -> Vec<RawRow> {
-        let mut prev = from;
-        (from.seq + 1..=from.seq + n)
-            .map(|seq| {
-                let kind = EventKind::ALL[((seq - 1) / 2) as usize % EventKind::ALL.len()];
-                let event = if seq % 2 == 0 {
-                    full_event(kind, seq)
-                } else {
-                    Event::new(kind)
-                };
-                let time_ms = 1_700_000_000_000 + seq as i64 * 1_000;
-                let mac = key.row_mac(&prev.mac, seq, time_ms, &event);
-                prev = Position { seq, mac };
-                RawRow {
-                    seq: seq as i64,
-                    time_ms,
-                    event,
-                    mac: mac.to_vec(),
-                }
-            })
-            .collect()
+        let rows = (from.seq + 1..=from.seq + n).map(|seq| {
+            let kind = EventKind::ALL[((seq - 1) / 2) as usize % EventKind::ALL.len()];
+            let event = if seq % 2 == 0 {
+                full_event(kind, seq)
+            } else {
+                Event::new(kind)
+            };
+            (seq, 1_700_000_000_000 + seq as i64 * 1_000, event)
+        });
+        chained(key, from, rows)
     }
 
     fn at(row: &RawRow) -> Position {
@@ -995,16 +1008,6 @@ mod tests {
         }
     }
 
-    fn copy(row: &RawRow) -> RawRow {
-        RawRow {
-            seq: row.seq,
-            time_ms: row.time_ms,
-            event: row.event.clone(),
-            mac: row.mac.clone(),
-        }
-    }
-
-    /// Stores `rows` with [`insert`], as the fold does.
     fn put(conn: &mut Connection, rows: &[RawRow]) {
         let tx = conn.transaction().unwrap();
         {
@@ -1320,7 +1323,7 @@ mod tests {
     fn a_row_before_row_one_is_out_of_sequence() {
         let mut s = store();
         let rows = chain(&s.key, Position::START, 3);
-        let mut early = copy(&rows[0]);
+        let mut early = rows[0].clone();
         early.seq = 0;
         put(&mut s.conn, &[early]);
         put(&mut s.conn, &rows);
@@ -1468,12 +1471,12 @@ mod tests {
         let rows = chain(&s.key, Position::START, 6);
         put(&mut s.conn, &rows[..3]);
         // A fold stored rows 1..=3 but their segment (from row 2) is not deleted yet.
-        let journal = rows[1..].iter().map(copy).collect();
+        let journal = rows[1..].to_vec();
         let report = check(&mut s, Anchor::At(at(&rows[5])), journal);
         assert!(report.ok(), "{report:?}");
         assert_eq!((report.rows_checked, report.last_seq), (6, 6));
 
-        let mut journal: Vec<RawRow> = rows[3..].iter().map(copy).collect();
+        let mut journal: Vec<RawRow> = rows[3..].to_vec();
         journal[1].event.tenant = Some("other".into());
         let report = check(&mut s, Anchor::At(at(&rows[5])), journal);
         assert_eq!(report.first_bad_seq, Some(5), "{report:?}");

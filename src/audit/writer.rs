@@ -797,26 +797,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = db::open_writer(dir.path(), AuditSync::Normal).unwrap();
         let key = Arc::new(MacKey::new(&Secret::random(32)));
-        let mut prev = Position::START;
-        let rows: Vec<RawRow> = times
-            .iter()
-            .enumerate()
-            .map(|(i, &time_ms)| {
-                let seq = first + i as u64;
+        let rows = db::chained(
+            &key,
+            Position::START,
+            times.iter().enumerate().map(|(i, &time_ms)| {
                 let event = Event {
                     call_id: Some(format!("call-{}", i / 2)),
                     ..Event::new(EventKind::RequestResolved)
                 };
-                let mac = key.row_mac(&prev.mac, seq, time_ms, &event);
-                prev = Position { seq, mac };
-                RawRow {
-                    seq: seq as i64,
-                    time_ms,
-                    event,
-                    mac: mac.to_vec(),
-                }
-            })
-            .collect();
+                (first + i as u64, time_ms, event)
+            }),
+        );
         insert_rows(&mut conn, &rows).unwrap();
         let db = Db {
             conn,
