@@ -207,10 +207,14 @@ fn backfill_spend(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-const COLUMNS: &str = "seq, time_ms, event, call_id, tenant, client_id, peer_uid, peer_pid, \
+/// Every column of `audit_events`, in the order rows are read and bound.
+pub(crate) const COLUMNS: &str = "seq, time_ms, event, call_id, tenant, client_id, peer_uid, peer_pid, \
      target, model, capability, team, workflow, credential_id, credential_version, fingerprint, \
      upstream_status, latency_ms, bytes_in, bytes_out, input_tokens, output_tokens, \
      total_tokens, detail, flags, cached_input_tokens, cache_write_tokens, cost_micros, mac";
+
+/// How many columns [`COLUMNS`] names: the values one row binds.
+pub(crate) const COLUMN_COUNT: usize = 29;
 
 /// Columns added after the first schema, added to an older database when it is opened.
 const ADDED_COLUMNS: [&str; 3] = ["cached_input_tokens", "cache_write_tokens", "cost_micros"];
@@ -356,8 +360,8 @@ pub(crate) fn insert(
     stmt.raw_execute().map(|_| ())
 }
 
-/// Binds one row's 29 values, in [`INSERT`]'s column order, to the parameters `first ..
-/// first + 29` (1-based, as SQLite numbers them) of `stmt`, and returns the index after the
+/// Binds one row's [`COLUMN_COUNT`] values, in [`INSERT`]'s column order, to the parameters `first ..
+/// first + COLUMN_COUNT` (1-based, as SQLite numbers them) of `stmt`, and returns the index after the
 /// last. [`insert`] binds one row at 1; a multi-row `INSERT` binds each row after the one
 /// before.
 pub(crate) fn bind_row(
@@ -379,7 +383,7 @@ pub(crate) fn bind_row(
         n(e.cache_write_tokens),
         n(e.cost_micros),
     );
-    let params: [&dyn ToSql; 29] = [
+    let params: [&dyn ToSql; COLUMN_COUNT] = [
         &seq,
         &time_ms,
         &e.kind.as_str(),
@@ -432,8 +436,8 @@ fn decode(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<RawRow, (i64, String
     let Value::Integer(seq) = seq else {
         return Ok(Err((0, "seq is not an integer".into())));
     };
-    let mut cols = Vec::with_capacity(29);
-    for i in 0..29 {
+    let mut cols = Vec::with_capacity(COLUMN_COUNT);
+    for i in 0..COLUMN_COUNT {
         cols.push(r.get::<_, Value>(i)?);
     }
     Ok(decode_values(cols).map_err(|m| (seq, m)))
@@ -1017,6 +1021,13 @@ mod tests {
             }
         }
         tx.commit().unwrap();
+    }
+
+    #[test]
+    fn column_count_is_the_number_of_columns_named_and_inserted() {
+        assert_eq!(COLUMNS.split(',').count(), COLUMN_COUNT);
+        assert!(INSERT.contains(&format!("?{COLUMN_COUNT})")));
+        assert!(!INSERT.contains(&format!("?{}", COLUMN_COUNT + 1)));
     }
 
     fn sql(conn: &Connection, statement: &str) {

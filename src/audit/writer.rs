@@ -690,13 +690,16 @@ impl Db {
 /// transaction) where single-row inserts pay it per row.
 const INSERT_CHUNK: usize = 32;
 
-/// [`INSERT`] with [`INSERT_CHUNK`] value lists of its 29 columns.
+/// An `INSERT` of [`INSERT_CHUNK`] rows of every column ([`db::COLUMNS`]).
 fn chunk_insert_sql() -> &'static str {
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SQL.get_or_init(|| {
-        let columns = &INSERT[..INSERT.find(" VALUES").expect("INSERT has VALUES")];
-        let one = format!("({})", vec!["?"; 29].join(", "));
-        format!("{columns} VALUES {}", vec![one; INSERT_CHUNK].join(", "))
+        let one = format!("({})", vec!["?"; db::COLUMN_COUNT].join(", "));
+        format!(
+            "INSERT INTO audit_events ({}) VALUES {}",
+            db::COLUMNS,
+            vec![one; INSERT_CHUNK].join(", ")
+        )
     })
 }
 
