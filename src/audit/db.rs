@@ -360,9 +360,9 @@ pub(crate) fn insert(
     stmt.raw_execute().map(|_| ())
 }
 
-/// Binds one row's [`COLUMN_COUNT`] values, in [`INSERT`]'s column order, to the parameters `first ..
-/// first + COLUMN_COUNT` (1-based, as SQLite numbers them) of `stmt`, and returns the index after the
-/// last. [`insert`] binds one row at 1; a multi-row `INSERT` binds each row after the one
+/// Binds one row's [`COLUMN_COUNT`] values, in [`COLUMNS`] order, to the parameters
+/// `first .. first + COLUMN_COUNT` (1-based, as SQLite numbers them) of `stmt`, and returns the
+/// index after the last. [`insert`] binds one row at 1; a multi-row `INSERT` binds each row after the one
 /// before.
 pub(crate) fn bind_row(
     stmt: &mut rusqlite::CachedStatement<'_>,
