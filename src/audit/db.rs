@@ -208,8 +208,8 @@ fn backfill_spend(conn: &mut Connection) -> rusqlite::Result<()> {
 }
 
 /// Every column of `audit_events`, in the order rows are read and bound.
-pub(crate) const COLUMNS: &str = "seq, time_ms, event, call_id, tenant, client_id, peer_uid, peer_pid, \
-     target, model, capability, team, workflow, credential_id, credential_version, fingerprint, \
+pub(crate) const COLUMNS: &str = "seq, time_ms, event, call_id, tenant, client_id, peer_uid, \
+     peer_pid, target, model, capability, team, workflow, credential_id, credential_version, fingerprint, \
      upstream_status, latency_ms, bytes_in, bytes_out, input_tokens, output_tokens, \
      total_tokens, detail, flags, cached_input_tokens, cache_write_tokens, cost_micros, mac";
 
@@ -362,8 +362,8 @@ pub(crate) fn insert(
 
 /// Binds one row's [`COLUMN_COUNT`] values, in [`COLUMNS`] order, to the parameters
 /// `first .. first + COLUMN_COUNT` (1-based, as SQLite numbers them) of `stmt`, and returns the
-/// index after the last. [`insert`] binds one row at 1; a multi-row `INSERT` binds each row after the one
-/// before.
+/// index after the last. [`insert`] binds one row at 1; a multi-row `INSERT` binds each row
+/// after the one before.
 pub(crate) fn bind_row(
     stmt: &mut rusqlite::CachedStatement<'_>,
     first: usize,
