@@ -209,8 +209,8 @@ fn backfill_spend(conn: &mut Connection) -> rusqlite::Result<()> {
 
 /// Every column of `audit_events`, in the order rows are read and bound.
 pub(crate) const COLUMNS: &str = "seq, time_ms, event, call_id, tenant, client_id, peer_uid, \
-     peer_pid, target, model, capability, team, workflow, credential_id, credential_version, fingerprint, \
-     upstream_status, latency_ms, bytes_in, bytes_out, input_tokens, output_tokens, \
+     peer_pid, target, model, capability, team, workflow, credential_id, credential_version, \
+     fingerprint, upstream_status, latency_ms, bytes_in, bytes_out, input_tokens, output_tokens, \
      total_tokens, detail, flags, cached_input_tokens, cache_write_tokens, cost_micros, mac";
 
 /// How many columns [`COLUMNS`] names: the values one row binds.
